@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what fedport's tests and benches use, idempotently: Debian packages for the
+# real clients and peers (curl, openssl, h2load, nginx, haproxy) and Python grpcio.
+set -euo pipefail
+need=()
+for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler; do
+  cmd=${pair%%:*} pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+[ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || need+=(libnginx-mod-http-echo)
+[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-test-deps: apt-get install ${need[*]}"
+  apt-get update -qq >/dev/null 2>&1 || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian starts the packaged daemons; none of them is ours to leave running
+  for f in /run/nginx.pid /run/haproxy.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+fi
+py=${PYTHON:-python3}
+if ! "$py" -c 'import grpc' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install grpcio"
+  "$py" -m pip install -q --disable-pip-version-check 'grpcio>=1.60'
+fi

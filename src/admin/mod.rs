@@ -1,0 +1,72 @@
+//! The admin port: `/healthz` (alive), `/readyz` (accepting traffic), `/metrics`
+//! (Prometheus text) and `/config` (what is running, without secrets).
+
+use crate::server::State;
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &st)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    r
+}
+
+fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if st.is_ready() => text(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            st.metrics.encode(),
+        ),
+        "/config" => {
+            let c = &st.config;
+            let body = serde_json::json!({
+                "node": { "name": c.node.name, "region": c.node.region, "zone": c.node.zone, "workers": c.node.workers },
+                "hash": c.hash,
+                "listeners": c.listeners.iter().map(|l| serde_json::json!({
+                    "name": l.name, "bind": l.bind.to_string(),
+                    "role": if l.role == crate::config::Role::Peer { "peer" } else { "local" },
+                    "service": l.service,
+                })).collect::<Vec<_>>(),
+                "services": c.services.iter().map(|s| serde_json::json!({
+                    "name": s.name,
+                    "protocol": if s.protocol == crate::config::Protocol::Grpc { "grpc" } else { "http" },
+                    "endpoints": s.endpoints.iter().map(|e| &e.url).collect::<Vec<_>>(),
+                    "grpc_services": s.grpc_services,
+                    "timeout_ms": s.timeout.as_millis() as u64,
+                })).collect::<Vec<_>>(),
+            });
+            text(StatusCode::OK, "application/json", body.to_string())
+        }
+        _ => text(StatusCode::NOT_FOUND, "application/json", r#"{"error":{"reason":"not_found","message":"admin paths: /healthz /readyz /metrics /config"}}"#.into()),
+    }
+}

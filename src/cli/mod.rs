@@ -1,0 +1,66 @@
+//! The `fedport` command line: one file per subcommand, each returning an exit code.
+
+pub mod check;
+pub mod run;
+pub mod sandbox;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "fedport", version, about = "The internal port of a federation")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run(run::RunArgs),
+    /// Check a config file; print every problem as file:line:col with a hint.
+    Check(check::CheckArgs),
+    /// A federation on loopback in one command: CA, certificates, demo services, a node.
+    Sandbox(sandbox::SandboxArgs),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Load(#[from] crate::config::LoadError),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    #[error(transparent)]
+    Pki(#[from] crate::identity::pki::PkiError),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
+    match cli.command {
+        Command::Run(a) => run::run(&a),
+        Command::Check(a) => Ok(check::check(&a)),
+        Command::Sandbox(a) => sandbox::sandbox(&a),
+    }
+}
+
+/// Where a ready daemon writes its bound addresses (for scripts and tests).
+pub fn write_ready_file(
+    path: &PathBuf,
+    bound: &[(String, std::net::SocketAddr)],
+    admin: Option<std::net::SocketAddr>,
+) -> Result<(), CliError> {
+    let listeners: serde_json::Map<String, serde_json::Value> = bound
+        .iter()
+        .map(|(n, a)| (n.clone(), serde_json::Value::String(a.to_string())))
+        .collect();
+    let body = serde_json::json!({
+        "pid": std::process::id(),
+        "listeners": listeners,
+        "admin": admin.map(|a| a.to_string()),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body.to_string()).map_err(|e| CliError::Io(tmp.display().to_string(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| CliError::Io(path.display().to_string(), e))
+}

@@ -1,0 +1,85 @@
+//! `fedport run -c FILE`: the daemon, until SIGTERM or SIGINT drains it.
+
+use super::CliError;
+use crate::config::{self, Config, LoadError};
+use crate::server::Server;
+use crate::telemetry::Metrics;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The config file.
+    #[arg(short, long)]
+    pub config: PathBuf,
+    /// Once serving, write the bound addresses here as JSON.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+pub fn run(a: &RunArgs) -> Result<i32, CliError> {
+    let cfg = match config::load(&a.config) {
+        Ok((cfg, report)) => {
+            for w in &report.warnings {
+                tracing::warn!("{w}");
+            }
+            cfg
+        }
+        Err(LoadError::Invalid(report)) => {
+            eprint!("{report}");
+            eprintln!("{}: refused, {} error(s)", a.config.display(), report.errors.len());
+            return Ok(2);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ready_file = a.ready_file.clone();
+    serve(Arc::new(cfg), move |bound, admin| match &ready_file {
+        Some(p) => super::write_ready_file(p, bound, admin),
+        None => Ok(()),
+    })?;
+    Ok(0)
+}
+
+/// Starts a node, calls `on_ready` with the bound addresses once it serves, and runs
+/// until SIGTERM or SIGINT, then drains.
+pub fn serve<F>(cfg: Arc<Config>, on_ready: F) -> Result<(), CliError>
+where
+    F: FnOnce(&[(String, SocketAddr)], Option<SocketAddr>) -> Result<(), CliError>,
+{
+    let metrics = Metrics::new(&cfg.node.name, &cfg.hash);
+    let server = Server::start(cfg.clone(), metrics)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io("runtime".into(), e))?;
+    rt.block_on(async move {
+        let admin = match cfg.admin {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| CliError::Io(format!("admin bind {addr}"), e))?;
+                let bound = l.local_addr().ok();
+                tokio::spawn(crate::admin::serve(l, server.state.clone()));
+                bound
+            }
+            None => None,
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| CliError::Io("signal".into(), e))?;
+        server.state.set_ready(true);
+        on_ready(&server.bound, admin)?;
+        for (name, addr) in &server.bound {
+            tracing::info!(listener = %name, %addr, "listening");
+        }
+        tracing::info!(node = %cfg.node.name, workers = cfg.node.workers, admin = ?admin, "fedport ready");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+        }
+        server.drain();
+        let _ = tokio::task::spawn_blocking(move || server.join()).await;
+        tracing::info!("drained; bye");
+        Ok(())
+    })
+}

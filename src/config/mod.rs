@@ -1,0 +1,703 @@
+//! The one TOML file: parsed into [`raw`] types that keep positions, checked for every
+//! problem at once ([`diag`]), and compiled into the runtime [`Config`].
+
+pub mod diag;
+pub mod raw;
+pub mod units;
+
+use crate::identity::{self, TlsFiles};
+use diag::{Report, Sink};
+use ipnet::IpNet;
+use raw::{RawConfig, SizeValue, S};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// A checked, compiled configuration: what the daemon runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    /// Hash of the file's text, for the `fedport_config_info` metric and `/config`.
+    pub hash: String,
+    pub node: Node,
+    pub tls: Option<Tls>,
+    pub admin: Option<SocketAddr>,
+    pub listeners: Vec<Listener>,
+    pub services: Vec<Service>,
+    pub peers: Vec<Peer>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub region: String,
+    pub zone: Option<String>,
+    pub workers: usize,
+    pub drain_timeout: Duration,
+    pub upstream_max_requests: u64,
+    pub upstream_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub files: TlsFiles,
+    pub crl: Option<PathBuf>,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The internal port: TLS 1.3 with a verified client certificate.
+    Peer,
+    /// Loopback only, cleartext HTTP/1.1 and HTTP/2, identity `local`.
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub role: Role,
+    /// Source addresses admitted; empty means any.
+    pub allow: Vec<IpNet>,
+    /// Balancer addresses whose PROXY protocol header is believed; `None`: no PROXY protocol.
+    pub proxy_trusted: Option<Vec<IpNet>>,
+    /// A dedicated listener routes everything to this service.
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// `http://`: HTTP/1.1 cleartext.
+    Http1,
+    /// `h2c://`: HTTP/2 cleartext, prior knowledge.
+    H2c,
+    /// `https://`: TLS, ALPN h2 preferred.
+    Https,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub url: String,
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+    /// Fully qualified gRPC service names (`pkg.Service`) this service hosts.
+    pub grpc_services: Vec<String>,
+    pub formats: Vec<String>,
+    pub max_message_bytes: Option<u64>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub region: String,
+    pub zone: Option<String>,
+    pub address: String,
+    pub identity: String,
+    pub services: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub from: String,
+    pub to: String,
+    pub methods: Vec<String>,
+}
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}")]
+    Invalid(Report),
+}
+
+/// Reads, checks and compiles a config file. Warnings come back beside the config;
+/// any error refuses the whole file, with every problem found listed.
+pub fn load(path: &Path) -> Result<(Config, Report), LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::Read(path.to_owned(), e))?;
+    compile(path, &text).map_err(LoadError::Invalid)
+}
+
+/// Checks and compiles config text; `path` locates relative files and names the file in
+/// diagnostics.
+pub fn compile(path: &Path, text: &str) -> Result<(Config, Report), Report> {
+    let mut sink = Sink::new(path, text);
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().to_owned();
+            let hint = if msg.contains("unknown field") {
+                "remove the key or fix its spelling; docs/config.md lists every key"
+            } else if msg.contains("missing field") {
+                "add the key; docs/config.md says what it means"
+            } else if msg.contains("invalid type") || msg.contains("data did not match") {
+                "the value has the wrong type; docs/config.md shows an example"
+            } else {
+                "this is not valid TOML here; check quotes, brackets and commas"
+            };
+            sink.error(span, msg, hint);
+            return Err(sink.report);
+        }
+    };
+    let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+    let cfg = Checker {
+        sink: &mut sink,
+        base,
+    }
+    .run(raw, path, text);
+    match cfg {
+        Some(c) if !sink.has_errors() => Ok((c, sink.report)),
+        _ => Err(sink.report),
+    }
+}
+
+struct Checker<'a> {
+    sink: &'a mut Sink,
+    base: PathBuf,
+}
+
+fn span<T>(s: &S<T>) -> std::ops::Range<usize> {
+    s.span()
+}
+
+impl Checker<'_> {
+    fn run(&mut self, raw: RawConfig, path: &Path, text: &str) -> Option<Config> {
+        let node = self.node(&raw.node);
+        let tls = raw.tls.as_ref().map(|t| self.tls(t));
+        let admin = raw.admin.as_ref().and_then(|a| {
+            let addr = self.socket_addr(&a.get_ref().bind)?;
+            if !addr.ip().is_loopback() {
+                self.sink.warn(
+                    span(&a.get_ref().bind),
+                    format!("admin port {addr} is not on loopback"),
+                    "the admin port shows config and metrics; bind it to 127.0.0.1 or firewall it to monitoring only",
+                );
+            }
+            Some(addr)
+        });
+
+        let services = self.services(&raw.service);
+        let service_names: HashMap<&str, ()> =
+            services.iter().map(|s| (s.name.as_str(), ())).collect();
+        let listeners = self.listeners(&raw.listener, tls.is_some(), &service_names, admin);
+        let peers = self.peers(&raw.peer);
+        let peer_names: HashMap<&str, ()> = peers.iter().map(|p| (p.name.as_str(), ())).collect();
+        let rules = self.rules(&raw.allow, &service_names, &peer_names);
+
+        if raw.listener.is_empty() {
+            self.sink.warn(
+                span(&raw.node),
+                "no [[listener]] is configured: fedport will accept nothing",
+                "add a [[listener]] with a name and a bind address",
+            );
+        }
+        let needs_tls = listeners.iter().any(|l| l.role == Role::Peer);
+        if needs_tls && raw.tls.is_none() {
+            let first = raw
+                .listener
+                .iter()
+                .find(|l| l.get_ref().role.as_ref().map(|r| r.get_ref().as_str()) != Some("local"));
+            if let Some(l) = first {
+                self.sink.error(
+                    span(l),
+                    format!("peer listener {:?} needs mutual TLS but there is no [tls] section", l.get_ref().name.get_ref()),
+                    "add [tls] with cert, key and ca, or make the listener role = \"local\" on loopback",
+                );
+            }
+        }
+
+        let tls = tls.flatten();
+        let node = node?;
+        if self.sink.has_errors() {
+            return None;
+        }
+        Some(Config {
+            path: path.to_owned(),
+            hash: text_hash(text),
+            node,
+            tls,
+            admin,
+            listeners,
+            services,
+            peers,
+            rules,
+        })
+    }
+
+    fn node(&mut self, n: &S<raw::RawNode>) -> Option<Node> {
+        let r = n.get_ref();
+        self.name(&r.name, "node");
+        let workers = match &r.workers {
+            Some(w) if *w.get_ref() < 1 || *w.get_ref() > 1024 => {
+                self.sink.error(span(w), "workers must be between 1 and 1024", "leave it out for one worker per core");
+                1
+            }
+            Some(w) => *w.get_ref() as usize,
+            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        };
+        let drain_timeout = self.duration(r.drain_timeout.as_ref(), Duration::from_secs(30));
+        let upstream_max_requests = match &r.upstream_max_requests {
+            Some(v) if *v.get_ref() < 1 => {
+                self.sink.error(span(v), "upstream_max_requests must be at least 1", "the default is 100000");
+                1
+            }
+            Some(v) => *v.get_ref() as u64,
+            None => 100_000,
+        };
+        let upstream_connections = match &r.upstream_connections {
+            Some(v) if *v.get_ref() < 1 || *v.get_ref() > 64 => {
+                self.sink.error(span(v), "upstream_connections must be between 1 and 64", "the default is 2 per worker per endpoint");
+                1
+            }
+            Some(v) => *v.get_ref() as usize,
+            None => 2,
+        };
+        Some(Node {
+            name: r.name.get_ref().clone(),
+            region: r.region.get_ref().clone(),
+            zone: r.zone.as_ref().map(|z| z.get_ref().clone()),
+            workers,
+            drain_timeout,
+            upstream_max_requests,
+            upstream_connections,
+        })
+    }
+
+    fn name(&mut self, n: &S<String>, what: &str) {
+        let s = n.get_ref();
+        if s.is_empty()
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            self.sink.error(
+                span(n),
+                format!("{what} name {s:?} is not a valid name"),
+                "use letters, digits, '-', '_' and '.' only",
+            );
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn duration(&mut self, v: Option<&S<String>>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match units::parse_duration(s.get_ref()) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.sink.error(span(s), e, "write a number with a unit: \"250ms\", \"2s\", \"1m\"");
+                    default
+                }
+            },
+        }
+    }
+
+    fn socket_addr(&mut self, s: &S<String>) -> Option<SocketAddr> {
+        match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.sink.error(
+                    span(s),
+                    format!("{:?} is not an address:port", s.get_ref()),
+                    "write an IP address and a port: \"127.0.0.1:7443\" or \"[::1]:7443\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn cidr(&mut self, s: &S<String>) -> Option<IpNet> {
+        let t = s.get_ref().trim();
+        let parsed = t
+            .parse::<IpNet>()
+            .ok()
+            .or_else(|| t.parse::<IpAddr>().ok().map(IpNet::from));
+        if parsed.is_none() {
+            self.sink.error(
+                span(s),
+                format!("{t:?} is not a CIDR range"),
+                "write an address range such as \"10.0.0.0/8\", \"127.0.0.1/32\" or \"fd00::/8\"",
+            );
+        }
+        parsed
+    }
+
+    fn tls(&mut self, t: &S<raw::RawTls>) -> Option<Tls> {
+        let r = t.get_ref();
+        let files = TlsFiles {
+            cert: self.path(r.cert.get_ref()),
+            key: self.path(r.key.get_ref()),
+            ca: self.path(r.ca.get_ref()),
+        };
+        let handshake_timeout = self.duration(r.handshake_timeout.as_ref(), Duration::from_secs(10));
+        let mut ok = true;
+        match identity::check_cert_file(&files.cert) {
+            Ok((_, not_after)) => {
+                let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                if left < Duration::from_secs(14 * 86_400) {
+                    self.sink.warn(
+                        span(&r.cert),
+                        format!("certificate {} expires in {} days", files.cert.display(), left.as_secs() / 86_400),
+                        "rotate it soon: fedport reloads certificates without a restart",
+                    );
+                }
+            }
+            Err(e) => {
+                ok = false;
+                self.sink.error(span(&r.cert), e.to_string(), cert_hint(&e));
+            }
+        }
+        match identity::check_cert_file(&files.ca) {
+            Ok(_) => {}
+            Err(e) => {
+                ok = false;
+                self.sink.error(span(&r.ca), e.to_string(), cert_hint(&e));
+            }
+        }
+        match identity::load_key(&files.key) {
+            Err(e) => {
+                ok = false;
+                self.sink.error(span(&r.key), e.to_string(), "the key file must hold a PEM private key (PKCS#8, PKCS#1 or SEC1)");
+            }
+            Ok(_) if ok => {
+                if let Err(e) = identity::load_certified_key(&files) {
+                    ok = false;
+                    self.sink.error(span(&r.key), e.to_string(), "the key must be the private half of the certificate's public key");
+                }
+            }
+            Ok(_) => {}
+        }
+        let crl = r.crl.as_ref().map(|c| {
+            let p = self.path(c.get_ref());
+            if let Err(e) = std::fs::metadata(&p) {
+                self.sink.error(span(c), format!("cannot read {}: {e}", p.display()), "give the path of a PEM CRL signed by the federation CA");
+            }
+            p
+        });
+        ok.then_some(Tls {
+            files,
+            crl,
+            handshake_timeout,
+        })
+    }
+
+    fn listeners(
+        &mut self,
+        raw: &[S<raw::RawListener>],
+        have_tls: bool,
+        services: &HashMap<&str, ()>,
+        admin: Option<SocketAddr>,
+    ) -> Vec<Listener> {
+        let mut out = Vec::new();
+        let mut names: HashMap<String, ()> = HashMap::new();
+        let mut binds: Vec<(SocketAddr, String)> = admin.map(|a| (a, "the admin port".to_owned())).into_iter().collect();
+        for l in raw {
+            let r = l.get_ref();
+            self.name(&r.name, "listener");
+            if names.insert(r.name.get_ref().clone(), ()).is_some() {
+                self.sink.error(span(&r.name), format!("listener name {:?} is used twice", r.name.get_ref()), "give every listener its own name");
+            }
+            let role = match r.role.as_ref().map(|s| s.get_ref().as_str()) {
+                None | Some("peer") => Role::Peer,
+                Some("local") => Role::Local,
+                Some(other) => {
+                    let s = r.role.as_ref().map(span).unwrap_or(0..0);
+                    self.sink.error(s, format!("unknown listener role {other:?}"), "role is \"peer\" (mutual TLS, the default) or \"local\" (loopback, cleartext)");
+                    Role::Peer
+                }
+            };
+            let Some(bind) = self.socket_addr(&r.bind) else { continue };
+            if role == Role::Local && !bind.ip().is_loopback() {
+                self.sink.error(
+                    span(&r.bind),
+                    format!("listener {:?} has no mutual TLS (role = \"local\") but binds {bind}, which is not loopback", r.name.get_ref()),
+                    "a local listener must bind 127.0.0.1 or ::1; use role = \"peer\" for a port other hosts reach",
+                );
+            }
+            if role == Role::Peer && !have_tls {
+                // reported once, at the config level
+            }
+            for (other, who) in &binds {
+                let same_port = other.port() == bind.port() && bind.port() != 0;
+                let overlap = other.ip() == bind.ip() || other.ip().is_unspecified() || bind.ip().is_unspecified();
+                if same_port && overlap {
+                    self.sink.error(span(&r.bind), format!("{bind} overlaps {who} ({other})"), "every listener needs a port of its own");
+                }
+            }
+            binds.push((bind, format!("listener {:?}", r.name.get_ref())));
+            let allow: Vec<IpNet> = r.allow.iter().flatten().filter_map(|c| self.cidr(c)).collect();
+            let proxy_trusted = r.proxy_protocol.as_ref().map(|p| {
+                p.get_ref().trusted.iter().filter_map(|c| self.cidr(c)).collect::<Vec<_>>()
+            });
+            if let Some(s) = &r.service {
+                if !services.contains_key(s.get_ref().as_str()) {
+                    self.sink.error(span(s), format!("listener {:?} is dedicated to unknown service {:?}", r.name.get_ref(), s.get_ref()), &known(services, "services"));
+                }
+            }
+            out.push(Listener {
+                name: r.name.get_ref().clone(),
+                bind,
+                role,
+                allow,
+                proxy_trusted,
+                service: r.service.as_ref().map(|s| s.get_ref().clone()),
+            });
+        }
+        out
+    }
+
+    fn services(&mut self, raw: &[S<raw::RawService>]) -> Vec<Service> {
+        let mut out = Vec::new();
+        let mut names: HashMap<String, ()> = HashMap::new();
+        let mut grpc_owner: BTreeMap<String, String> = BTreeMap::new();
+        for s in raw {
+            let r = s.get_ref();
+            self.name(&r.name, "service");
+            if names.insert(r.name.get_ref().clone(), ()).is_some() {
+                self.sink.error(span(&r.name), format!("service name {:?} is used twice", r.name.get_ref()), "give every service its own name");
+            }
+            let protocol = match r.protocol.get_ref().as_str() {
+                "grpc" => Protocol::Grpc,
+                "http" => Protocol::Http,
+                other => {
+                    self.sink.error(span(&r.protocol), format!("unknown protocol {other:?}"), "protocol is \"grpc\" or \"http\"");
+                    Protocol::Http
+                }
+            };
+            let mut endpoints = Vec::new();
+            for e in &r.endpoints {
+                if let Some(ep) = self.endpoint(e) {
+                    if protocol == Protocol::Grpc && ep.scheme == Scheme::Http1 {
+                        self.sink.error(span(e), format!("gRPC service {:?} needs HTTP/2, but {} is HTTP/1.1", r.name.get_ref(), ep.url), "use h2c://host:port for cleartext HTTP/2 or https:// for TLS");
+                    }
+                    endpoints.push(ep);
+                }
+            }
+            let mut grpc_services: Vec<String> = r.grpc_services.iter().flatten().map(|g| g.get_ref().clone()).collect();
+            if let Some(schema) = &r.schema {
+                grpc_services.extend(self.schema(schema));
+            }
+            grpc_services.sort();
+            grpc_services.dedup();
+            for g in &grpc_services {
+                if let Some(prev) = grpc_owner.insert(g.clone(), r.name.get_ref().clone()) {
+                    self.sink.error(span(&r.name), format!("gRPC service {g} is hosted by both {prev:?} and {:?}", r.name.get_ref()), "a gRPC service name must route to one fedport service");
+                }
+            }
+            if protocol == Protocol::Grpc && grpc_services.is_empty() {
+                self.sink.warn(span(&r.name), format!("gRPC service {:?} declares no gRPC services: it is reachable only on a dedicated listener", r.name.get_ref()), "add grpc_services = [\"pkg.Service\"] or schema = { proto = [...] }");
+            }
+            let max_message_bytes = r.max_message_bytes.as_ref().and_then(|m| {
+                let v = match m.get_ref() {
+                    SizeValue::Bytes(n) if *n >= 0 => Ok(*n as u64),
+                    SizeValue::Bytes(_) => Err("size must not be negative".to_owned()),
+                    SizeValue::Text(t) => units::parse_size(t),
+                };
+                v.map_err(|e| self.sink.error(span(m), e, "write a size such as \"1MiB\", \"512KiB\" or a number of bytes")).ok()
+            });
+            let timeout = self.duration(r.timeout.as_ref(), DEFAULT_TIMEOUT);
+            out.push(Service {
+                name: r.name.get_ref().clone(),
+                protocol,
+                endpoints,
+                grpc_services,
+                formats: r.formats.iter().flatten().map(|f| f.get_ref().clone()).collect(),
+                max_message_bytes,
+                timeout,
+            });
+        }
+        out
+    }
+
+    /// Compiles the service's proto files and returns the gRPC services they declare.
+    fn schema(&mut self, s: &S<raw::RawSchema>) -> Vec<String> {
+        let r = s.get_ref();
+        let mut names = Vec::new();
+        for p in r.proto.iter().flatten() {
+            let file = self.path(p.get_ref());
+            let mut includes: Vec<PathBuf> = r.include.iter().flatten().map(|i| self.path(i.get_ref())).collect();
+            includes.push(file.parent().map(Path::to_owned).unwrap_or_default());
+            let result = protox::Compiler::new(&includes).and_then(|mut c| {
+                c.open_file(&file)?;
+                Ok(c.descriptor_pool())
+            });
+            match result {
+                Ok(pool) => names.extend(pool.services().map(|sv| sv.full_name().to_owned())),
+                Err(e) => self.sink.error(span(p), format!("{}: {e}", file.display()), "the .proto file must compile (protoc would say the same); fix it or the path"),
+            }
+        }
+        if let Some(d) = &r.descriptor_set {
+            let file = self.path(d.get_ref());
+            match std::fs::read(&file).map_err(|e| e.to_string()).and_then(|b| {
+                prost_reflect::DescriptorPool::decode(b.as_slice()).map_err(|e| e.to_string())
+            }) {
+                Ok(pool) => names.extend(pool.services().map(|sv| sv.full_name().to_owned())),
+                Err(e) => self.sink.error(span(d), format!("{}: {e}", file.display()), "give a FileDescriptorSet (protoc --descriptor_set_out --include_imports)"),
+            }
+        }
+        for (_, f) in r.json.iter().flatten() {
+            let file = self.path(f.get_ref());
+            match std::fs::read(&file) {
+                Ok(b) => {
+                    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&b) {
+                        self.sink.error(span(f), format!("{}: not JSON: {e}", file.display()), "a JSON Schema file must be a JSON document");
+                    }
+                }
+                Err(e) => self.sink.error(span(f), format!("cannot read {}: {e}", file.display()), "fix the path; relative paths start at the config file's directory"),
+            }
+        }
+        names
+    }
+
+    fn endpoint(&mut self, e: &S<String>) -> Option<Endpoint> {
+        let text = e.get_ref();
+        let hint = "write scheme://host:port with scheme http (HTTP/1.1), h2c (HTTP/2 cleartext) or https";
+        let Some((scheme, rest)) = text.split_once("://") else {
+            self.sink.error(span(e), format!("endpoint {text:?} has no scheme"), hint);
+            return None;
+        };
+        let scheme = match scheme {
+            "http" => Scheme::Http1,
+            "h2c" => Scheme::H2c,
+            "https" => Scheme::Https,
+            other => {
+                self.sink.error(span(e), format!("endpoint {text:?} has unknown scheme {other:?}"), hint);
+                return None;
+            }
+        };
+        let authority = rest.trim_end_matches('/');
+        let parsed: Option<http::uri::Authority> = authority.parse().ok().filter(|_| !authority.contains('/') && !authority.contains('@'));
+        let Some(auth) = parsed else {
+            self.sink.error(span(e), format!("endpoint {text:?} is not scheme://host:port"), hint);
+            return None;
+        };
+        let port = auth.port_u16().unwrap_or(match scheme {
+            Scheme::Https => 443,
+            _ => 80,
+        });
+        Some(Endpoint {
+            url: text.clone(),
+            scheme,
+            host: auth.host().trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port,
+        })
+    }
+
+    fn peers(&mut self, raw: &[S<raw::RawPeer>]) -> Vec<Peer> {
+        let mut out = Vec::new();
+        let mut names: HashMap<String, ()> = HashMap::new();
+        for p in raw {
+            let r = p.get_ref();
+            self.name(&r.name, "peer");
+            if names.insert(r.name.get_ref().clone(), ()).is_some() {
+                self.sink.error(span(&r.name), format!("peer name {:?} is used twice", r.name.get_ref()), "give every peer its own name");
+            }
+            let addr = r.address.get_ref();
+            let ok_addr = addr.parse::<SocketAddr>().is_ok()
+                || addr.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok_addr {
+                self.sink.error(span(&r.address), format!("peer address {addr:?} is not host:port"), "write the peer's internal port, e.g. \"10.1.0.7:7443\"");
+            }
+            let id = r.identity.get_ref();
+            if !(id.starts_with("spiffe://") || (id.contains('.') && !id.contains('/'))) {
+                self.sink.error(span(&r.identity), format!("peer identity {id:?} is neither a SPIFFE URI nor a DNS name"), "write the SAN the peer's certificate carries: \"spiffe://domain/node/NAME\"");
+            }
+            out.push(Peer {
+                name: r.name.get_ref().clone(),
+                region: r.region.get_ref().clone(),
+                zone: r.zone.as_ref().map(|z| z.get_ref().clone()),
+                address: addr.clone(),
+                identity: id.clone(),
+                services: r.services.iter().map(|s| s.get_ref().clone()).collect(),
+            });
+        }
+        out
+    }
+
+    fn rules(&mut self, raw: &[S<raw::RawAllow>], services: &HashMap<&str, ()>, peers: &HashMap<&str, ()>) -> Vec<Rule> {
+        let mut out = Vec::new();
+        for a in raw {
+            let r = a.get_ref();
+            let to = r.to.get_ref();
+            if to != "*" && !services.contains_key(to.as_str()) {
+                self.sink.error(span(&r.to), format!("rule allows access to unknown service {to:?}"), &known(services, "services"));
+            }
+            let from = r.from.get_ref();
+            // A bare word is a peer's name; identities are URIs or DNS names.
+            let bare = !from.contains(':') && !from.contains('.') && !from.contains('*') && from != "local";
+            if bare && !peers.contains_key(from.as_str()) {
+                self.sink.error(span(&r.from), format!("rule allows unknown peer {from:?}"), &format!("{}; or write an identity pattern such as \"spiffe://fed.example/node/*\"", known(peers, "peers")));
+            }
+            let methods: Vec<String> = r.methods.iter().flatten().map(|m| m.get_ref().clone()).collect();
+            for m in r.methods.iter().flatten() {
+                if m.get_ref().trim().is_empty() {
+                    self.sink.error(span(m), "empty method", "write \"pkg.Service/Method\" or \"GET /path\"");
+                }
+            }
+            out.push(Rule { from: from.clone(), to: to.clone(), methods });
+        }
+        out
+    }
+}
+
+fn cert_hint(e: &identity::IdentityError) -> &'static str {
+    use identity::IdentityError::*;
+    match e {
+        Read(..) => "fix the path; relative paths start at the config file's directory",
+        Expired(..) => "issue a new certificate; fedport refuses to serve an expired one",
+        NotYetValid(..) => "check the clock, or wait until the certificate is valid",
+        _ => "the file must hold PEM certificates (-----BEGIN CERTIFICATE-----)",
+    }
+}
+
+fn known(names: &HashMap<&str, ()>, what: &str) -> String {
+    let mut v: Vec<&str> = names.keys().copied().collect();
+    v.sort();
+    if v.is_empty() {
+        format!("no {what} are defined")
+    } else {
+        format!("known {what}: {}", v.join(", "))
+    }
+}
+
+fn text_hash(text: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+impl Config {
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}

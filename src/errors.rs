@@ -1,0 +1,157 @@
+//! The one place where a refusal becomes an answer: every [`Reject`] maps to an HTTP
+//! status with a JSON body, or to a gRPC status in a trailers-only response.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+/// Why fedport refused or could not complete a request. The `reason` strings are
+/// metric label values and part of the JSON error body: they are a public contract.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("no service is known for {0}")]
+    UnknownService(String),
+    #[error("request is malformed: {0}")]
+    BadRequest(&'static str),
+    #[error("no healthy target for service {0}")]
+    NoHealthyTarget(String),
+    #[error("upstream of service {0} failed: {1}")]
+    Upstream(String, String),
+    #[error("service {0} did not answer within {1} ms")]
+    Timeout(String, u64),
+    #[error("fedport is draining")]
+    Draining,
+}
+
+/// gRPC status codes fedport answers with (the subset of `google.rpc.Code` it uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GrpcCode {
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Unimplemented = 12,
+    Unavailable = 14,
+}
+
+impl Reject {
+    /// The metric label and JSON `reason` for this refusal.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Reject::UnknownService(_) => "unknown_service",
+            Reject::BadRequest(_) => "bad_request",
+            Reject::NoHealthyTarget(_) => "no_healthy_target",
+            Reject::Upstream(..) => "upstream_error",
+            Reject::Timeout(..) => "deadline",
+            Reject::Draining => "draining",
+        }
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Reject::UnknownService(_) => StatusCode::NOT_FOUND,
+            Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::NoHealthyTarget(_) | Reject::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::Upstream(..) => StatusCode::BAD_GATEWAY,
+            Reject::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn grpc_code(&self) -> GrpcCode {
+        match self {
+            Reject::UnknownService(_) => GrpcCode::Unimplemented,
+            Reject::BadRequest(_) => GrpcCode::InvalidArgument,
+            Reject::NoHealthyTarget(_) | Reject::Draining | Reject::Upstream(..) => {
+                GrpcCode::Unavailable
+            }
+            Reject::Timeout(..) => GrpcCode::DeadlineExceeded,
+        }
+    }
+
+    /// The answer in the caller's protocol: a gRPC trailers-only response when the
+    /// caller speaks gRPC, else the HTTP status with a JSON body.
+    pub fn to_response(&self, grpc: bool, request_id: &str) -> Response<Full<Bytes>> {
+        let message = self.to_string();
+        if grpc {
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(self.grpc_code() as u16));
+            if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(&message)) {
+                h.insert("grpc-message", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(request_id) {
+                h.insert("x-request-id", v);
+            }
+            return resp;
+        }
+        let body = serde_json::json!({
+            "error": { "reason": self.reason(), "message": message, "request_id": request_id }
+        });
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.http_status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert("x-request-id", v);
+        }
+        resp
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec): bytes outside
+/// printable ASCII and `%` itself are escaped.
+pub fn percent_encode_grpc_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reject_has_distinct_reason_and_matching_codes() {
+        let all = [
+            Reject::UnknownService("x".into()),
+            Reject::BadRequest("y"),
+            Reject::NoHealthyTarget("s".into()),
+            Reject::Upstream("s".into(), "reset".into()),
+            Reject::Timeout("s".into(), 5),
+            Reject::Draining,
+        ];
+        let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
+        assert_eq!(reasons.len(), all.len());
+        assert_eq!(all[0].http_status(), StatusCode::NOT_FOUND);
+        assert_eq!(all[0].grpc_code(), GrpcCode::Unimplemented);
+        assert_eq!(all[4].http_status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(all[4].grpc_code(), GrpcCode::DeadlineExceeded);
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode_grpc_message("a 100% é"), "a 100%25 %C3%A9");
+    }
+
+    #[test]
+    fn http_body_is_json_with_reason_and_request_id() {
+        let r = Reject::UnknownService("nope".into()).to_response(false, "abc");
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+}

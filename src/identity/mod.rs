@@ -1,0 +1,204 @@
+//! Certificates → identity: loads the node's certificate, key and federation CA, builds
+//! the TLS 1.3 server and client configurations, and reads a verified peer's identity
+//! (SPIFFE URI SAN, else DNS SAN) from its certificate.
+
+pub mod pki;
+
+use http::HeaderValue;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, String),
+    #[error("{0} holds no PEM certificate")]
+    NoCertificate(PathBuf),
+    #[error("{0} holds no PEM private key")]
+    NoKey(PathBuf),
+    #[error("{0}: certificate cannot be parsed: {1}")]
+    BadCertificate(PathBuf, String),
+    #[error("{0}: certificate expired on {1}")]
+    Expired(PathBuf, String),
+    #[error("{0}: certificate is not valid before {1}")]
+    NotYetValid(PathBuf, String),
+    #[error("private key {0} does not match certificate {1}")]
+    KeyMismatch(PathBuf, PathBuf),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// The crypto provider fedport uses everywhere (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Paths of the node's TLS material, already resolved against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| IdentityError::Read(path.to_owned(), e.to_string()))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| IdentityError::BadCertificate(path.to_owned(), e.to_string()))?;
+    if certs.is_empty() {
+        return Err(IdentityError::NoCertificate(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| IdentityError::Read(path.to_owned(), e.to_string()))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| IdentityError::NoKey(path.to_owned()))
+}
+
+/// Validity window of a certificate, as (not_before, not_after).
+pub fn validity(
+    der: &CertificateDer<'_>,
+    path: &Path,
+) -> Result<(SystemTime, SystemTime), IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::BadCertificate(path.to_owned(), e.to_string()))?;
+    let v = cert.validity();
+    let to_sys = |t: &x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    Ok((to_sys(&v.not_before), to_sys(&v.not_after)))
+}
+
+/// Checks that a certificate file is readable, parsable and valid now.
+/// Returns the certificates and the end entity's `not_after`.
+pub fn check_cert_file(
+    path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, SystemTime), IdentityError> {
+    let certs = load_certs(path)?;
+    let (nb, na) = validity(&certs[0], path)?;
+    let now = SystemTime::now();
+    if na < now {
+        return Err(IdentityError::Expired(path.to_owned(), fmt_time(na)));
+    }
+    if nb > now {
+        return Err(IdentityError::NotYetValid(path.to_owned(), fmt_time(nb)));
+    }
+    Ok((certs, na))
+}
+
+fn fmt_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map(|d| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                d.year(),
+                d.month() as u8,
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second()
+            )
+        })
+        .unwrap_or_else(|_| secs.to_string())
+}
+
+/// Loads the node's certificate chain and key and proves that they belong together.
+pub fn load_certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, IdentityError> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let ck = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            IdentityError::KeyMismatch(files.key.clone(), files.cert.clone())
+        }
+        other => IdentityError::Tls(format!("{}: {other}", files.key.display())),
+    })?;
+    Ok(Arc::new(ck))
+}
+
+fn roots(ca: &Path) -> Result<Arc<RootCertStore>, IdentityError> {
+    let mut store = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        store
+            .add(c)
+            .map_err(|e| IdentityError::BadCertificate(ca.to_owned(), e.to_string()))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// TLS 1.3 only, client certificate required and verified against the federation CA.
+pub fn server_config(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, IdentityError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone())
+        .build()
+        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let ck = load_certified_key(files)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// Client side of the federation: verifies servers against the federation CA and
+/// presents the node's own certificate.
+pub fn client_config(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, IdentityError> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .with_root_certificates(roots(&files.ca)?)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// The identity a verified certificate carries: its first `spiffe://` URI SAN, else
+/// its first DNS SAN. `None` when it has neither.
+pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let names = &san.value.general_names;
+    names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+            _ => None,
+        })
+        .or_else(|| {
+            names.iter().find_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+        })
+}
+
+/// The identity as the `fed-peer` header value; `None` if it is not a valid header value.
+pub fn identity_header(der: &CertificateDer<'_>) -> Option<HeaderValue> {
+    identity_of(der).and_then(|s| HeaderValue::from_str(&s).ok())
+}

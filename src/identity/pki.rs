@@ -1,0 +1,126 @@
+//! A small certificate authority (rcgen) for the sandbox and the tests: a federation
+//! CA and node/client certificates with SPIFFE URI and DNS SANs.
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("cannot write {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+}
+
+/// A federation CA held in memory.
+pub struct Authority {
+    cert: Certificate,
+    key: KeyPair,
+}
+
+/// PEM texts of an issued certificate and its key.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Files written by [`Issued::write`].
+#[derive(Debug, Clone)]
+pub struct IssuedFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What to put in a leaf certificate.
+#[derive(Debug, Clone, Default)]
+pub struct LeafSpec {
+    pub common_name: String,
+    pub spiffe: Option<String>,
+    pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+    /// Validity relative to now: (start, end). Default: (-1h, +30d).
+    pub valid: Option<(Duration, Duration)>,
+}
+
+impl Authority {
+    pub fn new(name: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(365);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
+        let mut params = CertificateParams::new(spec.dns.clone())?;
+        if let Some(uri) = &spec.spiffe {
+            params
+                .subject_alt_names
+                .insert(0, SanType::URI(uri.as_str().try_into()?));
+        }
+        for ip in &spec.ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, spec.common_name.as_str());
+        params.distinguished_name = dn;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let (start, end) = spec
+            .valid
+            .unwrap_or((Duration::hours(-1), Duration::days(30)));
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now + start;
+        params.not_after = now + end;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes the CA certificate to `dir/NAME.pem`.
+    pub fn write_ca(&self, dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
+        let p = dir.join(format!("{name}.pem"));
+        std::fs::write(&p, self.cert_pem()).map_err(|e| PkiError::Write(p.clone(), e))?;
+        Ok(p)
+    }
+}
+
+impl Issued {
+    /// Writes `dir/NAME.pem` and `dir/NAME.key`.
+    pub fn write(&self, dir: &Path, name: &str) -> Result<IssuedFiles, PkiError> {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, &self.cert_pem).map_err(|e| PkiError::Write(cert.clone(), e))?;
+        std::fs::write(&key, &self.key_pem).map_err(|e| PkiError::Write(key.clone(), e))?;
+        Ok(IssuedFiles { cert, key })
+    }
+}

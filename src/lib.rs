@@ -1,0 +1,25 @@
+//! fedport: the internal port of a federation. A connection is admitted by address,
+//! authenticated by mutual TLS 1.3, routed to a service and forwarded over pooled
+//! HTTP/2 or HTTP/1.1, with every refusal answered in the caller's protocol.
+//!
+//! Module map, in the order a request meets them:
+//! - [`listen`]: sockets, accept, allowlist, TLS, serving connections
+//! - [`identity`]: certificates → identity; the sandbox CA
+//! - [`route`]: request → service
+//! - [`proxy`]: the request path, top to bottom
+//! - [`upstream`]: pooled connections and load balancing
+//! - [`errors`]: refusal → HTTP status / gRPC code
+//! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod errors;
+pub mod identity;
+pub mod listen;
+pub mod proxy;
+pub mod route;
+pub mod sandbox;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,208 @@
+//! Bound ports: SO_REUSEPORT sockets (one per worker), the accept loop with its
+//! address check, the TLS 1.3 handshake that yields the caller's identity, and serving
+//! HTTP/1.1 and HTTP/2 on the connection until it ends or the node drains.
+
+use crate::config::{Listener, Role};
+use crate::identity;
+use crate::proxy::{self, ConnCtx, Worker};
+use crate::telemetry::{ListenerLabels, Metrics, ReasonLabels};
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot bind listener {0} to {1}: {2}")]
+    Bind(String, SocketAddr, std::io::Error),
+}
+
+/// A listening socket with SO_REUSEPORT, so that every worker can hold its own on the
+/// same address and the kernel spreads connections across them.
+pub fn bind_reuseport(name: &str, addr: SocketAddr) -> Result<std::net::TcpListener, ListenError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |e| ListenError::Bind(name.to_owned(), addr, e);
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    sock.set_reuse_port(true).map_err(err)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true).map_err(err)?;
+    }
+    sock.set_nodelay(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(4096).map_err(err)?;
+    sock.set_nonblocking(true).map_err(err)?;
+    Ok(sock.into())
+}
+
+/// Everything one listener's accept loop needs in one worker.
+pub struct Accepting {
+    pub spec: Listener,
+    pub name: Arc<str>,
+    pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    pub worker: Arc<Worker>,
+    pub metrics: Arc<Metrics>,
+    pub builder: auto::Builder<TokioExecutor>,
+}
+
+/// The HTTP server settings every listener uses.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Accepts until `shutdown` turns true; then the socket is closed (new connections
+/// are refused) and open connections are left to the graceful watcher.
+pub async fn accept_loop(
+    listener: TcpListener,
+    acc: Arc<Accepting>,
+    graceful: Arc<GracefulShutdown>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning
+                tracing::warn!(listener = &*acc.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !admitted(&acc.spec, remote) {
+            acc.metrics.reject(&acc.name, "address");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let acc2 = acc.clone();
+        let w = graceful.watcher();
+        tokio::spawn(async move { serve(stream, remote, acc2, w).await });
+    }
+    drop(listener);
+}
+
+fn admitted(l: &Listener, remote: SocketAddr) -> bool {
+    let ip = match remote.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(remote.ip()),
+        v4 => v4,
+    };
+    if l.role == Role::Local && !ip.is_loopback() {
+        return false;
+    }
+    l.allow.is_empty() || l.allow.iter().any(|n| n.contains(&ip))
+}
+
+async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watcher: Watcher) {
+    let labels = ListenerLabels { listener: acc.name.to_string() };
+    acc.metrics.connections_total.get_or_create(&labels).inc();
+    let active = acc.metrics.connections_active.get_or_create(&labels).clone();
+    active.inc();
+    match &acc.tls {
+        None => {
+            let ctx = Arc::new(ConnCtx {
+                listener: acc.name.clone(),
+                dedicated: acc.spec.service.clone(),
+                identity: HeaderValue::from_static("local"),
+                worker: acc.worker.clone(),
+            });
+            run_http(TokioIo::new(stream), ctx, &acc, watcher, false).await;
+        }
+        Some((tls, timeout)) => {
+            let hs = tokio::time::timeout(*timeout, tls.accept(stream)).await;
+            let tls_stream = match hs {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    handshake_failed(&acc, remote, classify(&e));
+                    tracing::debug!(listener = &*acc.name, %remote, error = %e, "TLS handshake failed");
+                    active.dec();
+                    return;
+                }
+                Err(_) => {
+                    handshake_failed(&acc, remote, "timeout");
+                    active.dec();
+                    return;
+                }
+            };
+            let (_, session) = tls_stream.get_ref();
+            let identity = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(identity::identity_header);
+            let Some(identity) = identity else {
+                handshake_failed(&acc, remote, "no_identity");
+                active.dec();
+                return;
+            };
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let ctx = Arc::new(ConnCtx {
+                listener: acc.name.clone(),
+                dedicated: acc.spec.service.clone(),
+                identity,
+                worker: acc.worker.clone(),
+            });
+            run_http(TokioIo::new(tls_stream), ctx, &acc, watcher, h2).await;
+        }
+    }
+    active.dec();
+}
+
+fn handshake_failed(acc: &Accepting, remote: SocketAddr, reason: &str) {
+    acc.metrics
+        .handshake_failures
+        .get_or_create(&ReasonLabels { listener: acc.name.to_string(), reason: reason.to_owned() })
+        .inc();
+    acc.metrics.reject(&acc.name, "tls");
+    tracing::info!(listener = &*acc.name, %remote, reason, "TLS handshake refused");
+}
+
+fn classify(e: &std::io::Error) -> &'static str {
+    let s = e.to_string();
+    if s.contains("UnknownIssuer") || s.contains("BadSignature") {
+        "unknown_ca"
+    } else if s.contains("Expired") || s.contains("NotValidYet") {
+        "expired"
+    } else if s.contains("NoCertificatesPresented") || s.contains("peer sent no certificates") {
+        "no_client_cert"
+    } else if s.contains("protocol version") || s.contains("PeerIncompatible") {
+        "protocol_version"
+    } else if s.contains("Revoked") {
+        "revoked"
+    } else {
+        "other"
+    }
+}
+
+async fn run_http<I>(io: I, ctx: Arc<ConnCtx>, acc: &Accepting, watcher: Watcher, h2_only: bool)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| proxy::handle(req, ctx.clone()));
+    let builder = if h2_only { acc.builder.clone().http2_only() } else { acc.builder.clone() };
+    let conn = builder.serve_connection(io, svc).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,146 @@
+//! The response body on its way back: passes frames through untouched, and when the
+//! exchange ends (or the caller goes away) records its outcome once — metrics, the
+//! endpoint's outstanding count, and the HTTP/1.1 connection's return to its pool.
+
+use crate::telemetry::{Metrics, RequestLabels, ServiceLabels};
+use crate::upstream::{H1Return, Outstanding};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// The outcome of one request, recorded when dropped.
+pub struct Finish {
+    pub metrics: Arc<Metrics>,
+    pub listener: Arc<str>,
+    pub service: Arc<str>,
+    pub start: Instant,
+    /// `Some` for gRPC calls: the status seen so far (from headers or trailers).
+    pub grpc_status: Option<String>,
+    pub http_status: u16,
+    pub outstanding: Option<Outstanding>,
+    pub h1: Option<H1Return>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let code = match &self.grpc_status {
+            Some(s) => grpc_code_name(s).to_owned(),
+            None => self.http_status.to_string(),
+        };
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                listener: self.listener.to_string(),
+                service: self.service.to_string(),
+                code,
+            })
+            .inc();
+        m.duration
+            .get_or_create(&ServiceLabels {
+                listener: self.listener.to_string(),
+                service: self.service.to_string(),
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+        m.streams_active
+            .get_or_create(&crate::telemetry::ListenerLabels {
+                listener: self.listener.to_string(),
+            })
+            .dec();
+    }
+}
+
+/// The name of a numeric `grpc-status`; bounded, so it can be a label.
+pub fn grpc_code_name(s: &str) -> &'static str {
+    match s {
+        "0" => "OK",
+        "1" => "CANCELLED",
+        "2" => "UNKNOWN",
+        "3" => "INVALID_ARGUMENT",
+        "4" => "DEADLINE_EXCEEDED",
+        "5" => "NOT_FOUND",
+        "6" => "ALREADY_EXISTS",
+        "7" => "PERMISSION_DENIED",
+        "8" => "RESOURCE_EXHAUSTED",
+        "9" => "FAILED_PRECONDITION",
+        "10" => "ABORTED",
+        "11" => "OUT_OF_RANGE",
+        "12" => "UNIMPLEMENTED",
+        "13" => "INTERNAL",
+        "14" => "UNAVAILABLE",
+        "15" => "DATA_LOSS",
+        "16" => "UNAUTHENTICATED",
+        "" => "NONE",
+        _ => "INVALID",
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body that records its [`Finish`] when done.
+    pub struct Tracked {
+        #[pin]
+        inner: Incoming,
+        finish: Option<Finish>,
+    }
+}
+
+impl Tracked {
+    pub fn new(inner: Incoming, finish: Finish) -> Self {
+        Self {
+            inner,
+            finish: Some(finish),
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(t), Some(f)) = (frame.trailers_ref(), this.finish.as_mut()) {
+                    if f.grpc_status.is_some() {
+                        f.grpc_status = Some(
+                            t.get("grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned(),
+                        );
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                this.finish.take();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = this.finish.as_mut() {
+                    if f.grpc_status.is_some() {
+                        f.grpc_status = Some("14".into());
+                    }
+                    f.h1 = None;
+                }
+                this.finish.take();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

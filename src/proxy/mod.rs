@@ -1,0 +1,305 @@
+//! The life of a request, top to bottom: route → identity headers → pick an endpoint →
+//! forward with the service's timeout → stream the answer back. Each refusal leaves
+//! through [`crate::errors::Reject`], counted and logged once.
+
+pub mod body;
+
+use crate::config::Config;
+use crate::errors::Reject;
+use crate::route;
+use crate::telemetry::{ListenerLabels, Metrics};
+use crate::upstream::{self, EndpointPool, ProxyBody};
+use body::{Finish, Tracked};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What fedport answers with: an upstream body passed through, or its own small body.
+pub type RespBody = Either<Tracked, Full<Bytes>>;
+
+/// Bodies up to this size with a known length are sent upstream in one piece.
+const SMALL_BODY: u64 = 16 * 1024;
+
+pub const FED_PEER: HeaderName = HeaderName::from_static("fed-peer");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A worker's view of one configuration generation: the compiled config, its route
+/// table and this worker's upstream pools (by service index).
+pub struct Worker {
+    pub config: Arc<Config>,
+    pub table: route::Table,
+    pub upstreams: Vec<Vec<Arc<EndpointPool>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, settings: &upstream::Settings) -> Self {
+        let upstreams = config
+            .services
+            .iter()
+            .map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|e| EndpointPool::new(e.clone(), settings.clone()))
+                    .collect()
+            })
+            .collect();
+        Self {
+            table: route::Table::new(&config),
+            config,
+            upstreams,
+            metrics,
+        }
+    }
+}
+
+/// What a connection knows about its caller, fixed at accept and handshake.
+pub struct ConnCtx {
+    pub listener: Arc<str>,
+    /// The service of a dedicated listener.
+    pub dedicated: Option<String>,
+    /// The verified identity (`fed-peer`), or `local`.
+    pub identity: HeaderValue,
+    pub worker: Arc<Worker>,
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
+        _ => {
+            let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+        }
+    }
+}
+
+/// Removes connection-specific headers (RFC 9110 §7.6.1), which must not cross a hop
+/// and which HTTP/2 forbids.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// Callers never set fedport's own headers: every inbound `fed-*` header is removed.
+fn strip_fed_headers(h: &mut HeaderMap) {
+    let owned: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("fed-"))
+        .cloned()
+        .collect();
+    for k in owned {
+        h.remove(k);
+    }
+}
+
+/// Serves one request on a connection.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnCtx>,
+) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let w = conn.worker.clone();
+    let grpc = is_grpc(req.headers());
+    let rid = request_id(req.headers());
+    w.metrics
+        .streams_active
+        .get_or_create(&ListenerLabels {
+            listener: conn.listener.to_string(),
+        })
+        .inc();
+    let mut service: Arc<str> = Arc::from("-");
+    let finish = |service: Arc<str>| Finish {
+        metrics: w.metrics.clone(),
+        listener: conn.listener.clone(),
+        service,
+        start,
+        grpc_status: grpc.then(String::new),
+        http_status: 0,
+        outstanding: None,
+        h1: None,
+    };
+    match forward(req, &conn, &w, grpc, &rid, &mut service).await {
+        Ok(fwd) => {
+            let (mut rparts, rbody) = fwd.resp.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            let mut f = finish(service);
+            f.http_status = rparts.status.as_u16();
+            if grpc {
+                // a trailers-only answer carries the status in the headers
+                if let Some(s) = rparts.headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+                    f.grpc_status = Some(s.to_owned());
+                }
+            }
+            f.outstanding = Some(fwd.outstanding);
+            f.h1 = fwd.h1;
+            Ok(Response::from_parts(rparts, Either::Left(Tracked::new(rbody, f))))
+        }
+        Err(reject) => {
+            let reason = reject.reason();
+            w.metrics.reject(&conn.listener, reason);
+            tracing::info!(
+                request_id = rid.to_str().unwrap_or("-"),
+                listener = &*conn.listener,
+                service = &*service,
+                reason,
+                "request refused: {reject}"
+            );
+            let resp = reject.to_response(grpc, rid.to_str().unwrap_or("-"));
+            let mut f = finish(service);
+            f.http_status = resp.status().as_u16();
+            if grpc {
+                f.grpc_status = Some((reject.grpc_code() as u8).to_string());
+            }
+            drop(f);
+            Ok(resp.map(Either::Right))
+        }
+    }
+}
+
+/// An upstream's answer, with what must live as long as its body.
+struct Forwarded {
+    resp: Response<Incoming>,
+    outstanding: upstream::Outstanding,
+    h1: Option<upstream::H1Return>,
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    conn: &ConnCtx,
+    w: &Worker,
+    grpc: bool,
+    rid: &HeaderValue,
+    service_label: &mut Arc<str>,
+) -> Result<Forwarded, Reject> {
+    let (mut parts, body) = req.into_parts();
+    let idx = match &conn.dedicated {
+        Some(name) => w
+            .table
+            .by_name(name)
+            .ok_or_else(|| Reject::UnknownService(name.clone()))?,
+        None => w.table.route(&parts, grpc)?,
+    };
+    let service = &w.config.services[idx];
+    *service_label = Arc::from(service.name.as_str());
+
+    let pool = upstream::pick(&w.upstreams[idx])
+        .ok_or_else(|| Reject::NoHealthyTarget(service.name.clone()))?
+        .clone();
+
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| service.name.clone());
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    strip_fed_headers(h);
+    h.insert(FED_PEER, conn.identity.clone());
+    h.insert(REQUEST_ID, rid.clone());
+
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    if pool.speaks_h2() {
+        let scheme = if pool.endpoint.scheme == crate::config::Scheme::Https {
+            "https"
+        } else {
+            "http"
+        };
+        parts.uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| Reject::BadRequest("request target cannot be forwarded"))?;
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.uri = Uri::try_from(pq).map_err(|_| Reject::BadRequest("bad request target"))?;
+        parts.version = Version::HTTP_11;
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+
+    let small = !grpc
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > 0 && n <= SMALL_BODY);
+    let body: ProxyBody = if small {
+        let bytes = Limited::new(body, SMALL_BODY as usize)
+            .collect()
+            .await
+            .map_err(|_| Reject::BadRequest("request body ended early"))?
+            .to_bytes();
+        Either::Right(Full::new(bytes))
+    } else {
+        Either::Left(body)
+    };
+
+    let outstanding = pool.begin();
+    let sent = tokio::time::timeout(service.timeout, pool.send(Request::from_parts(parts, body)))
+        .await
+        .map_err(|_| Reject::Timeout(service.name.clone(), service.timeout.as_millis() as u64))?;
+    let (resp, h1) = match sent {
+        Ok(r) => r,
+        Err(upstream::UpstreamError::Connect(url, e)) => {
+            tracing::warn!(service = %service.name, endpoint = %url, error = %e, "upstream unreachable");
+            return Err(Reject::NoHealthyTarget(service.name.clone()));
+        }
+        Err(upstream::UpstreamError::Exchange(e)) => {
+            return Err(Reject::Upstream(service.name.clone(), e));
+        }
+    };
+    Ok(Forwarded {
+        resp,
+        outstanding,
+        h1,
+    })
+}

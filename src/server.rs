@@ -1,0 +1,187 @@
+//! The daemon's shape: one thread per worker, each a single-threaded tokio runtime with
+//! its own SO_REUSEPORT socket per listener and its own upstream connections; shared
+//! state is read-only. Drain: sockets close, connections finish within the timeout.
+
+use crate::config::{Config, Role};
+use crate::identity;
+use crate::listen::{self, Accepting, ListenError};
+use crate::proxy::Worker;
+use crate::telemetry::Metrics;
+use crate::upstream;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("cannot start worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// What the admin port and the CLI see of a running node.
+pub struct State {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    ready: AtomicBool,
+}
+
+impl State {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+        self.metrics.ready.set(ready as i64);
+    }
+}
+
+/// A started node.
+pub struct Server {
+    pub state: Arc<State>,
+    /// Each listener's name and bound address (the real port when the config said 0).
+    pub bound: Vec<(String, SocketAddr)>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds every listener and starts the workers. Not ready until [`State::set_ready`].
+    pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
+        let tls = match &config.tls {
+            Some(t) if config.listeners.iter().any(|l| l.role == Role::Peer) => Some((
+                tokio_rustls::TlsAcceptor::from(identity::server_config(&t.files, &[b"h2", b"http/1.1"])?),
+                t.handshake_timeout,
+            )),
+            _ => None,
+        };
+        let client_tls = match &config.tls {
+            Some(t) => Some(identity::client_config(&t.files, &[b"h2", b"http/1.1"])?),
+            None => None,
+        };
+        let settings = upstream::Settings {
+            max_requests: config.node.upstream_max_requests,
+            h2_connections: config.node.upstream_connections,
+            tls: client_tls,
+        };
+        // The first socket of each listener resolves port 0; the other workers bind
+        // the same address beside it.
+        let mut first = Vec::new();
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let s = listen::bind_reuseport(&l.name, l.bind)?;
+            let addr = s.local_addr().map_err(|e| ListenError::Bind(l.name.clone(), l.bind, e))?;
+            bound.push((l.name.clone(), addr));
+            first.push(Some(s));
+        }
+        let mut sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
+        for w in 0..config.node.workers {
+            let mut mine = Vec::new();
+            for (i, l) in config.listeners.iter().enumerate() {
+                let s = match first[i].take() {
+                    Some(s) if w == 0 => s,
+                    other => {
+                        first[i] = other;
+                        listen::bind_reuseport(&l.name, bound[i].1)?
+                    }
+                };
+                mine.push(s);
+            }
+            sockets.push(mine);
+        }
+
+        let state = Arc::new(State {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            ready: AtomicBool::new(false),
+        });
+        let (shutdown, _) = watch::channel(false);
+        let mut threads = Vec::new();
+        for (w, mine) in sockets.into_iter().enumerate() {
+            let config = config.clone();
+            let metrics = metrics.clone();
+            let settings = settings.clone();
+            let tls = tls.clone();
+            let rx = shutdown.subscribe();
+            let t = std::thread::Builder::new()
+                .name(format!("fedport-w{w}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "worker runtime failed to start");
+                            return;
+                        }
+                    };
+                    rt.block_on(worker_main(config, metrics, settings, tls, mine, rx));
+                })
+                .map_err(ServerError::Worker)?;
+            threads.push(t);
+        }
+        Ok(Self { state, bound, shutdown, threads })
+    }
+
+    /// Starts draining: readiness false, sockets closed, connections told to finish.
+    pub fn drain(&self) {
+        self.state.set_ready(false);
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits for every worker to finish draining (each bounded by the drain timeout).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn worker_main(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    settings: upstream::Settings,
+    tls: Option<(tokio_rustls::TlsAcceptor, std::time::Duration)>,
+    sockets: Vec<std::net::TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let worker = Arc::new(Worker::new(config.clone(), metrics.clone(), &settings));
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut loops = Vec::new();
+    let builder = listen::http_builder();
+    for (spec, sock) in config.listeners.iter().zip(sockets) {
+        let listener = match tokio::net::TcpListener::from_std(sock) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listener = %spec.name, error = %e, "cannot register socket");
+                continue;
+            }
+        };
+        let acc = Arc::new(Accepting {
+            spec: spec.clone(),
+            name: Arc::from(spec.name.as_str()),
+            tls: if spec.role == Role::Peer { tls.clone() } else { None },
+            worker: worker.clone(),
+            metrics: metrics.clone(),
+            builder: builder.clone(),
+        });
+        loops.push(tokio::spawn(listen::accept_loop(listener, acc, graceful.clone(), shutdown.clone())));
+    }
+    let _ = shutdown.wait_for(|s| *s).await;
+    for l in loops {
+        let _ = l.await;
+    }
+    let drain = config.node.drain_timeout;
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        tracing::error!("drain: accept loops still hold connections; not waiting");
+        return;
+    };
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(timeout_ms = drain.as_millis() as u64, "drain timeout passed; closing the remaining connections");
+    }
+}

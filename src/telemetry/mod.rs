@@ -1,0 +1,131 @@
+//! Metric families (Prometheus text on the admin port) and log set-up. Labels are
+//! bounded: listener, service, code, reason — never a raw path or address.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub listener: String,
+    pub service: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub listener: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub listener: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub service: String,
+    pub result: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 100 µs … ~52 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// Every metric fedport exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub rejections: Family<ReasonLabels, Counter>,
+    pub connections_active: Family<ListenerLabels, Gauge>,
+    pub connections_total: Family<ListenerLabels, Counter>,
+    pub streams_active: Family<ListenerLabels, Gauge>,
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    pub upstream_connects: Family<UpstreamLabels, Counter>,
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    pub fn new(node: &str, config_hash: &str) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("fedport");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests answered, by listener, service and code (HTTP status, or gRPC status name)", requests.clone());
+        let duration = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        registry.register("request_duration_seconds", "Time from request head to the end of the response", duration.clone());
+        let rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register("rejections", "Requests and connections refused, by reason", rejections.clone());
+        let connections_active = Family::<ListenerLabels, Gauge>::default();
+        registry.register("connections_active", "Open downstream connections", connections_active.clone());
+        let connections_total = Family::<ListenerLabels, Counter>::default();
+        registry.register("connections", "Downstream connections accepted", connections_total.clone());
+        let streams_active = Family::<ListenerLabels, Gauge>::default();
+        registry.register("streams_active", "Requests in flight", streams_active.clone());
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register("tls_handshake_failures", "TLS handshakes that failed, by reason", handshake_failures.clone());
+        let upstream_connects = Family::<UpstreamLabels, Counter>::default();
+        registry.register("upstream_connects", "Upstream connection attempts, by service and result", upstream_connects.clone());
+        let ready = Gauge::default();
+        registry.register("ready", "1 while the node accepts traffic, 0 while starting or draining", ready.clone());
+        registry.register(
+            "config",
+            "The running configuration",
+            Info::new(vec![("node".to_owned(), node.to_owned()), ("hash".to_owned(), config_hash.to_owned())]),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            duration,
+            rejections,
+            connections_active,
+            connections_total,
+            streams_active,
+            handshake_failures,
+            upstream_connects,
+            ready,
+        })
+    }
+
+    pub fn reject(&self, listener: &str, reason: &str) {
+        self.rejections
+            .get_or_create(&ReasonLabels { listener: listener.to_owned(), reason: reason.to_owned() })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Logs to stderr; `FEDPORT_LOG` (or `RUST_LOG`) sets the filter, `FEDPORT_LOG_FORMAT=json`
+/// switches to one JSON object per line.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("FEDPORT_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    if std::env::var("FEDPORT_LOG_FORMAT").as_deref() == Ok("json") {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}

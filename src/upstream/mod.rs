@@ -1,0 +1,387 @@
+//! Upstream connections of one worker: per endpoint a few multiplexed HTTP/2
+//! connections (or a pool of idle HTTP/1.1 ones), recycled after a bounded number of
+//! requests, and power-of-two-choices across a service's endpoints.
+
+use crate::config::{Endpoint, Scheme};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// What fedport sends upstream: the caller's body streamed through, or one small piece.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The request certainly did not reach the service.
+    #[error("connect to {0} failed: {1}")]
+    Connect(String, String),
+    /// The request may have reached the service.
+    #[error("{0}")]
+    Exchange(String),
+}
+
+/// How upstream connections are made and recycled.
+#[derive(Clone)]
+pub struct Settings {
+    pub max_requests: u64,
+    pub h2_connections: usize,
+    /// TLS for `https://` endpoints: the federation CA and the node's own certificate.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+enum Sender {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+#[derive(Default)]
+struct H2Slot {
+    state: Mutex<Option<(http2::SendRequest<ProxyBody>, u64)>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// One endpoint's connections in one worker.
+pub struct EndpointPool {
+    pub endpoint: Endpoint,
+    settings: Settings,
+    outstanding: AtomicUsize,
+    slots: Vec<H2Slot>,
+    next: AtomicUsize,
+    idle_h1: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
+    /// An `https://` endpoint that negotiated HTTP/1.1.
+    https_is_h1: AtomicBool,
+}
+
+/// Returned with a response from an HTTP/1.1 connection: hand it back when the
+/// response body is done, so the connection is reused.
+pub struct H1Return {
+    sender: Option<http1::SendRequest<ProxyBody>>,
+    pool: Arc<EndpointPool>,
+}
+
+impl Drop for H1Return {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.sender.take() {
+            let pool = self.pool.clone();
+            // The connection becomes ready once hyper has finished the response; wait
+            // for that off the request path.
+            tokio::spawn(async move {
+                if s.ready().await.is_ok() {
+                    if let Ok(mut idle) = pool.idle_h1.lock() {
+                        if idle.len() < 64 {
+                            idle.push(s);
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Counts a request as outstanding on an endpoint until dropped.
+pub struct Outstanding(Arc<EndpointPool>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EndpointPool {
+    pub fn new(endpoint: Endpoint, settings: Settings) -> Arc<Self> {
+        let slots = (0..settings.h2_connections).map(|_| H2Slot::default()).collect();
+        Arc::new(Self {
+            endpoint,
+            settings,
+            outstanding: AtomicUsize::new(0),
+            slots,
+            next: AtomicUsize::new(0),
+            idle_h1: Mutex::new(Vec::new()),
+            https_is_h1: AtomicBool::new(false),
+        })
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub fn begin(self: &Arc<Self>) -> Outstanding {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Outstanding(self.clone())
+    }
+
+    /// Whether requests to this endpoint go over HTTP/2 (and so need absolute URIs).
+    pub fn speaks_h2(&self) -> bool {
+        match self.endpoint.scheme {
+            Scheme::Http1 => false,
+            Scheme::H2c => true,
+            Scheme::Https => !self.https_is_h1.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends one request. A request that an HTTP/2 connection refused before sending
+    /// anything (it was closing) is tried once more on a fresh connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Option<H1Return>), UpstreamError> {
+        if self.speaks_h2() {
+            let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+            let mut req = req;
+            for attempt in 0..2 {
+                let mut sender = match self.h2_sender(slot).await? {
+                    Sender::H2(s) => s,
+                    Sender::H1(s) => return self.send_h1(s, req).await,
+                };
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, None)),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) if attempt == 0 => {
+                            if let Ok(mut st) = slot.state.lock() {
+                                *st = None;
+                            }
+                            req = back;
+                        }
+                        _ => return Err(UpstreamError::Exchange(describe(e.error()))),
+                    },
+                }
+            }
+            unreachable!("the loop returns on its second attempt");
+        }
+        let idle = self.idle_h1.lock().ok().and_then(|mut v| {
+            while let Some(s) = v.pop() {
+                if s.is_ready() {
+                    return Some(s);
+                }
+            }
+            None
+        });
+        let sender = match idle {
+            Some(s) => s,
+            None => match self.connect().await? {
+                Sender::H1(s) => s,
+                Sender::H2(mut s) => {
+                    let resp = s
+                        .send_request(req)
+                        .await
+                        .map_err(|e| UpstreamError::Exchange(describe(&e)))?;
+                    return Ok((resp, None));
+                }
+            },
+        };
+        self.send_h1(sender, req).await
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut sender: http1::SendRequest<ProxyBody>,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Option<H1Return>), UpstreamError> {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Exchange(describe(&e)))?;
+        Ok((
+            resp,
+            Some(H1Return {
+                sender: Some(sender),
+                pool: self.clone(),
+            }),
+        ))
+    }
+
+    async fn h2_sender(&self, slot: &H2Slot) -> Result<Sender, UpstreamError> {
+        if let Some(s) = self.take_from(slot) {
+            return Ok(Sender::H2(s));
+        }
+        let _connecting = slot.connecting.lock().await;
+        if let Some(s) = self.take_from(slot) {
+            return Ok(Sender::H2(s));
+        }
+        match self.connect().await? {
+            Sender::H2(s) => {
+                if let Ok(mut st) = slot.state.lock() {
+                    *st = Some((s.clone(), 1));
+                }
+                Ok(Sender::H2(s))
+            }
+            h1 => Ok(h1),
+        }
+    }
+
+    /// A live sender from the slot, counting the request; recycles a connection that
+    /// has carried `max_requests` (long-lived connections were seen to stall).
+    fn take_from(&self, slot: &H2Slot) -> Option<http2::SendRequest<ProxyBody>> {
+        let mut st = slot.state.lock().ok()?;
+        if let Some((s, n)) = st.as_mut() {
+            if !s.is_closed() && *n < self.settings.max_requests {
+                *n += 1;
+                return Some(s.clone());
+            }
+            *st = None;
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let ep = &self.endpoint;
+        let fail = |e: String| UpstreamError::Connect(ep.url.clone(), e);
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        match ep.scheme {
+            Scheme::Http1 => h1_handshake(tcp).await.map_err(fail),
+            Scheme::H2c => h2_handshake(tcp).await.map_err(fail),
+            Scheme::Https => {
+                let cfg = self
+                    .settings
+                    .tls
+                    .clone()
+                    .ok_or_else(|| fail("https endpoint but no [tls] configured".into()))?;
+                let name = rustls_pki_types::ServerName::try_from(ep.host.clone())
+                    .map_err(|e| fail(e.to_string()))?;
+                let tls = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| fail("TLS handshake timed out".into()))?
+                .map_err(|e| fail(e.to_string()))?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                self.https_is_h1.store(!h2, Ordering::Relaxed);
+                if h2 {
+                    h2_handshake(tls).await.map_err(fail)
+                } else {
+                    h1_handshake(tls).await.map_err(fail)
+                }
+            }
+        }
+    }
+}
+
+async fn h2_handshake<T>(io: T) -> Result<Sender, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (s, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(Sender::H2(s))
+}
+
+async fn h1_handshake<T>(io: T) -> Result<Sender, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (s, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    Ok(Sender::H1(s))
+}
+
+fn describe(e: &hyper::Error) -> String {
+    use std::error::Error;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Power of two choices on outstanding requests: two distinct endpoints at random,
+/// the less busy one wins.
+pub fn pick(pools: &[Arc<EndpointPool>]) -> Option<&Arc<EndpointPool>> {
+    match pools.len() {
+        0 => None,
+        1 => pools.first(),
+        n => {
+            let a = fastrand::usize(..n);
+            let mut b = fastrand::usize(..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (pa, pb) = (&pools[a], &pools[b]);
+            Some(if pb.outstanding() < pa.outstanding() {
+                pb
+            } else {
+                pa
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(port: u16) -> Arc<EndpointPool> {
+        EndpointPool::new(
+            Endpoint {
+                url: format!("h2c://127.0.0.1:{port}"),
+                scheme: Scheme::H2c,
+                host: "127.0.0.1".into(),
+                port,
+            },
+            Settings {
+                max_requests: 10,
+                h2_connections: 1,
+                tls: None,
+            },
+        )
+    }
+
+    #[test]
+    fn p2c_prefers_the_less_busy_endpoint() {
+        let pools = vec![pool(1), pool(2)];
+        let _busy: Vec<_> = (0..5).map(|_| pools[0].begin()).collect();
+        for _ in 0..50 {
+            assert_eq!(pick(&pools).unwrap().endpoint.port, 2);
+        }
+        drop(_busy);
+        assert_eq!(pools[0].outstanding(), 0);
+    }
+
+    #[test]
+    fn p2c_spreads_over_idle_endpoints() {
+        let pools = vec![pool(1), pool(2), pool(3)];
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(pick(&pools).unwrap().endpoint.port);
+        }
+        assert_eq!(seen.len(), 3);
+    }
+}
