@@ -178,20 +178,23 @@ fn handshake_failed(acc: &Accepting, remote: SocketAddr, reason: &str) {
     tracing::info!(listener = &*acc.name, %remote, reason, "TLS handshake refused");
 }
 
+/// A bounded reason for a failed handshake, from the rustls error underneath.
 fn classify(e: &std::io::Error) -> &'static str {
-    let s = e.to_string();
-    if s.contains("UnknownIssuer") || s.contains("BadSignature") {
-        "unknown_ca"
-    } else if s.contains("Expired") || s.contains("NotValidYet") {
-        "expired"
-    } else if s.contains("NoCertificatesPresented") || s.contains("peer sent no certificates") {
-        "no_client_cert"
-    } else if s.contains("protocol version") || s.contains("PeerIncompatible") {
-        "protocol_version"
-    } else if s.contains("Revoked") {
-        "revoked"
-    } else {
-        "other"
+    use rustls::{CertificateError as C, Error as E};
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return "io";
+    };
+    match inner {
+        E::NoCertificatesPresented => "no_client_cert",
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "unknown_ca",
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
+        E::InvalidCertificate(C::Revoked) => "revoked",
+        E::InvalidCertificate(_) => "bad_certificate",
+        E::PeerIncompatible(_) => "incompatible",
+        E::NoApplicationProtocol => "alpn",
+        E::InvalidMessage(_) => "bad_message",
+        _ => "other",
     }
 }
 

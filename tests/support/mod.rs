@@ -1,0 +1,263 @@
+//! Test support: certificates made at test time, the real `fedport` binary started on
+//! port 0 and awaited through its ready file, real upstreams on loopback, and helpers
+//! to run clients nobody here wrote (curl, openssl, python grpcio).
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use fedport::identity::pki::{Authority, IssuedFiles, LeafSpec};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DOMAIN: &str = "fed.test";
+
+/// A federation CA and the certificates tests use, written into a temp dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub node: IssuedFiles,
+    /// A client of this federation: `spiffe://fed.test/client/alice`.
+    pub client: IssuedFiles,
+    /// Signed by another CA.
+    pub stranger: IssuedFiles,
+    /// Signed by the federation CA, but expired yesterday.
+    pub expired: IssuedFiles,
+    pub authority: Authority,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let authority = Authority::new("fedport test CA").unwrap();
+        let ca = authority.write_ca(d, "ca").unwrap();
+        let node = authority
+            .issue(&LeafSpec {
+                common_name: "node-a".into(),
+                spiffe: Some(format!("spiffe://{DOMAIN}/node/a")),
+                dns: vec!["localhost".into(), format!("*.{DOMAIN}")],
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                valid: None,
+            })
+            .unwrap()
+            .write(d, "node")
+            .unwrap();
+        let client = authority
+            .issue(&LeafSpec {
+                common_name: "alice".into(),
+                spiffe: Some(format!("spiffe://{DOMAIN}/client/alice")),
+                ..Default::default()
+            })
+            .unwrap()
+            .write(d, "client")
+            .unwrap();
+        let other = Authority::new("some other CA").unwrap();
+        let stranger = other
+            .issue(&LeafSpec {
+                common_name: "mallory".into(),
+                spiffe: Some(format!("spiffe://{DOMAIN}/client/mallory")),
+                ..Default::default()
+            })
+            .unwrap()
+            .write(d, "stranger")
+            .unwrap();
+        let expired = authority
+            .issue(&LeafSpec {
+                common_name: "old".into(),
+                spiffe: Some(format!("spiffe://{DOMAIN}/client/old")),
+                valid: Some((time::Duration::days(-30), time::Duration::days(-1))),
+                ..Default::default()
+            })
+            .unwrap()
+            .write(d, "expired")
+            .unwrap();
+        Self { dir, ca, node, client, stranger, expired, authority }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `[tls]` section for a node using these files.
+    pub fn tls_section(&self) -> String {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            self.node.cert.display(),
+            self.node.key.display(),
+            self.ca.display()
+        )
+    }
+
+    /// curl arguments that present the test client's certificate.
+    pub fn curl_client(&self) -> Vec<String> {
+        vec![
+            "--cacert".into(),
+            self.ca.display().to_string(),
+            "--cert".into(),
+            self.client.cert.display().to_string(),
+            "--key".into(),
+            self.client.key.display().to_string(),
+        ]
+    }
+}
+
+/// A running `fedport run` process.
+pub struct Fedport {
+    pub child: Child,
+    pub listeners: HashMap<String, SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fedport")
+}
+
+impl Fedport {
+    /// Writes `config` to a file and starts the daemon on it; returns once it is ready.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("fedport.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let ready = dir.path().join("ready.json");
+        let log = dir.path().join("fedport.log");
+        let child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&cfg)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("FEDPORT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start fedport");
+        let mut f = Fedport { child, listeners: HashMap::new(), admin: None, log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                for (k, a) in v["listeners"].as_object().unwrap() {
+                    f.listeners.insert(k.clone(), a.as_str().unwrap().parse().unwrap());
+                }
+                f.admin = v["admin"].as_str().map(|a| a.parse().unwrap());
+                return f;
+            }
+            if let Ok(Some(status)) = f.child.try_wait() {
+                panic!("fedport exited with {status} before ready:\n{}", f.log_text());
+            }
+            assert!(Instant::now() < deadline, "fedport not ready in 30s:\n{}", f.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.listeners[listener]
+    }
+
+    pub fn port(&self, listener: &str) -> u16 {
+        self.addr(listener).port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// Fetches an admin path with curl.
+    pub fn admin_get(&self, path: &str) -> String {
+        let a = self.admin.expect("admin port configured");
+        let out = Command::new("curl").args(["-s", &format!("http://{a}{path}")]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The value of one metric sample, e.g. `fedport_rejections_total{listener="internal",reason="tls"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = self.admin_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// Peak resident memory of the process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Fedport {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl; returns (http status, body, exit code). `-w` appends the status.
+pub fn curl(args: &[&str]) -> (u16, String, i32) {
+    let out: Output = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed (scripts/install-test-deps.sh)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned(), out.status.code().unwrap_or(-1))
+}
+
+/// A node config with a peer listener, a local listener and an admin port, all on
+/// port 0, followed by `services`.
+pub fn node_config(pki: &Pki, services: &str) -> String {
+    format!(
+        r#"[node]
+name = "test-a"
+region = "test-1"
+workers = 2
+drain_timeout = "10s"
+
+{tls}
+[admin]
+bind = "127.0.0.1:0"
+
+[[listener]]
+name = "internal"
+bind = "127.0.0.1:0"
+
+[[listener]]
+name = "local"
+role = "local"
+bind = "127.0.0.1:0"
+
+{services}
+"#,
+        tls = pki.tls_section()
+    )
+}
+
+/// Path of a test helper script under tests/py.
+pub fn py(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script)
+}
+
+/// Waits until `f` is true, polling; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,126 @@
+//! Real upstream services on loopback for the tests (hyper, HTTP/1.1 or h2c):
+//! `/slow?ms=N` waits, `/count` reads the body and answers its length, `/status/N`
+//! answers N, anything else answers the request's method, path and headers as JSON.
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Proto {
+    Http1,
+    H2c,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Requests whose head reached this upstream.
+    pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn url(&self, proto: Proto) -> String {
+        match proto {
+            Proto::Http1 => format!("http://{}", self.addr),
+            Proto::H2c => format!("h2c://{}", self.addr),
+        }
+    }
+}
+
+/// Starts an upstream on its own thread; it lives until the test process ends.
+pub fn start(proto: Proto) -> Upstream {
+    let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_l.set_nonblocking(true).unwrap();
+    let addr = std_l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (h, c) = (hits.clone(), conns.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(std_l).unwrap();
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                s.set_nodelay(true).unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        answer(req)
+                    });
+                    let io = TokioIo::new(s);
+                    match proto {
+                        Proto::Http1 => {
+                            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                        }
+                        Proto::H2c => {
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .max_concurrent_streams(4096)
+                                .serve_connection(io, svc)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    Upstream { addr, hits, conns }
+}
+
+fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if let Some(ms) = req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if path == "/count" {
+        let mut body = req.into_body();
+        let mut n: u64 = 0;
+        while let Some(f) = body.frame().await {
+            match f {
+                Ok(f) => n += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+                Err(e) => return Ok(json(500, serde_json::json!({ "error": e.to_string() }))),
+            }
+        }
+        return Ok(json(200, serde_json::json!({ "bytes": n })));
+    }
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
+        return Ok(json(code, serde_json::json!({ "status": code })));
+    }
+    let mut headers = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let e = headers.entry(k.as_str().to_owned()).or_insert_with(|| serde_json::json!([]));
+        e.as_array_mut().unwrap().push(serde_json::Value::String(v.to_str().unwrap_or("?").to_owned()));
+    }
+    let body = json(
+        200,
+        serde_json::json!({
+            "method": req.method().as_str(),
+            "path": path,
+            "version": format!("{:?}", req.version()),
+            "headers": headers,
+        }),
+    );
+    Ok(body)
+}
