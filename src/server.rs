@@ -70,6 +70,7 @@ impl Server {
             max_requests: config.node.upstream_max_requests,
             h2_connections: config.node.upstream_connections,
             tls: client_tls,
+            metrics: Some(metrics.clone()),
         };
         // The first socket of each listener resolves port 0; the other workers bind
         // the same address beside it.

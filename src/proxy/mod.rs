@@ -46,7 +46,7 @@ impl Worker {
             .map(|s| {
                 s.endpoints
                     .iter()
-                    .map(|e| EndpointPool::new(e.clone(), settings.clone()))
+                    .map(|e| EndpointPool::new(e.clone(), &s.name, settings.clone()))
                     .collect()
             })
             .collect();

@@ -36,6 +36,8 @@ pub struct Settings {
     pub h2_connections: usize,
     /// TLS for `https://` endpoints: the federation CA and the node's own certificate.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where connection attempts are counted (`fedport_upstream_connects_total`).
+    pub metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 enum Sender {
@@ -52,6 +54,7 @@ struct H2Slot {
 /// One endpoint's connections in one worker.
 pub struct EndpointPool {
     pub endpoint: Endpoint,
+    service: String,
     settings: Settings,
     outstanding: AtomicUsize,
     slots: Vec<H2Slot>,
@@ -97,10 +100,11 @@ impl Drop for Outstanding {
 }
 
 impl EndpointPool {
-    pub fn new(endpoint: Endpoint, settings: Settings) -> Arc<Self> {
+    pub fn new(endpoint: Endpoint, service: &str, settings: Settings) -> Arc<Self> {
         let slots = (0..settings.h2_connections).map(|_| H2Slot::default()).collect();
         Arc::new(Self {
             endpoint,
+            service: service.to_owned(),
             settings,
             outstanding: AtomicUsize::new(0),
             slots,
@@ -233,6 +237,18 @@ impl EndpointPool {
     }
 
     async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let result = self.connect_once().await;
+        if let Some(m) = &self.settings.metrics {
+            let label = crate::telemetry::UpstreamLabels {
+                service: self.service.clone(),
+                result: if result.is_ok() { "ok" } else { "error" }.to_owned(),
+            };
+            m.upstream_connects.get_or_create(&label).inc();
+        }
+        result
+    }
+
+    async fn connect_once(&self) -> Result<Sender, UpstreamError> {
         let ep = &self.endpoint;
         let fail = |e: String| UpstreamError::Connect(ep.url.clone(), e);
         let tcp = tokio::time::timeout(
@@ -356,10 +372,12 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port,
             },
+            "test",
             Settings {
                 max_requests: 10,
                 h2_connections: 1,
                 tls: None,
+                metrics: None,
             },
         )
     }

@@ -130,7 +130,7 @@ impl Fedport {
             .arg(&cfg)
             .arg("--ready-file")
             .arg(&ready)
-            .env("FEDPORT_LOG", "info")
+            .env("FEDPORT_LOG", std::env::var("FEDPORT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -260,4 +260,27 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An HTTP/2 client connection over mutual TLS to a fedport listener, with the test
+/// client's certificate (hyper + rustls).
+pub async fn h2_connect(
+    pki: &Pki,
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let files = fedport::identity::TlsFiles {
+        cert: pki.client.cert.clone(),
+        key: pki.client.key.clone(),
+        ca: pki.ca.clone(),
+    };
+    let tls = tokio_rustls::TlsConnector::from(fedport::identity::client_config(&files, &[b"h2"]).unwrap());
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tls.connect(name, tcp).await.unwrap();
+    let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    s
 }

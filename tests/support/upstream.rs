@@ -26,6 +26,9 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
     /// Connections accepted.
     pub conns: Arc<AtomicUsize>,
+    /// Requests in progress now, and the most ever at once.
+    pub inflight: Arc<AtomicUsize>,
+    pub peak: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -48,7 +51,9 @@ pub fn start(proto: Proto) -> Upstream {
     let addr = std_l.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let conns = Arc::new(AtomicUsize::new(0));
-    let (h, c) = (hits.clone(), conns.clone());
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (h, c, inf, pk) = (hits.clone(), conns.clone(), inflight.clone(), peak.clone());
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
@@ -57,11 +62,18 @@ pub fn start(proto: Proto) -> Upstream {
                 let (s, _) = l.accept().await.unwrap();
                 s.set_nodelay(true).unwrap();
                 c.fetch_add(1, Ordering::SeqCst);
-                let h = h.clone();
+                let (h, inf, pk) = (h.clone(), inf.clone(), pk.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         h.fetch_add(1, Ordering::SeqCst);
-                        answer(req)
+                        let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                        pk.fetch_max(now, Ordering::SeqCst);
+                        let inf = inf.clone();
+                        async move {
+                            let r = answer(req).await;
+                            inf.fetch_sub(1, Ordering::SeqCst);
+                            r
+                        }
                     });
                     let io = TokioIo::new(s);
                     match proto {
@@ -79,7 +91,7 @@ pub fn start(proto: Proto) -> Upstream {
             }
         });
     });
-    Upstream { addr, hits, conns }
+    Upstream { addr, hits, conns, inflight, peak }
 }
 
 fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {

@@ -1,0 +1,50 @@
+"""A real gRPC server (grpcio) for fedport's tests: service test.Echo on h2c.
+
+Say echoes its request and sends trailing metadata; Chat echoes every message of a
+bidirectional stream; Fail aborts with NOT_FOUND and trailing metadata. Every method
+tells, in initial metadata `seen-peer`, the `fed-peer` header fedport passed on.
+Prints the bound port on stdout, then serves until killed.
+"""
+import sys
+from concurrent import futures
+
+import grpc
+
+
+def _peer(ctx):
+    return dict(ctx.invocation_metadata()).get("fed-peer", "")
+
+
+def say(req, ctx):
+    ctx.send_initial_metadata((("seen-peer", _peer(ctx)),))
+    ctx.set_trailing_metadata((("x-trailer", "t1"),))
+    return req
+
+
+def chat(it, ctx):
+    ctx.send_initial_metadata((("seen-peer", _peer(ctx)),))
+    for m in it:
+        yield m
+
+
+def fail(req, ctx):
+    ctx.send_initial_metadata((("seen-peer", _peer(ctx)),))
+    ctx.set_trailing_metadata((("x-why", "because"),))
+    ctx.abort(grpc.StatusCode.NOT_FOUND, "nothing here: é")
+
+
+ident = lambda b: b
+handler = grpc.method_handlers_generic_handler(
+    "test.Echo",
+    {
+        "Say": grpc.unary_unary_rpc_method_handler(say, ident, ident),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat, ident, ident),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail, ident, ident),
+    },
+)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()

@@ -1,0 +1,152 @@
+//! Bodies and streams at scale: a 256 MiB body streams through in bounded memory,
+//! 1,000 concurrent streams on a few connections all complete, and an upstream that
+//! answers early and resets with NO_ERROR (nginx) neither loses the answer nor the
+//! pooled connection.
+
+mod support;
+
+use http_body_util::{BodyExt, Full};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use support::upstream::{self, Proto};
+use support::{node_config, Fedport, Pki};
+
+fn one_service(pki: &Pki, url: &str) -> Fedport {
+    Fedport::start(&node_config(
+        pki,
+        &format!("[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{url}\"]\ntimeout = \"60s\"\n"),
+    ))
+}
+
+#[test]
+fn a_256_mib_body_streams_through_in_under_64_mib() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_service(&pki, &up.url(Proto::H2c));
+    let before = fp.peak_rss_kib();
+    let size: u64 = 256 << 20;
+    let url = format!("https://localhost:{}/count", fp.port("internal"));
+    let cmd = format!(
+        "head -c {size} /dev/zero | curl -s -S --max-time 120 --cacert {} --cert {} --key {} -H 'fed-service: up' -T - {url}",
+        pki.ca.display(),
+        pki.client.cert.display(),
+        pki.client.key.display()
+    );
+    let out = Command::new("bash").args(["-c", &cmd]).output().unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{body} {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["bytes"], size, "every byte arrived");
+    let peak = fp.peak_rss_kib();
+    eprintln!("fedport peak RSS: {before} KiB before, {peak} KiB after 256 MiB");
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB is over 64 MiB");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_thousand_concurrent_streams_on_four_connections_all_complete() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_service(&pki, &up.url(Proto::H2c));
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        senders.push(support::h2_connect(&pki, fp.addr("internal")).await);
+    }
+    let port = fp.port("internal");
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let mut s = senders[i % 4].clone();
+        set.spawn(async move {
+            let req = http::Request::get(format!("https://localhost:{port}/x?ms=300"))
+                .header("fed-service", "up")
+                .body(Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let resp = s.send_request(req).await?;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            Ok::<_, hyper::Error>(status)
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        let status = r.unwrap().unwrap();
+        assert_eq!(status, 200);
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+    assert_eq!(up.hits(), 1000);
+    let peak = up.peak.load(Ordering::SeqCst);
+    eprintln!("upstream saw {peak} requests at once over {} connections", up.conns.load(Ordering::SeqCst));
+    assert!(peak >= 500, "streams were not concurrent: peak {peak}");
+}
+
+struct Nginx {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nginx as an h2c upstream that answers `/early` without reading the request body.
+fn nginx_early() -> (Nginx, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = format!(
+        "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  keepalive_requests 100000; client_max_body_size 0;
+  server {{
+    listen 127.0.0.1:{port} http2;
+    location /early {{ return 200 \"early-answer\\n\"; }}
+    location / {{ return 200 \"ok\\n\"; }}
+  }}
+}}
+"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let child = Command::new("nginx")
+        .args(["-c", &format!("{d}/nginx.conf"), "-p", &d.to_string()])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("nginx is installed (scripts/install-test-deps.sh)");
+    support::wait_until("nginx", std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (Nginx { child, _dir: dir }, port)
+}
+
+/// curl 7.88 itself reports nginx's RST_STREAM(NO_ERROR) after a complete answer as a
+/// stream error (it does so without fedport too), so this test's client is hyper's,
+/// which follows RFC 9113 §8.1 here.
+#[tokio::test(flavor = "current_thread")]
+async fn early_answer_with_no_error_reset_reaches_the_caller_and_keeps_the_connection() {
+    let pki = Pki::new();
+    let (_nginx, port) = nginx_early();
+    let fp = one_service(&pki, &format!("h2c://127.0.0.1:{port}"));
+    let mut client = support::h2_connect(&pki, fp.addr("internal")).await;
+    let body = bytes::Bytes::from(vec![b'x'; 4 << 20]);
+    let fport = fp.port("internal");
+    for round in 0..10 {
+        for (path, payload, expect) in [("/early", body.clone(), "early-answer\n"), ("/next", bytes::Bytes::new(), "ok\n")] {
+            let req = http::Request::post(format!("https://localhost:{fport}{path}"))
+                .header("fed-service", "up")
+                .body(Full::new(payload))
+                .unwrap();
+            let resp = client.send_request(req).await.unwrap_or_else(|e| panic!("round {round} {path}: {e}\n{}", fp.log_text()));
+            assert_eq!(resp.status(), 200, "round {round} {path}");
+            let text = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(text, expect.as_bytes(), "round {round} {path}: the answer arrives intact");
+        }
+    }
+    let connects = fp.metric(r#"fedport_upstream_connects_total{service="up",result="ok"}"#);
+    // 2 workers x 2 connections at most; a connection lost per early answer would show 10+
+    assert!((1.0..=4.0).contains(&connects), "upstream connections made: {connects}");
+    assert_eq!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="upstream_error"}"#), 0.0);
+}
