@@ -48,6 +48,14 @@ pub struct Report {
     pub warnings: Vec<Diagnostic>,
 }
 
+impl Report {
+    /// Orders errors and warnings by position in the file.
+    pub fn sort(&mut self) {
+        self.errors.sort_by_key(|d| (d.line, d.col));
+        self.warnings.sort_by_key(|d| (d.line, d.col));
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for d in self.errors.iter().chain(&self.warnings) {

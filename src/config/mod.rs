@@ -166,9 +166,11 @@ pub fn compile(path: &Path, text: &str) -> Result<(Config, Report), Report> {
         base,
     }
     .run(raw, path, text);
+    let mut report = std::mem::take(&mut sink.report);
+    report.sort();
     match cfg {
-        Some(c) if !sink.has_errors() => Ok((c, sink.report)),
-        _ => Err(sink.report),
+        Some(c) if report.errors.is_empty() => Ok((c, report)),
+        _ => Err(report),
     }
 }
 
@@ -200,7 +202,7 @@ impl Checker<'_> {
         let services = self.services(&raw.service);
         let service_names: HashMap<&str, ()> =
             services.iter().map(|s| (s.name.as_str(), ())).collect();
-        let listeners = self.listeners(&raw.listener, tls.is_some(), &service_names, admin);
+        let listeners = self.listeners(&raw.listener, &service_names, admin);
         let peers = self.peers(&raw.peer);
         let peer_names: HashMap<&str, ()> = peers.iter().map(|p| (p.name.as_str(), ())).collect();
         let rules = self.rules(&raw.allow, &service_names, &peer_names);
@@ -413,7 +415,6 @@ impl Checker<'_> {
     fn listeners(
         &mut self,
         raw: &[S<raw::RawListener>],
-        have_tls: bool,
         services: &HashMap<&str, ()>,
         admin: Option<SocketAddr>,
     ) -> Vec<Listener> {
@@ -435,6 +436,10 @@ impl Checker<'_> {
                     Role::Peer
                 }
             };
+            let allow: Vec<IpNet> = r.allow.iter().flatten().filter_map(|c| self.cidr(c)).collect();
+            let proxy_trusted = r.proxy_protocol.as_ref().map(|p| {
+                p.get_ref().trusted.iter().filter_map(|c| self.cidr(c)).collect::<Vec<_>>()
+            });
             let Some(bind) = self.socket_addr(&r.bind) else { continue };
             if role == Role::Local && !bind.ip().is_loopback() {
                 self.sink.error(
@@ -442,9 +447,6 @@ impl Checker<'_> {
                     format!("listener {:?} has no mutual TLS (role = \"local\") but binds {bind}, which is not loopback", r.name.get_ref()),
                     "a local listener must bind 127.0.0.1 or ::1; use role = \"peer\" for a port other hosts reach",
                 );
-            }
-            if role == Role::Peer && !have_tls {
-                // reported once, at the config level
             }
             for (other, who) in &binds {
                 let same_port = other.port() == bind.port() && bind.port() != 0;
@@ -454,10 +456,6 @@ impl Checker<'_> {
                 }
             }
             binds.push((bind, format!("listener {:?}", r.name.get_ref())));
-            let allow: Vec<IpNet> = r.allow.iter().flatten().filter_map(|c| self.cidr(c)).collect();
-            let proxy_trusted = r.proxy_protocol.as_ref().map(|p| {
-                p.get_ref().trusted.iter().filter_map(|c| self.cidr(c)).collect::<Vec<_>>()
-            });
             if let Some(s) = &r.service {
                 if !services.contains_key(s.get_ref().as_str()) {
                     self.sink.error(span(s), format!("listener {:?} is dedicated to unknown service {:?}", r.name.get_ref(), s.get_ref()), &known(services, "services"));
