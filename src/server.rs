@@ -57,7 +57,10 @@ impl Server {
     pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
         let tls = match &config.tls {
             Some(t) if config.listeners.iter().any(|l| l.role == Role::Peer) => Some((
-                tokio_rustls::TlsAcceptor::from(identity::server_config(&t.files, &[b"h2", b"http/1.1"])?),
+                tokio_rustls::TlsAcceptor::from(identity::server_config(
+                    &t.files,
+                    &[b"h2", b"http/1.1"],
+                )?),
                 t.handshake_timeout,
             )),
             _ => None,
@@ -78,7 +81,9 @@ impl Server {
         let mut bound = Vec::new();
         for l in &config.listeners {
             let s = listen::bind_reuseport(&l.name, l.bind)?;
-            let addr = s.local_addr().map_err(|e| ListenError::Bind(l.name.clone(), l.bind, e))?;
+            let addr = s
+                .local_addr()
+                .map_err(|e| ListenError::Bind(l.name.clone(), l.bind, e))?;
             bound.push((l.name.clone(), addr));
             first.push(Some(s));
         }
@@ -114,7 +119,10 @@ impl Server {
             let t = std::thread::Builder::new()
                 .name(format!("fedport-w{w}"))
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
                         Ok(rt) => rt,
                         Err(e) => {
                             tracing::error!(error = %e, "worker runtime failed to start");
@@ -126,7 +134,12 @@ impl Server {
                 .map_err(ServerError::Worker)?;
             threads.push(t);
         }
-        Ok(Self { state, bound, shutdown, threads })
+        Ok(Self {
+            state,
+            bound,
+            shutdown,
+            threads,
+        })
     }
 
     /// Starts draining: readiness false, sockets closed, connections told to finish.
@@ -166,12 +179,21 @@ async fn worker_main(
         let acc = Arc::new(Accepting {
             spec: spec.clone(),
             name: Arc::from(spec.name.as_str()),
-            tls: if spec.role == Role::Peer { tls.clone() } else { None },
+            tls: if spec.role == Role::Peer {
+                tls.clone()
+            } else {
+                None
+            },
             worker: worker.clone(),
             metrics: metrics.clone(),
             builder: builder.clone(),
         });
-        loops.push(tokio::spawn(listen::accept_loop(listener, acc, graceful.clone(), shutdown.clone())));
+        loops.push(tokio::spawn(listen::accept_loop(
+            listener,
+            acc,
+            graceful.clone(),
+            shutdown.clone(),
+        )));
     }
     let _ = shutdown.wait_for(|s| *s).await;
     for l in loops {
@@ -182,7 +204,13 @@ async fn worker_main(
         tracing::error!("drain: accept loops still hold connections; not waiting");
         return;
     };
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(timeout_ms = drain.as_millis() as u64, "drain timeout passed; closing the remaining connections");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout_ms = drain.as_millis() as u64,
+            "drain timeout passed; closing the remaining connections"
+        );
     }
 }

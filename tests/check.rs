@@ -8,34 +8,64 @@ use std::process::Command;
 use support::Pki;
 
 fn check(file: &Path) -> (i32, String) {
-    let out = Command::new(support::bin()).arg("check").arg(file).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(support::bin())
+        .arg("check")
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn every_broken_fixture_is_refused_with_its_positions_and_hints() {
     let pki = Pki::new();
     let dir = pki.path();
-    std::fs::write(dir.join("broken.proto"), "syntax = \"proto3\";\nmessage A { string x = 1 }\n").unwrap();
+    std::fs::write(
+        dir.join("broken.proto"),
+        "syntax = \"proto3\";\nmessage A { string x = 1 }\n",
+    )
+    .unwrap();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check");
     let mut seen = 0;
     for entry in std::fs::read_dir(&fixtures).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        let text = std::fs::read_to_string(&path).unwrap().replace("{DIR}", &dir.display().to_string());
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("{DIR}", &dir.display().to_string());
         let target = dir.join(&name);
         std::fs::write(&target, &text).unwrap();
-        let expects: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).collect();
+        let expects: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .collect();
         assert!(!expects.is_empty(), "{name} has no # expect: line");
         let (code, stderr) = check(&target);
         assert_eq!(code, 1, "{name} must be refused:\n{stderr}");
         for e in &expects {
             let want = format!("{}:{e}", target.display());
-            assert!(stderr.contains(&want), "{name}: expected\n  {want}\nin:\n{stderr}");
+            assert!(
+                stderr.contains(&want),
+                "{name}: expected\n  {want}\nin:\n{stderr}"
+            );
         }
         let errors = stderr.lines().filter(|l| l.contains(": error: ")).count();
-        assert_eq!(errors, expects.len(), "{name}: every error is expected:\n{stderr}");
-        assert_eq!(stderr.matches("\n  hint: ").count() + usize::from(stderr.starts_with("  hint: ")), stderr.lines().filter(|l| l.contains(": error: ") || l.contains(": warning: ")).count(), "{name}: every problem has a hint:\n{stderr}");
+        assert_eq!(
+            errors,
+            expects.len(),
+            "{name}: every error is expected:\n{stderr}"
+        );
+        assert_eq!(
+            stderr.matches("\n  hint: ").count() + usize::from(stderr.starts_with("  hint: ")),
+            stderr
+                .lines()
+                .filter(|l| l.contains(": error: ") || l.contains(": warning: "))
+                .count(),
+            "{name}: every problem has a hint:\n{stderr}"
+        );
         seen += 1;
     }
     assert!(seen >= 10, "only {seen} fixtures");
@@ -52,19 +82,37 @@ fn the_design_config_is_accepted_as_written() {
     std::fs::copy(&pki.node.cert, dir.join("certs/eu-west-a.pem")).unwrap();
     std::fs::copy(&pki.node.key, dir.join("certs/eu-west-a.key")).unwrap();
     std::fs::copy(&pki.ca, dir.join("certs/federation-ca.pem")).unwrap();
-    std::fs::copy(examples.join("protos/orders.proto"), dir.join("protos/orders.proto")).unwrap();
-    std::fs::copy(examples.join("schemas/reserve.json"), dir.join("schemas/reserve.json")).unwrap();
+    std::fs::copy(
+        examples.join("protos/orders.proto"),
+        dir.join("protos/orders.proto"),
+    )
+    .unwrap();
+    std::fs::copy(
+        examples.join("schemas/reserve.json"),
+        dir.join("schemas/reserve.json"),
+    )
+    .unwrap();
     let cfg = dir.join("fedport.toml");
     std::fs::copy(examples.join("fedport.toml"), &cfg).unwrap();
-    let out = Command::new(support::bin()).arg("check").arg(&cfg).output().unwrap();
+    let out = Command::new(support::bin())
+        .arg("check")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (3 listeners, 2 services, 1 peers, 1 rules"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("ok (3 listeners, 2 services, 1 peers, 1 rules"));
 
     // the same file, one key misspelt: refused with the position of the key
-    let bad = std::fs::read_to_string(&cfg).unwrap().replace("timeout   = \"2s\"", "timout = \"2s\"");
+    let bad = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("timeout   = \"2s\"", "timout = \"2s\"");
     std::fs::write(&cfg, bad).unwrap();
     let (code, stderr) = check(&cfg);
     assert_eq!(code, 1);
-    assert!(stderr.contains("fedport.toml:36:1: error: unknown field `timout`"), "{stderr}");
+    assert!(
+        stderr.contains("fedport.toml:36:1: error: unknown field `timout`"),
+        "{stderr}"
+    );
 }

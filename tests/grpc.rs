@@ -20,7 +20,7 @@ fn python() -> String {
 }
 
 /// Starts the grpcio upstream and returns it with its port.
-pub fn grpc_upstream() -> (Child, u16) {
+fn grpc_upstream() -> (Child, u16) {
     let mut c = Command::new(python())
         .arg(support::py("grpc_upstream.py"))
         .stdout(Stdio::piped())
@@ -28,8 +28,13 @@ pub fn grpc_upstream() -> (Child, u16) {
         .spawn()
         .expect("python3 with grpcio (scripts/install-test-deps.sh)");
     let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port = line.trim().parse().unwrap_or_else(|_| panic!("grpc upstream said {line:?}"));
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("grpc upstream said {line:?}"));
     (Child(c), port)
 }
 
@@ -61,29 +66,56 @@ grpc_services = ["down.Svc"]
         .args([&pki.ca, &pki.client.cert, &pki.client.key])
         .output()
         .unwrap();
-    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
     let u = &v["unary"];
     assert_eq!(u["code"], "OK");
     assert_eq!(u["response"], "0a0568656c6c6f");
-    assert_eq!(u["trailing"]["x-trailer"], "t1", "trailers pass through: {u}");
-    assert_eq!(u["initial"]["seen-peer"], "spiffe://fed.test/client/alice", "{u}");
+    assert_eq!(
+        u["trailing"]["x-trailer"], "t1",
+        "trailers pass through: {u}"
+    );
+    assert_eq!(
+        u["initial"]["seen-peer"], "spiffe://fed.test/client/alice",
+        "{u}"
+    );
 
     let b = &v["bidi"];
     assert_eq!(b["code"], "OK");
-    assert_eq!(b["got"], b["sent"], "every streamed message comes back in order");
+    assert_eq!(
+        b["got"], b["sent"],
+        "every streamed message comes back in order"
+    );
 
     let f = &v["fail"];
-    assert_eq!(f["code"], "NOT_FOUND", "an upstream status passes through unchanged: {f}");
+    assert_eq!(
+        f["code"], "NOT_FOUND",
+        "an upstream status passes through unchanged: {f}"
+    );
     assert_eq!(f["details"], "nothing here: é");
     assert_eq!(f["trailing"]["x-why"], "because");
 
     assert_eq!(v["unknown"]["code"], "UNIMPLEMENTED", "{}", v["unknown"]);
-    assert!(v["unknown"]["details"].as_str().unwrap().contains("nope.Missing"));
+    assert!(v["unknown"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("nope.Missing"));
     assert_eq!(v["down"]["code"], "UNAVAILABLE", "{}", v["down"]);
 
-    assert!(fp.metric(r#"fedport_requests_total{listener="internal",service="echo",code="OK"}"#) >= 2.0);
-    assert!(fp.metric(r#"fedport_requests_total{listener="internal",service="echo",code="NOT_FOUND"}"#) >= 1.0);
-    assert!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="unknown_service"}"#) >= 1.0);
+    assert!(
+        fp.metric(r#"fedport_requests_total{listener="internal",service="echo",code="OK"}"#) >= 2.0
+    );
+    assert!(
+        fp.metric(r#"fedport_requests_total{listener="internal",service="echo",code="NOT_FOUND"}"#)
+            >= 1.0
+    );
+    assert!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="unknown_service"}"#)
+            >= 1.0
+    );
 }

@@ -50,20 +50,34 @@ fn client_cert_reaches_http1_and_h2c_upstreams_with_its_identity() {
         args.truncate(6);
         args.extend(["--resolve".into(), resolve, url]);
         // a caller-supplied identity header must never reach the service
-        args.extend(["-H".into(), "fed-peer: spiffe://fed.test/admin".into(), "-H".into(), "fed-hops: 9".into()]);
+        args.extend([
+            "-H".into(),
+            "fed-peer: spiffe://fed.test/admin".into(),
+            "-H".into(),
+            "fed-hops: 9".into(),
+        ]);
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, body, _) = curl(&a);
         assert_eq!(code, 200, "{svc}: {body}");
         let v = seen(&body);
         assert_eq!(v["path"], "/hello");
         assert_eq!(v["version"], version, "{svc} upstream protocol");
-        assert_eq!(v["headers"]["fed-peer"], serde_json::json!(["spiffe://fed.test/client/alice"]), "{svc}: {body}");
+        assert_eq!(
+            v["headers"]["fed-peer"],
+            serde_json::json!(["spiffe://fed.test/client/alice"]),
+            "{svc}: {body}"
+        );
         assert!(v["headers"].get("fed-hops").is_none(), "{body}");
-        assert!(v["headers"]["x-request-id"][0].as_str().is_some_and(|s| !s.is_empty()));
+        assert!(v["headers"]["x-request-id"][0]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()));
     }
     assert_eq!(h1.hits(), 1);
     assert_eq!(h2.hits(), 1);
-    assert!(fp.metric(r#"fedport_requests_total{listener="internal",service="plain",code="200"}"#) >= 1.0);
+    assert!(
+        fp.metric(r#"fedport_requests_total{listener="internal",service="plain",code="200"}"#)
+            >= 1.0
+    );
 }
 
 #[test]
@@ -73,12 +87,47 @@ fn handshake_fails_without_a_valid_client_cert_and_nothing_reaches_the_upstream(
     let fp = start(&pki, &h1, &h2);
     let url = format!("https://localhost:{}/", fp.port("internal"));
     let ca = pki.ca.display().to_string();
-    let stranger = (pki.stranger.cert.display().to_string(), pki.stranger.key.display().to_string());
-    let expired = (pki.expired.cert.display().to_string(), pki.expired.key.display().to_string());
+    let stranger = (
+        pki.stranger.cert.display().to_string(),
+        pki.stranger.key.display().to_string(),
+    );
+    let expired = (
+        pki.expired.cert.display().to_string(),
+        pki.expired.key.display().to_string(),
+    );
     let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("no certificate", vec!["--cacert", &ca, "-H", "fed-service: plain", &url]),
-        ("another CA", vec!["--cacert", &ca, "--cert", &stranger.0, "--key", &stranger.1, "-H", "fed-service: plain", &url]),
-        ("expired", vec!["--cacert", &ca, "--cert", &expired.0, "--key", &expired.1, "-H", "fed-service: plain", &url]),
+        (
+            "no certificate",
+            vec!["--cacert", &ca, "-H", "fed-service: plain", &url],
+        ),
+        (
+            "another CA",
+            vec![
+                "--cacert",
+                &ca,
+                "--cert",
+                &stranger.0,
+                "--key",
+                &stranger.1,
+                "-H",
+                "fed-service: plain",
+                &url,
+            ],
+        ),
+        (
+            "expired",
+            vec![
+                "--cacert",
+                &ca,
+                "--cert",
+                &expired.0,
+                "--key",
+                &expired.1,
+                "-H",
+                "fed-service: plain",
+                &url,
+            ],
+        ),
     ];
     for (what, args) in &cases {
         let (code, body, exit) = curl(args);
@@ -87,17 +136,37 @@ fn handshake_fails_without_a_valid_client_cert_and_nothing_reaches_the_upstream(
     }
     // openssl s_client, a second client nobody here wrote, is refused the same way
     let out = std::process::Command::new("timeout")
-        .args(["10", "openssl", "s_client", "-ign_eof", "-connect", &format!("127.0.0.1:{}", fp.port("internal")), "-CAfile", &ca, "-tls1_3"])
+        .args([
+            "10",
+            "openssl",
+            "s_client",
+            "-ign_eof",
+            "-connect",
+            &format!("127.0.0.1:{}", fp.port("internal")),
+            "-CAfile",
+            &ca,
+            "-tls1_3",
+        ])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("alert") || text.contains("certificate required"), "{text}");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("alert") || text.contains("certificate required"),
+        "{text}"
+    );
     assert_eq!(h1.hits() + h2.hits(), 0, "nothing may reach an upstream");
     support::wait_until("failure metrics", std::time::Duration::from_secs(5), || {
-        fp.metric(r#"fedport_tls_handshake_failures_total{listener="internal",reason="no_client_cert"}"#) >= 2.0
-            && fp.metric(r#"fedport_tls_handshake_failures_total{listener="internal",reason="unknown_ca"}"#) >= 1.0
-            && fp.metric(r#"fedport_tls_handshake_failures_total{listener="internal",reason="expired"}"#) >= 1.0
+        fp.metric(
+            r#"fedport_tls_handshake_failures_total{listener="internal",reason="no_client_cert"}"#,
+        ) >= 2.0
+            && fp.metric(
+                r#"fedport_tls_handshake_failures_total{listener="internal",reason="unknown_ca"}"#,
+            ) >= 1.0
+            && fp.metric(
+                r#"fedport_tls_handshake_failures_total{listener="internal",reason="expired"}"#,
+            ) >= 1.0
     });
 }
 
@@ -125,8 +194,15 @@ fn refusals_answer_in_json_with_the_documented_status() {
         let v = seen(&body);
         assert_eq!(v["error"]["reason"], reason, "{body}");
         assert_eq!(v["error"]["request_id"], "req-42");
-        assert!(v["error"]["message"].as_str().unwrap().contains(svc), "{body}");
-        assert!(fp.metric(&format!(r#"fedport_rejections_total{{listener="internal",reason="{reason}"}}"#)) >= 1.0);
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(svc),
+            "{body}"
+        );
+        assert!(
+            fp.metric(&format!(
+                r#"fedport_rejections_total{{listener="internal",reason="{reason}"}}"#
+            )) >= 1.0
+        );
     }
     // the upstream's own error status passes through untouched
     let u = url("/status/418");
@@ -145,8 +221,18 @@ fn local_listener_speaks_cleartext_http1_and_h2_prior_knowledge() {
     let fp = start(&pki, &h1, &h2);
     let base = format!("http://127.0.0.1:{}/x", fp.port("local"));
     for flag in ["--http1.1", "--http2-prior-knowledge"] {
-        let (code, body, _) = curl(&[flag, "-H", "fed-service: multi", "-H", "fed-peer: forged", &base]);
+        let (code, body, _) = curl(&[
+            flag,
+            "-H",
+            "fed-service: multi",
+            "-H",
+            "fed-peer: forged",
+            &base,
+        ]);
         assert_eq!(code, 200, "{flag}: {body}");
-        assert_eq!(seen(&body)["headers"]["fed-peer"], serde_json::json!(["local"]));
+        assert_eq!(
+            seen(&body)["headers"]["fed-peer"],
+            serde_json::json!(["local"])
+        );
     }
 }

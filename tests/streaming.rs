@@ -34,7 +34,11 @@ fn a_256_mib_body_streams_through_in_under_64_mib() {
     );
     let out = Command::new("bash").args(["-c", &cmd]).output().unwrap();
     let body = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{body} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["bytes"], size, "every byte arrived");
     let peak = fp.peak_rss_kib();
@@ -75,7 +79,10 @@ async fn a_thousand_concurrent_streams_on_four_connections_all_complete() {
     assert_eq!(ok, 1000);
     assert_eq!(up.hits(), 1000);
     let peak = up.peak.load(Ordering::SeqCst);
-    eprintln!("upstream saw {peak} requests at once over {} connections", up.conns.load(Ordering::SeqCst));
+    eprintln!(
+        "upstream saw {peak} requests at once over {} connections",
+        up.conns.load(Ordering::SeqCst)
+    );
     assert!(peak >= 500, "streams were not concurrent: peak {peak}");
 }
 
@@ -94,7 +101,11 @@ impl Drop for Nginx {
 fn nginx_early() -> (Nginx, u16) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let conf = format!(
         "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
@@ -134,19 +145,35 @@ async fn early_answer_with_no_error_reset_reaches_the_caller_and_keeps_the_conne
     let body = bytes::Bytes::from(vec![b'x'; 4 << 20]);
     let fport = fp.port("internal");
     for round in 0..10 {
-        for (path, payload, expect) in [("/early", body.clone(), "early-answer\n"), ("/next", bytes::Bytes::new(), "ok\n")] {
+        for (path, payload, expect) in [
+            ("/early", body.clone(), "early-answer\n"),
+            ("/next", bytes::Bytes::new(), "ok\n"),
+        ] {
             let req = http::Request::post(format!("https://localhost:{fport}{path}"))
                 .header("fed-service", "up")
                 .body(Full::new(payload))
                 .unwrap();
-            let resp = client.send_request(req).await.unwrap_or_else(|e| panic!("round {round} {path}: {e}\n{}", fp.log_text()));
+            let resp = client
+                .send_request(req)
+                .await
+                .unwrap_or_else(|e| panic!("round {round} {path}: {e}\n{}", fp.log_text()));
             assert_eq!(resp.status(), 200, "round {round} {path}");
             let text = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(text, expect.as_bytes(), "round {round} {path}: the answer arrives intact");
+            assert_eq!(
+                text,
+                expect.as_bytes(),
+                "round {round} {path}: the answer arrives intact"
+            );
         }
     }
     let connects = fp.metric(r#"fedport_upstream_connects_total{service="up",result="ok"}"#);
     // 2 workers x 2 connections at most; a connection lost per early answer would show 10+
-    assert!((1.0..=4.0).contains(&connects), "upstream connections made: {connects}");
-    assert_eq!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="upstream_error"}"#), 0.0);
+    assert!(
+        (1.0..=4.0).contains(&connects),
+        "upstream connections made: {connects}"
+    );
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="upstream_error"}"#),
+        0.0
+    );
 }

@@ -17,7 +17,11 @@ pub fn check(a: &CheckArgs) -> i32 {
         Ok((cfg, report)) => {
             eprint!("{report}");
             if a.deny_warnings && !report.warnings.is_empty() {
-                eprintln!("{}: {} warning(s), denied", a.file.display(), report.warnings.len());
+                eprintln!(
+                    "{}: {} warning(s), denied",
+                    a.file.display(),
+                    report.warnings.len()
+                );
                 return 1;
             }
             println!(
@@ -33,7 +37,12 @@ pub fn check(a: &CheckArgs) -> i32 {
         }
         Err(LoadError::Invalid(report)) => {
             eprint!("{report}");
-            eprintln!("{}: {} error(s), {} warning(s)", a.file.display(), report.errors.len(), report.warnings.len());
+            eprintln!(
+                "{}: {} error(s), {} warning(s)",
+                a.file.display(),
+                report.errors.len(),
+                report.warnings.len()
+            );
             1
         }
         Err(e) => {

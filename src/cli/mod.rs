@@ -61,6 +61,7 @@ pub fn write_ready_file(
         "admin": admin.map(|a| a.to_string()),
     });
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, body.to_string()).map_err(|e| CliError::Io(tmp.display().to_string(), e))?;
+    std::fs::write(&tmp, body.to_string())
+        .map_err(|e| CliError::Io(tmp.display().to_string(), e))?;
     std::fs::rename(&tmp, path).map_err(|e| CliError::Io(path.display().to_string(), e))
 }

@@ -28,7 +28,11 @@ pub fn run(a: &RunArgs) -> Result<i32, CliError> {
         }
         Err(LoadError::Invalid(report)) => {
             eprint!("{report}");
-            eprintln!("{}: refused, {} error(s)", a.config.display(), report.errors.len());
+            eprintln!(
+                "{}: refused, {} error(s)",
+                a.config.display(),
+                report.errors.len()
+            );
             return Ok(2);
         }
         Err(e) => return Err(e.into()),

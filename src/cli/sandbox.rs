@@ -31,20 +31,36 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
         }
     };
     // The demo services run on a runtime of their own beside the node.
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::Io("bind".into(), e))?;
-    let json = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::Io("bind".into(), e))?;
+    let echo =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::Io("bind".into(), e))?;
+    let json =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::Io("bind".into(), e))?;
     let (echo_addr, json_addr) = (
-        echo.local_addr().map_err(|e| CliError::Io("bind".into(), e))?,
-        json.local_addr().map_err(|e| CliError::Io("bind".into(), e))?,
+        echo.local_addr()
+            .map_err(|e| CliError::Io("bind".into(), e))?,
+        json.local_addr()
+            .map_err(|e| CliError::Io("bind".into(), e))?,
     );
-    echo.set_nonblocking(true).map_err(|e| CliError::Io("bind".into(), e))?;
-    json.set_nonblocking(true).map_err(|e| CliError::Io("bind".into(), e))?;
+    echo.set_nonblocking(true)
+        .map_err(|e| CliError::Io("bind".into(), e))?;
+    json.set_nonblocking(true)
+        .map_err(|e| CliError::Io("bind".into(), e))?;
     std::thread::Builder::new()
         .name("sandbox-demo".into())
         .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async move {
-                let (Ok(e), Ok(j)) = (tokio::net::TcpListener::from_std(echo), tokio::net::TcpListener::from_std(json)) else { return };
+                let (Ok(e), Ok(j)) = (
+                    tokio::net::TcpListener::from_std(echo),
+                    tokio::net::TcpListener::from_std(json),
+                ) else {
+                    return;
+                };
                 tokio::join!(sandbox::demo::grpc_echo(e), sandbox::demo::json_service(j));
             });
         })

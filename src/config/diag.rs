@@ -94,7 +94,13 @@ impl Sink {
         (line + 1, offset - self.line_starts[line] + 1)
     }
 
-    fn push(&mut self, severity: Severity, span: Range<usize>, message: String, hint: Option<&str>) {
+    fn push(
+        &mut self,
+        severity: Severity,
+        span: Range<usize>,
+        message: String,
+        hint: Option<&str>,
+    ) {
         let (line, col) = self.position(span.start);
         let d = Diagnostic {
             severity,

@@ -252,16 +252,26 @@ impl Checker<'_> {
         self.name(&r.name, "node");
         let workers = match &r.workers {
             Some(w) if *w.get_ref() < 1 || *w.get_ref() > 1024 => {
-                self.sink.error(span(w), "workers must be between 1 and 1024", "leave it out for one worker per core");
+                self.sink.error(
+                    span(w),
+                    "workers must be between 1 and 1024",
+                    "leave it out for one worker per core",
+                );
                 1
             }
             Some(w) => *w.get_ref() as usize,
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         };
         let drain_timeout = self.duration(r.drain_timeout.as_ref(), Duration::from_secs(30));
         let upstream_max_requests = match &r.upstream_max_requests {
             Some(v) if *v.get_ref() < 1 => {
-                self.sink.error(span(v), "upstream_max_requests must be at least 1", "the default is 100000");
+                self.sink.error(
+                    span(v),
+                    "upstream_max_requests must be at least 1",
+                    "the default is 100000",
+                );
                 1
             }
             Some(v) => *v.get_ref() as u64,
@@ -269,7 +279,11 @@ impl Checker<'_> {
         };
         let upstream_connections = match &r.upstream_connections {
             Some(v) if *v.get_ref() < 1 || *v.get_ref() > 64 => {
-                self.sink.error(span(v), "upstream_connections must be between 1 and 64", "the default is 2 per worker per endpoint");
+                self.sink.error(
+                    span(v),
+                    "upstream_connections must be between 1 and 64",
+                    "the default is 2 per worker per endpoint",
+                );
                 1
             }
             Some(v) => *v.get_ref() as usize,
@@ -316,7 +330,11 @@ impl Checker<'_> {
             Some(s) => match units::parse_duration(s.get_ref()) {
                 Ok(d) => d,
                 Err(e) => {
-                    self.sink.error(span(s), e, "write a number with a unit: \"250ms\", \"2s\", \"1m\"");
+                    self.sink.error(
+                        span(s),
+                        e,
+                        "write a number with a unit: \"250ms\", \"2s\", \"1m\"",
+                    );
                     default
                 }
             },
@@ -360,15 +378,22 @@ impl Checker<'_> {
             key: self.path(r.key.get_ref()),
             ca: self.path(r.ca.get_ref()),
         };
-        let handshake_timeout = self.duration(r.handshake_timeout.as_ref(), Duration::from_secs(10));
+        let handshake_timeout =
+            self.duration(r.handshake_timeout.as_ref(), Duration::from_secs(10));
         let mut ok = true;
         match identity::check_cert_file(&files.cert) {
             Ok((_, not_after)) => {
-                let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                let left = not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
                 if left < Duration::from_secs(14 * 86_400) {
                     self.sink.warn(
                         span(&r.cert),
-                        format!("certificate {} expires in {} days", files.cert.display(), left.as_secs() / 86_400),
+                        format!(
+                            "certificate {} expires in {} days",
+                            files.cert.display(),
+                            left.as_secs() / 86_400
+                        ),
                         "rotate it soon: fedport reloads certificates without a restart",
                     );
                 }
@@ -388,12 +413,20 @@ impl Checker<'_> {
         match identity::load_key(&files.key) {
             Err(e) => {
                 ok = false;
-                self.sink.error(span(&r.key), e.to_string(), "the key file must hold a PEM private key (PKCS#8, PKCS#1 or SEC1)");
+                self.sink.error(
+                    span(&r.key),
+                    e.to_string(),
+                    "the key file must hold a PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                );
             }
             Ok(_) if ok => {
                 if let Err(e) = identity::load_certified_key(&files) {
                     ok = false;
-                    self.sink.error(span(&r.key), e.to_string(), "the key must be the private half of the certificate's public key");
+                    self.sink.error(
+                        span(&r.key),
+                        e.to_string(),
+                        "the key must be the private half of the certificate's public key",
+                    );
                 }
             }
             Ok(_) => {}
@@ -401,7 +434,11 @@ impl Checker<'_> {
         let crl = r.crl.as_ref().map(|c| {
             let p = self.path(c.get_ref());
             if let Err(e) = std::fs::metadata(&p) {
-                self.sink.error(span(c), format!("cannot read {}: {e}", p.display()), "give the path of a PEM CRL signed by the federation CA");
+                self.sink.error(
+                    span(c),
+                    format!("cannot read {}: {e}", p.display()),
+                    "give the path of a PEM CRL signed by the federation CA",
+                );
             }
             p
         });
@@ -420,12 +457,19 @@ impl Checker<'_> {
     ) -> Vec<Listener> {
         let mut out = Vec::new();
         let mut names: HashMap<String, ()> = HashMap::new();
-        let mut binds: Vec<(SocketAddr, String)> = admin.map(|a| (a, "the admin port".to_owned())).into_iter().collect();
+        let mut binds: Vec<(SocketAddr, String)> = admin
+            .map(|a| (a, "the admin port".to_owned()))
+            .into_iter()
+            .collect();
         for l in raw {
             let r = l.get_ref();
             self.name(&r.name, "listener");
             if names.insert(r.name.get_ref().clone(), ()).is_some() {
-                self.sink.error(span(&r.name), format!("listener name {:?} is used twice", r.name.get_ref()), "give every listener its own name");
+                self.sink.error(
+                    span(&r.name),
+                    format!("listener name {:?} is used twice", r.name.get_ref()),
+                    "give every listener its own name",
+                );
             }
             let role = match r.role.as_ref().map(|s| s.get_ref().as_str()) {
                 None | Some("peer") => Role::Peer,
@@ -436,11 +480,22 @@ impl Checker<'_> {
                     Role::Peer
                 }
             };
-            let allow: Vec<IpNet> = r.allow.iter().flatten().filter_map(|c| self.cidr(c)).collect();
+            let allow: Vec<IpNet> = r
+                .allow
+                .iter()
+                .flatten()
+                .filter_map(|c| self.cidr(c))
+                .collect();
             let proxy_trusted = r.proxy_protocol.as_ref().map(|p| {
-                p.get_ref().trusted.iter().filter_map(|c| self.cidr(c)).collect::<Vec<_>>()
+                p.get_ref()
+                    .trusted
+                    .iter()
+                    .filter_map(|c| self.cidr(c))
+                    .collect::<Vec<_>>()
             });
-            let Some(bind) = self.socket_addr(&r.bind) else { continue };
+            let Some(bind) = self.socket_addr(&r.bind) else {
+                continue;
+            };
             if role == Role::Local && !bind.ip().is_loopback() {
                 self.sink.error(
                     span(&r.bind),
@@ -450,15 +505,29 @@ impl Checker<'_> {
             }
             for (other, who) in &binds {
                 let same_port = other.port() == bind.port() && bind.port() != 0;
-                let overlap = other.ip() == bind.ip() || other.ip().is_unspecified() || bind.ip().is_unspecified();
+                let overlap = other.ip() == bind.ip()
+                    || other.ip().is_unspecified()
+                    || bind.ip().is_unspecified();
                 if same_port && overlap {
-                    self.sink.error(span(&r.bind), format!("{bind} overlaps {who} ({other})"), "every listener needs a port of its own");
+                    self.sink.error(
+                        span(&r.bind),
+                        format!("{bind} overlaps {who} ({other})"),
+                        "every listener needs a port of its own",
+                    );
                 }
             }
             binds.push((bind, format!("listener {:?}", r.name.get_ref())));
             if let Some(s) = &r.service {
                 if !services.contains_key(s.get_ref().as_str()) {
-                    self.sink.error(span(s), format!("listener {:?} is dedicated to unknown service {:?}", r.name.get_ref(), s.get_ref()), &known(services, "services"));
+                    self.sink.error(
+                        span(s),
+                        format!(
+                            "listener {:?} is dedicated to unknown service {:?}",
+                            r.name.get_ref(),
+                            s.get_ref()
+                        ),
+                        &known(services, "services"),
+                    );
                 }
             }
             out.push(Listener {
@@ -481,13 +550,21 @@ impl Checker<'_> {
             let r = s.get_ref();
             self.name(&r.name, "service");
             if names.insert(r.name.get_ref().clone(), ()).is_some() {
-                self.sink.error(span(&r.name), format!("service name {:?} is used twice", r.name.get_ref()), "give every service its own name");
+                self.sink.error(
+                    span(&r.name),
+                    format!("service name {:?} is used twice", r.name.get_ref()),
+                    "give every service its own name",
+                );
             }
             let protocol = match r.protocol.get_ref().as_str() {
                 "grpc" => Protocol::Grpc,
                 "http" => Protocol::Http,
                 other => {
-                    self.sink.error(span(&r.protocol), format!("unknown protocol {other:?}"), "protocol is \"grpc\" or \"http\"");
+                    self.sink.error(
+                        span(&r.protocol),
+                        format!("unknown protocol {other:?}"),
+                        "protocol is \"grpc\" or \"http\"",
+                    );
                     Protocol::Http
                 }
             };
@@ -495,12 +572,25 @@ impl Checker<'_> {
             for e in &r.endpoints {
                 if let Some(ep) = self.endpoint(e) {
                     if protocol == Protocol::Grpc && ep.scheme == Scheme::Http1 {
-                        self.sink.error(span(e), format!("gRPC service {:?} needs HTTP/2, but {} is HTTP/1.1", r.name.get_ref(), ep.url), "use h2c://host:port for cleartext HTTP/2 or https:// for TLS");
+                        self.sink.error(
+                            span(e),
+                            format!(
+                                "gRPC service {:?} needs HTTP/2, but {} is HTTP/1.1",
+                                r.name.get_ref(),
+                                ep.url
+                            ),
+                            "use h2c://host:port for cleartext HTTP/2 or https:// for TLS",
+                        );
                     }
                     endpoints.push(ep);
                 }
             }
-            let mut grpc_services: Vec<String> = r.grpc_services.iter().flatten().map(|g| g.get_ref().clone()).collect();
+            let mut grpc_services: Vec<String> = r
+                .grpc_services
+                .iter()
+                .flatten()
+                .map(|g| g.get_ref().clone())
+                .collect();
             if let Some(schema) = &r.schema {
                 grpc_services.extend(self.schema(schema));
             }
@@ -508,7 +598,14 @@ impl Checker<'_> {
             grpc_services.dedup();
             for g in &grpc_services {
                 if let Some(prev) = grpc_owner.insert(g.clone(), r.name.get_ref().clone()) {
-                    self.sink.error(span(&r.name), format!("gRPC service {g} is hosted by both {prev:?} and {:?}", r.name.get_ref()), "a gRPC service name must route to one fedport service");
+                    self.sink.error(
+                        span(&r.name),
+                        format!(
+                            "gRPC service {g} is hosted by both {prev:?} and {:?}",
+                            r.name.get_ref()
+                        ),
+                        "a gRPC service name must route to one fedport service",
+                    );
                 }
             }
             if protocol == Protocol::Grpc && grpc_services.is_empty() {
@@ -520,7 +617,14 @@ impl Checker<'_> {
                     SizeValue::Bytes(_) => Err("size must not be negative".to_owned()),
                     SizeValue::Text(t) => units::parse_size(t),
                 };
-                v.map_err(|e| self.sink.error(span(m), e, "write a size such as \"1MiB\", \"512KiB\" or a number of bytes")).ok()
+                v.map_err(|e| {
+                    self.sink.error(
+                        span(m),
+                        e,
+                        "write a size such as \"1MiB\", \"512KiB\" or a number of bytes",
+                    )
+                })
+                .ok()
             });
             let timeout = self.duration(r.timeout.as_ref(), DEFAULT_TIMEOUT);
             out.push(Service {
@@ -528,7 +632,12 @@ impl Checker<'_> {
                 protocol,
                 endpoints,
                 grpc_services,
-                formats: r.formats.iter().flatten().map(|f| f.get_ref().clone()).collect(),
+                formats: r
+                    .formats
+                    .iter()
+                    .flatten()
+                    .map(|f| f.get_ref().clone())
+                    .collect(),
                 max_message_bytes,
                 timeout,
             });
@@ -542,7 +651,12 @@ impl Checker<'_> {
         let mut names = Vec::new();
         for p in r.proto.iter().flatten() {
             let file = self.path(p.get_ref());
-            let mut includes: Vec<PathBuf> = r.include.iter().flatten().map(|i| self.path(i.get_ref())).collect();
+            let mut includes: Vec<PathBuf> = r
+                .include
+                .iter()
+                .flatten()
+                .map(|i| self.path(i.get_ref()))
+                .collect();
             includes.push(file.parent().map(Path::to_owned).unwrap_or_default());
             let result = protox::Compiler::new(&includes).and_then(|mut c| {
                 c.open_file(&file)?;
@@ -550,16 +664,26 @@ impl Checker<'_> {
             });
             match result {
                 Ok(pool) => names.extend(pool.services().map(|sv| sv.full_name().to_owned())),
-                Err(e) => self.sink.error(span(p), format!("{}: {e}", file.display()), "the .proto file must compile (protoc would say the same); fix it or the path"),
+                Err(e) => self.sink.error(
+                    span(p),
+                    format!("{}: {e}", file.display()),
+                    "the .proto file must compile (protoc would say the same); fix it or the path",
+                ),
             }
         }
         if let Some(d) = &r.descriptor_set {
             let file = self.path(d.get_ref());
-            match std::fs::read(&file).map_err(|e| e.to_string()).and_then(|b| {
-                prost_reflect::DescriptorPool::decode(b.as_slice()).map_err(|e| e.to_string())
-            }) {
+            match std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    prost_reflect::DescriptorPool::decode(b.as_slice()).map_err(|e| e.to_string())
+                }) {
                 Ok(pool) => names.extend(pool.services().map(|sv| sv.full_name().to_owned())),
-                Err(e) => self.sink.error(span(d), format!("{}: {e}", file.display()), "give a FileDescriptorSet (protoc --descriptor_set_out --include_imports)"),
+                Err(e) => self.sink.error(
+                    span(d),
+                    format!("{}: {e}", file.display()),
+                    "give a FileDescriptorSet (protoc --descriptor_set_out --include_imports)",
+                ),
             }
         }
         for (_, f) in r.json.iter().flatten() {
@@ -567,10 +691,18 @@ impl Checker<'_> {
             match std::fs::read(&file) {
                 Ok(b) => {
                     if let Err(e) = serde_json::from_slice::<serde_json::Value>(&b) {
-                        self.sink.error(span(f), format!("{}: not JSON: {e}", file.display()), "a JSON Schema file must be a JSON document");
+                        self.sink.error(
+                            span(f),
+                            format!("{}: not JSON: {e}", file.display()),
+                            "a JSON Schema file must be a JSON document",
+                        );
                     }
                 }
-                Err(e) => self.sink.error(span(f), format!("cannot read {}: {e}", file.display()), "fix the path; relative paths start at the config file's directory"),
+                Err(e) => self.sink.error(
+                    span(f),
+                    format!("cannot read {}: {e}", file.display()),
+                    "fix the path; relative paths start at the config file's directory",
+                ),
             }
         }
         names
@@ -578,9 +710,11 @@ impl Checker<'_> {
 
     fn endpoint(&mut self, e: &S<String>) -> Option<Endpoint> {
         let text = e.get_ref();
-        let hint = "write scheme://host:port with scheme http (HTTP/1.1), h2c (HTTP/2 cleartext) or https";
+        let hint =
+            "write scheme://host:port with scheme http (HTTP/1.1), h2c (HTTP/2 cleartext) or https";
         let Some((scheme, rest)) = text.split_once("://") else {
-            self.sink.error(span(e), format!("endpoint {text:?} has no scheme"), hint);
+            self.sink
+                .error(span(e), format!("endpoint {text:?} has no scheme"), hint);
             return None;
         };
         let scheme = match scheme {
@@ -588,14 +722,25 @@ impl Checker<'_> {
             "h2c" => Scheme::H2c,
             "https" => Scheme::Https,
             other => {
-                self.sink.error(span(e), format!("endpoint {text:?} has unknown scheme {other:?}"), hint);
+                self.sink.error(
+                    span(e),
+                    format!("endpoint {text:?} has unknown scheme {other:?}"),
+                    hint,
+                );
                 return None;
             }
         };
         let authority = rest.trim_end_matches('/');
-        let parsed: Option<http::uri::Authority> = authority.parse().ok().filter(|_| !authority.contains('/') && !authority.contains('@'));
+        let parsed: Option<http::uri::Authority> = authority
+            .parse()
+            .ok()
+            .filter(|_| !authority.contains('/') && !authority.contains('@'));
         let Some(auth) = parsed else {
-            self.sink.error(span(e), format!("endpoint {text:?} is not scheme://host:port"), hint);
+            self.sink.error(
+                span(e),
+                format!("endpoint {text:?} is not scheme://host:port"),
+                hint,
+            );
             return None;
         };
         let port = auth.port_u16().unwrap_or(match scheme {
@@ -605,7 +750,11 @@ impl Checker<'_> {
         Some(Endpoint {
             url: text.clone(),
             scheme,
-            host: auth.host().trim_start_matches('[').trim_end_matches(']').to_owned(),
+            host: auth
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
             port,
         })
     }
@@ -617,17 +766,31 @@ impl Checker<'_> {
             let r = p.get_ref();
             self.name(&r.name, "peer");
             if names.insert(r.name.get_ref().clone(), ()).is_some() {
-                self.sink.error(span(&r.name), format!("peer name {:?} is used twice", r.name.get_ref()), "give every peer its own name");
+                self.sink.error(
+                    span(&r.name),
+                    format!("peer name {:?} is used twice", r.name.get_ref()),
+                    "give every peer its own name",
+                );
             }
             let addr = r.address.get_ref();
             let ok_addr = addr.parse::<SocketAddr>().is_ok()
-                || addr.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+                || addr
+                    .rsplit_once(':')
+                    .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
             if !ok_addr {
-                self.sink.error(span(&r.address), format!("peer address {addr:?} is not host:port"), "write the peer's internal port, e.g. \"10.1.0.7:7443\"");
+                self.sink.error(
+                    span(&r.address),
+                    format!("peer address {addr:?} is not host:port"),
+                    "write the peer's internal port, e.g. \"10.1.0.7:7443\"",
+                );
             }
             let id = r.identity.get_ref();
             if !(id.starts_with("spiffe://") || (id.contains('.') && !id.contains('/'))) {
-                self.sink.error(span(&r.identity), format!("peer identity {id:?} is neither a SPIFFE URI nor a DNS name"), "write the SAN the peer's certificate carries: \"spiffe://domain/node/NAME\"");
+                self.sink.error(
+                    span(&r.identity),
+                    format!("peer identity {id:?} is neither a SPIFFE URI nor a DNS name"),
+                    "write the SAN the peer's certificate carries: \"spiffe://domain/node/NAME\"",
+                );
             }
             out.push(Peer {
                 name: r.name.get_ref().clone(),
@@ -641,27 +804,59 @@ impl Checker<'_> {
         out
     }
 
-    fn rules(&mut self, raw: &[S<raw::RawAllow>], services: &HashMap<&str, ()>, peers: &HashMap<&str, ()>) -> Vec<Rule> {
+    fn rules(
+        &mut self,
+        raw: &[S<raw::RawAllow>],
+        services: &HashMap<&str, ()>,
+        peers: &HashMap<&str, ()>,
+    ) -> Vec<Rule> {
         let mut out = Vec::new();
         for a in raw {
             let r = a.get_ref();
             let to = r.to.get_ref();
             if to != "*" && !services.contains_key(to.as_str()) {
-                self.sink.error(span(&r.to), format!("rule allows access to unknown service {to:?}"), &known(services, "services"));
+                self.sink.error(
+                    span(&r.to),
+                    format!("rule allows access to unknown service {to:?}"),
+                    &known(services, "services"),
+                );
             }
             let from = r.from.get_ref();
             // A bare word is a peer's name; identities are URIs or DNS names.
-            let bare = !from.contains(':') && !from.contains('.') && !from.contains('*') && from != "local";
+            let bare = !from.contains(':')
+                && !from.contains('.')
+                && !from.contains('*')
+                && from != "local";
             if bare && !peers.contains_key(from.as_str()) {
-                self.sink.error(span(&r.from), format!("rule allows unknown peer {from:?}"), &format!("{}; or write an identity pattern such as \"spiffe://fed.example/node/*\"", known(peers, "peers")));
+                self.sink.error(
+                    span(&r.from),
+                    format!("rule allows unknown peer {from:?}"),
+                    &format!(
+                        "{}; or write an identity pattern such as \"spiffe://fed.example/node/*\"",
+                        known(peers, "peers")
+                    ),
+                );
             }
-            let methods: Vec<String> = r.methods.iter().flatten().map(|m| m.get_ref().clone()).collect();
+            let methods: Vec<String> = r
+                .methods
+                .iter()
+                .flatten()
+                .map(|m| m.get_ref().clone())
+                .collect();
             for m in r.methods.iter().flatten() {
                 if m.get_ref().trim().is_empty() {
-                    self.sink.error(span(m), "empty method", "write \"pkg.Service/Method\" or \"GET /path\"");
+                    self.sink.error(
+                        span(m),
+                        "empty method",
+                        "write \"pkg.Service/Method\" or \"GET /path\"",
+                    );
                 }
             }
-            out.push(Rule { from: from.clone(), to: to.clone(), methods });
+            out.push(Rule {
+                from: from.clone(),
+                to: to.clone(),
+                methods,
+            });
         }
         out
     }

@@ -141,10 +141,7 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, IdentityError> {
 }
 
 /// TLS 1.3 only, client certificate required and verified against the federation CA.
-pub fn server_config(
-    files: &TlsFiles,
-    alpn: &[&[u8]],
-) -> Result<Arc<ServerConfig>, IdentityError> {
+pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, IdentityError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone())
         .build()
@@ -161,10 +158,7 @@ pub fn server_config(
 
 /// Client side of the federation: verifies servers against the federation CA and
 /// presents the node's own certificate.
-pub fn client_config(
-    files: &TlsFiles,
-    alpn: &[&[u8]],
-) -> Result<Arc<ClientConfig>, IdentityError> {
+pub fn client_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, IdentityError> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
     let mut cfg = ClientConfig::builder_with_provider(provider())

@@ -28,7 +28,8 @@ pub enum ListenError {
 pub fn bind_reuseport(name: &str, addr: SocketAddr) -> Result<std::net::TcpListener, ListenError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |e| ListenError::Bind(name.to_owned(), addr, e);
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     sock.set_reuse_address(true).map_err(err)?;
     sock.set_reuse_port(true).map_err(err)?;
     if addr.is_ipv6() {
@@ -106,7 +107,10 @@ pub async fn accept_loop(
 
 fn admitted(l: &Listener, remote: SocketAddr) -> bool {
     let ip = match remote.ip() {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(remote.ip()),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(remote.ip()),
         v4 => v4,
     };
     if l.role == Role::Local && !ip.is_loopback() {
@@ -116,9 +120,15 @@ fn admitted(l: &Listener, remote: SocketAddr) -> bool {
 }
 
 async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watcher: Watcher) {
-    let labels = ListenerLabels { listener: acc.name.to_string() };
+    let labels = ListenerLabels {
+        listener: acc.name.to_string(),
+    };
     acc.metrics.connections_total.get_or_create(&labels).inc();
-    let active = acc.metrics.connections_active.get_or_create(&labels).clone();
+    let active = acc
+        .metrics
+        .connections_active
+        .get_or_create(&labels)
+        .clone();
     active.inc();
     match &acc.tls {
         None => {
@@ -172,7 +182,10 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
 fn handshake_failed(acc: &Accepting, remote: SocketAddr, reason: &str) {
     acc.metrics
         .handshake_failures
-        .get_or_create(&ReasonLabels { listener: acc.name.to_string(), reason: reason.to_owned() })
+        .get_or_create(&ReasonLabels {
+            listener: acc.name.to_string(),
+            reason: reason.to_owned(),
+        })
         .inc();
     acc.metrics.reject(&acc.name, "tls");
     tracing::info!(listener = &*acc.name, %remote, reason, "TLS handshake refused");
@@ -203,7 +216,11 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let svc = service_fn(move |req| proxy::handle(req, ctx.clone()));
-    let builder = if h2_only { acc.builder.clone().http2_only() } else { acc.builder.clone() };
+    let builder = if h2_only {
+        acc.builder.clone().http2_only()
+    } else {
+        acc.builder.clone()
+    };
     let conn = builder.serve_connection(io, svc).into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");

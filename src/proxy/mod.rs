@@ -160,13 +160,20 @@ pub async fn handle(
             f.http_status = rparts.status.as_u16();
             if grpc {
                 // a trailers-only answer carries the status in the headers
-                if let Some(s) = rparts.headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+                if let Some(s) = rparts
+                    .headers
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                {
                     f.grpc_status = Some(s.to_owned());
                 }
             }
             f.outstanding = Some(fwd.outstanding);
             f.h1 = fwd.h1;
-            Ok(Response::from_parts(rparts, Either::Left(Tracked::new(rbody, f))))
+            Ok(Response::from_parts(
+                rparts,
+                Either::Left(Tracked::new(rbody, f)),
+            ))
         }
         Err(reject) => {
             let reason = reject.reason();

@@ -68,7 +68,12 @@ impl Table {
             .uri
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
             .ok_or(Reject::BadRequest("no :authority or Host header"))?;
         let host = host_of(authority);
         let label = host.split('.').next().unwrap_or(host);
@@ -111,7 +116,10 @@ endpoints = ["http://127.0.0.1:2"]
     #[test]
     fn grpc_routes_by_path() {
         let t = table();
-        assert_eq!(t.route(&parts("http://x:1/orders.v1.Orders/Get", &[]), true), Ok(0));
+        assert_eq!(
+            t.route(&parts("http://x:1/orders.v1.Orders/Get", &[]), true),
+            Ok(0)
+        );
         assert!(matches!(
             t.route(&parts("http://x:1/other.Svc/Get", &[]), true),
             Err(Reject::UnknownService(_))
@@ -121,11 +129,29 @@ endpoints = ["http://127.0.0.1:2"]
     #[test]
     fn http_routes_by_authority_label_or_header() {
         let t = table();
-        assert_eq!(t.route(&parts("http://inventory.fed.internal:7443/v1", &[]), false), Ok(1));
-        assert_eq!(t.route(&parts("/v1", &[("host", "inventory:80")]), false), Ok(1));
-        assert_eq!(t.route(&parts("http://127.0.0.1:7443/v1", &[("fed-service", "orders")]), false), Ok(0));
-        assert!(matches!(t.route(&parts("http://127.0.0.1:7443/v1", &[]), false), Err(Reject::UnknownService(_))));
-        assert!(matches!(t.route(&parts("/v1", &[]), false), Err(Reject::BadRequest(_))));
+        assert_eq!(
+            t.route(&parts("http://inventory.fed.internal:7443/v1", &[]), false),
+            Ok(1)
+        );
+        assert_eq!(
+            t.route(&parts("/v1", &[("host", "inventory:80")]), false),
+            Ok(1)
+        );
+        assert_eq!(
+            t.route(
+                &parts("http://127.0.0.1:7443/v1", &[("fed-service", "orders")]),
+                false
+            ),
+            Ok(0)
+        );
+        assert!(matches!(
+            t.route(&parts("http://127.0.0.1:7443/v1", &[]), false),
+            Err(Reject::UnknownService(_))
+        ));
+        assert!(matches!(
+            t.route(&parts("/v1", &[]), false),
+            Err(Reject::BadRequest(_))
+        ));
     }
 
     #[test]

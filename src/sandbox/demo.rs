@@ -17,10 +17,13 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Serves the gRPC echo on `listener` (HTTP/2 prior knowledge) forever.
 pub async fn grpc_echo(listener: TcpListener) {
     loop {
-        let Ok((s, _)) = listener.accept().await else { continue };
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = s.set_nodelay(true);
         tokio::spawn(async move {
-            let svc = service_fn(|req: Request<Incoming>| async move { Ok::<_, Infallible>(echo(req)) });
+            let svc =
+                service_fn(|req: Request<Incoming>| async move { Ok::<_, Infallible>(echo(req)) });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(s), svc)
                 .await;
@@ -50,7 +53,10 @@ fn echo(req: Request<Incoming>) -> Response<Body> {
         let mut t = HeaderMap::new();
         if fail {
             t.insert("grpc-status", HeaderValue::from_static("5"));
-            t.insert("grpc-message", HeaderValue::from_static("demo: nothing here"));
+            t.insert(
+                "grpc-message",
+                HeaderValue::from_static("demo: nothing here"),
+            );
         } else {
             t.insert("grpc-status", HeaderValue::from_static("0"));
         }
@@ -58,7 +64,8 @@ fn echo(req: Request<Incoming>) -> Response<Body> {
     });
     let stream = tokio_stream_from(rx);
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
     resp
 }
 
@@ -92,10 +99,14 @@ mod futures_core_shim {
 /// Serves the JSON inventory service (HTTP/1.1) on `listener` forever.
 pub async fn json_service(listener: TcpListener) {
     loop {
-        let Ok((s, _)) = listener.accept().await else { continue };
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = s.set_nodelay(true);
         tokio::spawn(async move {
-            let svc = service_fn(|req: Request<Incoming>| async move { Ok::<_, Infallible>(inventory(req).await) });
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(inventory(req).await)
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(s), svc)
                 .await;
@@ -112,20 +123,37 @@ async fn inventory(req: Request<Incoming>) -> Response<Body> {
         .to_owned();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let (status, json) = match (method.as_str(), path.as_str()) {
         ("GET", "/v1/items") => (
             StatusCode::OK,
             serde_json::json!({ "items": [{"sku": "apple", "count": 12}, {"sku": "pear", "count": 3}], "seen_peer": peer }),
         ),
         ("POST", "/v1/reserve") => match serde_json::from_slice::<serde_json::Value>(&body) {
-            Ok(v) => (StatusCode::OK, serde_json::json!({ "reserved": v, "seen_peer": peer })),
-            Err(e) => (StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() })),
+            Ok(v) => (
+                StatusCode::OK,
+                serde_json::json!({ "reserved": v, "seen_peer": peer }),
+            ),
+            Err(e) => (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": e.to_string() }),
+            ),
         },
-        _ => (StatusCode::NOT_FOUND, serde_json::json!({ "error": "no such path", "path": path })),
+        _ => (
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "no such path", "path": path }),
+        ),
     };
-    let mut resp = Response::new(BodyExt::boxed(Full::new(Bytes::from(json.to_string())).map_err(|n| match n {})));
+    let mut resp = Response::new(BodyExt::boxed(
+        Full::new(Bytes::from(json.to_string())).map_err(|n| match n {}),
+    ));
     *resp.status_mut() = status;
-    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
     resp
 }

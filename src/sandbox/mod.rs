@@ -21,7 +21,9 @@ pub struct Layout {
 /// Writes the CA, the node's and a demo client's certificates, the demo proto and the
 /// node config into `dir`, pointing the services at the given demo addresses.
 pub fn write(dir: &Path, grpc_echo: SocketAddr, json: SocketAddr) -> Result<Layout, PkiError> {
-    let w = |p: PathBuf, text: &str| std::fs::write(&p, text).map_err(|e| PkiError::Write(p.clone(), e));
+    let w = |p: PathBuf, text: &str| {
+        std::fs::write(&p, text).map_err(|e| PkiError::Write(p.clone(), e))
+    };
     let ca = Authority::new("fedport sandbox CA")?;
     let ca_path = ca.write_ca(dir, "federation-ca")?;
     let node = ca
@@ -110,13 +112,20 @@ service Echo {
 "#;
 
 /// The copy-paste commands the sandbox prints.
-pub fn instructions(l: &Layout, peer: SocketAddr, local: SocketAddr, admin: Option<SocketAddr>) -> String {
+pub fn instructions(
+    l: &Layout,
+    peer: SocketAddr,
+    local: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> String {
     let d = l.dir.display();
     let p = peer.port();
     let cert = format!("--cacert {d}/federation-ca.pem --cert {d}/client.pem --key {d}/client.key");
     let mut s = String::new();
-    s.push_str(&format!("fedport sandbox is running: node sandbox-a, region sandbox-1\n"));
-    s.push_str(&format!("  peer port (mTLS)  {peer}\n  local port        {local}\n"));
+    s.push_str("fedport sandbox is running: node sandbox-a, region sandbox-1\n");
+    s.push_str(&format!(
+        "  peer port (mTLS)  {peer}\n  local port        {local}\n"
+    ));
     if let Some(a) = admin {
         s.push_str(&format!("  admin             http://{a}\n"));
     }
@@ -138,7 +147,9 @@ pub fn instructions(l: &Layout, peer: SocketAddr, local: SocketAddr, admin: Opti
         "  # a gRPC call (pip install grpcio): demo.Echo/Say echoes its message\n  python3 -c \"import grpc; r=lambda f: open(f,'rb').read(); ch=grpc.secure_channel('localhost:{p}', grpc.ssl_channel_credentials(r('{d}/federation-ca.pem'), r('{d}/client.key'), r('{d}/client.pem'))); print(ch.unary_unary('/demo.Echo/Say')(b'\\x0a\\x05hello'))\"\n"
     ));
     if let Some(a) = admin {
-        s.push_str(&format!("  # metrics\n  curl -s http://{a}/metrics | grep fedport_requests\n"));
+        s.push_str(&format!(
+            "  # metrics\n  curl -s http://{a}/metrics | grep fedport_requests\n"
+        ));
     }
     s.push_str("\nCtrl-C stops the sandbox.\n");
     s

@@ -63,27 +63,68 @@ impl Metrics {
     pub fn new(node: &str, config_hash: &str) -> Arc<Self> {
         let mut registry = Registry::with_prefix("fedport");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests answered, by listener, service and code (HTTP status, or gRPC status name)", requests.clone());
-        let duration = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
-        registry.register("request_duration_seconds", "Time from request head to the end of the response", duration.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by listener, service and code (HTTP status, or gRPC status name)",
+            requests.clone(),
+        );
+        let duration = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response",
+            duration.clone(),
+        );
         let rejections = Family::<ReasonLabels, Counter>::default();
-        registry.register("rejections", "Requests and connections refused, by reason", rejections.clone());
+        registry.register(
+            "rejections",
+            "Requests and connections refused, by reason",
+            rejections.clone(),
+        );
         let connections_active = Family::<ListenerLabels, Gauge>::default();
-        registry.register("connections_active", "Open downstream connections", connections_active.clone());
+        registry.register(
+            "connections_active",
+            "Open downstream connections",
+            connections_active.clone(),
+        );
         let connections_total = Family::<ListenerLabels, Counter>::default();
-        registry.register("connections", "Downstream connections accepted", connections_total.clone());
+        registry.register(
+            "connections",
+            "Downstream connections accepted",
+            connections_total.clone(),
+        );
         let streams_active = Family::<ListenerLabels, Gauge>::default();
-        registry.register("streams_active", "Requests in flight", streams_active.clone());
+        registry.register(
+            "streams_active",
+            "Requests in flight",
+            streams_active.clone(),
+        );
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
-        registry.register("tls_handshake_failures", "TLS handshakes that failed, by reason", handshake_failures.clone());
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            handshake_failures.clone(),
+        );
         let upstream_connects = Family::<UpstreamLabels, Counter>::default();
-        registry.register("upstream_connects", "Upstream connection attempts, by service and result", upstream_connects.clone());
+        registry.register(
+            "upstream_connects",
+            "Upstream connection attempts, by service and result",
+            upstream_connects.clone(),
+        );
         let ready = Gauge::default();
-        registry.register("ready", "1 while the node accepts traffic, 0 while starting or draining", ready.clone());
+        registry.register(
+            "ready",
+            "1 while the node accepts traffic, 0 while starting or draining",
+            ready.clone(),
+        );
         registry.register(
             "config",
             "The running configuration",
-            Info::new(vec![("node".to_owned(), node.to_owned()), ("hash".to_owned(), config_hash.to_owned())]),
+            Info::new(vec![
+                ("node".to_owned(), node.to_owned()),
+                ("hash".to_owned(), config_hash.to_owned()),
+            ]),
         );
         Arc::new(Self {
             registry,
@@ -101,7 +142,10 @@ impl Metrics {
 
     pub fn reject(&self, listener: &str, reason: &str) {
         self.rejections
-            .get_or_create(&ReasonLabels { listener: listener.to_owned(), reason: reason.to_owned() })
+            .get_or_create(&ReasonLabels {
+                listener: listener.to_owned(),
+                reason: reason.to_owned(),
+            })
             .inc();
     }
 

@@ -101,7 +101,9 @@ impl Drop for Outstanding {
 
 impl EndpointPool {
     pub fn new(endpoint: Endpoint, service: &str, settings: Settings) -> Arc<Self> {
-        let slots = (0..settings.h2_connections).map(|_| H2Slot::default()).collect();
+        let slots = (0..settings.h2_connections)
+            .map(|_| H2Slot::default())
+            .collect();
         Arc::new(Self {
             endpoint,
             service: service.to_owned(),

@@ -74,7 +74,15 @@ impl Pki {
             .unwrap()
             .write(d, "expired")
             .unwrap();
-        Self { dir, ca, node, client, stranger, expired, authority }
+        Self {
+            dir,
+            ca,
+            node,
+            client,
+            stranger,
+            expired,
+            authority,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -130,26 +138,43 @@ impl Fedport {
             .arg(&cfg)
             .arg("--ready-file")
             .arg(&ready)
-            .env("FEDPORT_LOG", std::env::var("FEDPORT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "FEDPORT_LOG",
+                std::env::var("FEDPORT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start fedport");
-        let mut f = Fedport { child, listeners: HashMap::new(), admin: None, log, _dir: dir };
+        let mut f = Fedport {
+            child,
+            listeners: HashMap::new(),
+            admin: None,
+            log,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 let v: serde_json::Value = serde_json::from_str(&text).unwrap();
                 for (k, a) in v["listeners"].as_object().unwrap() {
-                    f.listeners.insert(k.clone(), a.as_str().unwrap().parse().unwrap());
+                    f.listeners
+                        .insert(k.clone(), a.as_str().unwrap().parse().unwrap());
                 }
                 f.admin = v["admin"].as_str().map(|a| a.parse().unwrap());
                 return f;
             }
             if let Ok(Some(status)) = f.child.try_wait() {
-                panic!("fedport exited with {status} before ready:\n{}", f.log_text());
+                panic!(
+                    "fedport exited with {status} before ready:\n{}",
+                    f.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "fedport not ready in 30s:\n{}", f.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "fedport not ready in 30s:\n{}",
+                f.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -171,14 +196,20 @@ impl Fedport {
     }
 
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(st.success());
     }
 
     /// Fetches an admin path with curl.
     pub fn admin_get(&self, path: &str) -> String {
         let a = self.admin.expect("admin port configured");
-        let out = Command::new("curl").args(["-s", &format!("http://{a}{path}")]).output().unwrap();
+        let out = Command::new("curl")
+            .args(["-s", &format!("http://{a}{path}")])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -186,7 +217,10 @@ impl Fedport {
     pub fn metric(&self, sample: &str) -> f64 {
         let text = self.admin_get("/metrics");
         text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 
@@ -210,13 +244,26 @@ impl Drop for Fedport {
 /// Runs curl; returns (http status, body, exit code). `-w` appends the status.
 pub fn curl(args: &[&str]) -> (u16, String, i32) {
     let out: Output = Command::new("curl")
-        .args(["-s", "-S", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"])
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "30",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ])
         .args(args)
         .output()
         .expect("curl is installed (scripts/install-test-deps.sh)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned(), out.status.code().unwrap_or(-1))
+    (
+        code.trim().parse().unwrap_or(0),
+        body.to_owned(),
+        out.status.code().unwrap_or(-1),
+    )
 }
 
 /// A node config with a peer listener, a local listener and an admin port, all on
@@ -250,7 +297,9 @@ bind = "127.0.0.1:0"
 
 /// Path of a test helper script under tests/py.
 pub fn py(script: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script)
 }
 
 /// Waits until `f` is true, polling; panics with `what` after `timeout`.
@@ -274,13 +323,16 @@ pub async fn h2_connect(
         key: pki.client.key.clone(),
         ca: pki.ca.clone(),
     };
-    let tls = tokio_rustls::TlsConnector::from(fedport::identity::client_config(&files, &[b"h2"]).unwrap());
+    let tls = tokio_rustls::TlsConnector::from(
+        fedport::identity::client_config(&files, &[b"h2"]).unwrap(),
+    );
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let stream = tls.connect(name, tcp).await.unwrap();
-    let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (s, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     s
 }

@@ -55,7 +55,10 @@ pub fn start(proto: Proto) -> Upstream {
     let peak = Arc::new(AtomicUsize::new(0));
     let (h, c, inf, pk) = (hits.clone(), conns.clone(), inflight.clone(), peak.clone());
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(std_l).unwrap();
             loop {
@@ -78,7 +81,9 @@ pub fn start(proto: Proto) -> Upstream {
                     let io = TokioIo::new(s);
                     match proto {
                         Proto::Http1 => {
-                            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, svc)
+                                .await;
                         }
                         Proto::H2c => {
                             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -91,19 +96,31 @@ pub fn start(proto: Proto) -> Upstream {
             }
         });
     });
-    Upstream { addr, hits, conns, inflight, peak }
+    Upstream {
+        addr,
+        hits,
+        conns,
+        inflight,
+        peak,
+    }
 }
 
 fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     r
 }
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
-    if let Some(ms) = req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()) {
+    if let Some(ms) = req
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if path == "/count" {
@@ -122,8 +139,12 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     }
     let mut headers = serde_json::Map::new();
     for (k, v) in req.headers() {
-        let e = headers.entry(k.as_str().to_owned()).or_insert_with(|| serde_json::json!([]));
-        e.as_array_mut().unwrap().push(serde_json::Value::String(v.to_str().unwrap_or("?").to_owned()));
+        let e = headers
+            .entry(k.as_str().to_owned())
+            .or_insert_with(|| serde_json::json!([]));
+        e.as_array_mut().unwrap().push(serde_json::Value::String(
+            v.to_str().unwrap_or("?").to_owned(),
+        ));
     }
     let body = json(
         200,
