@@ -236,3 +236,41 @@ fn local_listener_speaks_cleartext_http1_and_h2_prior_knowledge() {
         );
     }
 }
+
+#[test]
+fn https_endpoints_use_the_node_certificate_and_connections_are_recycled() {
+    let pki = Pki::new();
+    let h1 = upstream::start(Proto::Http1);
+    // node B: a dedicated mTLS port in front of the HTTP/1.1 upstream
+    let b = Fedport::start(&format!(
+        "[node]\nname = \"b\"\nregion = \"r\"\nworkers = 1\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:0\"\nservice = \"plain\"\n\
+         [[service]]\nname = \"plain\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+        pki.tls_section(),
+        h1.url(Proto::Http1)
+    ));
+    // node A: reaches B over https:// with its own certificate, recycling every 3 requests
+    let a = Fedport::start(&format!(
+        "[node]\nname = \"a\"\nregion = \"r\"\nworkers = 1\nupstream_connections = 1\nupstream_max_requests = 3\n{}\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"local\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"far\"\nprotocol = \"http\"\nendpoints = [\"https://localhost:{}\"]\n",
+        pki.tls_section(),
+        b.port("internal")
+    ));
+    let url = format!("http://127.0.0.1:{}/via-b", a.port("local"));
+    for _ in 0..9 {
+        let (code, body, _) = curl(&["-H", "fed-service: far", &url]);
+        assert_eq!(code, 200, "{body}\n{}", a.log_text());
+        let v = seen(&body);
+        assert_eq!(v["path"], "/via-b");
+        // B vouches for A's node certificate; A's own `fed-peer: local` never crosses
+        assert_eq!(
+            v["headers"]["fed-peer"],
+            serde_json::json!(["spiffe://fed.test/node/a"]),
+            "{body}"
+        );
+    }
+    let connects = a.metric(r#"fedport_upstream_connects_total{service="far",result="ok"}"#);
+    assert_eq!(connects, 3.0, "9 requests, a new connection every 3");
+}

@@ -206,6 +206,13 @@ impl Checker<'_> {
         let peers = self.peers(&raw.peer);
         let peer_names: HashMap<&str, ()> = peers.iter().map(|p| (p.name.as_str(), ())).collect();
         let rules = self.rules(&raw.allow, &service_names, &peer_names);
+        if let Some(first) = raw.allow.first() {
+            self.sink.warn(
+                span(first),
+                "[[allow]] rules are checked but not yet enforced: every caller with a federation certificate reaches every service",
+                "restrict who can connect with listener allowlists and the federation CA until rule enforcement lands",
+            );
+        }
 
         if raw.listener.is_empty() {
             self.sink.warn(

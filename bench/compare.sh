@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# fedport against the direct upstream, HAProxy and nginx, in one run, same h2load flags,
+# same mTLS (the direct run is cleartext h2c: there is no proxy to terminate TLS).
+# Prints req/s, p50, p99 and proxy CPU µs per request, with ratios.
+#
+#   bench/compare.sh [SECONDS] [CONNECTIONS] [STREAMS_PER_CONNECTION]
+#
+# Not a test: numbers depend on the machine. Everything binds 127.0.0.1.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+peers=${FEDPORT_PEERS:-$here/../shared/peers/peers.sh}
+secs=${1:-10} conns=${2:-16} streams=${3:-16}
+work=$(mktemp -d /tmp/fedport-bench.XXXXXX)
+trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; [ -n "${fp_pid:-}" ] && kill "$fp_pid" 2>/dev/null; wait 2>/dev/null || true' EXIT
+
+bash "$peers" install
+(cd "$here" && cargo build --release --quiet)
+fedport=$here/target/release/fedport
+
+# certificates: a federation CA, the proxies' certificate, and h2load's client certificate
+cd "$work"
+openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+openssl req -x509 -new -key ca.key -subj /CN=bench-ca -days 2 -out ca.pem 2>/dev/null
+for n in node client; do
+  openssl ecparam -name prime256v1 -genkey -noout -out $n.ec
+  openssl pkcs8 -topk8 -nocrypt -in $n.ec -out $n.key
+  openssl req -new -key $n.key -subj /CN=$n -out $n.csr
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1,URI:spiffe://bench/%s\nextendedKeyUsage=serverAuth,clientAuth\n' $n > $n.ext
+  openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $n.ext -out $n.pem 2>/dev/null
+done
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up=$(port) hp=$(port) np=$(port) fp=$(port)
+bash "$peers" upstream "$work" "$up"
+bash "$peers" start "$work" "$up" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$hp" "$np"
+cat > fedport.toml <<CONF
+[node]
+name = "bench"
+region = "local"
+[tls]
+cert = "$work/node.pem"
+key = "$work/node.key"
+ca = "$work/ca.pem"
+[[listener]]
+name = "internal"
+bind = "127.0.0.1:$fp"
+service = "up"
+[[service]]
+name = "up"
+protocol = "http"
+endpoints = ["h2c://127.0.0.1:$up"]
+CONF
+FEDPORT_LOG=warn "$fedport" run -c fedport.toml --ready-file ready.json 2>fedport.log & fp_pid=$!
+for _ in $(seq 100); do [ -s ready.json ] && break; sleep 0.05; done
+sleep 0.5
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+haproxy_pid=$(pgrep -n -f "haproxy -f $work/haproxy.cfg")
+
+run() { # NAME URL PID|-
+  local name=$1 url=$2 pid=$3 before=0 after=0
+  [ "$pid" != - ] && before=$(cpu_ticks "$pid")
+  bash "$peers" h2load "$work/client.pem" "$work/client.key" -D "$secs" --warm-up-time 1 \
+    -c "$conns" -m "$streams" -t 1 -d /dev/null --log-file "$work/$name.log" "$url" >"$work/$name.out" 2>&1 \
+    || { echo "h2load failed for $name:"; cat "$work/$name.out"; exit 1; }
+  [ "$pid" != - ] && after=$(cpu_ticks "$pid")
+  python3 - "$name" "$work/$name.out" "$work/$name.log" "$((after - before))" "$(getconf CLK_TCK)" <<'PY'
+import re, sys
+name, out, log, ticks, hz = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
+done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(2))
+errs = int(re.search(r"(\d+) failed, (\d+) errored", out).group(1))
+lat = sorted(int(l.split()[2]) for l in open(log) if l.strip() and l.split()[1] == "200")
+pct = lambda p: lat[min(len(lat) - 1, int(len(lat) * p))] / 1000.0
+cpu = (ticks / hz * 1e6 / done) if ticks and done else float("nan")
+print(f"{name}\t{rps:.0f}\t{pct(0.5):.2f}\t{pct(0.99):.2f}\t{cpu:.1f}\t{done}\t{errs}")
+PY
+}
+
+{
+  run direct "http://127.0.0.1:$up/" -
+  run haproxy "https://127.0.0.1:$hp/" "$haproxy_pid"
+  run nginx "https://127.0.0.1:$np/" -
+  run fedport "https://127.0.0.1:$fp/" "$fp_pid"
+} >"$work/results.tsv"
+
+python3 - "$work/results.tsv" "$secs" "$conns" "$streams" <<'PY'
+import sys
+rows = {l.split("\t")[0]: l.rstrip("\n").split("\t") for l in open(sys.argv[1])}
+print(f"h2load -D {sys.argv[2]} -c {sys.argv[3]} -m {sys.argv[4]} -t 1, POST-less GET, 100-byte answers; proxies: mTLS TLS 1.3 + ALPN h2 -> h2c")
+print(f"{'target':10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu µs/req':>12}{'done':>10}{'errors':>8}")
+for k in ["direct", "haproxy", "nginx", "fedport"]:
+    r = rows[k]
+    print(f"{k:10}{r[1]:>10}{r[2]:>9}{r[3]:>9}{r[4]:>12}{r[5]:>10}{r[6]:>8}")
+f, d, h = (float(rows[k][1]) for k in ("fedport", "direct", "haproxy"))
+print(f"fedport/direct req/s: {f/d:.2f}   fedport/haproxy req/s: {f/h:.2f}   "
+      f"fedport/haproxy cpu per request: {float(rows['fedport'][4])/float(rows['haproxy'][4]):.2f}")
+PY

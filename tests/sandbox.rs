@@ -1,0 +1,76 @@
+//! `fedport sandbox` as a new user runs it: one command, then the commands it prints
+//! work as printed (curl with a client certificate, plain curl on the local port, the
+//! grpcio call), and the one without a certificate is refused.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn the_sandbox_starts_alone_and_its_printed_commands_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready.json");
+    let mut child = Command::new(support::bin())
+        .arg("sandbox")
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("Ctrl-C");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    support::wait_until("ready file", Duration::from_secs(10), || ready.exists());
+    let commands: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("  curl") || l.starts_with("  python3"))
+        .collect();
+    assert!(commands.len() >= 5, "printed:\n{}", lines.join("\n"));
+    let run = |cmd: &str| {
+        Command::new("bash")
+            .args(["-c", &format!("{} --max-time 20 -s -S", cmd.trim())])
+            .output()
+            .unwrap()
+    };
+    // 1: JSON over mTLS, routed by host name, the service sees the client's identity
+    let out = run(commands[0]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("\"seen_peer\":\"spiffe://fed.sandbox/client/demo\""),
+        "{}: {body}",
+        commands[0]
+    );
+    // 2: without a client certificate the handshake is refused
+    let out = run(commands[1]);
+    assert!(!out.status.success(), "{} must fail", commands[1]);
+    // 3: unknown service, 404 with a JSON reason
+    let out = run(commands[2]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"reason\":\"unknown_service\""));
+    // 4: the local port, plain HTTP, identity `local`
+    let out = run(commands[3]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"seen_peer\":\"local\""));
+    // 5: the gRPC call, routed by the services of the generated demo.proto
+    let py = commands[4].trim();
+    let out = Command::new("bash").args(["-c", py]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "b'\\n\\x05hello'",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "Ctrl-C stops the sandbox cleanly");
+}
