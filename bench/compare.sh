@@ -61,8 +61,8 @@ run() { # NAME URL PID|-
   local name=$1 url=$2 pid=$3 before=0 after=0
   [ "$pid" != - ] && before=$(cpu_ticks "$pid")
   bash "$peers" h2load "$work/client.pem" "$work/client.key" -D "$secs" --warm-up-time 1 \
-    -c "$conns" -m "$streams" -t 1 -d /dev/null --log-file "$work/$name.log" "$url" >"$work/$name.out" 2>&1 \
-    || { echo "h2load failed for $name:"; cat "$work/$name.out"; exit 1; }
+    -c "$conns" -m "$streams" -t 1 --log-file "$work/$name.log" "$url" >"$work/$name.out" 2>&1 \
+    || { echo "h2load failed for $name:" >&2; cat "$work/$name.out" >&2; exit 1; }
   [ "$pid" != - ] && after=$(cpu_ticks "$pid")
   python3 - "$name" "$work/$name.out" "$work/$name.log" "$((after - before))" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
@@ -81,13 +81,18 @@ PY
   run direct "http://127.0.0.1:$up/" -
   run haproxy "https://127.0.0.1:$hp/" "$haproxy_pid"
   run nginx "https://127.0.0.1:$np/" -
+  if [ -n "${FEDPORT_PERF:-}" ]; then # profile fedport during its run: perf.data in the work dir
+    perf record -F 2000 -g -p "$fp_pid" -o "$work/perf.data" -- sleep "$((secs + 1))" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   run fedport "https://127.0.0.1:$fp/" "$fp_pid"
+  [ -n "${perf_pid:-}" ] && wait "$perf_pid" && cp "$work/perf.data" "${FEDPORT_PERF_OUT:-/tmp/fedport.perf.data}"
 } >"$work/results.tsv"
 
 python3 - "$work/results.tsv" "$secs" "$conns" "$streams" <<'PY'
 import sys
 rows = {l.split("\t")[0]: l.rstrip("\n").split("\t") for l in open(sys.argv[1])}
-print(f"h2load -D {sys.argv[2]} -c {sys.argv[3]} -m {sys.argv[4]} -t 1, POST-less GET, 100-byte answers; proxies: mTLS TLS 1.3 + ALPN h2 -> h2c")
+print(f"h2load -D {sys.argv[2]} -c {sys.argv[3]} -m {sys.argv[4]} -t 1, GET, 100-byte answers; proxies: mTLS TLS 1.3 + ALPN h2 -> h2c")
 print(f"{'target':10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu µs/req':>12}{'done':>10}{'errors':>8}")
 for k in ["direct", "haproxy", "nginx", "fedport"]:
     r = rows[k]

@@ -168,7 +168,7 @@ async fn worker_main(
     let graceful = Arc::new(GracefulShutdown::new());
     let mut loops = Vec::new();
     let builder = listen::http_builder();
-    for (spec, sock) in config.listeners.iter().zip(sockets) {
+    for (index, (spec, sock)) in config.listeners.iter().zip(sockets).enumerate() {
         let listener = match tokio::net::TcpListener::from_std(sock) {
             Ok(l) => l,
             Err(e) => {
@@ -176,8 +176,15 @@ async fn worker_main(
                 continue;
             }
         };
+        let labels = crate::telemetry::ListenerLabels {
+            listener: spec.name.clone(),
+        };
         let acc = Arc::new(Accepting {
             spec: spec.clone(),
+            index,
+            connections_total: metrics.connections_total.get_or_create(&labels).clone(),
+            connections_active: metrics.connections_active.get_or_create(&labels).clone(),
+            streams: metrics.streams_active.get_or_create(&labels).clone(),
             name: Arc::from(spec.name.as_str()),
             tls: if spec.role == Role::Peer {
                 tls.clone()

@@ -5,12 +5,14 @@
 use crate::config::{Listener, Role};
 use crate::identity;
 use crate::proxy::{self, ConnCtx, Worker};
-use crate::telemetry::{ListenerLabels, Metrics, ReasonLabels};
+use crate::telemetry::{Metrics, ReasonLabels};
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +47,10 @@ pub fn bind_reuseport(name: &str, addr: SocketAddr) -> Result<std::net::TcpListe
 /// Everything one listener's accept loop needs in one worker.
 pub struct Accepting {
     pub spec: Listener,
+    pub index: usize,
+    pub connections_total: Counter,
+    pub connections_active: Gauge,
+    pub streams: Gauge,
     pub name: Arc<str>,
     pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
     pub worker: Arc<Worker>,
@@ -120,20 +126,16 @@ fn admitted(l: &Listener, remote: SocketAddr) -> bool {
 }
 
 async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watcher: Watcher) {
-    let labels = ListenerLabels {
-        listener: acc.name.to_string(),
-    };
-    acc.metrics.connections_total.get_or_create(&labels).inc();
-    let active = acc
-        .metrics
-        .connections_active
-        .get_or_create(&labels)
-        .clone();
+    acc.connections_total.inc();
+    let active = &acc.connections_active;
+    let streams = &acc.streams;
     active.inc();
     match &acc.tls {
         None => {
             let ctx = Arc::new(ConnCtx {
                 listener: acc.name.clone(),
+                listener_idx: acc.index,
+                streams: streams.clone(),
                 dedicated: acc.spec.service.clone(),
                 identity: HeaderValue::from_static("local"),
                 worker: acc.worker.clone(),
@@ -169,6 +171,8 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
             let h2 = session.alpn_protocol() == Some(b"h2");
             let ctx = Arc::new(ConnCtx {
                 listener: acc.name.clone(),
+                listener_idx: acc.index,
+                streams: streams.clone(),
                 dedicated: acc.spec.service.clone(),
                 identity,
                 worker: acc.worker.clone(),

@@ -2,11 +2,12 @@
 //! exchange ends (or the caller goes away) records its outcome once — metrics, the
 //! endpoint's outstanding count, and the HTTP/1.1 connection's return to its pool.
 
-use crate::telemetry::{Metrics, RequestLabels, ServiceLabels};
+use crate::telemetry::ServiceMetrics;
 use crate::upstream::{H1Return, Outstanding};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,9 +15,8 @@ use std::time::Instant;
 
 /// The outcome of one request, recorded when dropped.
 pub struct Finish {
-    pub metrics: Arc<Metrics>,
-    pub listener: Arc<str>,
-    pub service: Arc<str>,
+    pub metrics: Arc<ServiceMetrics>,
+    pub streams: Gauge,
     pub start: Instant,
     /// `Some` for gRPC calls: the status seen so far (from headers or trailers).
     pub grpc_status: Option<String>,
@@ -27,54 +27,12 @@ pub struct Finish {
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        let code = match &self.grpc_status {
-            Some(s) => grpc_code_name(s).to_owned(),
-            None => self.http_status.to_string(),
-        };
-        let m = &self.metrics;
-        m.requests
-            .get_or_create(&RequestLabels {
-                listener: self.listener.to_string(),
-                service: self.service.to_string(),
-                code,
-            })
-            .inc();
-        m.duration
-            .get_or_create(&ServiceLabels {
-                listener: self.listener.to_string(),
-                service: self.service.to_string(),
-            })
+        self.metrics
+            .count(self.http_status, self.grpc_status.as_deref());
+        self.metrics
+            .duration
             .observe(self.start.elapsed().as_secs_f64());
-        m.streams_active
-            .get_or_create(&crate::telemetry::ListenerLabels {
-                listener: self.listener.to_string(),
-            })
-            .dec();
-    }
-}
-
-/// The name of a numeric `grpc-status`; bounded, so it can be a label.
-pub fn grpc_code_name(s: &str) -> &'static str {
-    match s {
-        "0" => "OK",
-        "1" => "CANCELLED",
-        "2" => "UNKNOWN",
-        "3" => "INVALID_ARGUMENT",
-        "4" => "DEADLINE_EXCEEDED",
-        "5" => "NOT_FOUND",
-        "6" => "ALREADY_EXISTS",
-        "7" => "PERMISSION_DENIED",
-        "8" => "RESOURCE_EXHAUSTED",
-        "9" => "FAILED_PRECONDITION",
-        "10" => "ABORTED",
-        "11" => "OUT_OF_RANGE",
-        "12" => "UNIMPLEMENTED",
-        "13" => "INTERNAL",
-        "14" => "UNAVAILABLE",
-        "15" => "DATA_LOSS",
-        "16" => "UNAUTHENTICATED",
-        "" => "NONE",
-        _ => "INVALID",
+        self.streams.dec();
     }
 }
 

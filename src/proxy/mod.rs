@@ -7,7 +7,7 @@ pub mod body;
 use crate::config::Config;
 use crate::errors::Reject;
 use crate::route;
-use crate::telemetry::{ListenerLabels, Metrics};
+use crate::telemetry::{Metrics, ServiceMetrics};
 use crate::upstream::{self, EndpointPool, ProxyBody};
 use body::{Finish, Tracked};
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +37,8 @@ pub struct Worker {
     pub table: route::Table,
     pub upstreams: Vec<Vec<Arc<EndpointPool>>>,
     pub metrics: Arc<Metrics>,
+    /// Request metrics by listener index, then service index + 1 (0: no service).
+    by_service: Vec<Vec<Arc<ServiceMetrics>>>,
 }
 
 impl Worker {
@@ -50,18 +53,37 @@ impl Worker {
                     .collect()
             })
             .collect();
+        let by_service = config
+            .listeners
+            .iter()
+            .map(|l| {
+                std::iter::once("-")
+                    .chain(config.services.iter().map(|s| s.name.as_str()))
+                    .map(|s| Arc::new(ServiceMetrics::new(&metrics, &l.name, s)))
+                    .collect()
+            })
+            .collect();
         Self {
             table: route::Table::new(&config),
             config,
             upstreams,
             metrics,
+            by_service,
         }
+    }
+
+    fn service_metrics(&self, listener: usize, service: Option<usize>) -> Arc<ServiceMetrics> {
+        self.by_service[listener][service.map_or(0, |i| i + 1)].clone()
     }
 }
 
 /// What a connection knows about its caller, fixed at accept and handshake.
 pub struct ConnCtx {
     pub listener: Arc<str>,
+    /// The listener's index in the config.
+    pub listener_idx: usize,
+    /// `fedport_streams_active` of this listener.
+    pub streams: Gauge,
     /// The service of a dedicated listener.
     pub dedicated: Option<String>,
     /// The verified identity (`fed-peer`), or `local`.
@@ -135,17 +157,11 @@ pub async fn handle(
     let w = conn.worker.clone();
     let grpc = is_grpc(req.headers());
     let rid = request_id(req.headers());
-    w.metrics
-        .streams_active
-        .get_or_create(&ListenerLabels {
-            listener: conn.listener.to_string(),
-        })
-        .inc();
-    let mut service: Arc<str> = Arc::from("-");
-    let finish = |service: Arc<str>| Finish {
-        metrics: w.metrics.clone(),
-        listener: conn.listener.clone(),
-        service,
+    conn.streams.inc();
+    let mut service: Option<usize> = None;
+    let finish = |service: Option<usize>| Finish {
+        metrics: w.service_metrics(conn.listener_idx, service),
+        streams: conn.streams.clone(),
         start,
         grpc_status: grpc.then(String::new),
         http_status: 0,
@@ -181,7 +197,7 @@ pub async fn handle(
             tracing::info!(
                 request_id = rid.to_str().unwrap_or("-"),
                 listener = &*conn.listener,
-                service = &*service,
+                service = service.map_or("-", |i| w.config.services[i].name.as_str()),
                 reason,
                 "request refused: {reject}"
             );
@@ -210,7 +226,7 @@ async fn forward(
     w: &Worker,
     grpc: bool,
     rid: &HeaderValue,
-    service_label: &mut Arc<str>,
+    routed: &mut Option<usize>,
 ) -> Result<Forwarded, Reject> {
     let (mut parts, body) = req.into_parts();
     let idx = match &conn.dedicated {
@@ -221,7 +237,7 @@ async fn forward(
         None => w.table.route(&parts, grpc)?,
     };
     let service = &w.config.services[idx];
-    *service_label = Arc::from(service.name.as_str());
+    *routed = Some(idx);
 
     let pool = upstream::pick(&w.upstreams[idx])
         .ok_or_else(|| Reject::NoHealthyTarget(service.name.clone()))?

@@ -173,3 +173,87 @@ pub fn init_logging() {
         let _ = builder.try_init();
     }
 }
+
+/// One (listener, service) pair's request metrics, resolved once per worker so that the
+/// request path neither builds label strings nor looks up a family.
+pub struct ServiceMetrics {
+    requests: Family<RequestLabels, Counter>,
+    listener: String,
+    service: String,
+    pub duration: Histogram,
+    /// Counters by code, created on first use: HTTP status, or 1000 + gRPC status.
+    codes: std::sync::Mutex<Vec<(u32, Counter)>>,
+}
+
+impl ServiceMetrics {
+    pub fn new(m: &Metrics, listener: &str, service: &str) -> Self {
+        let duration = m
+            .duration
+            .get_or_create(&ServiceLabels {
+                listener: listener.to_owned(),
+                service: service.to_owned(),
+            })
+            .clone();
+        Self {
+            requests: m.requests.clone(),
+            listener: listener.to_owned(),
+            service: service.to_owned(),
+            duration,
+            codes: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts one answered request: by its gRPC status when it has one, else by HTTP status.
+    pub fn count(&self, http_status: u16, grpc_status: Option<&str>) {
+        let key = match grpc_status {
+            Some(g) => 1000 + g.parse::<u32>().map_or(999, |n| n.min(998)),
+            None => u32::from(http_status),
+        };
+        let Ok(mut codes) = self.codes.lock() else {
+            return;
+        };
+        if let Some((_, c)) = codes.iter().find(|(k, _)| *k == key) {
+            c.inc();
+            return;
+        }
+        let code = match grpc_status {
+            Some(g) => grpc_code_name(g).to_owned(),
+            None => http_status.to_string(),
+        };
+        let c = self
+            .requests
+            .get_or_create(&RequestLabels {
+                listener: self.listener.clone(),
+                service: self.service.clone(),
+                code,
+            })
+            .clone();
+        c.inc();
+        codes.push((key, c));
+    }
+}
+
+/// The name of a numeric `grpc-status`; bounded, so it can be a label.
+pub fn grpc_code_name(s: &str) -> &'static str {
+    match s {
+        "0" => "OK",
+        "1" => "CANCELLED",
+        "2" => "UNKNOWN",
+        "3" => "INVALID_ARGUMENT",
+        "4" => "DEADLINE_EXCEEDED",
+        "5" => "NOT_FOUND",
+        "6" => "ALREADY_EXISTS",
+        "7" => "PERMISSION_DENIED",
+        "8" => "RESOURCE_EXHAUSTED",
+        "9" => "FAILED_PRECONDITION",
+        "10" => "ABORTED",
+        "11" => "OUT_OF_RANGE",
+        "12" => "UNIMPLEMENTED",
+        "13" => "INTERNAL",
+        "14" => "UNAVAILABLE",
+        "15" => "DATA_LOSS",
+        "16" => "UNAUTHENTICATED",
+        "" => "NONE",
+        _ => "INVALID",
+    }
+}
