@@ -122,8 +122,15 @@ fn run_refuses_a_broken_config_with_the_same_positions() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[node]\nname = \"a\"\nregion = \"r\"\nworkers = 0\n").unwrap();
-    let out = Command::new(support::bin()).args(["run", "-c"]).arg(&cfg).output().unwrap();
+    let out = Command::new(support::bin())
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("bad.toml:4:11: error: workers must be between 1 and 1024"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:4:11: error: workers must be between 1 and 1024"),
+        "{stderr}"
+    );
 }

@@ -274,3 +274,30 @@ fn https_endpoints_use_the_node_certificate_and_connections_are_recycled() {
     let connects = a.metric(r#"fedport_upstream_connects_total{service="far",result="ok"}"#);
     assert_eq!(connects, 3.0, "9 requests, a new connection every 3");
 }
+
+#[test]
+fn requests_spread_over_every_endpoint_of_a_service() {
+    let pki = Pki::new();
+    let ups: Vec<_> = (0..3).map(|_| upstream::start(Proto::H2c)).collect();
+    let urls: Vec<String> = ups
+        .iter()
+        .map(|u| format!("\"{}\"", u.url(Proto::H2c)))
+        .collect();
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"wide\"\nprotocol = \"http\"\nendpoints = [{}]\n",
+            urls.join(", ")
+        ),
+    ));
+    let url = format!("http://127.0.0.1:{}/spread", fp.port("local"));
+    for _ in 0..60 {
+        assert_eq!(curl(&["-H", "fed-service: wide", &url]).0, 200);
+    }
+    let hits: Vec<usize> = ups.iter().map(|u| u.hits()).collect();
+    assert_eq!(hits.iter().sum::<usize>(), 60);
+    assert!(
+        hits.iter().all(|&h| h >= 5),
+        "power of two choices reaches every endpoint: {hits:?}"
+    );
+}
