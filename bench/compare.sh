@@ -49,6 +49,9 @@ service = "up"
 name = "up"
 protocol = "http"
 endpoints = ["h2c://127.0.0.1:$up"]
+[[allow]]
+from = "spiffe://bench/client"
+to = "up"
 CONF
 FEDPORT_LOG=warn "$fedport" run -c fedport.toml --ready-file ready.json 2>fedport.log & fp_pid=$!
 for _ in $(seq 100); do [ -s ready.json ] && break; sleep 0.05; done

@@ -21,6 +21,14 @@ pub enum Reject {
     Timeout(String, u64),
     #[error("fedport is draining")]
     Draining,
+    /// Default deny: no `[[allow]]` rule grants this identity this call.
+    #[error("{identity} may not call {call} on service {service}: no [[allow]] rule of node {node} grants it")]
+    Denied {
+        identity: String,
+        service: String,
+        call: String,
+        node: String,
+    },
 }
 
 /// gRPC status codes fedport answers with (the subset of `google.rpc.Code` it uses).
@@ -46,6 +54,7 @@ impl Reject {
             Reject::Upstream(..) => "upstream_error",
             Reject::Timeout(..) => "deadline",
             Reject::Draining => "draining",
+            Reject::Denied { .. } => "denied",
         }
     }
 
@@ -56,6 +65,7 @@ impl Reject {
             Reject::NoHealthyTarget(_) | Reject::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Reject::Upstream(..) => StatusCode::BAD_GATEWAY,
             Reject::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            Reject::Denied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -67,6 +77,7 @@ impl Reject {
                 GrpcCode::Unavailable
             }
             Reject::Timeout(..) => GrpcCode::DeadlineExceeded,
+            Reject::Denied { .. } => GrpcCode::PermissionDenied,
         }
     }
 
@@ -134,6 +145,12 @@ mod tests {
             Reject::Upstream("s".into(), "reset".into()),
             Reject::Timeout("s".into(), 5),
             Reject::Draining,
+            Reject::Denied {
+                identity: "i".into(),
+                service: "s".into(),
+                call: "c".into(),
+                node: "n".into(),
+            },
         ];
         let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
         assert_eq!(reasons.len(), all.len());
@@ -141,6 +158,8 @@ mod tests {
         assert_eq!(all[0].grpc_code(), GrpcCode::Unimplemented);
         assert_eq!(all[4].http_status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(all[4].grpc_code(), GrpcCode::DeadlineExceeded);
+        assert_eq!(all[6].http_status(), StatusCode::FORBIDDEN);
+        assert_eq!(all[6].grpc_code(), GrpcCode::PermissionDenied);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`listen`]: sockets, accept, allowlist, TLS, serving connections
 //! - [`identity`]: certificates → identity; the sandbox CA
 //! - [`route`]: request → service
+//! - [`policy`]: identity × service × method, default deny
 //! - [`proxy`]: the request path, top to bottom
 //! - [`upstream`]: pooled connections and load balancing
 //! - [`errors`]: refusal → HTTP status / gRPC code
@@ -17,6 +18,7 @@ pub mod config;
 pub mod errors;
 pub mod identity;
 pub mod listen;
+pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod sandbox;

@@ -5,7 +5,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use support::{node_config, Fedport, Pki};
+use support::{Fedport, Pki};
 
 struct Child(std::process::Child);
 impl Drop for Child {
@@ -42,7 +42,7 @@ fn grpc_upstream() -> (Child, u16) {
 fn grpcio_unary_and_bidi_streaming_with_status_and_trailers() {
     let pki = Pki::new();
     let (_up, port) = grpc_upstream();
-    let fp = Fedport::start(&node_config(
+    let fp = Fedport::start(&support::node_config_with_rules(
         &pki,
         &format!(
             r#"
@@ -59,6 +59,15 @@ endpoints = ["h2c://127.0.0.1:9"]
 grpc_services = ["down.Svc"]
 "#
         ),
+        r#"
+[[allow]]
+from = "spiffe://fed.test/client/*"
+to = "echo"
+methods = ["test.Echo/Say", "test.Echo/Chat", "test.Echo/Fail"]
+[[allow]]
+from = "spiffe://fed.test/client/alice"
+to = "down"
+"#,
     ));
     let out = Command::new(python())
         .arg(support::py("grpc_client.py"))
@@ -106,6 +115,11 @@ grpc_services = ["down.Svc"]
         .unwrap()
         .contains("nope.Missing"));
     assert_eq!(v["down"]["code"], "UNAVAILABLE", "{}", v["down"]);
+    assert_eq!(v["denied"]["code"], "PERMISSION_DENIED", "{}", v["denied"]);
+    assert!(v["denied"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("test.Echo/Secret"));
 
     assert!(
         fp.metric(r#"fedport_requests_total{listener="internal",service="echo",code="OK"}"#) >= 2.0

@@ -245,7 +245,8 @@ fn https_endpoints_use_the_node_certificate_and_connections_are_recycled() {
     let b = Fedport::start(&format!(
         "[node]\nname = \"b\"\nregion = \"r\"\nworkers = 1\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n\
          [[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:0\"\nservice = \"plain\"\n\
-         [[service]]\nname = \"plain\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+         [[service]]\nname = \"plain\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+         [[allow]]\nfrom = \"spiffe://fed.test/node/a\"\nto = \"plain\"\n",
         pki.tls_section(),
         h1.url(Proto::Http1)
     ));
@@ -254,7 +255,8 @@ fn https_endpoints_use_the_node_certificate_and_connections_are_recycled() {
         "[node]\nname = \"a\"\nregion = \"r\"\nworkers = 1\nupstream_connections = 1\nupstream_max_requests = 3\n{}\n\
          [admin]\nbind = \"127.0.0.1:0\"\n\
          [[listener]]\nname = \"local\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\n\
-         [[service]]\nname = \"far\"\nprotocol = \"http\"\nendpoints = [\"https://localhost:{}\"]\n",
+         [[service]]\nname = \"far\"\nprotocol = \"http\"\nendpoints = [\"https://localhost:{}\"]\n\
+         [[allow]]\nfrom = \"local\"\nto = \"far\"\n",
         pki.tls_section(),
         b.port("internal")
     ));
@@ -299,5 +301,60 @@ fn requests_spread_over_every_endpoint_of_a_service() {
     assert!(
         hits.iter().all(|&h| h >= 5),
         "power of two choices reaches every endpoint: {hits:?}"
+    );
+}
+
+#[test]
+fn rules_deny_by_default_with_403_and_no_upstream_contact() {
+    let pki = Pki::new();
+    let h1 = upstream::start(Proto::Http1);
+    let fp = Fedport::start(&support::node_config_with_rules(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"plain\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+             [[service]]\nname = \"secret\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            h1.url(Proto::Http1),
+            h1.url(Proto::Http1)
+        ),
+        "[[allow]]\nfrom = \"spiffe://fed.test/client/*\"\nto = \"plain\"\nmethods = [\"GET /v1/\"]\n",
+    ));
+    let c = pki.curl_client();
+    let base: Vec<&str> = c.iter().map(String::as_str).collect();
+    let port = fp.port("internal");
+    let cases = [
+        ("plain", "GET", "/v1/items", 200),
+        ("plain", "POST", "/v1/items", 403),
+        ("plain", "GET", "/admin", 403),
+        ("secret", "GET", "/v1/items", 403),
+    ];
+    for (svc, verb, path, want) in cases {
+        let hdr = format!("fed-service: {svc}");
+        let url = format!("https://localhost:{port}{path}");
+        let mut a = base.clone();
+        a.extend(["-X", verb, "-H", &hdr, &url]);
+        let (code, body, _) = curl(&a);
+        assert_eq!(code, want, "{verb} {svc}{path}: {body}");
+        if want == 403 {
+            let v = seen(&body);
+            assert_eq!(v["error"]["reason"], "denied");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.contains("spiffe://fed.test/client/alice") && msg.contains(svc),
+                "{msg}"
+            );
+            let other = if svc == "plain" { "secret" } else { "plain" };
+            assert!(
+                !msg.contains(other),
+                "a denial never names other services: {msg}"
+            );
+        }
+    }
+    assert_eq!(h1.hits(), 1, "only the allowed request reached a service");
+    // the local listener's identity `local` has no rule either
+    let url = format!("http://127.0.0.1:{}/v1/items", fp.port("local"));
+    assert_eq!(curl(&["-H", "fed-service: plain", &url]).0, 403);
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="denied"}"#),
+        3.0
     );
 }

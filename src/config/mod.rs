@@ -206,14 +206,13 @@ impl Checker<'_> {
         let peers = self.peers(&raw.peer);
         let peer_names: HashMap<&str, ()> = peers.iter().map(|p| (p.name.as_str(), ())).collect();
         let rules = self.rules(&raw.allow, &service_names, &peer_names);
-        if let Some(first) = raw.allow.first() {
+        if raw.allow.is_empty() && !raw.service.is_empty() && !raw.listener.is_empty() {
             self.sink.warn(
-                span(first),
-                "[[allow]] rules are checked but not yet enforced: every caller with a federation certificate reaches every service",
-                "restrict who can connect with listener allowlists and the federation CA until rule enforcement lands",
+                span(&raw.node),
+                "no [[allow]] rule: every request will be refused (default deny)",
+                "add [[allow]] from = \"spiffe://DOMAIN/node/*\" to = \"SERVICE\" for the callers that may reach each service",
             );
         }
-
         if raw.listener.is_empty() {
             self.sink.warn(
                 span(&raw.node),

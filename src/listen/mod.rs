@@ -138,6 +138,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 streams: streams.clone(),
                 dedicated: acc.spec.service.clone(),
                 identity: HeaderValue::from_static("local"),
+                grants: acc.worker.policy.grants("local"),
                 worker: acc.worker.clone(),
             });
             run_http(TokioIo::new(stream), ctx, &acc, watcher, false).await;
@@ -174,6 +175,10 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 listener_idx: acc.index,
                 streams: streams.clone(),
                 dedicated: acc.spec.service.clone(),
+                grants: acc
+                    .worker
+                    .policy
+                    .grants(identity.to_str().unwrap_or_default()),
                 identity,
                 worker: acc.worker.clone(),
             });

@@ -6,6 +6,7 @@ pub mod body;
 
 use crate::config::Config;
 use crate::errors::Reject;
+use crate::policy::Call;
 use crate::route;
 use crate::telemetry::{Metrics, ServiceMetrics};
 use crate::upstream::{self, EndpointPool, ProxyBody};
@@ -37,6 +38,7 @@ pub struct Worker {
     pub table: route::Table,
     pub upstreams: Vec<Vec<Arc<EndpointPool>>>,
     pub metrics: Arc<Metrics>,
+    pub policy: crate::policy::Policy,
     /// Request metrics by listener index, then service index + 1 (0: no service).
     by_service: Vec<Vec<Arc<ServiceMetrics>>>,
 }
@@ -65,6 +67,7 @@ impl Worker {
             .collect();
         Self {
             table: route::Table::new(&config),
+            policy: crate::policy::Policy::new(&config),
             config,
             upstreams,
             metrics,
@@ -88,6 +91,8 @@ pub struct ConnCtx {
     pub dedicated: Option<String>,
     /// The verified identity (`fed-peer`), or `local`.
     pub identity: HeaderValue,
+    /// What the `[[allow]]` rules grant this identity.
+    pub grants: Arc<crate::policy::Grants>,
     pub worker: Arc<Worker>,
 }
 
@@ -238,6 +243,18 @@ async fn forward(
     };
     let service = &w.config.services[idx];
     *routed = Some(idx);
+    let call = match route::grpc_path(parts.uri.path()) {
+        Some(_) if grpc => Call::Grpc(&parts.uri.path()[1..]),
+        _ => Call::Http(parts.method.as_str(), parts.uri.path()),
+    };
+    if !conn.grants.allows(idx, call) {
+        return Err(Reject::Denied {
+            identity: conn.identity.to_str().unwrap_or("?").to_owned(),
+            service: service.name.clone(),
+            call: call.to_string(),
+            node: w.config.node.name.clone(),
+        });
+    }
 
     let pool = upstream::pick(&w.upstreams[idx])
         .ok_or_else(|| Reject::NoHealthyTarget(service.name.clone()))?

@@ -83,6 +83,16 @@ protocol  = "http"
 endpoints = ["http://{json}"]
 formats   = ["application/json"]
 timeout   = "5s"
+
+# default deny: who may reach what
+[[allow]]
+from = "spiffe://{DOMAIN}/client/*"
+to   = "*"
+
+[[allow]]
+from = "local"
+to   = "inventory"
+methods = ["GET /v1/"]
 "#,
             cert = node.cert.display(),
             key = node.key.display(),

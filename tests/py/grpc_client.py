@@ -48,4 +48,10 @@ try:
 except grpc.RpcError as e:
     out["down"] = {"code": e.code().name, "details": e.details()}
 
+try:
+    ch.unary_unary("/test.Echo/Secret", ident, ident)(b"", timeout=10)
+    out["denied"] = {"code": "OK"}
+except grpc.RpcError as e:
+    out["denied"] = {"code": e.code().name, "details": e.details()}
+
 print(json.dumps(out))

@@ -267,8 +267,13 @@ pub fn curl(args: &[&str]) -> (u16, String, i32) {
 }
 
 /// A node config with a peer listener, a local listener and an admin port, all on
-/// port 0, followed by `services`.
+/// port 0, followed by `services`, and a rule that lets every identity reach every service.
 pub fn node_config(pki: &Pki, services: &str) -> String {
+    node_config_with_rules(pki, services, "[[allow]]\nfrom = \"*\"\nto = \"*\"\n")
+}
+
+/// [`node_config`] with these `[[allow]]` rules instead.
+pub fn node_config_with_rules(pki: &Pki, services: &str, rules: &str) -> String {
     format!(
         r#"[node]
 name = "test-a"
@@ -290,6 +295,8 @@ role = "local"
 bind = "127.0.0.1:0"
 
 {services}
+
+{rules}
 "#,
         tls = pki.tls_section()
     )
