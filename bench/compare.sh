@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 peers=${FEDPORT_PEERS:-$here/../shared/peers/peers.sh}
 secs=${1:-10} conns=${2:-16} streams=${3:-16}
 work=$(mktemp -d /tmp/fedport-bench.XXXXXX)
-trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; [ -n "${fp_pid:-}" ] && kill "$fp_pid" 2>/dev/null; wait 2>/dev/null || true' EXIT
+trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; kill ${fp_pid:-} ${fk_pid:-} 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 bash "$peers" install
 (cd "$here" && cargo build --release --quiet)
@@ -30,7 +30,7 @@ for n in node client; do
 done
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-up=$(port) hp=$(port) np=$(port) fp=$(port)
+up=$(port) hp=$(port) np=$(port) fp=$(port) fk=$(port)
 bash "$peers" upstream "$work" "$up"
 bash "$peers" start "$work" "$up" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$hp" "$np"
 cat > fedport.toml <<CONF
@@ -53,8 +53,13 @@ endpoints = ["h2c://127.0.0.1:$up"]
 from = "spiffe://bench/client"
 to = "up"
 CONF
+# the same node with 1,000 rules, of which the caller's is the last
+{ sed "s/127.0.0.1:$fp/127.0.0.1:$fk/" fedport.toml
+  for r in $(seq 999); do printf '[[allow]]\nfrom = "spiffe://bench/team%s/*"\nto = "up"\nmethods = ["GET /v1/%s/"]\n' "$r" "$r"; done
+} > fedport-1k.toml
 FEDPORT_LOG=warn "$fedport" run -c fedport.toml --ready-file ready.json 2>fedport.log & fp_pid=$!
-for _ in $(seq 100); do [ -s ready.json ] && break; sleep 0.05; done
+FEDPORT_LOG=warn "$fedport" run -c fedport-1k.toml --ready-file ready-1k.json 2>fedport-1k.log & fk_pid=$!
+for _ in $(seq 100); do [ -s ready.json ] && [ -s ready-1k.json ] && break; sleep 0.05; done
 sleep 0.5
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -90,6 +95,7 @@ PY
   fi
   run fedport "https://127.0.0.1:$fp/" "$fp_pid"
   [ -n "${perf_pid:-}" ] && wait "$perf_pid" && cp "$work/perf.data" "${FEDPORT_PERF_OUT:-/tmp/fedport.perf.data}"
+  run fedport-1k "https://127.0.0.1:$fk/" "$fk_pid"
 } >"$work/results.tsv"
 
 python3 - "$work/results.tsv" "$secs" "$conns" "$streams" <<'PY'
@@ -97,10 +103,11 @@ import sys
 rows = {l.split("\t")[0]: l.rstrip("\n").split("\t") for l in open(sys.argv[1])}
 print(f"h2load -D {sys.argv[2]} -c {sys.argv[3]} -m {sys.argv[4]} -t 1, GET, 100-byte answers; proxies: mTLS TLS 1.3 + ALPN h2 -> h2c")
 print(f"{'target':10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu µs/req':>12}{'done':>10}{'errors':>8}")
-for k in ["direct", "haproxy", "nginx", "fedport"]:
+for k in ["direct", "haproxy", "nginx", "fedport", "fedport-1k"]:
     r = rows[k]
     print(f"{k:10}{r[1]:>10}{r[2]:>9}{r[3]:>9}{r[4]:>12}{r[5]:>10}{r[6]:>8}")
 f, d, h = (float(rows[k][1]) for k in ("fedport", "direct", "haproxy"))
 print(f"fedport/direct req/s: {f/d:.2f}   fedport/haproxy req/s: {f/h:.2f}   "
       f"fedport/haproxy cpu per request: {float(rows['fedport'][4])/float(rows['haproxy'][4]):.2f}")
+print(f"fedport with 1,000 rules / with 1 rule, req/s: {float(rows['fedport-1k'][1])/f:.2f}")
 PY

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install-test-deps.sh
 command -v rustfmt >/dev/null && cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets 2>&1
+cargo test --lib --bins --tests 2>&1
