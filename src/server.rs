@@ -60,6 +60,7 @@ impl Server {
                 tokio_rustls::TlsAcceptor::from(identity::server_config(
                     &t.files,
                     &[b"h2", b"http/1.1"],
+                    t.allow_tls12,
                 )?),
                 t.handshake_timeout,
             )),
@@ -109,8 +110,11 @@ impl Server {
             ready: AtomicBool::new(false),
         });
         let (shutdown, _) = watch::channel(false);
+        let open: Vec<Arc<std::sync::atomic::AtomicUsize>> =
+            config.listeners.iter().map(|_| Arc::default()).collect();
         let mut threads = Vec::new();
         for (w, mine) in sockets.into_iter().enumerate() {
+            let open = open.clone();
             let config = config.clone();
             let metrics = metrics.clone();
             let settings = settings.clone();
@@ -129,7 +133,7 @@ impl Server {
                             return;
                         }
                     };
-                    rt.block_on(worker_main(config, metrics, settings, tls, mine, rx));
+                    rt.block_on(worker_main(config, metrics, settings, tls, mine, open, rx));
                 })
                 .map_err(ServerError::Worker)?;
             threads.push(t);
@@ -162,6 +166,7 @@ async fn worker_main(
     settings: upstream::Settings,
     tls: Option<(tokio_rustls::TlsAcceptor, std::time::Duration)>,
     sockets: Vec<std::net::TcpListener>,
+    open: Vec<Arc<std::sync::atomic::AtomicUsize>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let worker = Arc::new(Worker::new(config.clone(), metrics.clone(), &settings));
@@ -180,6 +185,8 @@ async fn worker_main(
             listener: spec.name.clone(),
         };
         let acc = Arc::new(Accepting {
+            open: open[index].clone(),
+            max_connections: spec.max_connections,
             spec: spec.clone(),
             index,
             connections_total: metrics.connections_total.get_or_create(&labels).clone(),

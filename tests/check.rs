@@ -134,3 +134,28 @@ fn run_refuses_a_broken_config_with_the_same_positions() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_wildcard_allowlist_on_a_peer_listener_is_a_warning() {
+    let pki = Pki::new();
+    let cfg = pki.path().join("wide.toml");
+    let text = format!(
+        "[node]\nname = \"a\"\nregion = \"r\"\n{}\n[[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:7443\"\nallow = [\"10.0.0.0/8\", \"0.0.0.0/0\"]\n",
+        pki.tls_section()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, stderr) = check(&cfg);
+    assert_eq!(code, 0, "a warning does not refuse: {stderr}");
+    assert!(
+        stderr.contains(
+            "wide.toml:12:24: warning: peer listener \"internal\" admits every address (0.0.0.0/0)"
+        ),
+        "{stderr}"
+    );
+    let out = Command::new(support::bin())
+        .args(["check", "--deny-warnings"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "--deny-warnings refuses it");
+}

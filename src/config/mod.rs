@@ -43,6 +43,8 @@ pub struct Node {
 #[derive(Debug, Clone)]
 pub struct Tls {
     pub files: TlsFiles,
+    /// TLS 1.2 (AEAD suites only) is accepted besides 1.3.
+    pub allow_tls12: bool,
     pub crl: Option<PathBuf>,
     pub handshake_timeout: Duration,
 }
@@ -66,6 +68,7 @@ pub struct Listener {
     pub proxy_trusted: Option<Vec<IpNet>>,
     /// A dedicated listener routes everything to this service.
     pub service: Option<String>,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -448,8 +451,21 @@ impl Checker<'_> {
             }
             p
         });
+        let allow_tls12 = match r.min_version.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "1.3")) => false,
+            Some((_, "1.2")) => true,
+            Some((v, other)) => {
+                self.sink.error(
+                    span(v),
+                    format!("unsupported TLS min_version {other:?}"),
+                    "min_version is \"1.3\" (the default) or \"1.2\"",
+                );
+                false
+            }
+        };
         ok.then_some(Tls {
             files,
+            allow_tls12,
             crl,
             handshake_timeout,
         })
@@ -523,6 +539,25 @@ impl Checker<'_> {
                 }
             }
             binds.push((bind, format!("listener {:?}", r.name.get_ref())));
+            if role == Role::Peer {
+                for c in r.allow.iter().flatten() {
+                    if matches!(c.get_ref().trim(), "0.0.0.0/0" | "::/0") {
+                        self.sink.warn(span(c), format!("peer listener {:?} admits every address ({})", r.name.get_ref(), c.get_ref()), "list the federation's own ranges; an internal port is never a public endpoint");
+                    }
+                }
+            }
+            let max_connections = match &r.max_connections {
+                Some(m) if *m.get_ref() < 1 => {
+                    self.sink.error(
+                        span(m),
+                        "max_connections must be at least 1",
+                        "the default is 10000",
+                    );
+                    1
+                }
+                Some(m) => *m.get_ref() as usize,
+                None => 10_000,
+            };
             if let Some(s) = &r.service {
                 if !services.contains_key(s.get_ref().as_str()) {
                     self.sink.error(
@@ -543,6 +578,7 @@ impl Checker<'_> {
                 allow,
                 proxy_trusted,
                 service: r.service.as_ref().map(|s| s.get_ref().clone()),
+                max_connections,
             });
         }
         out

@@ -48,6 +48,8 @@ pub struct RawTls {
     pub crl: Option<S<String>>,
     /// Handshake must finish within this; default 10s.
     pub handshake_timeout: Option<S<String>>,
+    /// `"1.3"` (default) or `"1.2"` (TLS 1.2 with AEAD suites as well).
+    pub min_version: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +67,8 @@ pub struct RawListener {
     pub allow: Option<Vec<S<String>>>,
     pub proxy_protocol: Option<S<RawProxyProtocol>>,
     pub service: Option<S<String>>,
+    /// Open connections allowed on this listener (all workers together); default 10000.
+    pub max_connections: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

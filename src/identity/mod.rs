@@ -140,15 +140,25 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, IdentityError> {
     Ok(Arc::new(store))
 }
 
-/// TLS 1.3 only, client certificate required and verified against the federation CA.
-pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, IdentityError> {
+/// TLS 1.3 (and, if allowed, TLS 1.2 with ring's suites, all AEAD with ECDHE), client
+/// certificate required and verified against the federation CA.
+pub fn server_config(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+    allow_tls12: bool,
+) -> Result<Arc<ServerConfig>, IdentityError> {
+    let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone())
         .build()
         .map_err(|e| IdentityError::Tls(e.to_string()))?;
     let ck = load_certified_key(files)?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(versions)
         .map_err(|e| IdentityError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)));

@@ -47,6 +47,9 @@ pub fn bind_reuseport(name: &str, addr: SocketAddr) -> Result<std::net::TcpListe
 /// Everything one listener's accept loop needs in one worker.
 pub struct Accepting {
     pub spec: Listener,
+    /// Connections open on this listener across every worker, and the limit.
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+    pub max_connections: usize,
     pub index: usize,
     pub connections_total: Counter,
     pub connections_active: Gauge,
@@ -84,6 +87,9 @@ pub async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // A scan must not flood the log: one line per source address per interval.
+    let mut last_logged: std::collections::HashMap<std::net::IpAddr, std::time::Instant> =
+        std::collections::HashMap::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -99,8 +105,24 @@ pub async fn accept_loop(
             }
         };
         if !admitted(&acc.spec, remote) {
-            acc.metrics.reject(&acc.name, "address");
             drop(stream);
+            acc.metrics.reject(&acc.name, "address");
+            let now = std::time::Instant::now();
+            let due = last_logged
+                .get(&remote.ip())
+                .is_none_or(|t| now.duration_since(*t) >= REFUSAL_LOG_INTERVAL);
+            if due {
+                if last_logged.len() >= 4096 {
+                    last_logged.clear();
+                }
+                last_logged.insert(remote.ip(), now);
+                tracing::warn!(listener = &*acc.name, %remote, "connection refused: address not allowed (logged once per source per minute)");
+            }
+            continue;
+        }
+        if acc.open.load(std::sync::atomic::Ordering::Relaxed) >= acc.max_connections {
+            drop(stream);
+            acc.metrics.reject(&acc.name, "max_connections");
             continue;
         }
         let _ = stream.set_nodelay(true);
@@ -109,6 +131,16 @@ pub async fn accept_loop(
         tokio::spawn(async move { serve(stream, remote, acc2, w).await });
     }
     drop(listener);
+}
+
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn admitted(l: &Listener, remote: SocketAddr) -> bool {
@@ -127,6 +159,8 @@ fn admitted(l: &Listener, remote: SocketAddr) -> bool {
 
 async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watcher: Watcher) {
     acc.connections_total.inc();
+    acc.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _open = OpenGuard(acc.open.clone());
     let active = &acc.connections_active;
     let streams = &acc.streams;
     active.inc();
@@ -139,6 +173,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 dedicated: acc.spec.service.clone(),
                 identity: HeaderValue::from_static("local"),
                 grants: acc.worker.policy.grants("local"),
+                from_peer: false,
                 worker: acc.worker.clone(),
             });
             run_http(TokioIo::new(stream), ctx, &acc, watcher, false).await;
@@ -179,6 +214,10 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                     .worker
                     .policy
                     .grants(identity.to_str().unwrap_or_default()),
+                from_peer: acc
+                    .worker
+                    .peer_identities
+                    .contains(identity.to_str().unwrap_or_default()),
                 identity,
                 worker: acc.worker.clone(),
             });

@@ -29,6 +29,8 @@ pub type RespBody = Either<Tracked, Full<Bytes>>;
 const SMALL_BODY: u64 = 16 * 1024;
 
 pub const FED_PEER: HeaderName = HeaderName::from_static("fed-peer");
+pub const FED_ORIGIN: HeaderName = HeaderName::from_static("fed-origin");
+pub const FED_HOPS: HeaderName = HeaderName::from_static("fed-hops");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A worker's view of one configuration generation: the compiled config, its route
@@ -39,6 +41,10 @@ pub struct Worker {
     pub upstreams: Vec<Vec<Arc<EndpointPool>>>,
     pub metrics: Arc<Metrics>,
     pub policy: crate::policy::Policy,
+    /// Identities of configured peer nodes: only their `fed-origin`/`fed-hops` are believed.
+    pub peer_identities: std::collections::HashSet<String>,
+    /// This node's name as `fed-origin` for requests that enter the federation here.
+    pub origin: HeaderValue,
     /// Request metrics by listener index, then service index + 1 (0: no service).
     by_service: Vec<Vec<Arc<ServiceMetrics>>>,
 }
@@ -68,6 +74,9 @@ impl Worker {
         Self {
             table: route::Table::new(&config),
             policy: crate::policy::Policy::new(&config),
+            peer_identities: config.peers.iter().map(|p| p.identity.clone()).collect(),
+            origin: HeaderValue::from_str(&config.node.name)
+                .unwrap_or(HeaderValue::from_static("unknown")),
             config,
             upstreams,
             metrics,
@@ -91,6 +100,8 @@ pub struct ConnCtx {
     pub dedicated: Option<String>,
     /// The verified identity (`fed-peer`), or `local`.
     pub identity: HeaderValue,
+    /// The caller is a configured peer node: its `fed-origin` and `fed-hops` are believed.
+    pub from_peer: bool,
     /// What the `[[allow]]` rules grant this identity.
     pub grants: Arc<crate::policy::Grants>,
     pub worker: Arc<Worker>,
@@ -274,8 +285,21 @@ async fn forward(
         .unwrap_or_else(|| service.name.clone());
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
+    let (origin, hops) = if conn.from_peer {
+        let hops = h
+            .get(&FED_HOPS)
+            .filter(|v| v.to_str().is_ok_and(|s| s.parse::<u8>().is_ok()))
+            .cloned();
+        (h.get(&FED_ORIGIN).cloned(), hops)
+    } else {
+        (None, None)
+    };
     strip_fed_headers(h);
     h.insert(FED_PEER, conn.identity.clone());
+    h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
+    if let Some(hops) = hops {
+        h.insert(FED_HOPS, hops);
+    }
     h.insert(REQUEST_ID, rid.clone());
 
     let pq = parts

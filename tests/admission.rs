@@ -1,0 +1,249 @@
+//! Who may connect at all: the allowlist closes foreign addresses before any TLS byte,
+//! counted and logged once per source; the connection limit; TLS versions and suites
+//! as openssl sees them; and `fed-origin`/`fed-hops` believed only from peer nodes.
+
+mod support;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::upstream::{self, Proto};
+use support::{curl, Fedport, Pki};
+
+fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.connect(&to.into()).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// True when the server closed the connection without sending a byte.
+fn closed_silently(mut s: TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+fn one_listener(pki: &Pki, listener_extra: &str, up: &upstream::Upstream) -> Fedport {
+    Fedport::start(&format!(
+        "[node]\nname = \"gate\"\nregion = \"r\"\nworkers = 2\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
+         [[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+         [[allow]]\nfrom = \"*\"\nto = \"*\"\n",
+        pki.tls_section(),
+        up.url(Proto::H2c)
+    ))
+}
+
+#[test]
+fn a_foreign_address_is_closed_before_any_tls_byte_counted_and_logged_once() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_listener(&pki, "allow = [\"127.0.0.1/32\"]", &up);
+    let addr = fp.addr("internal");
+    for _ in 0..5 {
+        assert!(
+            closed_silently(connect_from("127.0.0.2", addr)),
+            "127.0.0.2 must be closed at accept"
+        );
+    }
+    // curl from the foreign address fails; from the allowed one it gets through
+    let c = pki.curl_client();
+    let url = format!("https://localhost:{}/x", addr.port());
+    let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+    a.extend(["-H", "fed-service: up", &url]);
+    let mut foreign = a.clone();
+    foreign.extend(["--interface", "127.0.0.2"]);
+    assert_eq!(curl(&foreign).0, 0);
+    assert_eq!(curl(&a).0, 200);
+    assert_eq!(up.hits(), 1);
+    support::wait_until("address rejections", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="address"}"#) == 6.0
+    });
+    assert_eq!(
+        fp.metric(
+            r#"fedport_tls_handshake_failures_total{listener="internal",reason="no_client_cert"}"#
+        ),
+        0.0,
+        "no TLS work was done"
+    );
+    let log = fp.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("address not allowed") && l.contains("127.0.0.2"))
+        .count();
+    // one line per source per worker that saw it (each worker keeps its own interval)
+    assert!(
+        (1..=2).contains(&lines),
+        "a scan must not flood the log: {lines} lines\n{log}"
+    );
+}
+
+#[test]
+fn connections_past_the_listener_limit_are_closed() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_listener(&pki, "max_connections = 2", &up);
+    let addr = fp.addr("internal");
+    let held: Vec<TcpStream> = (0..2).map(|_| connect_from("127.0.0.1", addr)).collect();
+    support::wait_until("two open connections", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_connections_active{listener="internal"}"#) == 2.0
+    });
+    assert!(
+        closed_silently(connect_from("127.0.0.1", addr)),
+        "the third connection is closed"
+    );
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="max_connections"}"#),
+        1.0
+    );
+    drop(held);
+    support::wait_until("connections released", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_connections_active{listener="internal"}"#) == 0.0
+    });
+    let c = pki.curl_client();
+    let url = format!("https://localhost:{}/x", addr.port());
+    let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+    a.extend(["-H", "fed-service: up", &url]);
+    assert_eq!(curl(&a).0, 200, "room again once they close");
+}
+
+/// Runs `openssl s_client` with the test client certificate and extra flags; returns
+/// whether a session was established, and what it printed.
+fn s_client(pki: &Pki, addr: SocketAddr, flags: &[&str]) -> (bool, String) {
+    let out = Command::new("timeout")
+        .args([
+            "10",
+            "openssl",
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .arg("-CAfile")
+        .arg(&pki.ca)
+        .arg("-cert")
+        .arg(&pki.client.cert)
+        .arg("-key")
+        .arg(&pki.client.key)
+        .args(flags)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = text.contains("Verify return code: 0") && !text.contains("Cipher is (NONE)");
+    (ok, text)
+}
+
+#[test]
+fn only_tls13_by_default_and_only_aead_suites_when_tls12_is_allowed() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_listener(&pki, "", &up);
+    let addr = fp.addr("internal");
+    let (ok, text) = s_client(&pki, addr, &["-tls1_3"]);
+    assert!(ok && text.contains("TLSv1.3"), "{text}");
+    for v in ["-tls1_2", "-tls1_1", "-tls1"] {
+        let (ok, text) = s_client(&pki, addr, &[v]);
+        assert!(!ok, "{v} must be refused by default:\n{text}");
+    }
+
+    let pki12 = Pki::new();
+    let section = pki12.tls_section() + "min_version = \"1.2\"\n";
+    let fp12 = Fedport::start(&format!(
+        "[node]\nname = \"gate\"\nregion = \"r\"\n{section}\n[[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+        up.url(Proto::H2c)
+    ));
+    let addr = fp12.addr("internal");
+    let (ok, text) = s_client(
+        &pki12,
+        addr,
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+    );
+    assert!(
+        ok && text.contains("TLSv1.2"),
+        "TLS 1.2 with an AEAD suite is allowed when configured:\n{text}"
+    );
+    for cipher in [
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA384",
+        "AES128-SHA",
+    ] {
+        let (ok, text) = s_client(&pki12, addr, &["-tls1_2", "-cipher", cipher]);
+        assert!(!ok, "{cipher} (not AEAD) must be refused:\n{text}");
+    }
+    let (ok, _) = s_client(&pki12, addr, &["-tls1_1"]);
+    assert!(!ok, "TLS 1.1 is never allowed");
+}
+
+#[test]
+fn fed_origin_is_believed_only_from_peer_nodes() {
+    let pki = Pki::new();
+    let h1 = upstream::start(Proto::Http1);
+    // B knows A as a peer node and lets A and the client alice reach its service
+    let b = Fedport::start(&format!(
+        "[node]\nname = \"b\"\nregion = \"r\"\nworkers = 1\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:0\"\nservice = \"plain\"\n\
+         [[service]]\nname = \"plain\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+         [[peer]]\nname = \"a\"\nregion = \"r\"\naddress = \"127.0.0.1:1\"\nidentity = \"spiffe://fed.test/node/a\"\n\
+         [[allow]]\nfrom = \"a\"\nto = \"plain\"\n\
+         [[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"plain\"\n",
+        pki.tls_section(),
+        h1.url(Proto::Http1)
+    ));
+    let a = Fedport::start(&format!(
+        "[node]\nname = \"a\"\nregion = \"r\"\nworkers = 1\n{}\n\
+         [[listener]]\nname = \"local\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\n\
+         [[service]]\nname = \"far\"\nprotocol = \"http\"\nendpoints = [\"https://localhost:{}\"]\n\
+         [[allow]]\nfrom = \"local\"\nto = \"far\"\n",
+        pki.tls_section(),
+        b.port("internal")
+    ));
+    let forged = ["-H", "fed-origin: forged", "-H", "fed-hops: 7"];
+    // through A: A sets its own origin, B believes A
+    let url = format!("http://127.0.0.1:{}/o", a.port("local"));
+    let mut args = vec!["-H", "fed-service: far"];
+    args.extend(forged);
+    args.push(&url);
+    let (code, body, _) = curl(&args);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["headers"]["fed-origin"],
+        serde_json::json!(["a"]),
+        "{body}"
+    );
+    assert!(v["headers"].get("fed-hops").is_none(), "{body}");
+    // straight to B as a client: the forged headers are replaced by B's own origin
+    let c = pki.curl_client();
+    let url = format!("https://localhost:{}/o", b.port("internal"));
+    let mut args: Vec<&str> = c.iter().map(String::as_str).collect();
+    args.extend(forged);
+    args.push(&url);
+    let (code, body, _) = curl(&args);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["headers"]["fed-origin"],
+        serde_json::json!(["b"]),
+        "{body}"
+    );
+    assert_eq!(
+        v["headers"]["fed-peer"],
+        serde_json::json!(["spiffe://fed.test/client/alice"])
+    );
+    assert!(v["headers"].get("fed-hops").is_none(), "{body}");
+}
