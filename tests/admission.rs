@@ -247,3 +247,105 @@ fn fed_origin_is_believed_only_from_peer_nodes() {
     );
     assert!(v["headers"].get("fed-hops").is_none(), "{body}");
 }
+
+struct Haproxy {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// HAProxy as an L4 balancer in front of `to`: one port sending PROXY v1, one v2.
+fn haproxy_l4(to: SocketAddr) -> (Haproxy, u16, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let (v1, v2) = (free_port(), free_port());
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode tcp\n  retries 0\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend v1\n  bind 127.0.0.1:{v1}\n  default_backend v1\n\
+             frontend v2\n  bind 127.0.0.1:{v2}\n  default_backend v2\n\
+             backend v1\n  server f {to} send-proxy\n\
+             backend v2\n  server f {to} send-proxy-v2\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy is installed (scripts/install-test-deps.sh)");
+    support::wait_until("haproxy", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", v1)).is_ok()
+            && TcpStream::connect(("127.0.0.1", v2)).is_ok()
+    });
+    (Haproxy { child, _dir: dir }, v1, v2)
+}
+
+#[test]
+fn proxy_protocol_from_a_trusted_balancer_carries_the_client_address() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_listener(
+        &pki,
+        "allow = [\"127.0.0.2/32\"]\nproxy_protocol = { trusted = [\"127.0.0.1/32\"], timeout = \"500ms\" }",
+        &up,
+    );
+    let addr = fp.addr("internal");
+    let (_lb, v1, v2) = haproxy_l4(addr);
+    let c = pki.curl_client();
+    let via = |src: &str, port: u16, extra: &[&str]| {
+        let url = format!("https://localhost:{port}/x");
+        let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+        a.extend(["--interface", src, "-H", "fed-service: up"]);
+        a.extend(extra);
+        a.push(&url);
+        curl(&a).0
+    };
+    // the allowlist applies to the address the header carries, for v1 and v2
+    assert_eq!(via("127.0.0.2", v1, &[]), 200, "{}", fp.log_text());
+    assert_eq!(via("127.0.0.2", v2, &[]), 200);
+    assert_eq!(via("127.0.0.3", v1, &[]), 0);
+    assert_eq!(via("127.0.0.3", v2, &[]), 0);
+    assert_eq!(up.hits(), 2);
+    // (curl or the balancer may try a refused connection again: at least one per call)
+    assert!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="address"}"#) >= 2.0);
+    assert!(
+        fp.log_text().contains("remote=127.0.0.3"),
+        "logs name the carried address"
+    );
+    // the same header straight from an address that is not a balancer: refused
+    assert_eq!(via("127.0.0.2", addr.port(), &["--haproxy-protocol"]), 0);
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="proxy_untrusted"}"#),
+        1.0
+    );
+    // a trusted sender that sends no header in time is cut off; a malformed one too
+    assert!(closed_silently(connect_from("127.0.0.1", addr)));
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="proxy_timeout"}"#),
+        1.0
+    );
+    let mut s = connect_from("127.0.0.1", addr);
+    std::io::Write::write_all(&mut s, b"PROXY TCP4 not-an-address\r\n").unwrap();
+    assert!(closed_silently(s));
+    support::wait_until("malformed counted", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="proxy_malformed"}"#)
+            == 1.0
+    });
+    assert_eq!(up.hits(), 2, "nothing refused reached the service");
+}

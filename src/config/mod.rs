@@ -69,6 +69,8 @@ pub struct Listener {
     /// A dedicated listener routes everything to this service.
     pub service: Option<String>,
     pub max_connections: usize,
+    /// How long a trusted balancer may take to send the PROXY header.
+    pub proxy_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -546,6 +548,12 @@ impl Checker<'_> {
                     }
                 }
             }
+            let proxy_timeout = self.duration(
+                r.proxy_protocol
+                    .as_ref()
+                    .and_then(|p| p.get_ref().timeout.as_ref()),
+                Duration::from_secs(3),
+            );
             let max_connections = match &r.max_connections {
                 Some(m) if *m.get_ref() < 1 => {
                     self.sink.error(
@@ -579,6 +587,7 @@ impl Checker<'_> {
                 proxy_trusted,
                 service: r.service.as_ref().map(|s| s.get_ref().clone()),
                 max_connections,
+                proxy_timeout,
             });
         }
         out

@@ -75,6 +75,8 @@ pub struct RawListener {
 #[serde(deny_unknown_fields)]
 pub struct RawProxyProtocol {
     pub trusted: Vec<S<String>>,
+    /// How long the header may take to arrive; default 3s.
+    pub timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

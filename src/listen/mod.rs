@@ -2,6 +2,8 @@
 //! address check, the TLS 1.3 handshake that yields the caller's identity, and serving
 //! HTTP/1.1 and HTTP/2 on the connection until it ends or the node drains.
 
+pub mod proxy_protocol;
+
 use crate::config::{Listener, Role};
 use crate::identity;
 use crate::proxy::{self, ConnCtx, Worker};
@@ -104,25 +106,49 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if !admitted(&acc.spec, remote) {
-            drop(stream);
-            acc.metrics.reject(&acc.name, "address");
-            let now = std::time::Instant::now();
-            let due = last_logged
-                .get(&remote.ip())
-                .is_none_or(|t| now.duration_since(*t) >= REFUSAL_LOG_INTERVAL);
-            if due {
-                if last_logged.len() >= 4096 {
-                    last_logged.clear();
-                }
-                last_logged.insert(remote.ip(), now);
-                tracing::warn!(listener = &*acc.name, %remote, "connection refused: address not allowed (logged once per source per minute)");
-            }
-            continue;
-        }
         if acc.open.load(std::sync::atomic::Ordering::Relaxed) >= acc.max_connections {
             drop(stream);
             acc.metrics.reject(&acc.name, "max_connections");
+            continue;
+        }
+        if let Some(trusted) = &acc.spec.proxy_trusted {
+            // The header is believed only from a balancer; it is read off the accept loop.
+            if !trusted.iter().any(|n| n.contains(&canonical(remote.ip()))) {
+                drop(stream);
+                acc.metrics.reject(&acc.name, "proxy_untrusted");
+                log_refusal(
+                    &mut last_logged,
+                    &acc,
+                    remote,
+                    "sender is not a trusted balancer",
+                );
+                continue;
+            }
+            let acc2 = acc.clone();
+            let w = graceful.watcher();
+            tokio::spawn(async move {
+                let mut stream = stream;
+                match proxy_protocol::read(&mut stream, remote, acc2.spec.proxy_timeout).await {
+                    Ok(client) if admitted(&acc2.spec, client) => {
+                        let _ = stream.set_nodelay(true);
+                        serve(stream, client, acc2, w).await
+                    }
+                    Ok(client) => {
+                        acc2.metrics.reject(&acc2.name, "address");
+                        tracing::info!(listener = &*acc2.name, remote = %client, balancer = %remote, "connection refused: address not allowed");
+                    }
+                    Err(e) => {
+                        acc2.metrics.reject(&acc2.name, e.reason());
+                        tracing::info!(listener = &*acc2.name, balancer = %remote, error = %e, "connection refused: PROXY header");
+                    }
+                }
+            });
+            continue;
+        }
+        if !admitted(&acc.spec, remote) {
+            drop(stream);
+            acc.metrics.reject(&acc.name, "address");
+            log_refusal(&mut last_logged, &acc, remote, "address not allowed");
             continue;
         }
         let _ = stream.set_nodelay(true);
@@ -135,6 +161,35 @@ pub async fn accept_loop(
 
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Logs a refused connection at most once per source address per interval.
+fn log_refusal(
+    last: &mut std::collections::HashMap<std::net::IpAddr, std::time::Instant>,
+    acc: &Accepting,
+    remote: SocketAddr,
+    why: &str,
+) {
+    let now = std::time::Instant::now();
+    if last
+        .get(&remote.ip())
+        .is_some_and(|t| now.duration_since(*t) < REFUSAL_LOG_INTERVAL)
+    {
+        return;
+    }
+    if last.len() >= 4096 {
+        last.clear();
+    }
+    last.insert(remote.ip(), now);
+    tracing::warn!(listener = &*acc.name, %remote, "connection refused: {why} (logged once per source per minute)");
+}
+
+/// IPv4-mapped IPv6 addresses compare as IPv4.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
 struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Drop for OpenGuard {
@@ -144,13 +199,7 @@ impl Drop for OpenGuard {
 }
 
 fn admitted(l: &Listener, remote: SocketAddr) -> bool {
-    let ip = match remote.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(std::net::IpAddr::V4)
-            .unwrap_or(remote.ip()),
-        v4 => v4,
-    };
+    let ip = canonical(remote.ip());
     if l.role == Role::Local && !ip.is_loopback() {
         return false;
     }
