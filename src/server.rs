@@ -50,6 +50,7 @@ pub struct Server {
     pub bound: Vec<(String, SocketAddr)>,
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
+    tls: Option<Arc<identity::rotate::Rotating>>,
 }
 
 impl Server {
@@ -57,8 +58,9 @@ impl Server {
     pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
         let tls = match &config.tls {
             Some(t) if config.listeners.iter().any(|l| l.role == Role::Peer) => Some((
-                tokio_rustls::TlsAcceptor::from(identity::server_config(
-                    &t.files,
+                Arc::new(identity::rotate::Rotating::new(
+                    t.files.clone(),
+                    t.crl.clone(),
                     &[b"h2", b"http/1.1"],
                     t.allow_tls12,
                 )?),
@@ -139,11 +141,36 @@ impl Server {
             threads.push(t);
         }
         Ok(Self {
+            tls: tls.map(|(r, _)| r),
             state,
             bound,
             shutdown,
             threads,
         })
+    }
+
+    /// Reloads the TLS material if a file changed (or always, when `force`: SIGHUP).
+    /// A failure is logged and counted; the old material keeps serving.
+    pub fn reload_tls(&self, force: bool) {
+        let Some(tls) = &self.tls else { return };
+        let result = match tls.reload(force) {
+            Ok(identity::rotate::Reloaded::Unchanged) => return,
+            Ok(identity::rotate::Reloaded::Swapped) => {
+                tracing::info!("TLS material reloaded: new handshakes use it");
+                "ok"
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS material refused; the previous certificate, key, CA and CRL keep serving");
+                "error"
+            }
+        };
+        self.state
+            .metrics
+            .tls_reloads
+            .get_or_create(&crate::telemetry::ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// Starts draining: readiness false, sockets closed, connections told to finish.
@@ -164,7 +191,7 @@ async fn worker_main(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     settings: upstream::Settings,
-    tls: Option<(tokio_rustls::TlsAcceptor, std::time::Duration)>,
+    tls: Option<(Arc<identity::rotate::Rotating>, std::time::Duration)>,
     sockets: Vec<std::net::TcpListener>,
     open: Vec<Arc<std::sync::atomic::AtomicUsize>>,
     mut shutdown: watch::Receiver<bool>,

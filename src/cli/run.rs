@@ -77,9 +77,18 @@ where
             tracing::info!(listener = %name, %addr, "listening");
         }
         tracing::info!(node = %cfg.node.name, workers = cfg.node.workers, admin = ?admin, "fedport ready");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| CliError::Io("signal".into(), e))?;
+        // certificate files are watched by polling: cheap, and it survives editors'
+        // rename-and-replace and mounted-secret symlink swaps alike
+        let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading TLS material"); server.reload_tls(true) }
+                _ = poll.tick() => server.reload_tls(false),
+            }
         }
         server.drain();
         let _ = tokio::task::spawn_blocking(move || server.join()).await;

@@ -444,10 +444,10 @@ impl Checker<'_> {
         }
         let crl = r.crl.as_ref().map(|c| {
             let p = self.path(c.get_ref());
-            if let Err(e) = std::fs::metadata(&p) {
+            if let Err(e) = identity::load_crls(&p) {
                 self.sink.error(
                     span(c),
-                    format!("cannot read {}: {e}", p.display()),
+                    e.to_string(),
                     "give the path of a PEM CRL signed by the federation CA",
                 );
             }

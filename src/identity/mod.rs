@@ -3,6 +3,7 @@
 //! (SPIFFE URI SAN, else DNS SAN) from its certificate.
 
 pub mod pki;
+pub mod rotate;
 
 use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
@@ -130,6 +131,24 @@ pub fn load_certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, Identit
     Ok(Arc::new(ck))
 }
 
+/// The CRLs in a PEM file.
+pub fn load_crls(
+    path: &Path,
+) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, IdentityError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| IdentityError::Read(path.to_owned(), e.to_string()))?;
+    let crls: Vec<_> = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| IdentityError::BadCertificate(path.to_owned(), e.to_string()))?;
+    if crls.is_empty() {
+        return Err(IdentityError::BadCertificate(
+            path.to_owned(),
+            "no PEM X509 CRL".into(),
+        ));
+    }
+    Ok(crls)
+}
+
 fn roots(ca: &Path) -> Result<Arc<RootCertStore>, IdentityError> {
     let mut store = RootCertStore::empty();
     for c in load_certs(ca)? {
@@ -146,6 +165,7 @@ pub fn server_config(
     files: &TlsFiles,
     alpn: &[&[u8]],
     allow_tls12: bool,
+    crl: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
@@ -153,7 +173,14 @@ pub fn server_config(
         &[&rustls::version::TLS13]
     };
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone())
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
+    if let Some(path) = crl {
+        builder = builder
+            .with_crls(load_crls(path)?)
+            .only_check_end_entity_revocation();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| IdentityError::Tls(e.to_string()))?;
     let ck = load_certified_key(files)?;

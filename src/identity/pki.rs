@@ -44,6 +44,8 @@ pub struct LeafSpec {
     pub ips: Vec<std::net::IpAddr>,
     /// Validity relative to now: (start, end). Default: (-1h, +30d).
     pub valid: Option<(Duration, Duration)>,
+    /// The serial number; default: random.
+    pub serial: Option<u64>,
 }
 
 impl Authority {
@@ -92,6 +94,9 @@ impl Authority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        if let Some(s) = spec.serial {
+            params.serial_number = Some(rcgen::SerialNumber::from(s));
+        }
         let (start, end) = spec
             .valid
             .unwrap_or((Duration::hours(-1), Duration::days(30)));
@@ -104,6 +109,28 @@ impl Authority {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// A CRL (PEM) revoking the given serial numbers, valid for a day.
+    pub fn crl(&self, revoked: &[u64]) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(1),
+            next_update: now + Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*s),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.cert, &self.key)?.pem()?)
     }
 
     /// Writes the CA certificate to `dir/NAME.pem`.

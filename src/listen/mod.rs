@@ -57,7 +57,7 @@ pub struct Accepting {
     pub connections_active: Gauge,
     pub streams: Gauge,
     pub name: Arc<str>,
-    pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    pub tls: Option<(Arc<identity::rotate::Rotating>, Duration)>,
     pub worker: Arc<Worker>,
     pub metrics: Arc<Metrics>,
     pub builder: auto::Builder<TokioExecutor>,
@@ -228,7 +228,8 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
             run_http(TokioIo::new(stream), ctx, &acc, watcher, false).await;
         }
         Some((tls, timeout)) => {
-            let hs = tokio::time::timeout(*timeout, tls.accept(stream)).await;
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let hs = tokio::time::timeout(*timeout, acceptor.accept(stream)).await;
             let tls_stream = match hs {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {

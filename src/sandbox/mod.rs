@@ -33,6 +33,7 @@ pub fn write(dir: &Path, grpc_echo: SocketAddr, json: SocketAddr) -> Result<Layo
             dns: vec!["localhost".into(), format!("*.{DOMAIN}")],
             ips: vec!["127.0.0.1".parse().expect("literal address")],
             valid: None,
+            serial: None,
         })?
         .write(dir, "sandbox-a")?;
     let client = ca

@@ -35,6 +35,11 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub service: String,
     pub result: String,
@@ -56,6 +61,7 @@ pub struct Metrics {
     pub streams_active: Family<ListenerLabels, Gauge>,
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub upstream_connects: Family<UpstreamLabels, Counter>,
+    pub tls_reloads: Family<ResultLabels, Counter>,
     pub ready: Gauge,
 }
 
@@ -112,6 +118,12 @@ impl Metrics {
             "Upstream connection attempts, by service and result",
             upstream_connects.clone(),
         );
+        let tls_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Reloads of the TLS certificate, key, CA and CRL, by result",
+            tls_reloads.clone(),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -136,6 +148,7 @@ impl Metrics {
             streams_active,
             handshake_failures,
             upstream_connects,
+            tls_reloads,
             ready,
         })
     }

@@ -41,6 +41,7 @@ impl Pki {
                 dns: vec!["localhost".into(), format!("*.{DOMAIN}")],
                 ips: vec!["127.0.0.1".parse().unwrap()],
                 valid: None,
+                serial: None,
             })
             .unwrap()
             .write(d, "node")

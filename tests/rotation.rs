@@ -1,0 +1,210 @@
+//! Certificates change without a restart: a rotated node certificate is used by the
+//! next handshake while a long request finishes on the old one; a CRL revokes a client
+//! after reload; a broken new file is refused and the old material keeps serving.
+
+mod support;
+
+use fedport::identity::pki::LeafSpec;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use support::upstream::{self, Proto};
+use support::{curl, node_config, wait_until, Fedport, Pki};
+
+fn reloads(fp: &Fedport, result: &str) -> f64 {
+    fp.metric(&format!(
+        r#"fedport_tls_reloads_total{{result="{result}"}}"#
+    ))
+}
+
+fn get(pki: &Pki, cert: &std::path::Path, key: &std::path::Path, port: u16) -> u16 {
+    let (c, k, ca) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let url = format!("https://localhost:{port}/x");
+    curl(&[
+        "--cacert",
+        &ca,
+        "--cert",
+        &c,
+        "--key",
+        &k,
+        "-H",
+        "fed-service: up",
+        &url,
+    ])
+    .0
+}
+
+fn presented_subject(pki: &Pki, port: u16) -> String {
+    let out = Command::new("timeout")
+        .args([
+            "10",
+            "openssl",
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("-CAfile")
+        .arg(&pki.ca)
+        .arg("-cert")
+        .arg(&pki.client.cert)
+        .arg("-key")
+        .arg(&pki.client.key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn a_rotated_certificate_serves_new_handshakes_while_a_long_request_finishes() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+    ));
+    let port = fp.port("internal");
+    assert!(
+        presented_subject(&pki, port).contains("node-a"),
+        "{}",
+        presented_subject(&pki, port)
+    );
+    let c = pki.curl_client();
+    let slow = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "fed-service: up",
+            "--max-time",
+            "20",
+        ])
+        .args(&c)
+        .arg(format!("https://localhost:{port}/x?ms=2500"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the long request upstream", Duration::from_secs(10), || {
+        up.inflight.load(Ordering::SeqCst) == 1
+    });
+
+    let fresh = pki
+        .authority
+        .issue(&LeafSpec {
+            common_name: "node-a-rotated".into(),
+            spiffe: Some("spiffe://fed.test/node/a".into()),
+            dns: vec!["localhost".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    std::fs::write(&pki.node.key, &fresh.key_pem).unwrap();
+    std::fs::write(&pki.node.cert, &fresh.cert_pem).unwrap();
+    fp.signal("HUP");
+    wait_until("a reload", Duration::from_secs(10), || {
+        reloads(&fp, "ok") >= 1.0
+    });
+    let subject = presented_subject(&pki, port);
+    assert!(
+        subject.contains("node-a-rotated"),
+        "the next handshake presents the new certificate: {subject}"
+    );
+    assert_eq!(
+        up.inflight.load(Ordering::SeqCst),
+        1,
+        "the long request is still running"
+    );
+    let out = slow.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "the long request completed"
+    );
+}
+
+#[test]
+fn a_crl_revokes_a_client_after_reload_and_a_broken_file_changes_nothing() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let d = pki.path();
+    let issue = |name: &str, serial: u64| {
+        pki.authority
+            .issue(&LeafSpec {
+                common_name: name.into(),
+                spiffe: Some(format!("spiffe://fed.test/client/{name}")),
+                serial: Some(serial),
+                ..Default::default()
+            })
+            .unwrap()
+            .write(d, name)
+            .unwrap()
+    };
+    let (alice, bob) = (issue("alice2", 1001), issue("bob", 1002));
+    let crl = d.join("crl.pem");
+    std::fs::write(&crl, pki.authority.crl(&[]).unwrap()).unwrap();
+    let config = node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+    )
+    .replace(
+        "[admin]",
+        &format!("crl = \"{}\"\n\n[admin]", crl.display()),
+    );
+    let fp = Fedport::start(&config);
+    let port = fp.port("internal");
+    assert_eq!(get(&pki, &alice.cert, &alice.key, port), 200);
+    assert_eq!(get(&pki, &bob.cert, &bob.key, port), 200);
+
+    std::fs::write(&crl, pki.authority.crl(&[1001]).unwrap()).unwrap();
+    fp.signal("HUP");
+    wait_until("a reload", Duration::from_secs(10), || {
+        reloads(&fp, "ok") >= 1.0
+    });
+    assert_eq!(
+        get(&pki, &alice.cert, &alice.key, port),
+        0,
+        "a revoked client is refused"
+    );
+    assert_eq!(
+        get(&pki, &bob.cert, &bob.key, port),
+        200,
+        "the others are not"
+    );
+    wait_until("revoked counted", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_tls_handshake_failures_total{listener="internal",reason="revoked"}"#)
+            >= 1.0
+    });
+
+    // a broken certificate file: refused, logged, the old material keeps serving
+    std::fs::write(
+        &pki.node.cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    fp.signal("HUP");
+    wait_until("a refused reload", Duration::from_secs(10), || {
+        reloads(&fp, "error") >= 1.0
+    });
+    assert_eq!(get(&pki, &bob.cert, &bob.key, port), 200, "still serving");
+    assert!(
+        fp.log_text().contains("TLS material refused"),
+        "{}",
+        fp.log_text()
+    );
+}
