@@ -8,7 +8,6 @@ use crate::listen::{self, Accepting, ListenError};
 use crate::proxy::Worker;
 use crate::telemetry::Metrics;
 use crate::upstream;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -197,7 +196,7 @@ async fn worker_main(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let worker = Arc::new(Worker::new(config.clone(), metrics.clone(), &settings));
-    let graceful = Arc::new(GracefulShutdown::new());
+    let live = Arc::new(());
     let mut loops = Vec::new();
     let builder = listen::http_builder();
     for (index, (spec, sock)) in config.listeners.iter().zip(sockets).enumerate() {
@@ -232,8 +231,10 @@ async fn worker_main(
         loops.push(tokio::spawn(listen::accept_loop(
             listener,
             acc,
-            graceful.clone(),
-            shutdown.clone(),
+            listen::Drain {
+                signal: shutdown.clone(),
+                live: live.clone(),
+            },
         )));
     }
     let _ = shutdown.wait_for(|s| *s).await;
@@ -241,14 +242,13 @@ async fn worker_main(
         let _ = l.await;
     }
     let drain = config.node.drain_timeout;
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        tracing::error!("drain: accept loops still hold connections; not waiting");
-        return;
+    // every connection task holds a clone of `live`: wait for them to end
+    let all_done = async {
+        while Arc::strong_count(&live) > 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     };
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(drain, all_done).await.is_err() {
         tracing::warn!(
             timeout_ms = drain.as_millis() as u64,
             "drain timeout passed; closing the remaining connections"

@@ -349,3 +349,35 @@ fn proxy_protocol_from_a_trusted_balancer_carries_the_client_address() {
     });
     assert_eq!(up.hits(), 2, "nothing refused reached the service");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn idle_connections_are_closed_but_busy_ones_are_not() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_listener(&pki, "idle_timeout = \"400ms\"", &up);
+    let mut client = support::h2_connect(&pki, fp.addr("internal")).await;
+    let port = fp.port("internal");
+    // a request that outlasts the idle timeout is not cut off
+    let req = http::Request::get(format!("https://localhost:{port}/x?ms=1200"))
+        .header("fed-service", "up")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        !client.is_closed(),
+        "busy for longer than the idle timeout, yet open"
+    );
+    // then nothing: the connection is closed
+    let start = std::time::Instant::now();
+    while !client.is_closed() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "an idle connection stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="idle_timeout"}"#) >= 1.0
+    );
+}

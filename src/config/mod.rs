@@ -71,6 +71,8 @@ pub struct Listener {
     pub max_connections: usize,
     /// How long a trusted balancer may take to send the PROXY header.
     pub proxy_timeout: Duration,
+    /// A connection with nothing in flight for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -554,6 +556,7 @@ impl Checker<'_> {
                     .and_then(|p| p.get_ref().timeout.as_ref()),
                 Duration::from_secs(3),
             );
+            let idle_timeout = self.duration(r.idle_timeout.as_ref(), Duration::from_secs(300));
             let max_connections = match &r.max_connections {
                 Some(m) if *m.get_ref() < 1 => {
                     self.sink.error(
@@ -588,6 +591,7 @@ impl Checker<'_> {
                 service: r.service.as_ref().map(|s| s.get_ref().clone()),
                 max_connections,
                 proxy_timeout,
+                idle_timeout,
             });
         }
         out

@@ -69,6 +69,8 @@ pub struct RawListener {
     pub service: Option<S<String>>,
     /// Open connections allowed on this listener (all workers together); default 10000.
     pub max_connections: Option<S<i64>>,
+    /// A connection with no request in flight for this long is closed; default 5m.
+    pub idle_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,6 @@ use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
@@ -69,6 +68,7 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
+        .max_headers(100)
         .max_buf_size(64 * 1024);
     b.http2()
         .timer(TokioTimer::new())
@@ -83,12 +83,8 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 
 /// Accepts until `shutdown` turns true; then the socket is closed (new connections
 /// are refused) and open connections are left to the graceful watcher.
-pub async fn accept_loop(
-    listener: TcpListener,
-    acc: Arc<Accepting>,
-    graceful: Arc<GracefulShutdown>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn accept_loop(listener: TcpListener, acc: Arc<Accepting>, drain: Drain) {
+    let mut shutdown = drain.signal.clone();
     // A scan must not flood the log: one line per source address per interval.
     let mut last_logged: std::collections::HashMap<std::net::IpAddr, std::time::Instant> =
         std::collections::HashMap::new();
@@ -125,7 +121,7 @@ pub async fn accept_loop(
                 continue;
             }
             let acc2 = acc.clone();
-            let w = graceful.watcher();
+            let w = drain.clone();
             tokio::spawn(async move {
                 let mut stream = stream;
                 match proxy_protocol::read(&mut stream, remote, acc2.spec.proxy_timeout).await {
@@ -153,7 +149,7 @@ pub async fn accept_loop(
         }
         let _ = stream.set_nodelay(true);
         let acc2 = acc.clone();
-        let w = graceful.watcher();
+        let w = drain.clone();
         tokio::spawn(async move { serve(stream, remote, acc2, w).await });
     }
     drop(listener);
@@ -206,7 +202,7 @@ fn admitted(l: &Listener, remote: SocketAddr) -> bool {
     l.allow.is_empty() || l.allow.iter().any(|n| n.contains(&ip))
 }
 
-async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watcher: Watcher) {
+async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watcher: Drain) {
     acc.connections_total.inc();
     acc.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _open = OpenGuard(acc.open.clone());
@@ -223,6 +219,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 identity: HeaderValue::from_static("local"),
                 grants: acc.worker.policy.grants("local"),
                 from_peer: false,
+                activity: Arc::default(),
                 worker: acc.worker.clone(),
             });
             run_http(TokioIo::new(stream), ctx, &acc, watcher, false).await;
@@ -268,6 +265,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                     .worker
                     .peer_identities
                     .contains(identity.to_str().unwrap_or_default()),
+                activity: Arc::default(),
                 identity,
                 worker: acc.worker.clone(),
             });
@@ -309,18 +307,108 @@ fn classify(e: &std::io::Error) -> &'static str {
     }
 }
 
-async fn run_http<I>(io: I, ctx: Arc<ConnCtx>, acc: &Accepting, watcher: Watcher, h2_only: bool)
+/// Serves HTTP on a connection until it ends; asks it to finish gracefully (GOAWAY, or
+/// close when idle for HTTP/1.1) when the node drains or when it has carried no request
+/// for the listener's idle timeout.
+async fn run_http<I>(io: I, ctx: Arc<ConnCtx>, acc: &Accepting, drain: Drain, h2_only: bool)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let activity = ctx.activity.clone();
     let svc = service_fn(move |req| proxy::handle(req, ctx.clone()));
     let builder = if h2_only {
         acc.builder.clone().http2_only()
     } else {
         acc.builder.clone()
     };
-    let conn = builder.serve_connection(io, svc).into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let mut signal = drain.signal.clone();
+    let idle = acc.spec.idle_timeout;
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = signal.wait_for(|s| *s), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => {
+                if activity.idle_for() >= idle {
+                    closing = true;
+                    acc.metrics.reject(&acc.name, "idle_timeout");
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+    drop(drain);
+}
+
+/// What a connection task holds while it lives: the drain signal, and a share of the
+/// worker's count of live connections (the drain waits for it to reach zero).
+#[derive(Clone)]
+pub struct Drain {
+    pub signal: watch::Receiver<bool>,
+    pub live: Arc<()>,
+}
+
+/// A connection's requests in flight and when it last started or finished one.
+pub struct Activity {
+    epoch: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            in_flight: Default::default(),
+            last_ms: Default::default(),
+        }
+    }
+}
+
+/// One request in flight on a connection, until dropped.
+pub struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    /// How long the connection has had nothing in flight.
+    pub fn idle_for(&self) -> Duration {
+        if self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(
+            now.saturating_sub(self.last_ms.load(std::sync::atomic::Ordering::Relaxed)),
+        )
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

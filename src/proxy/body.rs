@@ -23,6 +23,8 @@ pub struct Finish {
     pub http_status: u16,
     pub outstanding: Option<Outstanding>,
     pub h1: Option<H1Return>,
+    /// Keeps the connection from counting as idle until the answer is done.
+    pub busy: Option<crate::listen::Busy>,
 }
 
 impl Drop for Finish {

@@ -102,6 +102,8 @@ pub struct ConnCtx {
     pub identity: HeaderValue,
     /// The caller is a configured peer node: its `fed-origin` and `fed-hops` are believed.
     pub from_peer: bool,
+    /// Requests in flight on the connection, for its idle timeout.
+    pub activity: Arc<crate::listen::Activity>,
     /// What the `[[allow]]` rules grant this identity.
     pub grants: Arc<crate::policy::Grants>,
     pub worker: Arc<Worker>,
@@ -175,7 +177,9 @@ pub async fn handle(
     let rid = request_id(req.headers());
     conn.streams.inc();
     let mut service: Option<usize> = None;
+    let busy = conn.activity.begin();
     let finish = |service: Option<usize>| Finish {
+        busy: None,
         metrics: w.service_metrics(conn.listener_idx, service),
         streams: conn.streams.clone(),
         start,
@@ -201,6 +205,7 @@ pub async fn handle(
                 }
             }
             f.outstanding = Some(fwd.outstanding);
+            f.busy = Some(busy);
             f.h1 = fwd.h1;
             Ok(Response::from_parts(
                 rparts,
