@@ -33,7 +33,7 @@ fn closed_silently(mut s: TcpStream) -> bool {
 
 fn one_listener(pki: &Pki, listener_extra: &str, up: &upstream::Upstream) -> Fedport {
     Fedport::start(&format!(
-        "[node]\nname = \"gate\"\nregion = \"r\"\nworkers = 2\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n\
+        "[node]\nname = \"gate\"\nregion = \"r\"\nworkers = 2\naccess_log = true\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n\
          [[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
          [[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
          [[allow]]\nfrom = \"*\"\nto = \"*\"\n",
@@ -324,9 +324,21 @@ fn proxy_protocol_from_a_trusted_balancer_carries_the_client_address() {
     assert_eq!(up.hits(), 2);
     // (curl or the balancer may try a refused connection again: at least one per call)
     assert!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="address"}"#) >= 2.0);
+    let log = fp.log_text();
     assert!(
-        fp.log_text().contains("remote=127.0.0.3"),
-        "logs name the carried address"
+        log.contains("remote=127.0.0.3"),
+        "refusals name the carried address"
+    );
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("fedport::access"))
+        .collect();
+    assert_eq!(access.len(), 2, "{log}");
+    assert!(
+        access
+            .iter()
+            .all(|l| l.contains("remote=127.0.0.2:") && l.contains("status=200")),
+        "the access log shows the carried address: {access:?}"
     );
     // the same header straight from an address that is not a balancer: refused
     assert_eq!(via("127.0.0.2", addr.port(), &["--haproxy-protocol"]), 0);

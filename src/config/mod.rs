@@ -38,6 +38,7 @@ pub struct Node {
     pub drain_timeout: Duration,
     pub upstream_max_requests: u64,
     pub upstream_connections: usize,
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -310,6 +311,7 @@ impl Checker<'_> {
             drain_timeout,
             upstream_max_requests,
             upstream_connections,
+            access_log: r.access_log.unwrap_or(false),
         })
     }
 

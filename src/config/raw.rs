@@ -35,6 +35,8 @@ pub struct RawNode {
     pub drain_timeout: Option<S<String>>,
     /// Upstream connections are replaced after this many requests; default 100000.
     pub upstream_max_requests: Option<S<i64>>,
+    /// One log line per request (target `fedport::access`); default false.
+    pub access_log: Option<bool>,
     /// Upstream HTTP/2 connections per worker per endpoint; default 2.
     pub upstream_connections: Option<S<i64>>,
 }

@@ -220,6 +220,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 grants: acc.worker.policy.grants("local"),
                 from_peer: false,
                 activity: Arc::default(),
+                remote,
                 worker: acc.worker.clone(),
             });
             run_http(TokioIo::new(stream), ctx, &acc, watcher, false).await;
@@ -266,6 +267,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                     .peer_identities
                     .contains(identity.to_str().unwrap_or_default()),
                 activity: Arc::default(),
+                remote,
                 identity,
                 worker: acc.worker.clone(),
             });

@@ -25,6 +25,18 @@ pub struct Finish {
     pub h1: Option<H1Return>,
     /// Keeps the connection from counting as idle until the answer is done.
     pub busy: Option<crate::listen::Busy>,
+    /// With `[node] access_log`: what the access log line says, and the service name.
+    pub access: Option<(Box<AccessEntry>, String)>,
+}
+
+/// The request side of an access log line.
+pub struct AccessEntry {
+    pub remote: std::net::SocketAddr,
+    pub identity: http::HeaderValue,
+    pub method: http::Method,
+    pub path: String,
+    pub request_id: http::HeaderValue,
+    pub listener: Arc<str>,
 }
 
 impl Drop for Finish {
@@ -35,6 +47,22 @@ impl Drop for Finish {
             .duration
             .observe(self.start.elapsed().as_secs_f64());
         self.streams.dec();
+        if let Some((a, service)) = &self.access {
+            tracing::info!(
+                target: "fedport::access",
+                listener = &*a.listener,
+                remote = %a.remote,
+                identity = a.identity.to_str().unwrap_or("?"),
+                method = %a.method,
+                path = %a.path,
+                service = %service,
+                status = self.http_status,
+                grpc_status = self.grpc_status.as_deref().unwrap_or(""),
+                duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+                request_id = a.request_id.to_str().unwrap_or("-"),
+                "access"
+            );
+        }
     }
 }
 

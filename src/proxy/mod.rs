@@ -102,6 +102,8 @@ pub struct ConnCtx {
     pub identity: HeaderValue,
     /// The caller is a configured peer node: its `fed-origin` and `fed-hops` are believed.
     pub from_peer: bool,
+    /// The caller's address: the TCP peer, or what a trusted PROXY header carried.
+    pub remote: std::net::SocketAddr,
     /// Requests in flight on the connection, for its idle timeout.
     pub activity: Arc<crate::listen::Activity>,
     /// What the `[[allow]]` rules grant this identity.
@@ -178,7 +180,21 @@ pub async fn handle(
     conn.streams.inc();
     let mut service: Option<usize> = None;
     let busy = conn.activity.begin();
+    let access = w.config.node.access_log.then(|| {
+        Box::new(body::AccessEntry {
+            remote: conn.remote,
+            identity: conn.identity.clone(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            request_id: rid.clone(),
+            listener: conn.listener.clone(),
+        })
+    });
     let finish = |service: Option<usize>| Finish {
+        access: access.map(|a| {
+            let name = service.map_or("-", |i| w.config.services[i].name.as_str());
+            (a, name.to_owned())
+        }),
         busy: None,
         metrics: w.service_metrics(conn.listener_idx, service),
         streams: conn.streams.clone(),
