@@ -21,6 +21,10 @@ pub enum Reject {
     Timeout(String, u64),
     #[error("fedport is draining")]
     Draining,
+    #[error("service {0} does not accept content type {1:?}")]
+    Format(String, String),
+    #[error("a message of {1} bytes is over service {0}'s limit of {2} bytes")]
+    TooLarge(String, u64, u64),
     /// Default deny: no `[[allow]]` rule grants this identity this call.
     #[error("{identity} may not call {call} on service {service}: no [[allow]] rule of node {node} grants it")]
     Denied {
@@ -54,6 +58,8 @@ impl Reject {
             Reject::Upstream(..) => "upstream_error",
             Reject::Timeout(..) => "deadline",
             Reject::Draining => "draining",
+            Reject::Format(..) => "format",
+            Reject::TooLarge(..) => "size",
             Reject::Denied { .. } => "denied",
         }
     }
@@ -66,6 +72,8 @@ impl Reject {
             Reject::Upstream(..) => StatusCode::BAD_GATEWAY,
             Reject::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             Reject::Denied { .. } => StatusCode::FORBIDDEN,
+            Reject::Format(..) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Reject::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -78,6 +86,8 @@ impl Reject {
             }
             Reject::Timeout(..) => GrpcCode::DeadlineExceeded,
             Reject::Denied { .. } => GrpcCode::PermissionDenied,
+            Reject::Format(..) => GrpcCode::InvalidArgument,
+            Reject::TooLarge(..) => GrpcCode::ResourceExhausted,
         }
     }
 
@@ -151,6 +161,8 @@ mod tests {
                 call: "c".into(),
                 node: "n".into(),
             },
+            Reject::Format("s".into(), "text/plain".into()),
+            Reject::TooLarge("s".into(), 2, 1),
         ];
         let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
         assert_eq!(reasons.len(), all.len());
@@ -160,6 +172,10 @@ mod tests {
         assert_eq!(all[4].grpc_code(), GrpcCode::DeadlineExceeded);
         assert_eq!(all[6].http_status(), StatusCode::FORBIDDEN);
         assert_eq!(all[6].grpc_code(), GrpcCode::PermissionDenied);
+        assert_eq!(all[7].http_status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(all[7].grpc_code(), GrpcCode::InvalidArgument);
+        assert_eq!(all[8].http_status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(all[8].grpc_code(), GrpcCode::ResourceExhausted);
     }
 
     #[test]

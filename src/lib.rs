@@ -7,6 +7,7 @@
 //! - [`identity`]: certificates → identity; the sandbox CA
 //! - [`route`]: request → service
 //! - [`policy`]: identity × service × method, default deny
+//! - [`schema`]: accepted formats and message sizes, enforced as bodies stream
 //! - [`proxy`]: the request path, top to bottom
 //! - [`upstream`]: pooled connections and load balancing
 //! - [`errors`]: refusal → HTTP status / gRPC code
@@ -22,6 +23,7 @@ pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod sandbox;
+pub mod schema;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;

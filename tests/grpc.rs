@@ -51,6 +51,7 @@ name = "echo"
 protocol = "grpc"
 endpoints = ["h2c://127.0.0.1:{port}"]
 grpc_services = ["test.Echo"]
+max_message_bytes = "1KiB"
 
 [[service]]
 name = "down"
@@ -116,6 +117,12 @@ to = "down"
         .contains("nope.Missing"));
     assert_eq!(v["down"]["code"], "UNAVAILABLE", "{}", v["down"]);
     assert_eq!(v["denied"]["code"], "PERMISSION_DENIED", "{}", v["denied"]);
+    assert_eq!(v["big"]["code"], "RESOURCE_EXHAUSTED", "{}", v["big"]);
+    assert_eq!(
+        v["big_then_small"]["code"], "OK",
+        "the channel still works: {}",
+        v["big_then_small"]
+    );
     assert!(v["denied"]["details"]
         .as_str()
         .unwrap()

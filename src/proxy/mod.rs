@@ -4,10 +4,11 @@
 
 pub mod body;
 
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 use crate::errors::Reject;
 use crate::policy::Call;
 use crate::route;
+use crate::schema;
 use crate::telemetry::{Metrics, ServiceMetrics};
 use crate::upstream::{self, EndpointPool, ProxyBody};
 use body::{Finish, Tracked};
@@ -257,6 +258,22 @@ struct Forwarded {
     h1: Option<upstream::H1Return>,
 }
 
+/// Reads and drops what is left of a refused request's body — at most 64 KiB, for at
+/// most 100 ms — so that HTTP/1.1 keeps the connection and HTTP/2 ends the stream
+/// cleanly instead of resetting it under a client still sending.
+async fn discard(mut body: Incoming) {
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), async {
+        let mut read = 0usize;
+        while read < 64 * 1024 {
+            match body.frame().await {
+                Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
 async fn forward(
     req: Request<Incoming>,
     conn: &ConnCtx,
@@ -266,97 +283,145 @@ async fn forward(
     routed: &mut Option<usize>,
 ) -> Result<Forwarded, Reject> {
     let (mut parts, body) = req.into_parts();
-    let idx = match &conn.dedicated {
-        Some(name) => w
-            .table
-            .by_name(name)
-            .ok_or_else(|| Reject::UnknownService(name.clone()))?,
-        None => w.table.route(&parts, grpc)?,
-    };
-    let service = &w.config.services[idx];
-    *routed = Some(idx);
-    let call = match route::grpc_path(parts.uri.path()) {
-        Some(_) if grpc => Call::Grpc(&parts.uri.path()[1..]),
-        _ => Call::Http(parts.method.as_str(), parts.uri.path()),
-    };
-    if !conn.grants.allows(idx, call) {
-        return Err(Reject::Denied {
-            identity: conn.identity.to_str().unwrap_or("?").to_owned(),
-            service: service.name.clone(),
-            call: call.to_string(),
-            node: w.config.node.name.clone(),
-        });
-    }
-
-    let pool = upstream::pick(&w.upstreams[idx])
-        .ok_or_else(|| Reject::NoHealthyTarget(service.name.clone()))?
-        .clone();
-
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| service.name.clone());
-    let h = &mut parts.headers;
-    strip_hop_by_hop(h);
-    let (origin, hops) = if conn.from_peer {
-        let hops = h
-            .get(&FED_HOPS)
-            .filter(|v| v.to_str().is_ok_and(|s| s.parse::<u8>().is_ok()))
-            .cloned();
-        (h.get(&FED_ORIGIN).cloned(), hops)
-    } else {
-        (None, None)
-    };
-    strip_fed_headers(h);
-    h.insert(FED_PEER, conn.identity.clone());
-    h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
-    if let Some(hops) = hops {
-        h.insert(FED_HOPS, hops);
-    }
-    h.insert(REQUEST_ID, rid.clone());
-
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    if pool.speaks_h2() {
-        let scheme = if pool.endpoint.scheme == crate::config::Scheme::Https {
-            "https"
-        } else {
-            "http"
+    // Everything decided before a byte goes upstream; a refusal here first reads and
+    // drops a small request body, so the caller gets a clean answer instead of a reset.
+    let body_ref = &body;
+    let checked = (move || -> Result<_, Reject> {
+        let idx = match &conn.dedicated {
+            Some(name) => w
+                .table
+                .by_name(name)
+                .ok_or_else(|| Reject::UnknownService(name.clone()))?,
+            None => w.table.route(&parts, grpc)?,
         };
-        parts.uri = Uri::builder()
-            .scheme(scheme)
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| Reject::BadRequest("request target cannot be forwarded"))?;
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(header::HOST);
-    } else {
-        parts.uri = Uri::try_from(pq).map_err(|_| Reject::BadRequest("bad request target"))?;
-        parts.version = Version::HTTP_11;
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                parts.headers.insert(header::HOST, v);
+        let service = &w.config.services[idx];
+        *routed = Some(idx);
+        let call = match route::grpc_path(parts.uri.path()) {
+            Some(_) if grpc => Call::Grpc(&parts.uri.path()[1..]),
+            _ => Call::Http(parts.method.as_str(), parts.uri.path()),
+        };
+        if !conn.grants.allows(idx, call) {
+            return Err(Reject::Denied {
+                identity: conn.identity.to_str().unwrap_or("?").to_owned(),
+                service: service.name.clone(),
+                call: call.to_string(),
+                node: w.config.node.name.clone(),
+            });
+        }
+
+        let pool = upstream::pick(&w.upstreams[idx])
+            .ok_or_else(|| Reject::NoHealthyTarget(service.name.clone()))?
+            .clone();
+
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| service.name.clone());
+        let h = &mut parts.headers;
+        strip_hop_by_hop(h);
+        let (origin, hops) = if conn.from_peer {
+            let hops = h
+                .get(&FED_HOPS)
+                .filter(|v| v.to_str().is_ok_and(|s| s.parse::<u8>().is_ok()))
+                .cloned();
+            (h.get(&FED_ORIGIN).cloned(), hops)
+        } else {
+            (None, None)
+        };
+        strip_fed_headers(h);
+        h.insert(FED_PEER, conn.identity.clone());
+        h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
+        if let Some(hops) = hops {
+            h.insert(FED_HOPS, hops);
+        }
+        h.insert(REQUEST_ID, rid.clone());
+
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if pool.speaks_h2() {
+            let scheme = if pool.endpoint.scheme == crate::config::Scheme::Https {
+                "https"
+            } else {
+                "http"
+            };
+            parts.uri = Uri::builder()
+                .scheme(scheme)
+                .authority(authority.as_str())
+                .path_and_query(pq)
+                .build()
+                .map_err(|_| Reject::BadRequest("request target cannot be forwarded"))?;
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        } else {
+            parts.uri = Uri::try_from(pq).map_err(|_| Reject::BadRequest("bad request target"))?;
+            parts.version = Version::HTTP_11;
+            if !parts.headers.contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(&authority) {
+                    parts.headers.insert(header::HOST, v);
+                }
             }
         }
-    }
 
+        // what the service accepts: its content types, and its message size
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let carries_body = !body_ref.is_end_stream() || !content_type.is_empty();
+        let accepted = if service.formats.is_empty() && service.protocol == Protocol::Grpc {
+            schema::GRPC_FORMATS
+                .iter()
+                .any(|f| schema::essence(content_type) == *f)
+        } else {
+            schema::format_accepted(&service.formats, content_type)
+        };
+        if carries_body && !accepted {
+            return Err(Reject::Format(
+                service.name.clone(),
+                schema::essence(content_type),
+            ));
+        }
+        let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
+        let limit = match service.max_message_bytes {
+            Some(max) if grpc => schema::Limit::GrpcMessage(max),
+            Some(max) => {
+                if let Some(n) = body_ref.size_hint().exact().filter(|n| *n > max) {
+                    return Err(too_large(n, max));
+                }
+                schema::Limit::Body(max)
+            }
+            None => schema::Limit::Body(u64::MAX),
+        };
+        Ok((parts, idx, pool, limit))
+    })();
+    let (parts, idx, pool, limit) = match checked {
+        Ok(c) => c,
+        Err(r) => {
+            discard(body).await;
+            return Err(r);
+        }
+    };
+    let service = &w.config.services[idx];
+    let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
+    let tripped = Arc::new(schema::Tripped::default());
     let small = !grpc
         && body
             .size_hint()
             .exact()
             .is_some_and(|n| n > 0 && n <= SMALL_BODY);
+    let body = schema::Guarded::new(body, limit, tripped.clone());
     let body: ProxyBody = if small {
         let bytes = Limited::new(body, SMALL_BODY as usize)
             .collect()
@@ -367,6 +432,7 @@ async fn forward(
     } else {
         Either::Left(body)
     };
+    let max = service.max_message_bytes.unwrap_or(0);
 
     let outstanding = pool.begin();
     let sent = tokio::time::timeout(service.timeout, pool.send(Request::from_parts(parts, body)))
@@ -379,6 +445,10 @@ async fn forward(
             return Err(Reject::NoHealthyTarget(service.name.clone()));
         }
         Err(upstream::UpstreamError::Exchange(e)) => {
+            // the body refused to carry an oversized message: that is the caller's fault
+            if let Some(n) = tripped.get() {
+                return Err(too_large(n, max));
+            }
             return Err(Reject::Upstream(service.name.clone(), e));
         }
     };

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
-/// What fedport sends upstream: the caller's body streamed through, or one small piece.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// What fedport sends upstream: the caller's body streamed through its size guard, or
+/// one small piece.
+pub type ProxyBody = Either<crate::schema::Guarded, Full<Bytes>>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -54,4 +54,13 @@ try:
 except grpc.RpcError as e:
     out["denied"] = {"code": e.code().name, "details": e.details()}
 
+try:
+    ch.unary_unary("/test.Echo/Say", ident, ident)(b"\x0a\x82\x10" + b"x" * 2050, timeout=10)
+    out["big"] = {"code": "OK"}
+except grpc.RpcError as e:
+    out["big"] = {"code": e.code().name, "details": e.details()}
+
+resp, call = ch.unary_unary("/test.Echo/Say", ident, ident).with_call(b"\x0a\x02ok", timeout=10)
+out["big_then_small"] = {"code": call.code().name}
+
 print(json.dumps(out))

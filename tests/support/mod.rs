@@ -321,10 +321,15 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// An HTTP/2 client connection over mutual TLS to a fedport listener, with the test
 /// client's certificate (hyper + rustls).
-pub async fn h2_connect(
+pub async fn h2_connect<B>(
     pki: &Pki,
     addr: SocketAddr,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let files = fedport::identity::TlsFiles {
         cert: pki.client.cert.clone(),

@@ -1,0 +1,192 @@
+//! What a service accepts: content types (`formats`) and message size
+//! (`max_message_bytes`), enforced as the body streams — on each gRPC message's length
+//! prefix, or on an HTTP body's bytes — never by buffering it first.
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The content types a gRPC service accepts when it lists none.
+pub const GRPC_FORMATS: &[&str] = &["application/grpc", "application/grpc+proto"];
+
+/// The media type of a `content-type` value, lower-cased, without parameters.
+pub fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether a content type is one the service accepts. An empty list accepts anything.
+pub fn format_accepted(formats: &[String], content_type: &str) -> bool {
+    formats.is_empty() || {
+        let e = essence(content_type);
+        formats.iter().any(|f| f.eq_ignore_ascii_case(&e))
+    }
+}
+
+/// Set by a [`Guarded`] body when it refuses what it carries: the size that was over
+/// the limit (0 while nothing was refused).
+#[derive(Debug, Default)]
+pub struct Tripped(AtomicU64);
+
+impl Tripped {
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("message of {0} bytes is over the service's limit")]
+pub struct TooLarge(pub u64);
+
+/// How a [`Guarded`] body counts.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// Total bytes of an HTTP body.
+    Body(u64),
+    /// Each gRPC message, by its 5-byte length prefix.
+    GrpcMessage(u64),
+}
+
+pin_project_lite::pin_project! {
+    /// A request body passed through frame by frame, refusing to carry more than the
+    /// limit: it errors (and marks [`Tripped`]) as soon as the limit is known to be
+    /// passed — for gRPC, when a length prefix declares too large a message, before
+    /// any of that message's bytes are read.
+    pub struct Guarded {
+        #[pin]
+        inner: Incoming,
+        limit: Limit,
+        seen: u64,
+        // gRPC framing state: bytes of the current message still to pass, and a
+        // partial prefix carried across frames
+        remaining: u64,
+        prefix: Vec<u8>,
+        tripped: Arc<Tripped>,
+    }
+}
+
+impl Guarded {
+    pub fn new(inner: Incoming, limit: Limit, tripped: Arc<Tripped>) -> Self {
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            remaining: 0,
+            prefix: Vec::with_capacity(5),
+            tripped,
+        }
+    }
+}
+
+/// Walks the gRPC framing through one chunk; returns a message length over `max`.
+fn scan_grpc(mut data: &[u8], remaining: &mut u64, prefix: &mut Vec<u8>, max: u64) -> Option<u64> {
+    while !data.is_empty() {
+        if *remaining > 0 {
+            let n = (*remaining).min(data.len() as u64);
+            *remaining -= n;
+            data.advance(n as usize);
+            continue;
+        }
+        let need = 5 - prefix.len();
+        let take = need.min(data.len());
+        prefix.extend_from_slice(&data[..take]);
+        data.advance(take);
+        if prefix.len() == 5 {
+            let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as u64;
+            prefix.clear();
+            if len > max {
+                return Some(len);
+            }
+            *remaining = len;
+        }
+    }
+    None
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let frame = match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => f,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref() {
+            let over = match *this.limit {
+                Limit::Body(max) => {
+                    *this.seen += data.len() as u64;
+                    (*this.seen > max).then_some(*this.seen)
+                }
+                Limit::GrpcMessage(max) => scan_grpc(data, this.remaining, this.prefix, max),
+            };
+            if let Some(n) = over {
+                this.tripped.0.store(n.max(1), Ordering::Relaxed);
+                return Poll::Ready(Some(Err(Box::new(TooLarge(n)))));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(len: u32) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend(std::iter::repeat_n(7u8, len as usize));
+        v
+    }
+
+    #[test]
+    fn grpc_framing_is_followed_across_chunks() {
+        let mut stream = msg(10);
+        stream.extend(msg(3));
+        stream.extend(msg(100));
+        // split everywhere: the oversized third message is found whatever the chunking
+        for cut in 1..stream.len() {
+            let (mut rem, mut pre) = (0, Vec::new());
+            let a = scan_grpc(&stream[..cut], &mut rem, &mut pre, 50);
+            let b = a.or_else(|| scan_grpc(&stream[cut..], &mut rem, &mut pre, 50));
+            assert_eq!(b, Some(100), "cut at {cut}");
+        }
+        let (mut rem, mut pre) = (0, Vec::new());
+        assert_eq!(scan_grpc(&stream, &mut rem, &mut pre, 100), None);
+    }
+
+    #[test]
+    fn formats() {
+        let f = vec!["application/json".to_owned()];
+        assert!(format_accepted(&f, "application/json; charset=utf-8"));
+        assert!(format_accepted(&f, "Application/JSON"));
+        assert!(!format_accepted(&f, "text/plain"));
+        assert!(format_accepted(&[], "anything/at-all"));
+    }
+}
