@@ -25,6 +25,13 @@ pub enum Reject {
     Format(String, String),
     #[error("a message of {1} bytes is over service {0}'s limit of {2} bytes")]
     TooLarge(String, u64, u64),
+    /// The body does not satisfy the route's JSON Schema (or is not JSON).
+    #[error("request body does not match the schema of {route} on service {service}: {}", violations.first().map(|v| format!("{} at {:?}", v.message, v.path)).unwrap_or_default())]
+    Schema {
+        service: String,
+        route: String,
+        violations: Vec<Violation>,
+    },
     /// Default deny: no `[[allow]]` rule grants this identity this call.
     #[error("{identity} may not call {call} on service {service}: no [[allow]] rule of node {node} grants it")]
     Denied {
@@ -33,6 +40,14 @@ pub enum Reject {
         call: String,
         node: String,
     },
+}
+
+/// One schema violation: where (a JSON pointer into the body), which keyword, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    pub path: String,
+    pub keyword: String,
+    pub message: String,
 }
 
 /// gRPC status codes fedport answers with (the subset of `google.rpc.Code` it uses).
@@ -60,6 +75,7 @@ impl Reject {
             Reject::Draining => "draining",
             Reject::Format(..) => "format",
             Reject::TooLarge(..) => "size",
+            Reject::Schema { .. } => "schema",
             Reject::Denied { .. } => "denied",
         }
     }
@@ -74,6 +90,7 @@ impl Reject {
             Reject::Denied { .. } => StatusCode::FORBIDDEN,
             Reject::Format(..) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Reject::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::Schema { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -88,6 +105,7 @@ impl Reject {
             Reject::Denied { .. } => GrpcCode::PermissionDenied,
             Reject::Format(..) => GrpcCode::InvalidArgument,
             Reject::TooLarge(..) => GrpcCode::ResourceExhausted,
+            Reject::Schema { .. } => GrpcCode::InvalidArgument,
         }
     }
 
@@ -111,9 +129,12 @@ impl Reject {
             }
             return resp;
         }
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": { "reason": self.reason(), "message": message, "request_id": request_id }
         });
+        if let Reject::Schema { violations, .. } = self {
+            body["error"]["violations"] = serde_json::json!(violations);
+        }
         let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
         *resp.status_mut() = self.http_status();
         let h = resp.headers_mut();

@@ -133,3 +133,94 @@ async fn a_streamed_body_is_refused_once_it_passes_the_limit() {
         1.0
     );
 }
+
+#[test]
+fn json_bodies_are_validated_against_their_route_schema() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let schema =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/schemas/reserve.json");
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"inventory\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+             formats = [\"application/json\"]\n\
+             schema = {{ json = {{ \"POST /v1/reserve\" = \"{s}\", \"PUT /v1/orders/{{id}}\" = \"{s}\" }} }}\n",
+            up.url(Proto::H2c),
+            s = schema.display()
+        ),
+    ));
+    let c = pki.curl_client();
+    let port = fp.port("internal");
+    let send = |verb: &str, path: &str, data: &str| {
+        let url = format!("https://localhost:{port}{path}");
+        let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+        a.extend([
+            "-X",
+            verb,
+            "-H",
+            "fed-service: inventory",
+            "-H",
+            "content-type: application/json",
+        ]);
+        a.extend(["--data-binary", data, &url]);
+        let (code, body, _) = curl(&a);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        (code, v)
+    };
+    let (code, _) = send("POST", "/v1/reserve", r#"{"sku":"apple","count":2}"#);
+    assert_eq!(code, 200);
+    let first = |v: &serde_json::Value, k: &str| {
+        v["error"]["violations"][0][k]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let cases = [
+        (r#"{"sku":5,"count":2}"#, "/sku", "type"),
+        (r#"{"sku":"apple"}"#, "", "required"),
+        (
+            r#"{"sku":"apple","count":2,"extra":true}"#,
+            "",
+            "additionalProperties",
+        ),
+        ("hello", "", "json"),
+    ];
+    for (body, path, keyword) in cases {
+        let (code, v) = send("POST", "/v1/reserve", body);
+        assert_eq!(code, 400, "{body}: {v}");
+        assert_eq!(v["error"]["reason"], "schema", "{v}");
+        assert_eq!(
+            (first(&v, "path"), first(&v, "keyword")),
+            (path.to_owned(), keyword.to_owned()),
+            "{body}: {v}"
+        );
+    }
+    // several violations are all listed
+    let (_, v) = send("POST", "/v1/reserve", r#"{"sku":5,"count":0,"x":1}"#);
+    assert_eq!(
+        v["error"]["violations"].as_array().map(Vec::len),
+        Some(3),
+        "{v}"
+    );
+    // nesting deeper than the parser allows is refused, not followed
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let (code, v) = send("POST", "/v1/reserve", &deep);
+    assert_eq!((code, first(&v, "keyword").as_str()), (400, "json"), "{v}");
+    // templates: /v1/orders/{id} is validated, a longer path is not this route
+    assert_eq!(send("PUT", "/v1/orders/42", r#"{"sku":1}"#).0, 400);
+    assert_eq!(
+        send("PUT", "/v1/orders/42", r#"{"sku":"a","count":1}"#).0,
+        200
+    );
+    assert_eq!(send("PUT", "/v1/orders/42/notes", "[]").0, 200);
+    assert_eq!(
+        up.hits(),
+        3,
+        "only valid or unschemed bodies reached the service"
+    );
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="schema"}"#),
+        7.0
+    );
+}

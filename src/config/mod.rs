@@ -12,6 +12,7 @@ use raw::{RawConfig, SizeValue, S};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A checked, compiled configuration: what the daemon runs.
@@ -110,6 +111,58 @@ pub struct Service {
     pub formats: Vec<String>,
     pub max_message_bytes: Option<u64>,
     pub timeout: Duration,
+    /// JSON Schema validation by route (`schema.json`).
+    pub json: Vec<JsonRoute>,
+}
+
+/// One `"METHOD /path/{param}" = schema.json` entry, compiled.
+#[derive(Clone)]
+pub struct JsonRoute {
+    pub method: String,
+    pub template: Vec<Segment>,
+    /// The route as written, for error messages.
+    pub route: String,
+    pub validator: Arc<jsonschema::Validator>,
+}
+
+impl std::fmt::Debug for JsonRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.route)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    /// `{name}`: any one non-empty segment.
+    Param,
+}
+
+impl Segment {
+    fn parse(s: &str) -> Self {
+        if s.starts_with('{') && s.ends_with('}') {
+            Segment::Param
+        } else {
+            Segment::Literal(s.to_owned())
+        }
+    }
+}
+
+impl JsonRoute {
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        if self.method != method {
+            return false;
+        }
+        let mut segs = path.split('/');
+        for t in &self.template {
+            match (t, segs.next()) {
+                (Segment::Literal(l), Some(s)) if l == s => {}
+                (Segment::Param, Some(s)) if !s.is_empty() => {}
+                _ => return false,
+            }
+        }
+        segs.next().is_none()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -648,8 +701,9 @@ impl Checker<'_> {
                 .flatten()
                 .map(|g| g.get_ref().clone())
                 .collect();
+            let mut json = Vec::new();
             if let Some(schema) = &r.schema {
-                grpc_services.extend(self.schema(schema));
+                grpc_services.extend(self.schema(schema, &mut json));
             }
             grpc_services.sort();
             grpc_services.dedup();
@@ -697,13 +751,14 @@ impl Checker<'_> {
                     .collect(),
                 max_message_bytes,
                 timeout,
+                json,
             });
         }
         out
     }
 
     /// Compiles the service's proto files and returns the gRPC services they declare.
-    fn schema(&mut self, s: &S<raw::RawSchema>) -> Vec<String> {
+    fn schema(&mut self, s: &S<raw::RawSchema>, json: &mut Vec<JsonRoute>) -> Vec<String> {
         let r = s.get_ref();
         let mut names = Vec::new();
         for p in r.proto.iter().flatten() {
@@ -743,22 +798,60 @@ impl Checker<'_> {
                 ),
             }
         }
-        for (_, f) in r.json.iter().flatten() {
+        for (key, f) in r.json.iter().flatten() {
             let file = self.path(f.get_ref());
-            match std::fs::read(&file) {
-                Ok(b) => {
-                    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&b) {
-                        self.sink.error(
-                            span(f),
-                            format!("{}: not JSON: {e}", file.display()),
-                            "a JSON Schema file must be a JSON document",
-                        );
-                    }
+            let Some((method, template)) = key.split_once(' ').filter(|(m, p)| {
+                !m.is_empty() && m.chars().all(|c| c.is_ascii_uppercase()) && p.starts_with('/')
+            }) else {
+                self.sink.error(
+                    span(f),
+                    format!("JSON schema route {key:?} is not \"METHOD /path\""),
+                    "write the route as \"POST /v1/orders/{id}\"",
+                );
+                continue;
+            };
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.sink.error(
+                        span(f),
+                        format!("cannot read {}: {e}", file.display()),
+                        "fix the path; relative paths start at the config file's directory",
+                    );
+                    continue;
                 }
+            };
+            let doc: serde_json::Value = match serde_json::from_str(&text) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.sink.error(
+                        span(f),
+                        format!(
+                            "{}:{}:{}: not JSON: {e}",
+                            file.display(),
+                            e.line(),
+                            e.column()
+                        ),
+                        "a JSON Schema file must be a JSON document",
+                    );
+                    continue;
+                }
+            };
+            match jsonschema::validator_for(&doc) {
+                Ok(v) => json.push(JsonRoute {
+                    method: method.to_owned(),
+                    template: template.split('/').map(Segment::parse).collect(),
+                    route: key.clone(),
+                    validator: Arc::new(v),
+                }),
                 Err(e) => self.sink.error(
                     span(f),
-                    format!("cannot read {}: {e}", file.display()),
-                    "fix the path; relative paths start at the config file's directory",
+                    format!(
+                        "{}: schema does not compile at {}: {e}",
+                        file.display(),
+                        e.schema_path()
+                    ),
+                    "the file must be a valid JSON Schema (draft-07 or 2020-12)",
                 ),
             }
         }

@@ -422,6 +422,40 @@ async fn forward(
             .exact()
             .is_some_and(|n| n > 0 && n <= SMALL_BODY);
     let body = schema::Guarded::new(body, limit, tripped.clone());
+    let json_route = if grpc {
+        None
+    } else {
+        let (m, p) = (parts.method.as_str(), parts.uri.path());
+        service.json.iter().find(|r| r.matches(m, p))
+    };
+    if let Some(route) = json_route {
+        // validated whole, so buffered: bounded by the service's limit (default 1 MiB)
+        let max = service
+            .max_message_bytes
+            .unwrap_or(schema::DEFAULT_JSON_LIMIT);
+        let bytes = match Limited::new(body, max as usize).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(_) => {
+                return Err(match tripped.get() {
+                    Some(n) => too_large(n, max),
+                    None => too_large(max + 1, max),
+                })
+            }
+        };
+        schema::validate_json(route, &bytes).map_err(|violations| Reject::Schema {
+            service: service.name.clone(),
+            route: route.route.clone(),
+            violations,
+        })?;
+        return send(
+            pool,
+            parts,
+            Either::Right(Full::new(bytes)),
+            service,
+            tripped,
+        )
+        .await;
+    }
     let body: ProxyBody = if small {
         let bytes = Limited::new(body, SMALL_BODY as usize)
             .collect()
@@ -432,6 +466,18 @@ async fn forward(
     } else {
         Either::Left(body)
     };
+    send(pool, parts, body, service, tripped).await
+}
+
+/// Forwards the request within the service's timeout and maps what can go wrong.
+async fn send(
+    pool: Arc<EndpointPool>,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    service: &crate::config::Service,
+    tripped: Arc<schema::Tripped>,
+) -> Result<Forwarded, Reject> {
+    let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
     let max = service.max_message_bytes.unwrap_or(0);
 
     let outstanding = pool.begin();

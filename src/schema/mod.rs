@@ -10,6 +10,45 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+/// The most a body validated against a JSON Schema may be when the service sets no
+/// `max_message_bytes` (it is buffered whole to be validated).
+pub const DEFAULT_JSON_LIMIT: u64 = 1 << 20;
+
+/// At most this many violations are reported for one body.
+const MAX_VIOLATIONS: usize = 10;
+
+/// Parses a body as JSON and validates it against the route's schema; every violation
+/// (up to a cap) with its JSON pointer and keyword. serde_json refuses nesting deeper
+/// than 128 levels before it can exhaust the stack.
+pub fn validate_json(
+    route: &crate::config::JsonRoute,
+    body: &[u8],
+) -> Result<(), Vec<crate::errors::Violation>> {
+    use crate::errors::Violation;
+    let doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        vec![Violation {
+            path: String::new(),
+            keyword: "json".into(),
+            message: format!("not JSON: {e}"),
+        }]
+    })?;
+    let v: Vec<Violation> = route
+        .validator
+        .iter_errors(&doc)
+        .take(MAX_VIOLATIONS)
+        .map(|e| Violation {
+            path: e.instance_path().to_string(),
+            keyword: e.kind().keyword().to_owned(),
+            message: e.to_string(),
+        })
+        .collect();
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(v)
+    }
+}
+
 /// The content types a gRPC service accepts when it lists none.
 pub const GRPC_FORMATS: &[&str] = &["application/grpc", "application/grpc+proto"];
 
