@@ -140,3 +140,62 @@ to = "down"
             >= 1.0
     );
 }
+
+#[test]
+fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
+    let pki = Pki::new();
+    let (_up, port) = grpc_upstream();
+    let proto =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto/test.proto");
+    let fp = Fedport::start(&support::node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"h2c://127.0.0.1:{port}\"]\n\
+             schema = {{ proto = [\"{}\"], strict = true }}\n",
+            proto.display()
+        ),
+    ));
+    let out = Command::new(python())
+        .arg(support::py("grpc_validate.py"))
+        .arg(fp.addr("internal").to_string())
+        .args([&pki.ca, &pki.client.cert, &pki.client.key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"]["code"], "OK", "{v}");
+    for (case, needle) in [
+        ("bad_utf8", "UTF-8"),
+        ("wrong_wire_type", "wire type"),
+        ("truncated", ""),
+        ("unknown_field", "unknown field number 2"),
+    ] {
+        assert_eq!(v[case]["code"], "INVALID_ARGUMENT", "{case}: {}", v[case]);
+        let details = v[case]["details"].as_str().unwrap_or("");
+        assert!(details.contains(needle), "{case}: {details}");
+    }
+    assert!(
+        v["bad_utf8"]["details"].as_str().unwrap().contains("text"),
+        "names the field: {}",
+        v["bad_utf8"]
+    );
+    assert_eq!(
+        v["not_in_schema"]["code"], "UNIMPLEMENTED",
+        "{}",
+        v["not_in_schema"]
+    );
+    let s = &v["stream"];
+    assert_eq!(s["code"], "INVALID_ARGUMENT", "{s}");
+    // messages 1-2 reach the service (their echoes may or may not make it back
+    // before the stream is ended); the bad third and everything after never do
+    assert!(s["got"].as_array().map_or(0, Vec::len) <= 2, "{s}");
+    assert_eq!(
+        v["upstream_chat_received"], 2,
+        "nothing after the bad message reached the service"
+    );
+    assert!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="schema"}"#) >= 4.0);
+}

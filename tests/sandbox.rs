@@ -17,12 +17,14 @@ fn the_sandbox_starts_alone_and_its_printed_commands_work() {
         .arg("--ready-file")
         .arg(&ready)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("sandbox.log")).unwrap())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = Vec::new();
-    for line in BufReader::new(stdout).lines() {
+    // the reader stays alive to the end: the sandbox's stdout stays open
+    let mut reader = BufReader::new(stdout);
+    for line in (&mut reader).lines() {
         let line = line.unwrap();
         let done = line.starts_with("Ctrl-C");
         lines.push(line);
@@ -30,7 +32,16 @@ fn the_sandbox_starts_alone_and_its_printed_commands_work() {
             break;
         }
     }
-    support::wait_until("ready file", Duration::from_secs(10), || ready.exists());
+    let start = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no ready file; printed:\n{}\nlog:\n{}",
+            lines.join("\n"),
+            std::fs::read_to_string(dir.path().join("sandbox.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let commands: Vec<&String> = lines
         .iter()
         .filter(|l| l.starts_with("  curl") || l.starts_with("  python3"))
@@ -72,5 +83,6 @@ fn the_sandbox_starts_alone_and_its_printed_commands_work() {
         .args(["-INT", &child.id().to_string()])
         .status();
     let status = child.wait().unwrap();
+    drop(reader);
     assert_eq!(status.code(), Some(0), "Ctrl-C stops the sandbox cleanly");
 }

@@ -72,7 +72,15 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
     super::run::serve(Arc::new(cfg), |bound, admin| {
         let find = |n: &str| bound.iter().find(|(name, _)| name == n).map(|(_, a)| *a);
         if let (Some(peer), Some(local)) = (find("internal"), find("local")) {
-            println!("{}", sandbox::instructions(&layout, peer, local, admin));
+            // a closed stdout (a pipe whose reader left) must not stop the sandbox
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(
+                out,
+                "{}",
+                sandbox::instructions(&layout, peer, local, admin)
+            );
+            let _ = out.flush();
         }
         match &ready_file {
             Some(p) => super::write_ready_file(p, bound, admin),

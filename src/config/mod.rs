@@ -113,6 +113,17 @@ pub struct Service {
     pub timeout: Duration,
     /// JSON Schema validation by route (`schema.json`).
     pub json: Vec<JsonRoute>,
+    /// Protobuf validation of gRPC requests (`schema.proto` / `descriptor_set`).
+    pub proto: Option<ProtoSchema>,
+}
+
+/// The request message type of every method of a service's proto files.
+#[derive(Debug, Clone)]
+pub struct ProtoSchema {
+    /// `pkg.Service/Method` → its input message.
+    pub methods: Arc<HashMap<String, prost_reflect::MessageDescriptor>>,
+    /// Unknown fields are refused too.
+    pub strict: bool,
 }
 
 /// One `"METHOD /path/{param}" = schema.json` entry, compiled.
@@ -702,8 +713,9 @@ impl Checker<'_> {
                 .map(|g| g.get_ref().clone())
                 .collect();
             let mut json = Vec::new();
+            let mut proto = None;
             if let Some(schema) = &r.schema {
-                grpc_services.extend(self.schema(schema, &mut json));
+                grpc_services.extend(self.schema(schema, &mut json, &mut proto));
             }
             grpc_services.sort();
             grpc_services.dedup();
@@ -752,14 +764,21 @@ impl Checker<'_> {
                 max_message_bytes,
                 timeout,
                 json,
+                proto,
             });
         }
         out
     }
 
     /// Compiles the service's proto files and returns the gRPC services they declare.
-    fn schema(&mut self, s: &S<raw::RawSchema>, json: &mut Vec<JsonRoute>) -> Vec<String> {
+    fn schema(
+        &mut self,
+        s: &S<raw::RawSchema>,
+        json: &mut Vec<JsonRoute>,
+        proto: &mut Option<ProtoSchema>,
+    ) -> Vec<String> {
         let r = s.get_ref();
+        let mut pools = Vec::new();
         let mut names = Vec::new();
         for p in r.proto.iter().flatten() {
             let file = self.path(p.get_ref());
@@ -775,7 +794,10 @@ impl Checker<'_> {
                 Ok(c.descriptor_pool())
             });
             match result {
-                Ok(pool) => names.extend(pool.services().map(|sv| sv.full_name().to_owned())),
+                Ok(pool) => {
+                    names.extend(pool.services().map(|sv| sv.full_name().to_owned()));
+                    pools.push(pool);
+                }
                 Err(e) => self.sink.error(
                     span(p),
                     format!("{}: {e}", file.display()),
@@ -790,13 +812,30 @@ impl Checker<'_> {
                 .and_then(|b| {
                     prost_reflect::DescriptorPool::decode(b.as_slice()).map_err(|e| e.to_string())
                 }) {
-                Ok(pool) => names.extend(pool.services().map(|sv| sv.full_name().to_owned())),
+                Ok(pool) => {
+                    names.extend(pool.services().map(|sv| sv.full_name().to_owned()));
+                    pools.push(pool);
+                }
                 Err(e) => self.sink.error(
                     span(d),
                     format!("{}: {e}", file.display()),
                     "give a FileDescriptorSet (protoc --descriptor_set_out --include_imports)",
                 ),
             }
+        }
+        if !pools.is_empty() {
+            let mut methods = HashMap::new();
+            for pool in &pools {
+                for svc in pool.services() {
+                    for m in svc.methods() {
+                        methods.insert(format!("{}/{}", svc.full_name(), m.name()), m.input());
+                    }
+                }
+            }
+            *proto = Some(ProtoSchema {
+                methods: Arc::new(methods),
+                strict: r.strict.unwrap_or(false),
+            });
         }
         for (key, f) in r.json.iter().flatten() {
             let file = self.path(f.get_ref());

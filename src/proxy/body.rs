@@ -25,6 +25,9 @@ pub struct Finish {
     pub h1: Option<H1Return>,
     /// Keeps the connection from counting as idle until the answer is done.
     pub busy: Option<crate::listen::Busy>,
+    /// For gRPC: the request's schema guard; a message it refused mid-stream ends the
+    /// answer with INVALID_ARGUMENT instead of a reset.
+    pub tripped: Option<Arc<crate::schema::Tripped>>,
     /// With `[node] access_log`: what the access log line says, and the service name.
     pub access: Option<(Box<AccessEntry>, String)>,
 }
@@ -72,6 +75,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Incoming,
         finish: Option<Finish>,
+        ended: bool,
     }
 }
 
@@ -80,8 +84,28 @@ impl Tracked {
         Self {
             inner,
             finish: Some(finish),
+            ended: false,
         }
     }
+}
+
+/// The schema error of a gRPC call whose request guard refused a message.
+fn refused(finish: &Option<Finish>) -> Option<String> {
+    finish
+        .as_ref()
+        .and_then(|f| f.tripped.as_ref())
+        .and_then(|t| t.schema_error())
+}
+
+fn refusal_trailers(e: &str) -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    t.insert("grpc-status", http::HeaderValue::from_static("3"));
+    let msg =
+        crate::errors::percent_encode_grpc_message(&format!("message refused by its schema: {e}"));
+    if let Ok(v) = http::HeaderValue::from_str(&msg) {
+        t.insert("grpc-message", v);
+    }
+    t
 }
 
 impl Body for Tracked {
@@ -93,8 +117,23 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
         let polled = this.inner.poll_frame(cx);
         match &polled {
+            Poll::Ready(Some(Ok(frame)))
+                if frame.is_trailers() && refused(this.finish).is_some() =>
+            {
+                // the service answered what it was given; the caller's call still failed
+                let e = refused(this.finish).unwrap_or_default();
+                if let Some(f) = this.finish.as_mut() {
+                    f.grpc_status = Some("3".into());
+                }
+                this.finish.take();
+                *this.ended = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(refusal_trailers(&e)))));
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(t), Some(f)) = (frame.trailers_ref(), this.finish.as_mut()) {
                     if f.grpc_status.is_some() {
@@ -111,6 +150,15 @@ impl Body for Tracked {
                 this.finish.take();
             }
             Poll::Ready(Some(Err(_))) => {
+                if let Some(e) = refused(this.finish) {
+                    let t = refusal_trailers(&e);
+                    if let Some(f) = this.finish.as_mut() {
+                        f.grpc_status = Some("3".into());
+                    }
+                    this.finish.take();
+                    *this.ended = true;
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
                 if let Some(f) = this.finish.as_mut() {
                     if f.grpc_status.is_some() {
                         f.grpc_status = Some("14".into());

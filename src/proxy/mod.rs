@@ -192,6 +192,7 @@ pub async fn handle(
         })
     });
     let finish = |service: Option<usize>| Finish {
+        tripped: None,
         access: access.map(|a| {
             let name = service.map_or("-", |i| w.config.services[i].name.as_str());
             (a, name.to_owned())
@@ -222,6 +223,7 @@ pub async fn handle(
                 }
             }
             f.outstanding = Some(fwd.outstanding);
+            f.tripped = grpc.then_some(fwd.tripped);
             f.busy = Some(busy);
             f.h1 = fwd.h1;
             Ok(Response::from_parts(
@@ -256,6 +258,8 @@ struct Forwarded {
     resp: Response<Incoming>,
     outstanding: upstream::Outstanding,
     h1: Option<upstream::H1Return>,
+    /// Set when the request body refused a message after the answer had begun.
+    tripped: Arc<schema::Tripped>,
 }
 
 /// Reads and drops what is left of a refused request's body — at most 64 KiB, for at
@@ -404,9 +408,22 @@ async fn forward(
             }
             None => schema::Limit::Body(u64::MAX),
         };
-        Ok((parts, idx, pool, limit))
+        let proto = match (&service.proto, grpc) {
+            (Some(p), true) => {
+                let m = parts.uri.path().trim_start_matches('/');
+                let input = p.methods.get(m).ok_or_else(|| {
+                    Reject::UnknownService(format!("gRPC method {m} (not in the service's schema)"))
+                })?;
+                Some(schema::ProtoCheck {
+                    input: input.clone(),
+                    strict: p.strict,
+                })
+            }
+            _ => None,
+        };
+        Ok((parts, idx, pool, limit, proto))
     })();
-    let (parts, idx, pool, limit) = match checked {
+    let (parts, idx, pool, limit, proto) = match checked {
         Ok(c) => c,
         Err(r) => {
             discard(body).await;
@@ -421,7 +438,7 @@ async fn forward(
             .size_hint()
             .exact()
             .is_some_and(|n| n > 0 && n <= SMALL_BODY);
-    let body = schema::Guarded::new(body, limit, tripped.clone());
+    let body = schema::Guarded::new(body, limit, tripped.clone(), proto);
     let json_route = if grpc {
         None
     } else {
@@ -491,9 +508,20 @@ async fn send(
             return Err(Reject::NoHealthyTarget(service.name.clone()));
         }
         Err(upstream::UpstreamError::Exchange(e)) => {
-            // the body refused to carry an oversized message: that is the caller's fault
+            // the body refused to carry a message: that is the caller's fault
             if let Some(n) = tripped.get() {
                 return Err(too_large(n, max));
+            }
+            if let Some(e) = tripped.schema_error() {
+                return Err(Reject::Schema {
+                    service: service.name.clone(),
+                    route: "its gRPC method".into(),
+                    violations: vec![crate::errors::Violation {
+                        path: String::new(),
+                        keyword: "protobuf".into(),
+                        message: e,
+                    }],
+                });
             }
             return Err(Reject::Upstream(service.name.clone(), e));
         }
@@ -502,5 +530,6 @@ async fn send(
         resp,
         outstanding,
         h1,
+        tripped,
     })
 }

@@ -73,7 +73,7 @@ pub fn format_accepted(formats: &[String], content_type: &str) -> bool {
 /// Set by a [`Guarded`] body when it refuses what it carries: the size that was over
 /// the limit (0 while nothing was refused).
 #[derive(Debug, Default)]
-pub struct Tripped(AtomicU64);
+pub struct Tripped(AtomicU64, std::sync::Mutex<Option<String>>);
 
 impl Tripped {
     pub fn get(&self) -> Option<u64> {
@@ -82,7 +82,103 @@ impl Tripped {
             n => Some(n),
         }
     }
+
+    /// Why a gRPC message was refused by its schema, if one was.
+    pub fn schema_error(&self) -> Option<String> {
+        self.1.lock().ok().and_then(|s| s.clone())
+    }
+
+    fn set_schema_error(&self, e: String) {
+        if let Ok(mut s) = self.1.lock() {
+            s.get_or_insert(e);
+        }
+    }
 }
+
+/// What a gRPC request's messages are checked against.
+#[derive(Debug, Clone)]
+pub struct ProtoCheck {
+    pub input: prost_reflect::MessageDescriptor,
+    pub strict: bool,
+}
+
+impl ProtoCheck {
+    /// Decodes one message (without its 5-byte prefix); the problem, naming the field.
+    pub fn check(&self, msg: &[u8]) -> Result<(), String> {
+        let m = prost_reflect::DynamicMessage::decode(self.input.clone(), msg)
+            .map_err(|e| self.locate(msg, e.to_string()))?;
+        if self.strict {
+            if let Some(u) = m.unknown_fields().next() {
+                return Err(format!(
+                    "{}: unknown field number {} (strict schema)",
+                    self.input.full_name(),
+                    u.number()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ProtoCheck {
+    /// Names the top-level field a decode error comes from: each field's bytes are
+    /// decoded alone until one fails.
+    fn locate(&self, msg: &[u8], error: String) -> String {
+        let mut at = 0;
+        while at < msg.len() {
+            let start = at;
+            let Some((key, n)) = varint(&msg[at..]) else {
+                break;
+            };
+            at += n;
+            let len = match key & 7 {
+                0 => varint(&msg[at..]).map(|(_, n)| n),
+                1 => Some(8),
+                5 => Some(4),
+                2 => varint(&msg[at..]).map(|(l, n)| n + l as usize),
+                _ => None,
+            };
+            let Some(len) = len.filter(|l| at + l <= msg.len()) else {
+                return self.describe(key >> 3, "truncated or malformed field", error);
+            };
+            at += len;
+            if let Err(e) =
+                prost_reflect::DynamicMessage::decode(self.input.clone(), &msg[start..at])
+            {
+                return self.describe(key >> 3, &e.to_string(), error);
+            }
+        }
+        error
+    }
+
+    fn describe(&self, number: u64, problem: &str, fallback: String) -> String {
+        match self.input.get_field(number as u32) {
+            Some(f) => format!(
+                "{}.{} (field {number}): {problem}",
+                self.input.full_name(),
+                f.name()
+            ),
+            None if number > 0 => format!("{} field {number}: {problem}", self.input.full_name()),
+            None => fallback,
+        }
+    }
+}
+
+/// A protobuf varint and its length in bytes.
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().take(10).enumerate() {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("message refused by its schema: {0}")]
+pub struct SchemaViolation(pub String);
 
 #[derive(Debug, thiserror::Error)]
 #[error("message of {0} bytes is over the service's limit")]
@@ -112,11 +208,20 @@ pin_project_lite::pin_project! {
         remaining: u64,
         prefix: Vec<u8>,
         tripped: Arc<Tripped>,
+        // with a proto schema: whole messages are held until they validate
+        proto: Option<ProtoCheck>,
+        pending: bytes::BytesMut,
+        forwarded: bool,
     }
 }
 
 impl Guarded {
-    pub fn new(inner: Incoming, limit: Limit, tripped: Arc<Tripped>) -> Self {
+    pub fn new(
+        inner: Incoming,
+        limit: Limit,
+        tripped: Arc<Tripped>,
+        proto: Option<ProtoCheck>,
+    ) -> Self {
         Self {
             inner,
             limit,
@@ -124,6 +229,9 @@ impl Guarded {
             remaining: 0,
             prefix: Vec::with_capacity(5),
             tripped,
+            proto,
+            pending: bytes::BytesMut::new(),
+            forwarded: false,
         }
     }
 }
@@ -161,7 +269,79 @@ impl Body for Guarded {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
+        if let Some(check) = this.proto.as_ref() {
+            let max = match *this.limit {
+                Limit::GrpcMessage(m) => m,
+                Limit::Body(m) => m,
+            };
+            loop {
+                // After a refused message: if valid ones already went, end the stream
+                // cleanly so the service handles them (the caller still gets
+                // INVALID_ARGUMENT in place of its status); if none did, reset.
+                if let Some(e) = this.tripped.schema_error() {
+                    if *this.forwarded {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(Box::new(SchemaViolation(e)))));
+                }
+                let frame = match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Ready(Some(Ok(f))) => f,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(None) if this.pending.is_empty() => return Poll::Ready(None),
+                    Poll::Ready(None) => {
+                        let e = "the stream ended inside a message (truncated)".to_owned();
+                        this.tripped.set_schema_error(e.clone());
+                        return Poll::Ready(Some(Err(Box::new(SchemaViolation(e)))));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                };
+                let data = match frame.into_data() {
+                    Ok(d) => d,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                };
+                this.pending.extend_from_slice(&data);
+                let mut out = bytes::BytesMut::new();
+                while this.pending.len() >= 5 {
+                    let p = &this.pending[..5];
+                    let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as u64;
+                    if len > max {
+                        this.tripped.0.store(len, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(TooLarge(len)))));
+                    }
+                    if (this.pending.len() as u64) < 5 + len {
+                        break;
+                    }
+                    let msg = this.pending.split_to(5 + len as usize);
+                    let verdict = if msg[0] != 0 {
+                        Err(
+                            "a compressed message cannot be validated; send it uncompressed"
+                                .to_owned(),
+                        )
+                    } else {
+                        check.check(&msg[5..])
+                    };
+                    if let Err(e) = verdict {
+                        // what was already validated still goes; nothing after it does
+                        this.tripped.set_schema_error(e.clone());
+                        this.pending.clear();
+                        if !out.is_empty() {
+                            *this.forwarded = true;
+                            return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+                        }
+                        if *this.forwarded {
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Err(Box::new(SchemaViolation(e)))));
+                    }
+                    out.extend_from_slice(&msg);
+                }
+                if !out.is_empty() {
+                    *this.forwarded = true;
+                    return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+                }
+            }
+        }
         let frame = match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),

@@ -21,10 +21,20 @@ def say(req, ctx):
     return req
 
 
+CHAT_RECEIVED = []
+
+
 def chat(it, ctx):
     ctx.send_initial_metadata((("seen-peer", _peer(ctx)),))
     for m in it:
+        CHAT_RECEIVED.append(m)
         yield m
+
+
+def stats(req, ctx):
+    # how many Chat messages ever arrived, as a Msg whose text is the number
+    n = str(len(CHAT_RECEIVED)).encode()
+    return b"\x0a" + bytes([len(n)]) + n
 
 
 def fail(req, ctx):
@@ -40,6 +50,7 @@ handler = grpc.method_handlers_generic_handler(
         "Say": grpc.unary_unary_rpc_method_handler(say, ident, ident),
         "Chat": grpc.stream_stream_rpc_method_handler(chat, ident, ident),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, ident, ident),
+        "Stats": grpc.unary_unary_rpc_method_handler(stats, ident, ident),
     },
 )
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
