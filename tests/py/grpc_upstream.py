@@ -15,7 +15,11 @@ def _peer(ctx):
     return dict(ctx.invocation_metadata()).get("fed-peer", "")
 
 
+SAY_RECEIVED = []
+
+
 def say(req, ctx):
+    SAY_RECEIVED.append(req)
     ctx.send_initial_metadata((("seen-peer", _peer(ctx)),))
     ctx.set_trailing_metadata((("x-trailer", "t1"),))
     return req
@@ -32,8 +36,8 @@ def chat(it, ctx):
 
 
 def stats(req, ctx):
-    # how many Chat messages ever arrived, as a Msg whose text is the number
-    n = str(len(CHAT_RECEIVED)).encode()
+    # how many Chat messages and Say calls ever arrived, as a Msg with text "chat/say"
+    n = f"{len(CHAT_RECEIVED)}/{len(SAY_RECEIVED)}".encode()
     return b"\x0a" + bytes([len(n)]) + n
 
 

@@ -46,5 +46,7 @@ except grpc.RpcError as e:
     out["stream"] = {"code": e.code().name, "details": e.details(), "got": got}
 
 stats = ch.unary_unary("/test.Echo/Stats", ident, ident)(b"", timeout=10)
-out["upstream_chat_received"] = int(stats[2:].decode())
+chat, say = stats[2:].decode().split("/")
+out["upstream_chat_received"] = int(chat)
+out["upstream_say_received"] = int(say)
 print(json.dumps(out))
