@@ -197,6 +197,9 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
         v["upstream_chat_received"], 2,
         "nothing after the bad message reached the service"
     );
-    assert_eq!(v["upstream_say_received"], 1, "only the valid unary call reached the service");
+    assert_eq!(
+        v["upstream_say_received"], 1,
+        "only the valid unary call reached the service"
+    );
     assert!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="schema"}"#) >= 4.0);
 }
