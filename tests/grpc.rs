@@ -38,6 +38,23 @@ fn grpc_upstream() -> (Child, u16) {
     (Child(c), port)
 }
 
+/// Runs one of the grpcio client scripts against fedport's peer port with the test
+/// client's certificate and returns the JSON it printed.
+fn run_client(script: &str, fp: &Fedport, pki: &Pki) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(support::py(script))
+        .arg(fp.addr("internal").to_string())
+        .args([&pki.ca, &pki.client.cert, &pki.client.key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn grpcio_unary_and_bidi_streaming_with_status_and_trailers() {
     let pki = Pki::new();
@@ -70,18 +87,7 @@ from = "spiffe://fed.test/client/alice"
 to = "down"
 "#,
     ));
-    let out = Command::new(python())
-        .arg(support::py("grpc_client.py"))
-        .arg(fp.addr("internal").to_string())
-        .args([&pki.ca, &pki.client.cert, &pki.client.key])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_client("grpc_client.py", &fp, &pki);
 
     let u = &v["unary"];
     assert_eq!(u["code"], "OK");
@@ -155,18 +161,7 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
             proto.display()
         ),
     ));
-    let out = Command::new(python())
-        .arg(support::py("grpc_validate.py"))
-        .arg(fp.addr("internal").to_string())
-        .args([&pki.ca, &pki.client.cert, &pki.client.key])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_client("grpc_validate.py", &fp, &pki);
     assert_eq!(v["valid"]["code"], "OK", "{v}");
     for (case, needle) in [
         ("bad_utf8", "UTF-8"),

@@ -1077,9 +1077,3 @@ fn text_hash(text: &str) -> String {
     text.hash(&mut h);
     format!("{:016x}", h.finish())
 }
-
-impl Config {
-    pub fn service(&self, name: &str) -> Option<&Service> {
-        self.services.iter().find(|s| s.name == name)
-    }
-}
