@@ -25,6 +25,13 @@ pub enum Reject {
     Format(String, String),
     #[error("a message of {1} bytes is over service {0}'s limit of {2} bytes")]
     TooLarge(String, u64, u64),
+    /// A `grpc-encoding` the service does not accept; the accepted ones, comma-separated.
+    #[error("service {service} does not accept grpc-encoding {encoding:?}; it accepts {accepted}")]
+    Encoding {
+        service: String,
+        encoding: String,
+        accepted: String,
+    },
     /// The body does not satisfy the route's JSON Schema (or is not JSON).
     #[error("request body does not match the schema of {route} on service {service}: {}", violations.first().map(|v| format!("{} at {:?}", v.message, v.path)).unwrap_or_default())]
     Schema {
@@ -75,6 +82,7 @@ impl Reject {
             Reject::Draining => "draining",
             Reject::Format(..) => "format",
             Reject::TooLarge(..) => "size",
+            Reject::Encoding { .. } => "encoding",
             Reject::Schema { .. } => "schema",
             Reject::Denied { .. } => "denied",
         }
@@ -90,6 +98,7 @@ impl Reject {
             Reject::Denied { .. } => StatusCode::FORBIDDEN,
             Reject::Format(..) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Reject::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::Encoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Reject::Schema { .. } => StatusCode::BAD_REQUEST,
         }
     }
@@ -105,6 +114,8 @@ impl Reject {
             Reject::Denied { .. } => GrpcCode::PermissionDenied,
             Reject::Format(..) => GrpcCode::InvalidArgument,
             Reject::TooLarge(..) => GrpcCode::ResourceExhausted,
+            // the gRPC compression spec's answer to an encoding the server lacks
+            Reject::Encoding { .. } => GrpcCode::Unimplemented,
             Reject::Schema { .. } => GrpcCode::InvalidArgument,
         }
     }
@@ -126,6 +137,11 @@ impl Reject {
             }
             if let Ok(v) = HeaderValue::from_str(request_id) {
                 h.insert("x-request-id", v);
+            }
+            if let Reject::Encoding { accepted, .. } = self {
+                if let Ok(v) = HeaderValue::from_str(accepted) {
+                    h.insert("grpc-accept-encoding", v);
+                }
             }
             return resp;
         }
@@ -184,6 +200,11 @@ mod tests {
             },
             Reject::Format("s".into(), "text/plain".into()),
             Reject::TooLarge("s".into(), 2, 1),
+            Reject::Encoding {
+                service: "s".into(),
+                encoding: "snappy".into(),
+                accepted: "identity,gzip".into(),
+            },
         ];
         let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
         assert_eq!(reasons.len(), all.len());
@@ -197,6 +218,9 @@ mod tests {
         assert_eq!(all[7].grpc_code(), GrpcCode::InvalidArgument);
         assert_eq!(all[8].http_status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(all[8].grpc_code(), GrpcCode::ResourceExhausted);
+        assert_eq!(all[9].grpc_code(), GrpcCode::Unimplemented);
+        let r = all[9].to_response(true, "id");
+        assert_eq!(r.headers()["grpc-accept-encoding"], "identity,gzip");
     }
 
     #[test]

@@ -115,15 +115,69 @@ pub struct Service {
     pub json: Vec<JsonRoute>,
     /// Protobuf validation of gRPC requests (`schema.proto` / `descriptor_set`).
     pub proto: Option<ProtoSchema>,
+    /// `grpc-encoding`s accepted besides `identity` (default: gzip).
+    pub encodings: Vec<String>,
 }
 
-/// The request message type of every method of a service's proto files.
+/// The message types of every method of a service's proto files.
 #[derive(Debug, Clone)]
 pub struct ProtoSchema {
-    /// `pkg.Service/Method` → its input message.
-    pub methods: Arc<HashMap<String, prost_reflect::MessageDescriptor>>,
+    /// `pkg.Service/Method` → its message types.
+    pub methods: Arc<HashMap<String, Arc<MethodSchema>>>,
     /// Unknown fields are refused too.
     pub strict: bool,
+    /// Responses are validated against the output type as well.
+    pub validate_responses: bool,
+}
+
+/// One gRPC method of a schema.
+#[derive(Debug)]
+pub struct MethodSchema {
+    /// `pkg.Service/Method`: bounded, so it can be a metric label.
+    pub name: Arc<str>,
+    pub input: prost_reflect::MessageDescriptor,
+    pub output: prost_reflect::MessageDescriptor,
+    /// A proto2 `required` field occurs somewhere in the input (or output) type.
+    pub input_required: bool,
+    pub output_required: bool,
+}
+
+/// Where a protox error is: `path:line:col` of the file it names (the proto file or
+/// one of its imports), or the proto file's path when the error has no position.
+fn proto_position(e: &protox::Error, file: &Path, includes: &[PathBuf]) -> String {
+    use miette::Diagnostic;
+    let path = e
+        .file()
+        .and_then(|name| includes.iter().map(|i| i.join(name)).find(|p| p.is_file()))
+        .unwrap_or_else(|| file.to_owned());
+    let offset = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+    match (offset, std::fs::read_to_string(&path)) {
+        (Some(at), Ok(text)) => {
+            let before = &text[..at.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("{}:{line}:{col}", path.display())
+        }
+        _ => path.display().to_string(),
+    }
+}
+
+/// Whether a message type, or one it contains, has a proto2 `required` field.
+pub fn has_required(m: &prost_reflect::MessageDescriptor) -> bool {
+    fn walk(m: &prost_reflect::MessageDescriptor, seen: &mut Vec<String>) -> bool {
+        if seen.iter().any(|s| s == m.full_name()) {
+            return false;
+        }
+        seen.push(m.full_name().to_owned());
+        m.fields().any(|f| {
+            f.cardinality() == prost_reflect::Cardinality::Required
+                || match f.kind() {
+                    prost_reflect::Kind::Message(sub) => walk(&sub, seen),
+                    _ => false,
+                }
+        })
+    }
+    walk(m, &mut Vec::new())
 }
 
 /// One `"METHOD /path/{param}" = schema.json` entry, compiled.
@@ -132,7 +186,7 @@ pub struct JsonRoute {
     pub method: String,
     pub template: Vec<Segment>,
     /// The route as written, for error messages.
-    pub route: String,
+    pub route: Arc<str>,
     pub validator: Arc<jsonschema::Validator>,
 }
 
@@ -750,7 +804,26 @@ impl Checker<'_> {
                 .ok()
             });
             let timeout = self.duration(r.timeout.as_ref(), DEFAULT_TIMEOUT);
+            let mut encodings = Vec::new();
+            for e in r.encodings.iter().flatten() {
+                let name = e.get_ref().to_ascii_lowercase();
+                if name == "identity" {
+                    continue;
+                }
+                if proto.is_some() && name != "gzip" {
+                    self.sink.error(
+                        span(e),
+                        format!("messages in grpc-encoding {name:?} cannot be validated against the service's proto schema"),
+                        "fedport decompresses gzip to validate; list only \"gzip\" (or \"identity\")",
+                    );
+                }
+                encodings.push(name);
+            }
+            if r.encodings.is_none() {
+                encodings.push("gzip".to_owned());
+            }
             out.push(Service {
+                encodings,
                 name: r.name.get_ref().clone(),
                 protocol,
                 endpoints,
@@ -800,7 +873,7 @@ impl Checker<'_> {
                 }
                 Err(e) => self.sink.error(
                     span(p),
-                    format!("{}: {e}", file.display()),
+                    format!("{}: {e}", proto_position(&e, &file, &includes)),
                     "the .proto file must compile (protoc would say the same); fix it or the path",
                 ),
             }
@@ -828,13 +901,22 @@ impl Checker<'_> {
             for pool in &pools {
                 for svc in pool.services() {
                     for m in svc.methods() {
-                        methods.insert(format!("{}/{}", svc.full_name(), m.name()), m.input());
+                        let name = format!("{}/{}", svc.full_name(), m.name());
+                        let schema = MethodSchema {
+                            name: name.as_str().into(),
+                            input_required: has_required(&m.input()),
+                            output_required: has_required(&m.output()),
+                            input: m.input(),
+                            output: m.output(),
+                        };
+                        methods.insert(name, Arc::new(schema));
                     }
                 }
             }
             *proto = Some(ProtoSchema {
                 methods: Arc::new(methods),
                 strict: r.strict.unwrap_or(false),
+                validate_responses: r.validate_responses.unwrap_or(false),
             });
         }
         for (key, f) in r.json.iter().flatten() {
@@ -880,7 +962,7 @@ impl Checker<'_> {
                 Ok(v) => json.push(JsonRoute {
                     method: method.to_owned(),
                     template: template.split('/').map(Segment::parse).collect(),
-                    route: key.clone(),
+                    route: key.as_str().into(),
                     validator: Arc::new(v),
                 }),
                 Err(e) => self.sink.error(

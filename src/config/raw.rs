@@ -95,6 +95,8 @@ pub struct RawService {
     pub schema: Option<S<RawSchema>>,
     pub max_message_bytes: Option<S<SizeValue>>,
     pub timeout: Option<S<String>>,
+    /// `grpc-encoding`s accepted besides identity; default `["gzip"]`.
+    pub encodings: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +107,7 @@ pub struct RawSchema {
     pub include: Option<Vec<S<String>>>,
     pub descriptor_set: Option<S<String>>,
     pub strict: Option<bool>,
+    pub validate_responses: Option<bool>,
     pub json: Option<BTreeMap<String, S<String>>>,
 }
 

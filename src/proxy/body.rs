@@ -28,6 +28,12 @@ pub struct Finish {
     /// For gRPC: the request's schema guard; a message it refused mid-stream ends the
     /// answer with INVALID_ARGUMENT instead of a reset.
     pub tripped: Option<Arc<crate::schema::Tripped>>,
+    /// The schema method or JSON Schema route the request matched (a metric label).
+    pub method: Option<Arc<str>>,
+    /// With `validate_responses`: the answer's messages, checked as they stream.
+    pub response_check: Option<crate::schema::Framer>,
+    /// Why a response message was refused, until the answer ends with it.
+    pub response_refusal: Option<String>,
     /// With `[node] access_log`: what the access log line says, and the service name.
     pub access: Option<(Box<AccessEntry>, String)>,
 }
@@ -89,23 +95,42 @@ impl Tracked {
     }
 }
 
-/// The schema error of a gRPC call whose request guard refused a message.
-fn refused(finish: &Option<Finish>) -> Option<String> {
+/// The gRPC status (code, message) of a call whose request guard refused a message.
+fn refused(finish: &Option<Finish>) -> Option<(&'static str, String)> {
     finish
         .as_ref()
         .and_then(|f| f.tripped.as_ref())
-        .and_then(|t| t.schema_error())
+        .and_then(|t| t.grpc_refusal())
 }
 
-fn refusal_trailers(e: &str) -> http::HeaderMap {
+fn status_trailers(code: &'static str, message: &str) -> http::HeaderMap {
     let mut t = http::HeaderMap::new();
-    t.insert("grpc-status", http::HeaderValue::from_static("3"));
-    let msg =
-        crate::errors::percent_encode_grpc_message(&format!("message refused by its schema: {e}"));
+    t.insert("grpc-status", http::HeaderValue::from_static(code));
+    let msg = crate::errors::percent_encode_grpc_message(message);
     if let Ok(v) = http::HeaderValue::from_str(&msg) {
         t.insert("grpc-message", v);
     }
     t
+}
+
+impl Tracked {
+    /// Ends the answer with fedport's own status in place of the service's, records it,
+    /// and counts the refused message by `reason`.
+    fn end_with(
+        finish: &mut Option<Finish>,
+        ended: &mut bool,
+        code: &'static str,
+        message: &str,
+        reason: &str,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(mut f) = finish.take() {
+            f.grpc_status = Some(code.into());
+            f.metrics
+                .message_rejected(f.method.as_deref().unwrap_or("other"), reason);
+        }
+        *ended = true;
+        Poll::Ready(Some(Ok(Frame::trailers(status_trailers(code, message)))))
+    }
 }
 
 impl Body for Tracked {
@@ -116,25 +141,60 @@ impl Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        if *this.ended {
-            return Poll::Ready(None);
-        }
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame)))
-                if frame.is_trailers() && refused(this.finish).is_some() =>
-            {
-                // the service answered what it was given; the caller's call still failed
-                let e = refused(this.finish).unwrap_or_default();
-                if let Some(f) = this.finish.as_mut() {
-                    f.grpc_status = Some("3".into());
-                }
-                this.finish.take();
-                *this.ended = true;
-                return Poll::Ready(Some(Ok(Frame::trailers(refusal_trailers(&e)))));
+        let mut this = self.project();
+        loop {
+            if *this.ended {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Ok(frame))) => {
+            // a response message refused after the valid ones before it went out
+            if let Some(e) = this.finish.as_mut().and_then(|f| f.response_refusal.take()) {
+                let msg = format!("response refused by its schema: {e}");
+                return Tracked::end_with(this.finish, this.ended, "13", &msg, "response_schema");
+            }
+            let frame = match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    this.finish.take();
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // the request guard reset the exchange: answer with its refusal
+                    if let Some((code, msg)) = refused(this.finish) {
+                        let reason = if code == "8" { "size" } else { "schema" };
+                        return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
+                    }
+                    if let Some(f) = this.finish.as_mut() {
+                        if f.grpc_status.is_some() {
+                            f.grpc_status = Some("14".into());
+                        }
+                        f.h1 = None;
+                    }
+                    this.finish.take();
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            if frame.is_trailers() {
+                // the service answered what it was given; the caller's call still failed
+                if let Some((code, msg)) = refused(this.finish) {
+                    let reason = if code == "8" { "size" } else { "schema" };
+                    return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
+                }
+                let truncated = this
+                    .finish
+                    .as_ref()
+                    .and_then(|f| f.response_check.as_ref())
+                    .is_some_and(|c| c.unfinished());
+                if truncated {
+                    let msg = "response refused by its schema: the stream ended inside a message (truncated)";
+                    return Tracked::end_with(
+                        this.finish,
+                        this.ended,
+                        "13",
+                        msg,
+                        "response_schema",
+                    );
+                }
                 if let (Some(t), Some(f)) = (frame.trailers_ref(), this.finish.as_mut()) {
                     if f.grpc_status.is_some() {
                         f.grpc_status = Some(
@@ -145,31 +205,30 @@ impl Body for Tracked {
                         );
                     }
                 }
+                return Poll::Ready(Some(Ok(frame)));
             }
-            Poll::Ready(None) => {
-                this.finish.take();
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(e) = refused(this.finish) {
-                    let t = refusal_trailers(&e);
-                    if let Some(f) = this.finish.as_mut() {
-                        f.grpc_status = Some("3".into());
+            let Some(f) = this.finish.as_mut() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            let Some(check) = f.response_check.as_mut() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let (out, refusal) = check.push(&data);
+            if let Some(r) = refusal {
+                f.response_refusal = Some(match r {
+                    crate::schema::Refusal::TooLarge(n) => {
+                        format!("message of {n} bytes is over the service's limit")
                     }
-                    this.finish.take();
-                    *this.ended = true;
-                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
-                }
-                if let Some(f) = this.finish.as_mut() {
-                    if f.grpc_status.is_some() {
-                        f.grpc_status = Some("14".into());
-                    }
-                    f.h1 = None;
-                }
-                this.finish.take();
+                    crate::schema::Refusal::Invalid(e) => e,
+                });
             }
-            Poll::Pending => {}
+            if let Some(out) = out {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -179,7 +179,7 @@ pub async fn handle(
     let grpc = is_grpc(req.headers());
     let rid = request_id(req.headers());
     conn.streams.inc();
-    let mut service: Option<usize> = None;
+    let mut routed = Routed::default();
     let busy = conn.activity.begin();
     let access = w.config.node.access_log.then(|| {
         Box::new(body::AccessEntry {
@@ -191,8 +191,11 @@ pub async fn handle(
             listener: conn.listener.clone(),
         })
     });
-    let finish = |service: Option<usize>| Finish {
+    let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
         tripped: None,
+        method,
+        response_check: None,
+        response_refusal: None,
         access: access.map(|a| {
             let name = service.map_or("-", |i| w.config.services[i].name.as_str());
             (a, name.to_owned())
@@ -206,11 +209,18 @@ pub async fn handle(
         outstanding: None,
         h1: None,
     };
-    match forward(req, &conn, &w, grpc, &rid, &mut service).await {
+    match forward(req, &conn, &w, grpc, &rid, &mut routed).await {
         Ok(fwd) => {
             let (mut rparts, rbody) = fwd.resp.into_parts();
             strip_hop_by_hop(&mut rparts.headers);
-            let mut f = finish(service);
+            let mut f = finish(routed.service, routed.method.take());
+            f.response_check = fwd.response.map(|(check, max)| {
+                let gzip = rparts
+                    .headers
+                    .get("grpc-encoding")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+                schema::Framer::new(check, max, gzip)
+            });
             f.http_status = rparts.status.as_u16();
             if grpc {
                 // a trailers-only answer carries the status in the headers
@@ -232,6 +242,7 @@ pub async fn handle(
             ))
         }
         Err(reject) => {
+            let service = routed.service;
             let reason = reject.reason();
             w.metrics.reject(&conn.listener, reason);
             tracing::info!(
@@ -242,7 +253,11 @@ pub async fn handle(
                 "request refused: {reject}"
             );
             let resp = reject.to_response(grpc, rid.to_str().unwrap_or("-"));
-            let mut f = finish(service);
+            let mut f = finish(service, routed.method.take());
+            if matches!(reason, "format" | "encoding" | "size" | "schema") {
+                let method = f.method.as_deref().unwrap_or("other");
+                f.metrics.message_rejected(method, reason);
+            }
             f.http_status = resp.status().as_u16();
             if grpc {
                 f.grpc_status = Some((reject.grpc_code() as u8).to_string());
@@ -253,8 +268,18 @@ pub async fn handle(
     }
 }
 
+/// What routing decided, kept for the request's metrics and log line.
+#[derive(Default)]
+struct Routed {
+    service: Option<usize>,
+    /// The schema method (`pkg.S/M`) or JSON Schema route the request matched.
+    method: Option<Arc<str>>,
+}
+
 /// An upstream's answer, with what must live as long as its body.
 struct Forwarded {
+    /// With `validate_responses`: the answer's messages are checked too (type, limit).
+    response: Option<(schema::ProtoCheck, u64)>,
     resp: Response<Incoming>,
     outstanding: upstream::Outstanding,
     h1: Option<upstream::H1Return>,
@@ -284,7 +309,7 @@ async fn forward(
     w: &Worker,
     grpc: bool,
     rid: &HeaderValue,
-    routed: &mut Option<usize>,
+    routed: &mut Routed,
 ) -> Result<Forwarded, Reject> {
     let (mut parts, body) = req.into_parts();
     // Everything decided before a byte goes upstream; a refusal here first reads and
@@ -299,7 +324,27 @@ async fn forward(
             None => w.table.route(&parts, grpc)?,
         };
         let service = &w.config.services[idx];
-        *routed = Some(idx);
+        routed.service = Some(idx);
+        let method = match (&service.proto, grpc) {
+            (Some(p), true) => {
+                let m = parts.uri.path().trim_start_matches('/');
+                let schema = p.methods.get(m).ok_or_else(|| {
+                    Reject::UnknownService(format!("gRPC method {m} (not in the service's schema)"))
+                })?;
+                routed.method = Some(schema.name.clone());
+                Some((p, schema))
+            }
+            _ => None,
+        };
+        let json_route = if grpc {
+            None
+        } else {
+            let (m, p) = (parts.method.as_str(), parts.uri.path());
+            service.json.iter().find(|r| r.matches(m, p))
+        };
+        if let Some(r) = json_route {
+            routed.method = Some(r.route.clone());
+        }
         let call = match route::grpc_path(parts.uri.path()) {
             Some(_) if grpc => Call::Grpc(&parts.uri.path()[1..]),
             _ => Call::Http(parts.method.as_str(), parts.uri.path()),
@@ -408,22 +453,41 @@ async fn forward(
             }
             None => schema::Limit::Body(u64::MAX),
         };
-        let proto = match (&service.proto, grpc) {
-            (Some(p), true) => {
-                let m = parts.uri.path().trim_start_matches('/');
-                let input = p.methods.get(m).ok_or_else(|| {
-                    Reject::UnknownService(format!("gRPC method {m} (not in the service's schema)"))
-                })?;
-                Some(schema::ProtoCheck {
-                    input: input.clone(),
-                    strict: p.strict,
-                })
+        // compressed messages: only in an encoding the service accepts
+        let mut gzip = false;
+        if let Some(enc) = parts.headers.get("grpc-encoding").filter(|_| grpc) {
+            let e = enc.to_str().unwrap_or("?").to_ascii_lowercase();
+            if e != "identity" && !service.encodings.contains(&e) {
+                let accepted = std::iter::once("identity")
+                    .chain(service.encodings.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                return Err(Reject::Encoding {
+                    service: service.name.clone(),
+                    encoding: e,
+                    accepted,
+                });
             }
-            _ => None,
-        };
-        Ok((parts, idx, pool, limit, proto))
+            gzip = e == "gzip";
+        }
+        let max = service
+            .max_message_bytes
+            .unwrap_or(schema::DEFAULT_GRPC_LIMIT);
+        let check =
+            |message: &prost_reflect::MessageDescriptor, strict, required| schema::ProtoCheck {
+                message: message.clone(),
+                strict,
+                required,
+            };
+        let framer = method.map(|(p, m)| {
+            schema::Framer::new(check(&m.input, p.strict, m.input_required), max, gzip)
+        });
+        let response = method
+            .filter(|(p, _)| p.validate_responses)
+            .map(|(p, m)| (check(&m.output, p.strict, m.output_required), max));
+        Ok((parts, idx, pool, limit, framer, response, json_route))
     })();
-    let (parts, idx, pool, limit, proto) = match checked {
+    let (parts, idx, pool, limit, framer, response, json_route) = match checked {
         Ok(c) => c,
         Err(r) => {
             discard(body).await;
@@ -438,13 +502,7 @@ async fn forward(
             .size_hint()
             .exact()
             .is_some_and(|n| n > 0 && n <= SMALL_BODY);
-    let body = schema::Guarded::new(body, limit, tripped.clone(), proto);
-    let json_route = if grpc {
-        None
-    } else {
-        let (m, p) = (parts.method.as_str(), parts.uri.path());
-        service.json.iter().find(|r| r.matches(m, p))
-    };
+    let body = schema::Guarded::new(body, limit, tripped.clone(), framer);
     if let Some(route) = json_route {
         // validated whole, so buffered: bounded by the service's limit (default 1 MiB)
         let max = service
@@ -461,7 +519,7 @@ async fn forward(
         };
         schema::validate_json(route, &bytes).map_err(|violations| Reject::Schema {
             service: service.name.clone(),
-            route: route.route.clone(),
+            route: route.route.to_string(),
             violations,
         })?;
         return send(
@@ -473,6 +531,7 @@ async fn forward(
         )
         .await;
     }
+    let response_check = response;
     let body: ProxyBody = if small {
         let bytes = Limited::new(body, SMALL_BODY as usize)
             .collect()
@@ -483,7 +542,9 @@ async fn forward(
     } else {
         Either::Left(body)
     };
-    send(pool, parts, body, service, tripped).await
+    let mut fwd = send(pool, parts, body, service, tripped).await?;
+    fwd.response = response_check;
+    Ok(fwd)
 }
 
 /// Forwards the request within the service's timeout and maps what can go wrong.
@@ -527,6 +588,7 @@ async fn send(
         }
     };
     Ok(Forwarded {
+        response: None,
         resp,
         outstanding,
         h1,

@@ -88,6 +88,18 @@ impl Tripped {
         self.1.lock().ok().and_then(|s| s.clone())
     }
 
+    /// The refusal as a gRPC status and message, if the guard refused anything.
+    pub fn grpc_refusal(&self) -> Option<(&'static str, String)> {
+        if let Some(n) = self.get() {
+            return Some((
+                "8",
+                format!("message of {n} bytes is over the service's limit"),
+            ));
+        }
+        self.schema_error()
+            .map(|e| ("3", format!("message refused by its schema: {e}")))
+    }
+
     fn set_schema_error(&self, e: String) {
         if let Ok(mut s) = self.1.lock() {
             s.get_or_insert(e);
@@ -95,29 +107,90 @@ impl Tripped {
     }
 }
 
-/// What a gRPC request's messages are checked against.
+/// The most a validated gRPC message may be, compressed or not, when the service sets
+/// no `max_message_bytes` (gRPC's own default receive limit): validation holds a whole
+/// message.
+pub const DEFAULT_GRPC_LIMIT: u64 = 4 << 20;
+
+/// What a gRPC call's messages (requests, or responses) are checked against.
 #[derive(Debug, Clone)]
 pub struct ProtoCheck {
-    pub input: prost_reflect::MessageDescriptor,
+    pub message: prost_reflect::MessageDescriptor,
     pub strict: bool,
+    /// A proto2 `required` field occurs somewhere in the type: decoded messages are walked.
+    pub required: bool,
 }
 
 impl ProtoCheck {
     /// Decodes one message (without its 5-byte prefix); the problem, naming the field.
     pub fn check(&self, msg: &[u8]) -> Result<(), String> {
-        let m = prost_reflect::DynamicMessage::decode(self.input.clone(), msg)
+        let m = prost_reflect::DynamicMessage::decode(self.message.clone(), msg)
             .map_err(|e| self.locate(msg, e.to_string()))?;
-        if self.strict {
-            if let Some(u) = m.unknown_fields().next() {
-                return Err(format!(
-                    "{}: unknown field number {} (strict schema)",
-                    self.input.full_name(),
-                    u.number()
-                ));
-            }
+        if self.strict || self.required {
+            let mut path = self.message.full_name().to_owned();
+            walk(&m, self.strict, &mut path)?;
         }
         Ok(())
     }
+}
+
+/// Refuses unknown fields (strict) and missing proto2 `required` fields, at any depth;
+/// `path` names where, e.g. `shop.Order.items[2].sku`.
+fn walk(m: &prost_reflect::DynamicMessage, strict: bool, path: &mut String) -> Result<(), String> {
+    use prost_reflect::{Cardinality, ReflectMessage, Value};
+    if strict {
+        if let Some(u) = m.unknown_fields().next() {
+            return Err(format!(
+                "{path}: unknown field number {} (strict schema)",
+                u.number()
+            ));
+        }
+    }
+    for f in m.descriptor().fields() {
+        let present = m.has_field(&f);
+        if !present {
+            if f.cardinality() == Cardinality::Required {
+                return Err(format!(
+                    "{path}.{} (field {}): required field is missing",
+                    f.name(),
+                    f.number()
+                ));
+            }
+            continue;
+        }
+        if !matches!(f.kind(), prost_reflect::Kind::Message(_)) {
+            continue;
+        }
+        let len = path.len();
+        match &*m.get_field(&f) {
+            Value::Message(sub) => {
+                path.push('.');
+                path.push_str(f.name());
+                walk(sub, strict, path)?;
+            }
+            Value::List(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    if let Value::Message(sub) = v {
+                        path.truncate(len);
+                        path.push_str(&format!(".{}[{i}]", f.name()));
+                        walk(sub, strict, path)?;
+                    }
+                }
+            }
+            Value::Map(entries) => {
+                for (k, v) in entries {
+                    if let Value::Message(sub) = v {
+                        path.truncate(len);
+                        path.push_str(&format!(".{}[{k:?}]", f.name()));
+                        walk(sub, strict, path)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        path.truncate(len);
+    }
+    Ok(())
 }
 
 impl ProtoCheck {
@@ -143,7 +216,7 @@ impl ProtoCheck {
             };
             at += len;
             if let Err(e) =
-                prost_reflect::DynamicMessage::decode(self.input.clone(), &msg[start..at])
+                prost_reflect::DynamicMessage::decode(self.message.clone(), &msg[start..at])
             {
                 return self.describe(key >> 3, &e.to_string(), error);
             }
@@ -152,14 +225,108 @@ impl ProtoCheck {
     }
 
     fn describe(&self, number: u64, problem: &str, fallback: String) -> String {
-        match self.input.get_field(number as u32) {
+        match self.message.get_field(number as u32) {
             Some(f) => format!(
                 "{}.{} (field {number}): {problem}",
-                self.input.full_name(),
+                self.message.full_name(),
                 f.name()
             ),
-            None if number > 0 => format!("{} field {number}: {problem}", self.input.full_name()),
+            None if number > 0 => format!("{} field {number}: {problem}", self.message.full_name()),
             None => fallback,
+        }
+    }
+}
+
+/// Why a gRPC message was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// Its length prefix, or its decompressed size, passes the limit.
+    TooLarge(u64),
+    /// It does not decode as its type (or is compressed in a way that cannot be read).
+    Invalid(String),
+}
+
+/// Follows a gRPC stream's framing, holding each message until it is whole, then
+/// decompresses it (gzip, up to the limit) and checks it against its type. Valid
+/// messages leave byte for byte as they came; nothing after a refused one does.
+#[derive(Debug)]
+pub struct Framer {
+    check: ProtoCheck,
+    max: u64,
+    /// The stream's `grpc-encoding` is gzip.
+    gzip: bool,
+    pending: bytes::BytesMut,
+}
+
+impl Framer {
+    pub fn new(check: ProtoCheck, max: u64, gzip: bool) -> Self {
+        Self {
+            check,
+            max,
+            gzip,
+            pending: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Takes the next bytes of the stream; returns the whole, valid messages now ready
+    /// to go on, and the refusal that stopped the stream, if one did. A length prefix
+    /// over the limit is refused before any of its message is held.
+    pub fn push(&mut self, data: &[u8]) -> (Option<Bytes>, Option<Refusal>) {
+        self.pending.extend_from_slice(data);
+        let mut ready = 0;
+        let mut refusal = None;
+        while self.pending.len() - ready >= 5 {
+            let p = &self.pending[ready..ready + 5];
+            let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as u64;
+            if len > self.max {
+                refusal = Some(Refusal::TooLarge(len));
+                break;
+            }
+            let end = ready + 5 + len as usize;
+            if self.pending.len() < end {
+                break;
+            }
+            if let Err(r) = self.verdict(self.pending[ready], &self.pending[ready + 5..end]) {
+                refusal = Some(r);
+                break;
+            }
+            ready = end;
+        }
+        let out = (ready > 0).then(|| self.pending.split_to(ready).freeze());
+        if refusal.is_some() {
+            self.pending.clear();
+        }
+        (out, refusal)
+    }
+
+    /// Bytes of an unfinished message are left: the stream ended inside it.
+    pub fn unfinished(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn verdict(&self, flag: u8, msg: &[u8]) -> Result<(), Refusal> {
+        match flag {
+            0 => self.check.check(msg).map_err(Refusal::Invalid),
+            1 if self.gzip => {
+                use std::io::Read;
+                let mut plain = Vec::new();
+                flate2::read::MultiGzDecoder::new(msg)
+                    .take(self.max + 1)
+                    .read_to_end(&mut plain)
+                    .map_err(|e| {
+                        Refusal::Invalid(format!("gzip message does not decompress: {e}"))
+                    })?;
+                if plain.len() as u64 > self.max {
+                    return Err(Refusal::TooLarge(plain.len() as u64));
+                }
+                self.check.check(&plain).map_err(Refusal::Invalid)
+            }
+            1 => Err(Refusal::Invalid(
+                "message is marked compressed but the call's grpc-encoding is not gzip".into(),
+            )),
+            f => Err(Refusal::Invalid(format!(
+                "message flag {f} is neither 0 (plain) nor 1 (compressed)"
+            ))),
         }
     }
 }
@@ -209,8 +376,7 @@ pin_project_lite::pin_project! {
         prefix: Vec<u8>,
         tripped: Arc<Tripped>,
         // with a proto schema: whole messages are held until they validate
-        proto: Option<ProtoCheck>,
-        pending: bytes::BytesMut,
+        framer: Option<Framer>,
         forwarded: bool,
     }
 }
@@ -220,7 +386,7 @@ impl Guarded {
         inner: Incoming,
         limit: Limit,
         tripped: Arc<Tripped>,
-        proto: Option<ProtoCheck>,
+        framer: Option<Framer>,
     ) -> Self {
         Self {
             inner,
@@ -229,8 +395,7 @@ impl Guarded {
             remaining: 0,
             prefix: Vec::with_capacity(5),
             tripped,
-            proto,
-            pending: bytes::BytesMut::new(),
+            framer,
             forwarded: false,
         }
     }
@@ -270,15 +435,17 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        if let Some(check) = this.proto.as_ref() {
-            let max = match *this.limit {
-                Limit::GrpcMessage(m) => m,
-                Limit::Body(m) => m,
-            };
+        if let Some(framer) = this.framer.as_mut() {
             loop {
                 // After a refused message: if valid ones already went, end the stream
-                // cleanly so the service handles them (the caller still gets
-                // INVALID_ARGUMENT in place of its status); if none did, reset.
+                // cleanly so the service handles them (the caller still gets the
+                // refusal in place of the service's status); if none did, reset.
+                if let Some(n) = this.tripped.get() {
+                    if *this.forwarded {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(Box::new(TooLarge(n)))));
+                }
                 if let Some(e) = this.tripped.schema_error() {
                     if *this.forwarded {
                         return Poll::Ready(None);
@@ -288,57 +455,28 @@ impl Body for Guarded {
                 let frame = match this.inner.as_mut().poll_frame(cx) {
                     Poll::Ready(Some(Ok(f))) => f,
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
-                    Poll::Ready(None) if this.pending.is_empty() => return Poll::Ready(None),
-                    Poll::Ready(None) => {
-                        let e = "the stream ended inside a message (truncated)".to_owned();
-                        this.tripped.set_schema_error(e.clone());
-                        return Poll::Ready(Some(Err(Box::new(SchemaViolation(e)))));
+                    Poll::Ready(None) if framer.unfinished() => {
+                        this.tripped.set_schema_error(
+                            "the stream ended inside a message (truncated)".into(),
+                        );
+                        continue;
                     }
+                    Poll::Ready(None) => return Poll::Ready(None),
                     Poll::Pending => return Poll::Pending,
                 };
                 let data = match frame.into_data() {
                     Ok(d) => d,
                     Err(other) => return Poll::Ready(Some(Ok(other))),
                 };
-                this.pending.extend_from_slice(&data);
-                let mut out = bytes::BytesMut::new();
-                while this.pending.len() >= 5 {
-                    let p = &this.pending[..5];
-                    let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as u64;
-                    if len > max {
-                        this.tripped.0.store(len, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(Box::new(TooLarge(len)))));
-                    }
-                    if (this.pending.len() as u64) < 5 + len {
-                        break;
-                    }
-                    let msg = this.pending.split_to(5 + len as usize);
-                    let verdict = if msg[0] != 0 {
-                        Err(
-                            "a compressed message cannot be validated; send it uncompressed"
-                                .to_owned(),
-                        )
-                    } else {
-                        check.check(&msg[5..])
-                    };
-                    if let Err(e) = verdict {
-                        // what was already validated still goes; nothing after it does
-                        this.tripped.set_schema_error(e.clone());
-                        this.pending.clear();
-                        if !out.is_empty() {
-                            *this.forwarded = true;
-                            return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
-                        }
-                        if *this.forwarded {
-                            return Poll::Ready(None);
-                        }
-                        return Poll::Ready(Some(Err(Box::new(SchemaViolation(e)))));
-                    }
-                    out.extend_from_slice(&msg);
+                let (out, refusal) = framer.push(&data);
+                match refusal {
+                    Some(Refusal::TooLarge(n)) => this.tripped.0.store(n.max(1), Ordering::Relaxed),
+                    Some(Refusal::Invalid(e)) => this.tripped.set_schema_error(e),
+                    None => {}
                 }
-                if !out.is_empty() {
+                if let Some(out) = out {
                     *this.forwarded = true;
-                    return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
             }
         }

@@ -29,6 +29,15 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// A message refusal: `method` is a method of the service's schema (`pkg.S/M`), a JSON
+/// Schema route (`POST /v1/orders/{id}`), or `other` — never a raw path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    pub service: String,
+    pub method: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
@@ -62,6 +71,7 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub upstream_connects: Family<UpstreamLabels, Counter>,
     pub tls_reloads: Family<ResultLabels, Counter>,
+    pub message_rejections: Family<MessageLabels, Counter>,
     pub ready: Gauge,
 }
 
@@ -124,6 +134,12 @@ impl Metrics {
             "Reloads of the TLS certificate, key, CA and CRL, by result",
             tls_reloads.clone(),
         );
+        let message_rejections = Family::<MessageLabels, Counter>::default();
+        registry.register(
+            "message_rejections",
+            "Messages refused by what their service accepts (format, encoding, size, schema, response_schema), by service and method",
+            message_rejections.clone(),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -149,6 +165,7 @@ impl Metrics {
             handshake_failures,
             upstream_connects,
             tls_reloads,
+            message_rejections,
             ready,
         })
     }
@@ -192,6 +209,7 @@ pub fn init_logging() {
 /// request path neither builds label strings nor looks up a family.
 pub struct ServiceMetrics {
     requests: Family<RequestLabels, Counter>,
+    messages: Family<MessageLabels, Counter>,
     listener: String,
     service: String,
     pub duration: Histogram,
@@ -210,11 +228,23 @@ impl ServiceMetrics {
             .clone();
         Self {
             requests: m.requests.clone(),
+            messages: m.message_rejections.clone(),
             listener: listener.to_owned(),
             service: service.to_owned(),
             duration,
             codes: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Counts a message refused by what the service accepts.
+    pub fn message_rejected(&self, method: &str, reason: &str) {
+        self.messages
+            .get_or_create(&MessageLabels {
+                service: self.service.clone(),
+                method: method.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one answered request: by its gRPC status when it has one, else by HTTP status.
