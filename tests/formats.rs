@@ -219,8 +219,117 @@ fn json_bodies_are_validated_against_their_route_schema() {
         3,
         "only valid or unschemed bodies reached the service"
     );
+    // the right document in the wrong content type
+    let url = format!("https://localhost:{port}/v1/reserve");
+    let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+    a.extend([
+        "-H",
+        "fed-service: inventory",
+        "-H",
+        "content-type: text/plain",
+    ]);
+    a.extend(["--data-binary", r#"{"sku":"apple","count":2}"#, &url]);
+    let (code, body, _) = curl(&a);
+    assert_eq!(code, 415, "{body}");
+    assert!(body.contains(r#""reason":"format""#), "{body}");
+    assert_eq!(up.hits(), 3);
     assert_eq!(
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="schema"}"#),
         7.0
+    );
+    // counted by the route they were sent to, never by a raw path
+    let by_route = |route: &str, reason: &str| {
+        fp.metric(&format!(
+            r#"fedport_message_rejections_total{{service="inventory",method="{route}",reason="{reason}"}}"#
+        ))
+    };
+    assert_eq!(by_route("POST /v1/reserve", "schema"), 6.0);
+    assert_eq!(by_route("PUT /v1/orders/{id}", "schema"), 1.0);
+    assert_eq!(by_route("POST /v1/reserve", "format"), 1.0);
+}
+
+/// A gRPC message whose length prefix declares 1 GiB is refused on the prefix, with
+/// RESOURCE_EXHAUSTED, whether or not the service validates its messages: fedport
+/// stops reading the stream, and its memory does not grow by what the client pushes.
+#[tokio::test(flavor = "current_thread")]
+async fn an_oversized_length_prefix_is_refused_before_its_body_is_read() {
+    use bytes::Bytes;
+    use http_body_util::channel::Channel;
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let proto =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto/test.proto");
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"sink\"\nprotocol = \"grpc\"\nendpoints = [\"{0}\"]\n\
+             grpc_services = [\"big.Sink\"]\nmax_message_bytes = \"1MiB\"\n\
+             [[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"{0}\"]\n\
+             schema = {{ proto = [\"{1}\"] }}\n",
+            up.url(Proto::H2c),
+            proto.display()
+        ),
+    ));
+    let before = fp.peak_rss_kib();
+    let port = fp.port("internal");
+    let chunk = Bytes::from(vec![0u8; 256 << 10]);
+    for path in ["/big.Sink/Put", "/test.Echo/Say"] {
+        let mut s = support::h2_connect::<Channel<Bytes>>(&pki, fp.addr("internal")).await;
+        let (mut tx, body) = Channel::<Bytes>::new(1);
+        let req = http::Request::post(format!("https://localhost:{port}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        let answer = tokio::spawn(s.send_request(req));
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&(1u32 << 30).to_be_bytes());
+        tx.send_data(Bytes::from(prefix)).await.unwrap();
+        // push up to 256 MiB of the declared message, for at most 5 s
+        let mut pushed: u64 = 0;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while pushed < 256 << 20 && tx.send_data(chunk.clone()).await.is_ok() {
+                pushed += chunk.len() as u64;
+            }
+        })
+        .await;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(5), answer)
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            resp.headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap()),
+            Some("8"),
+            "{path}: RESOURCE_EXHAUSTED in a trailers-only answer: {resp:?}"
+        );
+        eprintln!(
+            "{path}: the client pushed {} KiB before fedport stopped reading",
+            pushed >> 10
+        );
+        assert!(
+            pushed < 32 << 20,
+            "{path}: fedport kept reading a refused message ({pushed} bytes)"
+        );
+    }
+    let peak = fp.peak_rss_kib();
+    eprintln!("fedport peak RSS {before} KiB before, {peak} KiB after");
+    assert!(
+        peak < before + 16 * 1024,
+        "memory grew by the declared size: {before} → {peak} KiB"
+    );
+    assert_eq!(
+        fp.metric(
+            r#"fedport_message_rejections_total{service="sink",method="other",reason="size"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        fp.metric(
+            r#"fedport_message_rejections_total{service="echo",method="test.Echo/Say",reason="size"}"#
+        ),
+        1.0
     );
 }

@@ -151,14 +151,15 @@ to = "down"
 fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
     let pki = Pki::new();
     let (_up, port) = grpc_upstream();
-    let proto =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto/test.proto");
+    let protos = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto");
     let fp = Fedport::start(&support::node_config(
         &pki,
         &format!(
             "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"h2c://127.0.0.1:{port}\"]\n\
-             schema = {{ proto = [\"{}\"], strict = true }}\n",
-            proto.display()
+             schema = {{ proto = [\"{0}/test.proto\"], strict = true }}\n\
+             [[service]]\nname = \"legacy\"\nprotocol = \"grpc\"\nendpoints = [\"h2c://127.0.0.1:{port}\"]\n\
+             schema = {{ proto = [\"{0}/legacy.proto\"], validate_responses = true }}\n",
+            protos.display()
         ),
     ));
     let v = run_client("grpc_validate.py", &fp, &pki);
@@ -192,9 +193,80 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
         v["upstream_chat_received"], 2,
         "nothing after the bad message reached the service"
     );
+
+    // gzip: decompressed to be validated; a bomb is refused by its decompressed size
+    assert_eq!(v["gzip_valid"]["code"], "OK", "{}", v["gzip_valid"]);
+    assert_eq!(v["gzip_bad_utf8"]["code"], "INVALID_ARGUMENT");
+    assert!(v["gzip_bad_utf8"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("test.Msg.text"));
+    let wire = v["bomb_wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire < 1 << 20,
+        "the bomb is small on the wire: {wire} bytes"
+    );
     assert_eq!(
-        v["upstream_say_received"], 1,
-        "only the valid unary call reached the service"
+        v["gzip_bomb"]["code"], "RESOURCE_EXHAUSTED",
+        "{}",
+        v["gzip_bomb"]
+    );
+    assert_eq!(v["deflate"]["code"], "UNIMPLEMENTED", "{}", v["deflate"]);
+    assert!(v["deflate"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("grpc-encoding \"deflate\""));
+    let peak = fp.peak_rss_kib();
+    assert!(
+        peak < 64 * 1024,
+        "decompression is bounded: peak RSS {peak} KiB"
+    );
+
+    // proto2: required fields, however deep
+    assert_eq!(v["order_valid"]["code"], "OK", "{}", v["order_valid"]);
+    for (case, field) in [
+        (
+            "order_missing_id",
+            "legacy.Order.id (field 1): required field is missing",
+        ),
+        (
+            "item_missing_sku",
+            "legacy.Order.items[0].sku (field 1): required field is missing",
+        ),
+        ("map_item_missing_sku", "legacy.Order.by_sku[\"k\"].sku"),
+    ] {
+        assert_eq!(v[case]["code"], "INVALID_ARGUMENT", "{case}: {}", v[case]);
+        let details = v[case]["details"].as_str().unwrap_or("");
+        assert!(details.contains(field), "{case}: {details}");
+    }
+    // validate_responses: the service's answer lacks its required id
+    assert_eq!(
+        v["broken_response"]["code"], "INTERNAL",
+        "{}",
+        v["broken_response"]
+    );
+    assert!(v["broken_response"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("response refused by its schema: legacy.Order.id"));
+
+    assert_eq!(
+        v["upstream_say_received"], 3,
+        "only the valid unary calls (plain, gzip, proto2) reached the service"
     );
     assert!(fp.metric(r#"fedport_rejections_total{listener="internal",reason="schema"}"#) >= 4.0);
+    let by_method = |service: &str, method: &str, reason: &str| {
+        fp.metric(&format!(
+            r#"fedport_message_rejections_total{{service="{service}",method="{method}",reason="{reason}"}}"#
+        ))
+    };
+    assert_eq!(by_method("echo", "test.Echo/Say", "schema"), 5.0);
+    assert_eq!(by_method("echo", "test.Echo/Say", "size"), 1.0);
+    assert_eq!(by_method("echo", "test.Echo/Say", "encoding"), 1.0);
+    assert_eq!(by_method("echo", "test.Echo/Chat", "schema"), 1.0);
+    assert_eq!(by_method("legacy", "legacy.Shop/Place", "schema"), 3.0);
+    assert_eq!(
+        by_method("legacy", "legacy.Shop/Broken", "response_schema"),
+        1.0
+    );
 }

@@ -181,7 +181,15 @@ fn walk(m: &prost_reflect::DynamicMessage, strict: bool, path: &mut String) -> R
                 for (k, v) in entries {
                     if let Value::Message(sub) = v {
                         path.truncate(len);
-                        path.push_str(&format!(".{}[{k:?}]", f.name()));
+                        let key = match k {
+                            prost_reflect::MapKey::String(s) => format!("{s:?}"),
+                            prost_reflect::MapKey::Bool(b) => b.to_string(),
+                            prost_reflect::MapKey::I32(n) => n.to_string(),
+                            prost_reflect::MapKey::I64(n) => n.to_string(),
+                            prost_reflect::MapKey::U32(n) => n.to_string(),
+                            prost_reflect::MapKey::U64(n) => n.to_string(),
+                        };
+                        path.push_str(&format!(".{}[{key}]", f.name()));
                         walk(sub, strict, path)?;
                     }
                 }
@@ -536,6 +544,94 @@ mod tests {
         }
         let (mut rem, mut pre) = (0, Vec::new());
         assert_eq!(scan_grpc(&stream, &mut rem, &mut pre, 100), None);
+    }
+
+    fn msg_type() -> prost_reflect::MessageDescriptor {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("t.proto"),
+            "syntax = \"proto3\"; package t; message M { string s = 1; }",
+        )
+        .unwrap();
+        let mut c = protox::Compiler::new([dir.path()]).unwrap();
+        c.open_file("t.proto").unwrap();
+        c.descriptor_pool().get_message_by_name("t.M").unwrap()
+    }
+
+    fn frame(flag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![flag];
+        v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn gzip(b: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(b).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn framer(gzip: bool) -> Framer {
+        let check = ProtoCheck {
+            message: msg_type(),
+            strict: true,
+            required: false,
+        };
+        Framer::new(check, 1 << 16, gzip)
+    }
+
+    #[test]
+    fn valid_messages_pass_byte_for_byte_however_the_stream_is_cut() {
+        let mut stream = frame(0, b"\x0a\x02hi");
+        stream.extend(frame(1, &gzip(b"\x0a\x03abc")));
+        stream.extend(frame(0, b""));
+        for cut in 0..=stream.len() {
+            let mut f = framer(true);
+            let mut out = Vec::new();
+            for part in [&stream[..cut], &stream[cut..]] {
+                let (o, r) = f.push(part);
+                assert_eq!(r, None, "cut at {cut}");
+                out.extend(o.unwrap_or_default());
+            }
+            assert_eq!(out, stream, "cut at {cut}");
+            assert!(!f.unfinished());
+        }
+    }
+
+    #[test]
+    fn a_bad_message_stops_the_stream_after_the_good_ones() {
+        let mut stream = frame(0, b"\x0a\x02hi");
+        let good = stream.len();
+        stream.extend(frame(0, b"\x0a\x02\xff\xfe"));
+        stream.extend(frame(0, b"\x0a\x02ok"));
+        let (o, r) = framer(false).push(&stream);
+        assert_eq!(o.unwrap().len(), good);
+        assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("t.M.s (field 1)")));
+        // strict: an unknown field
+        let (_, r) = framer(false).push(&frame(0, b"\x10\x01"));
+        assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("unknown field number 2")));
+    }
+
+    #[test]
+    fn compression_is_bounded_and_must_be_declared() {
+        // 1 MiB of one letter: about 1 KiB gzipped, 16 times the limit once inflated
+        let mut big = b"\x0a\x80\x80\x40".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 1 << 20));
+        let bomb = gzip(&big);
+        assert!(bomb.len() < 4096);
+        let (o, r) = framer(true).push(&frame(1, &bomb));
+        assert!(o.is_none());
+        assert!(matches!(r, Some(Refusal::TooLarge(n)) if n > 1 << 16));
+        let (_, r) = framer(false).push(&frame(1, &gzip(b"")));
+        assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("not gzip")));
+        let (_, r) = framer(true).push(&frame(1, b"not gzip at all"));
+        assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("decompress")));
+        let (_, r) = framer(true).push(&frame(2, b""));
+        assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("flag 2")));
+        // a prefix over the limit is refused before its bytes arrive
+        let (_, r) = framer(true).push(&[0, 0x40, 0, 0, 0]);
+        assert_eq!(r, Some(Refusal::TooLarge(1 << 30)));
     }
 
     #[test]

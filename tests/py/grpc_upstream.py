@@ -1,7 +1,8 @@
 """A real gRPC server (grpcio) for fedport's tests: service test.Echo on h2c.
 
 Say echoes its request and sends trailing metadata; Chat echoes every message of a
-bidirectional stream; Fail aborts with NOT_FOUND and trailing metadata. Every method
+bidirectional stream; Fail aborts with NOT_FOUND and trailing metadata. legacy.Shop (proto2): Place
+echoes, Broken answers an order without its required id. Every method
 tells, in initial metadata `seen-peer`, the `fed-peer` header fedport passed on.
 Prints the bound port on stdout, then serves until killed.
 """
@@ -47,7 +48,24 @@ def fail(req, ctx):
     ctx.abort(grpc.StatusCode.NOT_FOUND, "nothing here: é")
 
 
+def place(req, ctx):
+    SAY_RECEIVED.append(req)
+    return req
+
+
+def broken(req, ctx):
+    # an Order whose required id is missing: one item with sku "x"
+    return b"\x12\x03\x0a\x01x"
+
+
 ident = lambda b: b
+shop = grpc.method_handlers_generic_handler(
+    "legacy.Shop",
+    {
+        "Place": grpc.unary_unary_rpc_method_handler(place, ident, ident),
+        "Broken": grpc.unary_unary_rpc_method_handler(broken, ident, ident),
+    },
+)
 handler = grpc.method_handlers_generic_handler(
     "test.Echo",
     {
@@ -58,7 +76,7 @@ handler = grpc.method_handlers_generic_handler(
     },
 )
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-server.add_generic_rpc_handlers((handler,))
+server.add_generic_rpc_handlers((handler, shop))
 port = server.add_insecure_port(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:0")
 server.start()
 print(port, flush=True)

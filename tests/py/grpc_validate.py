@@ -3,6 +3,7 @@ generic stub) and prints the status of each as one JSON object.
 
 usage: grpc_validate.py HOST:PORT CA CERT KEY
 """
+import gzip
 import json
 import sys
 
@@ -19,9 +20,9 @@ ident = lambda b: b
 out = {}
 
 
-def unary(name, method, payload):
+def unary(name, method, payload, compression=None):
     try:
-        ch.unary_unary(method, ident, ident)(payload, timeout=10)
+        ch.unary_unary(method, ident, ident)(payload, timeout=10, compression=compression)
         out[name] = {"code": "OK"}
     except grpc.RpcError as e:
         out[name] = {"code": e.code().name, "details": e.details()}
@@ -33,6 +34,30 @@ unary("wrong_wire_type", "/test.Echo/Say", b"\x0d\x01\x02\x03\x04")
 unary("truncated", "/test.Echo/Say", b"\x0a\x05he")
 unary("unknown_field", "/test.Echo/Say", b"\x10\x01")
 unary("not_in_schema", "/test.Echo/Nope", b"")
+
+# compressed: gzip is decompressed to be validated, within the message limit
+gz = grpc.Compression.Gzip
+unary("gzip_valid", "/test.Echo/Say", b"\x0a\x05hello", gz)
+unary("gzip_bad_utf8", "/test.Echo/Say", b"\x0a\x02\xff\xfe", gz)
+n = 64 << 20  # a 64 MiB string of one letter: about 64 KiB gzipped
+varint = bytearray()
+v = n
+while v >= 0x80:
+    varint.append((v & 0x7F) | 0x80)
+    v >>= 7
+varint.append(v)
+bomb = b"\x0a" + bytes(varint) + b"a" * n
+out["bomb_wire_bytes"] = len(gzip.compress(bomb))
+unary("gzip_bomb", "/test.Echo/Say", bomb, gz)
+del bomb
+unary("deflate", "/test.Echo/Say", b"\x0a\x05hello", grpc.Compression.Deflate)
+
+# proto2 required fields, at any depth, and a response checked against its type
+unary("order_valid", "/legacy.Shop/Place", b"\x0a\x02o1\x12\x05\x0a\x01a\x10\x02")
+unary("order_missing_id", "/legacy.Shop/Place", b"\x12\x03\x0a\x01a")
+unary("item_missing_sku", "/legacy.Shop/Place", b"\x0a\x02o1\x12\x02\x10\x02")
+unary("map_item_missing_sku", "/legacy.Shop/Place", b"\x0a\x02o1\x1a\x07\x0a\x01k\x12\x02\x10\x01")
+unary("broken_response", "/legacy.Shop/Broken", b"\x0a\x02o1")
 
 msgs = [b"\x0a\x02m" + bytes([48 + i]) for i in range(10)]
 msgs[2] = b"\x0a\x02\xff\xfe"
