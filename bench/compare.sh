@@ -17,19 +17,9 @@ bash "$peers" install
 (cd "$here" && cargo build --release --quiet)
 fedport=$here/target/release/fedport
 
-# certificates: a federation CA, the proxies' certificate, and h2load's client certificate
+. "$here/bench/lib.sh"
 cd "$work"
-openssl ecparam -name prime256v1 -genkey -noout -out ca.key
-openssl req -x509 -new -key ca.key -subj /CN=bench-ca -days 2 -out ca.pem 2>/dev/null
-for n in node client; do
-  openssl ecparam -name prime256v1 -genkey -noout -out $n.ec
-  openssl pkcs8 -topk8 -nocrypt -in $n.ec -out $n.key
-  openssl req -new -key $n.key -subj /CN=$n -out $n.csr
-  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1,URI:spiffe://bench/%s\nextendedKeyUsage=serverAuth,clientAuth\n' $n > $n.ext
-  openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $n.ext -out $n.pem 2>/dev/null
-done
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_certs
 up=$(port) hp=$(port) np=$(port) fp=$(port) fk=$(port)
 bash "$peers" upstream "$work" "$up"
 bash "$peers" start "$work" "$up" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$hp" "$np"
@@ -62,28 +52,7 @@ FEDPORT_LOG=warn "$fedport" run -c fedport-1k.toml --ready-file ready-1k.json 2>
 for _ in $(seq 100); do [ -s ready.json ] && [ -s ready-1k.json ] && break; sleep 0.05; done
 sleep 0.5
 
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 haproxy_pid=$(pgrep -n -f "haproxy -f $work/haproxy.cfg")
-
-run() { # NAME URL PID|-
-  local name=$1 url=$2 pid=$3 before=0 after=0
-  [ "$pid" != - ] && before=$(cpu_ticks "$pid")
-  bash "$peers" h2load "$work/client.pem" "$work/client.key" -D "$secs" --warm-up-time 1 \
-    -c "$conns" -m "$streams" -t 1 --log-file "$work/$name.log" "$url" >"$work/$name.out" 2>&1 \
-    || { echo "h2load failed for $name:" >&2; cat "$work/$name.out" >&2; exit 1; }
-  [ "$pid" != - ] && after=$(cpu_ticks "$pid")
-  python3 - "$name" "$work/$name.out" "$work/$name.log" "$((after - before))" "$(getconf CLK_TCK)" <<'PY'
-import re, sys
-name, out, log, ticks, hz = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
-done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(2))
-errs = int(re.search(r"(\d+) failed, (\d+) errored", out).group(1))
-lat = sorted(int(l.split()[2]) for l in open(log) if l.strip() and l.split()[1] == "200")
-pct = lambda p: lat[min(len(lat) - 1, int(len(lat) * p))] / 1000.0
-cpu = (ticks / hz * 1e6 / done) if ticks and done else float("nan")
-print(f"{name}\t{rps:.0f}\t{pct(0.5):.2f}\t{pct(0.99):.2f}\t{cpu:.1f}\t{done}\t{errs}")
-PY
-}
 
 {
   run direct "http://127.0.0.1:$up/" -
