@@ -1,6 +1,6 @@
 //! Property tests (the fuzzing CI can run on a stable toolchain): arbitrary and mutated
 //! input to the PROXY header parser and the config loader must be refused cleanly,
-//! never panic. `scripts/fuzz.sh` runs them with many more cases for a bounded time.
+//! never panic; the protobuf wire validator accepts exactly what prost-reflect decodes. `scripts/fuzz.sh` runs them with many more cases for a bounded time.
 
 use fedport::listen::proxy_protocol::parse;
 use proptest::prelude::*;
@@ -13,6 +13,59 @@ fn lb() -> SocketAddr {
 
 const V2_SIG: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 const EXAMPLE: &str = include_str!("../examples/fedport.toml");
+
+fn all_type() -> prost_reflect::MessageDescriptor {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto");
+    let mut c = protox::Compiler::new([dir]).unwrap();
+    c.open_file("all.proto").unwrap();
+    c.descriptor_pool().get_message_by_name("all.All").unwrap()
+}
+
+/// Valid encodings of `all.All` with every kind of field set, to mutate.
+fn seeds() -> Vec<Vec<u8>> {
+    let json = [
+        r#"{"i32": -5, "i64": "-9000000000", "u32": 7, "u64": "18000000000000000000", "s32": -3, "s64": "4",
+            "flag": true, "e": "B", "f64": "1", "sf64": "-1", "d": 1.5, "f32": 9, "sf32": -9, "fl": 0.25,
+            "s": "héllo", "b": "AAEC", "inner": {"s": "x", "nums": [1, -2, 300], "next": {"b": "/w=="}},
+            "inners": [{"s": "a"}, {"nums": [5]}], "packed": ["1", "-1", "99999999999"], "fx": [1, 2],
+            "m": {"k": {"s": "v"}, "": {}}, "g": {"a": 3}, "far": 12, "ds": [0.5, -2]}"#,
+        r#"{"s": "", "inner": {}, "m": {"z": {"next": {"next": {"s": "deep"}}}}}"#,
+        r#"{}"#,
+    ];
+    let desc = all_type();
+    json.iter()
+        .map(|j| {
+            let mut de = serde_json::Deserializer::from_str(j);
+            let m = prost_reflect::DynamicMessage::deserialize(desc.clone(), &mut de)
+                .unwrap_or_else(|e| panic!("{j}: {e}"));
+            prost_reflect::prost::Message::encode_to_vec(&m)
+        })
+        .collect()
+}
+
+/// One change to a valid encoding: overwrite, insert or delete a byte, or truncate.
+fn mutate(mut v: Vec<u8>, edits: &[(u8, usize, u8)]) -> Vec<u8> {
+    for &(op, at, byte) in edits {
+        let i = if v.is_empty() { 0 } else { at % v.len() };
+        match op % 4 {
+            0 if !v.is_empty() => v[i] = byte,
+            1 => v.insert(i.min(v.len()), byte),
+            2 if !v.is_empty() => {
+                v.remove(i);
+            }
+            _ => v.truncate(i),
+        }
+    }
+    v
+}
+
+#[test]
+fn the_wire_validator_accepts_the_valid_seeds() {
+    let wire = fedport::schema::wire::Compiled::new(&all_type());
+    for s in seeds() {
+        assert_eq!(wire.check(&s, true), Ok(()));
+    }
+}
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000), ..ProptestConfig::default() })]
@@ -59,5 +112,31 @@ proptest! {
     #[test]
     fn config_loader_never_panics_on_arbitrary_text(s in "\\PC{0,400}") {
         let _ = fedport::config::compile(Path::new("x.toml"), &s);
+    }
+
+    #[test]
+    fn wire_validator_agrees_with_prost_reflect(
+        seed in 0usize..3,
+        edits in proptest::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..4),
+    ) {
+        let desc = all_type();
+        let wire = fedport::schema::wire::Compiled::new(&desc);
+        let bytes = mutate(seeds()[seed].clone(), &edits);
+        let ours = wire.check(&bytes, false);
+        let theirs = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice());
+        // never more lenient; stricter only on a wire type that does not fit its field,
+        // which prost-reflect's map decoding does not look at
+        let stricter = ours.as_ref().is_err_and(|e| e.contains("wrong wire type"));
+        prop_assert!(ours.is_ok() == theirs.is_ok() || (stricter && theirs.is_ok()),
+            "ours {:?}, prost-reflect {:?}, bytes {:02x?}", ours, theirs.err(), bytes);
+    }
+
+    #[test]
+    fn wire_validator_agrees_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let desc = all_type();
+        let wire = fedport::schema::wire::Compiled::new(&desc);
+        let ours = wire.check(&bytes, false);
+        let theirs = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice());
+        prop_assert_eq!(ours.is_ok(), theirs.is_ok(), "ours {:?}, prost-reflect {:?}", ours, theirs.err());
     }
 }

@@ -135,11 +135,9 @@ pub struct ProtoSchema {
 pub struct MethodSchema {
     /// `pkg.Service/Method`: bounded, so it can be a metric label.
     pub name: Arc<str>,
-    pub input: prost_reflect::MessageDescriptor,
-    pub output: prost_reflect::MessageDescriptor,
-    /// A proto2 `required` field occurs somewhere in the input (or output) type.
-    pub input_required: bool,
-    pub output_required: bool,
+    /// The request and response types, compiled for checking on the wire.
+    pub input: Arc<crate::schema::wire::Compiled>,
+    pub output: Arc<crate::schema::wire::Compiled>,
 }
 
 /// Where a protox error is: `path:line:col` of the file it names (the proto file or
@@ -160,24 +158,6 @@ fn proto_position(e: &protox::Error, file: &Path, includes: &[PathBuf]) -> Strin
         }
         _ => path.display().to_string(),
     }
-}
-
-/// Whether a message type, or one it contains, has a proto2 `required` field.
-pub fn has_required(m: &prost_reflect::MessageDescriptor) -> bool {
-    fn walk(m: &prost_reflect::MessageDescriptor, seen: &mut Vec<String>) -> bool {
-        if seen.iter().any(|s| s == m.full_name()) {
-            return false;
-        }
-        seen.push(m.full_name().to_owned());
-        m.fields().any(|f| {
-            f.cardinality() == prost_reflect::Cardinality::Required
-                || match f.kind() {
-                    prost_reflect::Kind::Message(sub) => walk(&sub, seen),
-                    _ => false,
-                }
-        })
-    }
-    walk(m, &mut Vec::new())
 }
 
 /// One `"METHOD /path/{param}" = schema.json` entry, compiled.
@@ -904,10 +884,8 @@ impl Checker<'_> {
                         let name = format!("{}/{}", svc.full_name(), m.name());
                         let schema = MethodSchema {
                             name: name.as_str().into(),
-                            input_required: has_required(&m.input()),
-                            output_required: has_required(&m.output()),
-                            input: m.input(),
-                            output: m.output(),
+                            input: Arc::new(crate::schema::wire::Compiled::new(&m.input())),
+                            output: Arc::new(crate::schema::wire::Compiled::new(&m.output())),
                         };
                         methods.insert(name, Arc::new(schema));
                     }

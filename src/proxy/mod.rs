@@ -473,18 +473,14 @@ async fn forward(
         let max = service
             .max_message_bytes
             .unwrap_or(schema::DEFAULT_GRPC_LIMIT);
-        let check =
-            |message: &prost_reflect::MessageDescriptor, strict, required| schema::ProtoCheck {
-                message: message.clone(),
-                strict,
-                required,
-            };
-        let framer = method.map(|(p, m)| {
-            schema::Framer::new(check(&m.input, p.strict, m.input_required), max, gzip)
-        });
+        let check = |message: &Arc<schema::wire::Compiled>, strict| schema::ProtoCheck {
+            message: message.clone(),
+            strict,
+        };
+        let framer = method.map(|(p, m)| schema::Framer::new(check(&m.input, p.strict), max, gzip));
         let response = method
             .filter(|(p, _)| p.validate_responses)
-            .map(|(p, m)| (check(&m.output, p.strict, m.output_required), max));
+            .map(|(p, m)| (check(&m.output, p.strict), max));
         Ok((parts, idx, pool, limit, framer, response, json_route))
     })();
     let (parts, idx, pool, limit, framer, response, json_route) = match checked {

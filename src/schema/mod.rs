@@ -2,6 +2,8 @@
 //! (`max_message_bytes`), enforced as the body streams — on each gRPC message's length
 //! prefix, or on an HTTP body's bytes — never by buffering it first.
 
+pub mod wire;
+
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -115,133 +117,14 @@ pub const DEFAULT_GRPC_LIMIT: u64 = 4 << 20;
 /// What a gRPC call's messages (requests, or responses) are checked against.
 #[derive(Debug, Clone)]
 pub struct ProtoCheck {
-    pub message: prost_reflect::MessageDescriptor,
+    pub message: Arc<wire::Compiled>,
     pub strict: bool,
-    /// A proto2 `required` field occurs somewhere in the type: decoded messages are walked.
-    pub required: bool,
 }
 
 impl ProtoCheck {
-    /// Decodes one message (without its 5-byte prefix); the problem, naming the field.
+    /// Checks one message (without its 5-byte prefix); the problem, naming the field.
     pub fn check(&self, msg: &[u8]) -> Result<(), String> {
-        let m = prost_reflect::DynamicMessage::decode(self.message.clone(), msg)
-            .map_err(|e| self.locate(msg, e.to_string()))?;
-        if self.strict || self.required {
-            let mut path = self.message.full_name().to_owned();
-            walk(&m, self.strict, &mut path)?;
-        }
-        Ok(())
-    }
-}
-
-/// Refuses unknown fields (strict) and missing proto2 `required` fields, at any depth;
-/// `path` names where, e.g. `shop.Order.items[2].sku`.
-fn walk(m: &prost_reflect::DynamicMessage, strict: bool, path: &mut String) -> Result<(), String> {
-    use prost_reflect::{Cardinality, ReflectMessage, Value};
-    if strict {
-        if let Some(u) = m.unknown_fields().next() {
-            return Err(format!(
-                "{path}: unknown field number {} (strict schema)",
-                u.number()
-            ));
-        }
-    }
-    for f in m.descriptor().fields() {
-        let present = m.has_field(&f);
-        if !present {
-            if f.cardinality() == Cardinality::Required {
-                return Err(format!(
-                    "{path}.{} (field {}): required field is missing",
-                    f.name(),
-                    f.number()
-                ));
-            }
-            continue;
-        }
-        if !matches!(f.kind(), prost_reflect::Kind::Message(_)) {
-            continue;
-        }
-        let len = path.len();
-        match &*m.get_field(&f) {
-            Value::Message(sub) => {
-                path.push('.');
-                path.push_str(f.name());
-                walk(sub, strict, path)?;
-            }
-            Value::List(items) => {
-                for (i, v) in items.iter().enumerate() {
-                    if let Value::Message(sub) = v {
-                        path.truncate(len);
-                        path.push_str(&format!(".{}[{i}]", f.name()));
-                        walk(sub, strict, path)?;
-                    }
-                }
-            }
-            Value::Map(entries) => {
-                for (k, v) in entries {
-                    if let Value::Message(sub) = v {
-                        path.truncate(len);
-                        let key = match k {
-                            prost_reflect::MapKey::String(s) => format!("{s:?}"),
-                            prost_reflect::MapKey::Bool(b) => b.to_string(),
-                            prost_reflect::MapKey::I32(n) => n.to_string(),
-                            prost_reflect::MapKey::I64(n) => n.to_string(),
-                            prost_reflect::MapKey::U32(n) => n.to_string(),
-                            prost_reflect::MapKey::U64(n) => n.to_string(),
-                        };
-                        path.push_str(&format!(".{}[{key}]", f.name()));
-                        walk(sub, strict, path)?;
-                    }
-                }
-            }
-            _ => {}
-        }
-        path.truncate(len);
-    }
-    Ok(())
-}
-
-impl ProtoCheck {
-    /// Names the top-level field a decode error comes from: each field's bytes are
-    /// decoded alone until one fails.
-    fn locate(&self, msg: &[u8], error: String) -> String {
-        let mut at = 0;
-        while at < msg.len() {
-            let start = at;
-            let Some((key, n)) = varint(&msg[at..]) else {
-                break;
-            };
-            at += n;
-            let len = match key & 7 {
-                0 => varint(&msg[at..]).map(|(_, n)| n),
-                1 => Some(8),
-                5 => Some(4),
-                2 => varint(&msg[at..]).map(|(l, n)| n + l as usize),
-                _ => None,
-            };
-            let Some(len) = len.filter(|l| at + l <= msg.len()) else {
-                return self.describe(key >> 3, "truncated or malformed field", error);
-            };
-            at += len;
-            if let Err(e) =
-                prost_reflect::DynamicMessage::decode(self.message.clone(), &msg[start..at])
-            {
-                return self.describe(key >> 3, &e.to_string(), error);
-            }
-        }
-        error
-    }
-
-    fn describe(&self, number: u64, problem: &str, fallback: String) -> String {
-        match self.message.get_field(number as u32) {
-            Some(f) => format!(
-                "{}.{} (field {number}): {problem}",
-                self.message.full_name(),
-                f.name()
-            ),
-            None if number > 0 => format!("{} field {number}: {problem}", self.message.full_name()),
-            None => fallback,
-        }
+        self.message.check(msg, self.strict)
     }
 }
 
@@ -337,18 +220,6 @@ impl Framer {
             ))),
         }
     }
-}
-
-/// A protobuf varint and its length in bytes.
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, byte) in b.iter().take(10).enumerate() {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -574,9 +445,8 @@ mod tests {
 
     fn framer(gzip: bool) -> Framer {
         let check = ProtoCheck {
-            message: msg_type(),
+            message: Arc::new(wire::Compiled::new(&msg_type())),
             strict: true,
-            required: false,
         };
         Framer::new(check, 1 << 16, gzip)
     }
