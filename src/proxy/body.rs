@@ -216,7 +216,7 @@ impl Body for Tracked {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            let (out, refusal) = check.push(&data);
+            let (out, refusal) = check.push(data);
             if let Some(r) = refusal {
                 f.response_refusal = Some(match r {
                     crate::schema::Refusal::TooLarge(n) => {

@@ -162,32 +162,47 @@ impl Framer {
     /// Takes the next bytes of the stream; returns the whole, valid messages now ready
     /// to go on, and the refusal that stopped the stream, if one did. A length prefix
     /// over the limit is refused before any of its message is held.
-    pub fn push(&mut self, data: &[u8]) -> (Option<Bytes>, Option<Refusal>) {
-        self.pending.extend_from_slice(data);
-        let mut ready = 0;
-        let mut refusal = None;
-        while self.pending.len() - ready >= 5 {
-            let p = &self.pending[ready..ready + 5];
-            let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as u64;
-            if len > self.max {
-                refusal = Some(Refusal::TooLarge(len));
-                break;
+    pub fn push(&mut self, data: Bytes) -> (Option<Bytes>, Option<Refusal>) {
+        if self.pending.is_empty() {
+            // the usual case, whole messages in one frame: checked where they lie and
+            // passed on without a copy; only an unfinished tail is held
+            let (ready, refusal) = self.scan(&data);
+            if refusal.is_none() {
+                self.pending.extend_from_slice(&data[ready..]);
             }
-            let end = ready + 5 + len as usize;
-            if self.pending.len() < end {
-                break;
-            }
-            if let Err(r) = self.verdict(self.pending[ready], &self.pending[ready + 5..end]) {
-                refusal = Some(r);
-                break;
-            }
-            ready = end;
+            return ((ready > 0).then(|| data.slice(..ready)), refusal);
         }
+        self.pending.extend_from_slice(&data);
+        let pending = std::mem::take(&mut self.pending);
+        let (ready, refusal) = self.scan(&pending);
+        self.pending = pending;
         let out = (ready > 0).then(|| self.pending.split_to(ready).freeze());
         if refusal.is_some() {
             self.pending.clear();
         }
         (out, refusal)
+    }
+
+    /// Walks whole messages from the start of `b`: how many bytes of them are valid,
+    /// and the refusal that stopped the walk, if one did.
+    fn scan(&self, b: &[u8]) -> (usize, Option<Refusal>) {
+        let mut ready = 0;
+        while b.len() - ready >= 5 {
+            let p = &b[ready..ready + 5];
+            let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as u64;
+            if len > self.max {
+                return (ready, Some(Refusal::TooLarge(len)));
+            }
+            let end = ready + 5 + len as usize;
+            if b.len() < end {
+                break;
+            }
+            if let Err(r) = self.verdict(b[ready], &b[ready + 5..end]) {
+                return (ready, Some(r));
+            }
+            ready = end;
+        }
+        (ready, None)
     }
 
     /// Bytes of an unfinished message are left: the stream ended inside it.
@@ -347,7 +362,7 @@ impl Body for Guarded {
                     Ok(d) => d,
                     Err(other) => return Poll::Ready(Some(Ok(other))),
                 };
-                let (out, refusal) = framer.push(&data);
+                let (out, refusal) = framer.push(data);
                 match refusal {
                     Some(Refusal::TooLarge(n)) => this.tripped.0.store(n.max(1), Ordering::Relaxed),
                     Some(Refusal::Invalid(e)) => this.tripped.set_schema_error(e),
@@ -460,7 +475,7 @@ mod tests {
             let mut f = framer(true);
             let mut out = Vec::new();
             for part in [&stream[..cut], &stream[cut..]] {
-                let (o, r) = f.push(part);
+                let (o, r) = f.push(Bytes::copy_from_slice(part));
                 assert_eq!(r, None, "cut at {cut}");
                 out.extend(o.unwrap_or_default());
             }
@@ -475,11 +490,11 @@ mod tests {
         let good = stream.len();
         stream.extend(frame(0, b"\x0a\x02\xff\xfe"));
         stream.extend(frame(0, b"\x0a\x02ok"));
-        let (o, r) = framer(false).push(&stream);
+        let (o, r) = framer(false).push(Bytes::copy_from_slice(&stream));
         assert_eq!(o.unwrap().len(), good);
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("t.M.s (field 1)")));
         // strict: an unknown field
-        let (_, r) = framer(false).push(&frame(0, b"\x10\x01"));
+        let (_, r) = framer(false).push(Bytes::copy_from_slice(&frame(0, b"\x10\x01")));
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("unknown field number 2")));
     }
 
@@ -490,17 +505,17 @@ mod tests {
         big.extend(std::iter::repeat_n(b'a', 1 << 20));
         let bomb = gzip(&big);
         assert!(bomb.len() < 4096);
-        let (o, r) = framer(true).push(&frame(1, &bomb));
+        let (o, r) = framer(true).push(Bytes::copy_from_slice(&frame(1, &bomb)));
         assert!(o.is_none());
         assert!(matches!(r, Some(Refusal::TooLarge(n)) if n > 1 << 16));
-        let (_, r) = framer(false).push(&frame(1, &gzip(b"")));
+        let (_, r) = framer(false).push(Bytes::copy_from_slice(&frame(1, &gzip(b""))));
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("not gzip")));
-        let (_, r) = framer(true).push(&frame(1, b"not gzip at all"));
+        let (_, r) = framer(true).push(Bytes::copy_from_slice(&frame(1, b"not gzip at all")));
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("decompress")));
-        let (_, r) = framer(true).push(&frame(2, b""));
+        let (_, r) = framer(true).push(Bytes::copy_from_slice(&frame(2, b"")));
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("flag 2")));
         // a prefix over the limit is refused before its bytes arrive
-        let (_, r) = framer(true).push(&[0, 0x40, 0, 0, 0]);
+        let (_, r) = framer(true).push(Bytes::copy_from_slice(&[0, 0x40, 0, 0, 0]));
         assert_eq!(r, Some(Refusal::TooLarge(1 << 30)));
     }
 
