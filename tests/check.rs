@@ -29,7 +29,11 @@ fn every_broken_fixture_is_refused_with_its_positions_and_hints() {
     )
     .unwrap();
     std::fs::write(dir.join("broken.json"), "{\n  \"type\": \"object\",\n}\n").unwrap();
-    std::fs::write(dir.join("bad-schema.json"), "{\"type\": 5}").unwrap();
+    std::fs::write(
+        dir.join("bad-schema.json"),
+        "{\n  \"properties\": {\n    \"sku\": { \"type\": 5 }\n  }\n}\n",
+    )
+    .unwrap();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check");
     let mut seen = 0;
     for entry in std::fs::read_dir(&fixtures).unwrap() {

@@ -945,11 +945,19 @@ impl Checker<'_> {
                 }),
                 Err(e) => self.sink.error(
                     span(f),
-                    format!(
-                        "{}: schema does not compile at {}: {e}",
-                        file.display(),
-                        e.schema_path()
-                    ),
+                    {
+                        let at = e.instance_path().to_string();
+                        match diag::json_pointer_position(&text, &at) {
+                            Some((l, c)) => format!(
+                                "{}:{l}:{c}: schema does not compile at {at:?}: {e}",
+                                file.display()
+                            ),
+                            None => format!(
+                                "{}: schema does not compile at {at:?}: {e}",
+                                file.display()
+                            ),
+                        }
+                    },
                     "the file must be a valid JSON Schema (draft-07 or 2020-12)",
                 ),
             }
