@@ -40,6 +40,45 @@ pub struct Node {
     pub upstream_max_requests: u64,
     pub upstream_connections: usize,
     pub access_log: bool,
+    /// Requests from peers may be forwarded on to other peers.
+    pub transit: bool,
+    pub max_hops: u8,
+    /// Retry budget: retries per request sent, and per second whatever the traffic.
+    pub retry_ratio: f64,
+    pub retry_min_per_second: f64,
+    pub peer_ping_interval: Duration,
+    pub peer_ping_timeout: Duration,
+}
+
+/// Active health checking of a service's endpoints.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// HTTP: the path asked; gRPC: the service name asked of grpc.health.v1.
+    pub path: String,
+    pub grpc_service: String,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+/// Passive outlier ejection of a service's endpoints.
+#[derive(Debug, Clone)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    /// First ejection; each further one in a row doubles it (at most 5 minutes).
+    pub ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            ejection: Duration::from_secs(10),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +156,12 @@ pub struct Service {
     pub proto: Option<ProtoSchema>,
     /// `grpc-encoding`s accepted besides `identity` (default: gzip).
     pub encodings: Vec<String>,
+    /// Methods that may be sent twice (retried after they may have reached a service).
+    pub idempotent: crate::policy::Methods,
+    /// Peer names or regions to try first, in order, when no local endpoint is healthy.
+    pub failover: Vec<String>,
+    pub health: Option<HealthCheck>,
+    pub outlier: Outlier,
 }
 
 /// The message types of every method of a service's proto files.
@@ -311,6 +356,7 @@ impl Checker<'_> {
         let listeners = self.listeners(&raw.listener, &service_names, admin);
         let peers = self.peers(&raw.peer);
         let peer_names: HashMap<&str, ()> = peers.iter().map(|p| (p.name.as_str(), ())).collect();
+        self.federation(&raw, &peers, &service_names);
         let rules = self.rules(&raw.allow, &service_names, &peer_names);
         if raw.allow.is_empty() && !raw.service.is_empty() && !raw.listener.is_empty() {
             self.sink.warn(
@@ -401,6 +447,43 @@ impl Checker<'_> {
             Some(v) => *v.get_ref() as usize,
             None => 2,
         };
+        let max_hops = match &r.max_hops {
+            Some(v) if !(1..=16).contains(v.get_ref()) => {
+                self.sink.error(
+                    span(v),
+                    "max_hops must be between 1 and 16",
+                    "the default, 2, lets a request cross to a peer and one transit node",
+                );
+                2
+            }
+            Some(v) => *v.get_ref() as u8,
+            None => 2,
+        };
+        let (mut retry_ratio, mut retry_min_per_second) = (0.2, 10.0);
+        if let Some(b) = &r.retry_budget {
+            if let Some(x) = &b.get_ref().ratio {
+                if !(0.0..=1.0).contains(x.get_ref()) {
+                    self.sink.error(
+                        span(x),
+                        "retry_budget.ratio must be between 0 and 1",
+                        "0.2 allows retries to add at most 20% to the load",
+                    );
+                } else {
+                    retry_ratio = *x.get_ref();
+                }
+            }
+            if let Some(x) = &b.get_ref().min_per_second {
+                if *x.get_ref() < 0 {
+                    self.sink.error(
+                        span(x),
+                        "retry_budget.min_per_second must not be negative",
+                        "the default is 10",
+                    );
+                } else {
+                    retry_min_per_second = *x.get_ref() as f64;
+                }
+            }
+        }
         Some(Node {
             name: r.name.get_ref().clone(),
             region: r.region.get_ref().clone(),
@@ -410,7 +493,116 @@ impl Checker<'_> {
             upstream_max_requests,
             upstream_connections,
             access_log: r.access_log.unwrap_or(false),
+            transit: r.transit.unwrap_or(false),
+            max_hops,
+            retry_ratio,
+            retry_min_per_second,
+            peer_ping_interval: self
+                .duration(r.peer_ping_interval.as_ref(), Duration::from_secs(1)),
+            peer_ping_timeout: self.duration(r.peer_ping_timeout.as_ref(), Duration::from_secs(1)),
         })
+    }
+
+    /// What peers offer must be declared here (routes and schemas are local), every
+    /// service must be reachable somewhere, and failover names peers or regions.
+    fn federation(&mut self, raw: &RawConfig, peers: &[Peer], services: &HashMap<&str, ()>) {
+        for p in &raw.peer {
+            for s in &p.get_ref().services {
+                if !services.contains_key(s.get_ref().as_str()) {
+                    self.sink.error(
+                        span(s),
+                        format!("peer {:?} offers service {:?}, which is not declared here", p.get_ref().name.get_ref(), s.get_ref()),
+                        "declare it as a [[service]] (its routes and schema; endpoints may be empty when only peers host it)",
+                    );
+                }
+            }
+        }
+        for s in &raw.service {
+            let r = s.get_ref();
+            let name = r.name.get_ref();
+            let offered = peers.iter().any(|p| p.services.contains(name));
+            if r.endpoints.is_empty() && !offered {
+                self.sink.error(
+                    span(&r.name),
+                    format!("service {name:?} has no endpoints and no peer offers it"),
+                    "give it endpoints, or list it in the services of the [[peer]] that hosts it",
+                );
+            }
+            for f in r.failover.iter().flatten() {
+                let v = f.get_ref();
+                if !peers.iter().any(|p| &p.name == v || &p.region == v) {
+                    self.sink.error(
+                        span(f),
+                        format!("failover target {v:?} is neither a peer nor a peer's region"),
+                        "name a [[peer]] or the region of one",
+                    );
+                } else if !peers.iter().any(|p| (&p.name == v || &p.region == v) && p.services.contains(name)) {
+                    self.sink.warn(
+                        span(f),
+                        format!("failover target {v:?} does not offer service {name:?}"),
+                        "add the service to that peer's services, or remove the target",
+                    );
+                }
+            }
+        }
+    }
+
+    fn health(&mut self, h: &S<raw::RawHealth>) -> HealthCheck {
+        let r = h.get_ref();
+        let interval = self.duration(r.interval.as_ref(), Duration::from_secs(5));
+        let timeout = self.duration(r.timeout.as_ref(), Duration::from_secs(1));
+        let mut threshold = |v: &Option<S<i64>>, default: u32| match v {
+            Some(n) if !(1..=100).contains(n.get_ref()) => {
+                self.sink.error(
+                    span(n),
+                    "a health threshold is between 1 and 100 checks",
+                    "the defaults: 2 failures mark unhealthy, 2 successes healthy again",
+                );
+                default
+            }
+            Some(n) => *n.get_ref() as u32,
+            None => default,
+        };
+        HealthCheck {
+            interval,
+            timeout,
+            path: r
+                .path
+                .as_ref()
+                .map_or("/healthz".into(), |p| p.get_ref().clone()),
+            grpc_service: r
+                .grpc_service
+                .as_ref()
+                .map_or(String::new(), |p| p.get_ref().clone()),
+            unhealthy_threshold: threshold(&r.unhealthy_threshold, 2),
+            healthy_threshold: threshold(&r.healthy_threshold, 2),
+        }
+    }
+
+    fn outlier(&mut self, o: &S<raw::RawOutlier>) -> Outlier {
+        let r = o.get_ref();
+        let d = Outlier::default();
+        let consecutive_failures = match &r.consecutive_failures {
+            Some(n) if *n.get_ref() < 1 => {
+                self.sink.error(span(n), "consecutive_failures must be at least 1", "the default is 5");
+                d.consecutive_failures
+            }
+            Some(n) => *n.get_ref() as u32,
+            None => d.consecutive_failures,
+        };
+        let max_ejected_percent = match &r.max_ejected_percent {
+            Some(n) if !(0..=100).contains(n.get_ref()) => {
+                self.sink.error(span(n), "max_ejected_percent is between 0 and 100", "the default is 50");
+                d.max_ejected_percent
+            }
+            Some(n) => *n.get_ref() as u32,
+            None => d.max_ejected_percent,
+        };
+        Outlier {
+            consecutive_failures,
+            ejection: self.duration(r.ejection.as_ref(), d.ejection),
+            max_ejected_percent,
+        }
     }
 
     fn name(&mut self, n: &S<String>, what: &str) {
@@ -802,7 +994,27 @@ impl Checker<'_> {
             if r.encodings.is_none() {
                 encodings.push("gzip".to_owned());
             }
+            let mut idempotent: Vec<String> = if protocol == Protocol::Http {
+                vec!["GET /".into(), "HEAD /".into(), "OPTIONS /".into()]
+            } else {
+                Vec::new()
+            };
+            idempotent.extend(r.idempotent.iter().flatten().map(|m| m.get_ref().clone()));
+            let health = r.health.as_ref().map(|h| self.health(h));
+            let outlier = match &r.outlier {
+                Some(o) => self.outlier(o),
+                None => Outlier::default(),
+            };
             out.push(Service {
+                idempotent: crate::policy::Methods::Some(idempotent),
+                failover: r
+                    .failover
+                    .iter()
+                    .flatten()
+                    .map(|f| f.get_ref().clone())
+                    .collect(),
+                health,
+                outlier,
                 encodings,
                 name: r.name.get_ref().clone(),
                 protocol,

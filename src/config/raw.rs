@@ -39,6 +39,46 @@ pub struct RawNode {
     pub access_log: Option<bool>,
     /// Upstream HTTP/2 connections per worker per endpoint; default 2.
     pub upstream_connections: Option<S<i64>>,
+    /// Requests that came from a peer may be forwarded to another peer; default false.
+    pub transit: Option<bool>,
+    /// The most peer-to-peer forwards a request may take; default 2.
+    pub max_hops: Option<S<i64>>,
+    /// Retries of requests that may have reached a service, as a share of requests.
+    pub retry_budget: Option<S<RawRetryBudget>>,
+    /// How often each peer is pinged (HTTP/2 PING) for liveness and round-trip time; default 1s.
+    pub peer_ping_interval: Option<S<String>>,
+    /// A peer whose PING is not answered within this is down; default 1s.
+    pub peer_ping_timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    /// Retries allowed per request sent; default 0.2.
+    pub ratio: Option<S<f64>>,
+    /// Retries allowed per second whatever the traffic; default 10.
+    pub min_per_second: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    /// HTTP services: the path that answers 2xx when healthy; default "/healthz".
+    pub path: Option<S<String>>,
+    /// gRPC services: the name asked of grpc.health.v1; default "" (the whole server).
+    pub grpc_service: Option<S<String>>,
+    pub unhealthy_threshold: Option<S<i64>>,
+    pub healthy_threshold: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<S<i64>>,
+    pub ejection: Option<S<String>>,
+    pub max_ejected_percent: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +137,13 @@ pub struct RawService {
     pub timeout: Option<S<String>>,
     /// `grpc-encoding`s accepted besides identity; default `["gzip"]`.
     pub encodings: Option<Vec<S<String>>>,
+    /// Methods safe to send twice (`pkg.S/M`, `pkg.S/*`, `VERB /prefix`); HTTP GET,
+    /// HEAD and OPTIONS always are.
+    pub idempotent: Option<Vec<S<String>>>,
+    /// Peers or regions to fail over to, in order, before the default order.
+    pub failover: Option<Vec<S<String>>>,
+    pub health: Option<S<RawHealth>>,
+    pub outlier: Option<S<RawOutlier>>,
 }
 
 #[derive(Debug, Deserialize)]
