@@ -39,6 +39,16 @@ pub enum Reject {
         route: String,
         violations: Vec<Violation>,
     },
+    /// Forwarding would loop: a request from a peer on a node that is not a transit
+    /// node, or past `max_hops`.
+    #[error(
+        "service {service} is not served on node {node} and the request may not travel on ({why})"
+    )]
+    Loop {
+        service: String,
+        node: String,
+        why: &'static str,
+    },
     /// Default deny: no `[[allow]]` rule grants this identity this call.
     #[error("{identity} may not call {call} on service {service}: no [[allow]] rule of node {node} grants it")]
     Denied {
@@ -56,6 +66,10 @@ pub struct Violation {
     pub keyword: String,
     pub message: String,
 }
+
+/// Set on every answer fedport makes itself, with the reason: a node that forwarded the
+/// request to a peer knows from it that no service saw the request.
+pub const FED_REFUSED: http::HeaderName = http::HeaderName::from_static("fed-refused");
 
 /// gRPC status codes fedport answers with (the subset of `google.rpc.Code` it uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +97,7 @@ impl Reject {
             Reject::Format(..) => "format",
             Reject::TooLarge(..) => "size",
             Reject::Encoding { .. } => "encoding",
+            Reject::Loop { .. } => "loop",
             Reject::Schema { .. } => "schema",
             Reject::Denied { .. } => "denied",
         }
@@ -99,6 +114,7 @@ impl Reject {
             Reject::Format(..) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Reject::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::Encoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Reject::Loop { .. } => StatusCode::LOOP_DETECTED,
             Reject::Schema { .. } => StatusCode::BAD_REQUEST,
         }
     }
@@ -116,6 +132,7 @@ impl Reject {
             Reject::TooLarge(..) => GrpcCode::ResourceExhausted,
             // the gRPC compression spec's answer to an encoding the server lacks
             Reject::Encoding { .. } => GrpcCode::Unimplemented,
+            Reject::Loop { .. } => GrpcCode::FailedPrecondition,
             Reject::Schema { .. } => GrpcCode::InvalidArgument,
         }
     }
@@ -138,6 +155,7 @@ impl Reject {
             if let Ok(v) = HeaderValue::from_str(request_id) {
                 h.insert("x-request-id", v);
             }
+            h.insert(FED_REFUSED, HeaderValue::from_static(self.reason()));
             if let Reject::Encoding { accepted, .. } = self {
                 if let Ok(v) = HeaderValue::from_str(accepted) {
                     h.insert("grpc-accept-encoding", v);
@@ -161,6 +179,7 @@ impl Reject {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert("x-request-id", v);
         }
+        h.insert(FED_REFUSED, HeaderValue::from_static(self.reason()));
         resp
     }
 }
@@ -205,6 +224,11 @@ mod tests {
                 encoding: "snappy".into(),
                 accepted: "identity,gzip".into(),
             },
+            Reject::Loop {
+                service: "s".into(),
+                node: "n".into(),
+                why: "w",
+            },
         ];
         let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
         assert_eq!(reasons.len(), all.len());
@@ -219,6 +243,8 @@ mod tests {
         assert_eq!(all[8].http_status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(all[8].grpc_code(), GrpcCode::ResourceExhausted);
         assert_eq!(all[9].grpc_code(), GrpcCode::Unimplemented);
+        assert_eq!(all[10].http_status(), StatusCode::LOOP_DETECTED);
+        assert_eq!(all[10].grpc_code(), GrpcCode::FailedPrecondition);
         let r = all[9].to_response(true, "id");
         assert_eq!(r.headers()["grpc-accept-encoding"], "identity,gzip");
     }

@@ -10,6 +10,7 @@
 //! - [`schema`]: accepted formats and message sizes, enforced as bodies stream
 //! - [`proxy`]: the request path, top to bottom
 //! - [`upstream`]: pooled connections and load balancing
+//! - [`federation`]: peers, health, failover order, retry budget; the control thread
 //! - [`errors`]: refusal → HTTP status / gRPC code
 //! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`]
 
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod errors;
+pub mod federation;
 pub mod identity;
 pub mod listen;
 pub mod policy;

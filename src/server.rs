@@ -76,7 +76,30 @@ impl Server {
             h2_connections: config.node.upstream_connections,
             tls: client_tls,
             metrics: Some(metrics.clone()),
+            keepalive: upstream::KEEPALIVE,
         };
+        // connections to peers verify the peer's own identity, and PING as often as
+        // the peer probes do, so a blackholed link is noticed on them as well
+        let mut peer_settings = Vec::new();
+        for p in &config.peers {
+            let tls = match &config.tls {
+                Some(t) => Some(identity::peer_client_config(
+                    &t.files,
+                    &p.identity,
+                    &[b"h2"],
+                )?),
+                None => None,
+            };
+            peer_settings.push(upstream::Settings {
+                tls,
+                keepalive: (
+                    config.node.peer_ping_interval,
+                    config.node.peer_ping_timeout,
+                ),
+                ..settings.clone()
+            });
+        }
+        let fleet = crate::federation::Fleet::new(&config, metrics.clone());
         // The first socket of each listener resolves port 0; the other workers bind
         // the same address beside it.
         let mut first = Vec::new();
@@ -119,6 +142,7 @@ impl Server {
             let config = config.clone();
             let metrics = metrics.clone();
             let settings = settings.clone();
+            let shared = (fleet.clone(), peer_settings.clone());
             let tls = tls.clone();
             let rx = shutdown.subscribe();
             let t = std::thread::Builder::new()
@@ -134,11 +158,22 @@ impl Server {
                             return;
                         }
                     };
-                    rt.block_on(worker_main(config, metrics, settings, tls, mine, open, rx));
+                    rt.block_on(worker_main(
+                        config, metrics, settings, shared, tls, mine, open, rx,
+                    ));
                 })
                 .map_err(ServerError::Worker)?;
             threads.push(t);
         }
+        threads.push(
+            crate::federation::control::spawn(
+                config.clone(),
+                fleet,
+                settings.clone(),
+                shutdown.subscribe(),
+            )
+            .map_err(ServerError::Worker)?,
+        );
         Ok(Self {
             tls: tls.map(|(r, _)| r),
             state,
@@ -186,16 +221,24 @@ impl Server {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn worker_main(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     settings: upstream::Settings,
+    (fleet, peer_settings): (Arc<crate::federation::Fleet>, Vec<upstream::Settings>),
     tls: Option<(Arc<identity::rotate::Rotating>, std::time::Duration)>,
     sockets: Vec<std::net::TcpListener>,
     open: Vec<Arc<std::sync::atomic::AtomicUsize>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let worker = Arc::new(Worker::new(config.clone(), metrics.clone(), &settings));
+    let worker = Arc::new(Worker::new(
+        config.clone(),
+        metrics.clone(),
+        &settings,
+        fleet,
+        &peer_settings,
+    ));
     let live = Arc::new(());
     let mut loops = Vec::new();
     let builder = listen::http_builder();

@@ -536,7 +536,10 @@ impl Checker<'_> {
                         format!("failover target {v:?} is neither a peer nor a peer's region"),
                         "name a [[peer]] or the region of one",
                     );
-                } else if !peers.iter().any(|p| (&p.name == v || &p.region == v) && p.services.contains(name)) {
+                } else if !peers
+                    .iter()
+                    .any(|p| (&p.name == v || &p.region == v) && p.services.contains(name))
+                {
                     self.sink.warn(
                         span(f),
                         format!("failover target {v:?} does not offer service {name:?}"),
@@ -584,7 +587,11 @@ impl Checker<'_> {
         let d = Outlier::default();
         let consecutive_failures = match &r.consecutive_failures {
             Some(n) if *n.get_ref() < 1 => {
-                self.sink.error(span(n), "consecutive_failures must be at least 1", "the default is 5");
+                self.sink.error(
+                    span(n),
+                    "consecutive_failures must be at least 1",
+                    "the default is 5",
+                );
                 d.consecutive_failures
             }
             Some(n) => *n.get_ref() as u32,
@@ -592,7 +599,11 @@ impl Checker<'_> {
         };
         let max_ejected_percent = match &r.max_ejected_percent {
             Some(n) if !(0..=100).contains(n.get_ref()) => {
-                self.sink.error(span(n), "max_ejected_percent is between 0 and 100", "the default is 50");
+                self.sink.error(
+                    span(n),
+                    "max_ejected_percent is between 0 and 100",
+                    "the default is 50",
+                );
                 d.max_ejected_percent
             }
             Some(n) => *n.get_ref() as u32,

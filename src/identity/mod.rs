@@ -208,6 +208,97 @@ pub fn client_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ClientConfi
     Ok(Arc::new(cfg))
 }
 
+/// Client side of a connection to a peer node: the peer's certificate must chain to the
+/// federation CA and carry exactly the peer's configured `identity` (not merely a name
+/// matching the address dialled); the node presents its own certificate.
+pub fn peer_client_config(
+    files: &TlsFiles,
+    identity: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, IdentityError> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let verifier = Arc::new(PeerVerifier {
+        roots: roots(&files.ca)?,
+        identity: identity.to_owned(),
+        algs: provider().signature_verification_algorithms,
+    });
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// Verifies a peer node: chain to the federation CA (rustls' own path building), then
+/// the identity the certificate carries against the one configured for the peer.
+#[derive(Debug)]
+struct PeerVerifier {
+    roots: Arc<RootCertStore>,
+    identity: String,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        match identity_of(end_entity) {
+            Some(id) if id == self.identity => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(IdentityError::Tls(
+                    format!(
+                        "peer certificate carries identity {:?}, expected {:?}",
+                        other.unwrap_or_default(),
+                        self.identity
+                    ),
+                )))),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// The identity a verified certificate carries: its first `spiffe://` URI SAN, else
 /// its first DNS SAN. `None` when it has neither.
 pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {

@@ -3,6 +3,7 @@
 //! through [`crate::errors::Reject`], counted and logged once.
 
 pub mod body;
+pub mod deadline;
 
 use crate::config::{Config, Protocol};
 use crate::errors::Reject;
@@ -33,6 +34,7 @@ pub const FED_PEER: HeaderName = HeaderName::from_static("fed-peer");
 pub const FED_ORIGIN: HeaderName = HeaderName::from_static("fed-origin");
 pub const FED_HOPS: HeaderName = HeaderName::from_static("fed-hops");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const FED_SERVICE: HeaderName = HeaderName::from_static(route::FED_SERVICE);
 
 /// A worker's view of one configuration generation: the compiled config, its route
 /// table and this worker's upstream pools (by service index).
@@ -48,10 +50,91 @@ pub struct Worker {
     pub origin: HeaderValue,
     /// Request metrics by listener index, then service index + 1 (0: no service).
     by_service: Vec<Vec<Arc<ServiceMetrics>>>,
+    /// Health of local endpoints and peers, shared by every worker.
+    pub fleet: Arc<crate::federation::Fleet>,
+    /// This worker's connections to each peer (by peer index).
+    pub peer_pools: Vec<Arc<EndpointPool>>,
+    /// Peer index by the identity its certificate carries.
+    pub peer_by_identity: std::collections::HashMap<String, usize>,
+    /// By service index: the retry budget, and where requests went.
+    budgets: Vec<crate::federation::RetryBudget>,
+    counters: Vec<Counters>,
+}
+
+/// Where one service's requests went, and its retries (counter handles resolved once).
+struct Counters {
+    local: prometheus_client::metrics::counter::Counter,
+    peers: Vec<prometheus_client::metrics::counter::Counter>,
+    unsent: prometheus_client::metrics::counter::Counter,
+    idempotent: prometheus_client::metrics::counter::Counter,
+    exhausted: prometheus_client::metrics::counter::Counter,
 }
 
 impl Worker {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, settings: &upstream::Settings) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        settings: &upstream::Settings,
+        fleet: Arc<crate::federation::Fleet>,
+        peer_settings: &[upstream::Settings],
+    ) -> Self {
+        let peer_pools = config
+            .peers
+            .iter()
+            .zip(peer_settings)
+            .map(|(p, st)| {
+                let (host, port) = p.address.rsplit_once(':').unwrap_or((&p.address, "0"));
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let endpoint = crate::config::Endpoint {
+                    url: format!("https://{}", p.address),
+                    scheme: crate::config::Scheme::Https,
+                    host: host.to_owned(),
+                    port: port.parse().unwrap_or(0),
+                };
+                EndpointPool::new(endpoint, &format!("peer:{}", p.name), st.clone())
+            })
+            .collect();
+        let counters = config
+            .services
+            .iter()
+            .map(|s| {
+                let target = |t: &str| {
+                    metrics
+                        .forwarded
+                        .get_or_create(&crate::telemetry::TargetLabels {
+                            service: s.name.clone(),
+                            target: t.to_owned(),
+                        })
+                        .clone()
+                };
+                let retry = |k: &str| {
+                    metrics
+                        .retries
+                        .get_or_create(&crate::telemetry::RetryLabels {
+                            service: s.name.clone(),
+                            kind: k.to_owned(),
+                        })
+                        .clone()
+                };
+                Counters {
+                    local: target("local"),
+                    peers: config.peers.iter().map(|p| target(&p.name)).collect(),
+                    unsent: retry("unsent"),
+                    idempotent: retry("idempotent"),
+                    exhausted: retry("budget_exhausted"),
+                }
+            })
+            .collect();
+        let budgets = config
+            .services
+            .iter()
+            .map(|_| {
+                crate::federation::RetryBudget::new(
+                    config.node.retry_ratio,
+                    config.node.retry_min_per_second,
+                )
+            })
+            .collect();
         let upstreams = config
             .services
             .iter()
@@ -78,10 +161,20 @@ impl Worker {
             peer_identities: config.peers.iter().map(|p| p.identity.clone()).collect(),
             origin: HeaderValue::from_str(&config.node.name)
                 .unwrap_or(HeaderValue::from_static("unknown")),
+            peer_by_identity: config
+                .peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.identity.clone(), i))
+                .collect(),
             config,
             upstreams,
             metrics,
             by_service,
+            fleet,
+            peer_pools,
+            budgets,
+            counters,
         }
     }
 
@@ -311,6 +404,7 @@ async fn forward(
     rid: &HeaderValue,
     routed: &mut Routed,
 ) -> Result<Forwarded, Reject> {
+    let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     // Everything decided before a byte goes upstream; a refusal here first reads and
     // drops a small request body, so the caller gets a clean answer instead of a reset.
@@ -358,10 +452,7 @@ async fn forward(
             });
         }
 
-        let pool = upstream::pick(&w.upstreams[idx])
-            .ok_or_else(|| Reject::NoHealthyTarget(service.name.clone()))?
-            .clone();
-
+        let idempotent = service.idempotent.allows(call);
         let authority = parts
             .uri
             .authority()
@@ -379,47 +470,22 @@ async fn forward(
         let (origin, hops) = if conn.from_peer {
             let hops = h
                 .get(&FED_HOPS)
-                .filter(|v| v.to_str().is_ok_and(|s| s.parse::<u8>().is_ok()))
-                .cloned();
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<u8>().ok())
+                .unwrap_or(0);
             (h.get(&FED_ORIGIN).cloned(), hops)
         } else {
-            (None, None)
+            (None, 0)
         };
+        // the caller's deadline, if it set one, within the service's timeout
+        let asked = deadline::asked(h, grpc).map_err(Reject::BadRequest)?;
         strip_fed_headers(h);
         h.insert(FED_PEER, conn.identity.clone());
         h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
-        if let Some(hops) = hops {
-            h.insert(FED_HOPS, hops);
-        }
         h.insert(REQUEST_ID, rid.clone());
-
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        if pool.speaks_h2() {
-            let scheme = if pool.endpoint.scheme == crate::config::Scheme::Https {
-                "https"
-            } else {
-                "http"
-            };
-            parts.uri = Uri::builder()
-                .scheme(scheme)
-                .authority(authority.as_str())
-                .path_and_query(pq)
-                .build()
-                .map_err(|_| Reject::BadRequest("request target cannot be forwarded"))?;
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
-        } else {
-            parts.uri = Uri::try_from(pq).map_err(|_| Reject::BadRequest("bad request target"))?;
-            parts.version = Version::HTTP_11;
-            if !parts.headers.contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(&authority) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
+        let timeout = asked.map_or(service.timeout, |t| t.min(service.timeout));
+        if asked.is_some_and(|t| t.is_zero()) {
+            return Err(Reject::Timeout(service.name.clone(), 0));
         }
 
         // what the service accepts: its content types, and its message size
@@ -481,9 +547,17 @@ async fn forward(
         let response = method
             .filter(|(p, _)| p.validate_responses)
             .map(|(p, m)| (check(&m.output, p.strict), max));
-        Ok((parts, idx, pool, limit, framer, response, json_route))
+        let aim = Aim {
+            authority,
+            hops,
+            idempotent,
+            deadline_header: asked.is_some(),
+        };
+        Ok((
+            parts, idx, aim, timeout, limit, framer, response, json_route,
+        ))
     })();
-    let (parts, idx, pool, limit, framer, response, json_route) = match checked {
+    let (parts, idx, aim, timeout, limit, framer, response, json_route) = match checked {
         Ok(c) => c,
         Err(r) => {
             discard(body).await;
@@ -492,19 +566,22 @@ async fn forward(
     };
     let service = &w.config.services[idx];
     let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
+    let deadline = start + timeout;
     let tripped = Arc::new(schema::Tripped::default());
     let small = !grpc
         && body
             .size_hint()
             .exact()
             .is_some_and(|n| n > 0 && n <= SMALL_BODY);
-    let body = schema::Guarded::new(body, limit, tripped.clone(), framer);
-    if let Some(route) = json_route {
+    let mut body = Some(schema::Guarded::new(body, limit, tripped.clone(), framer));
+    let mut targets = Targets::new(w, conn, idx, &parts.headers, &aim)?;
+    let replay: Option<Bytes> = if let Some(route) = json_route {
         // validated whole, so buffered: bounded by the service's limit (default 1 MiB)
         let max = service
             .max_message_bytes
             .unwrap_or(schema::DEFAULT_JSON_LIMIT);
-        let bytes = match Limited::new(body, max as usize).collect().await {
+        let whole = body.take().map(|b| Limited::new(b, max as usize));
+        let bytes = match whole.expect("the body is there").collect().await {
             Ok(c) => c.to_bytes(),
             Err(_) => {
                 return Err(match tripped.get() {
@@ -518,76 +595,419 @@ async fn forward(
             route: route.route.to_string(),
             violations,
         })?;
-        return send(
-            pool,
-            parts,
-            Either::Right(Full::new(bytes)),
-            service,
-            tripped,
-        )
-        .await;
-    }
-    let response_check = response;
-    let body: ProxyBody = if small {
-        let bytes = Limited::new(body, SMALL_BODY as usize)
+        Some(bytes)
+    } else if small {
+        let whole = body.take().map(|b| Limited::new(b, SMALL_BODY as usize));
+        let bytes = whole
+            .expect("the body is there")
             .collect()
             .await
             .map_err(|_| Reject::BadRequest("request body ended early"))?
             .to_bytes();
-        Either::Right(Full::new(bytes))
+        Some(bytes)
+    } else if targets.alternatives() {
+        // somewhere else to go if this fails: a body that has already arrived whole
+        // (a unary call, a GET) can be sent again
+        match body.as_mut().map(|b| b.take_if_whole()) {
+            Some(Ok(whole)) => whole,
+            Some(Err(schema::Refused)) => return Err(refusal(service, &tripped)),
+            None => None,
+        }
     } else {
-        Either::Left(body)
+        None
     };
-    let mut fwd = send(pool, parts, body, service, tripped).await?;
-    fwd.response = response_check;
+    let mut fwd = dispatch(
+        w,
+        idx,
+        parts,
+        body,
+        replay,
+        &aim,
+        &mut targets,
+        deadline,
+        tripped,
+    )
+    .await?;
+    fwd.response = response;
     Ok(fwd)
 }
 
-/// Forwards the request within the service's timeout and maps what can go wrong.
-async fn send(
-    pool: Arc<EndpointPool>,
+/// How a request is aimed at each target, decided once.
+struct Aim {
+    /// The caller's `:authority` (or Host), kept for every target.
+    authority: String,
+    /// `fed-hops` as it arrived (0 unless from a peer).
+    hops: u8,
+    /// The method may be sent twice.
+    idempotent: bool,
+    /// The caller gave a deadline (`grpc-timeout` / `fed-timeout`): pass on what is left.
+    deadline_header: bool,
+}
+
+/// Where a request may go, best first, worked out as far as needed: available local
+/// endpoints (power of two choices first), then peers in the fleet's order.
+enum Target {
+    Local(usize),
+    Peer(usize),
+}
+
+struct Targets<'a> {
+    w: &'a Worker,
+    service: usize,
+    locals: Vec<usize>,
+    next_local: usize,
+    /// Why peers may not be used (loop prevention), if they may not.
+    no_peers: Option<&'static str>,
+    peers: Option<Vec<usize>>,
+    next_peer: usize,
+    /// Peers not to go back to: the caller's node and the request's origin.
+    exclude: [Option<&'a str>; 2],
+}
+
+impl<'a> Targets<'a> {
+    fn new(
+        w: &'a Worker,
+        conn: &ConnCtx,
+        service: usize,
+        headers: &HeaderMap,
+        aim: &Aim,
+    ) -> Result<Self, Reject> {
+        let cfg = &w.config;
+        let n = w.upstreams[service].len();
+        let mut locals: Vec<usize> = (0..n).filter(|&e| w.fleet.available(service, e)).collect();
+        let no_peers = if conn.from_peer && !cfg.node.transit {
+            Some("it came from a peer and this node is not a transit node")
+        } else if aim.hops >= cfg.node.max_hops {
+            Some("it has taken max_hops hops already")
+        } else {
+            None
+        };
+        if locals.is_empty() {
+            if w.fleet.has_peers(service) {
+                if let Some(why) = no_peers {
+                    return Err(Reject::Loop {
+                        service: cfg.services[service].name.clone(),
+                        node: cfg.node.name.clone(),
+                        why,
+                    });
+                }
+            } else {
+                // every endpoint is out and nowhere else has the service: try them all
+                // rather than refuse (Envoy's panic mode)
+                locals = (0..n).collect();
+            }
+        }
+        if locals.len() > 1 {
+            let pools: Vec<Arc<EndpointPool>> = locals
+                .iter()
+                .map(|&e| w.upstreams[service][e].clone())
+                .collect();
+            if let Some(first) = upstream::pick(&pools) {
+                let at = pools
+                    .iter()
+                    .position(|p| Arc::ptr_eq(p, first))
+                    .unwrap_or(0);
+                locals.swap(0, at);
+            }
+        }
+        let caller = conn
+            .identity
+            .to_str()
+            .ok()
+            .and_then(|id| w.peer_by_identity.get(id))
+            .map(|&i| cfg.peers[i].name.as_str());
+        let origin = headers
+            .get(&FED_ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|o| cfg.peers.iter().find(|p| p.name == o))
+            .map(|p| p.name.as_str());
+        Ok(Self {
+            w,
+            service,
+            locals,
+            next_local: 0,
+            no_peers,
+            peers: None,
+            next_peer: 0,
+            exclude: [caller, origin],
+        })
+    }
+
+    /// Whether more than one target could be tried.
+    fn alternatives(&self) -> bool {
+        self.locals.len() > 1 || (self.no_peers.is_none() && self.w.fleet.has_peers(self.service))
+    }
+
+    fn next(&mut self) -> Option<Target> {
+        if let Some(&e) = self.locals.get(self.next_local) {
+            self.next_local += 1;
+            return Some(Target::Local(e));
+        }
+        if self.no_peers.is_some() {
+            return None;
+        }
+        let w = self.w;
+        let (service, exclude) = (self.service, self.exclude);
+        let peers = self
+            .peers
+            .get_or_insert_with(|| w.fleet.peer_order(&w.config, service, &exclude));
+        let p = peers.get(self.next_peer).copied()?;
+        self.next_peer += 1;
+        Some(Target::Peer(p))
+    }
+}
+
+/// The refusal a tripped request guard stands for (the caller's fault), else a
+/// generic one.
+fn refusal(service: &crate::config::Service, tripped: &schema::Tripped) -> Reject {
+    if let Some(n) = tripped.get() {
+        return Reject::TooLarge(
+            service.name.clone(),
+            n,
+            service.max_message_bytes.unwrap_or(0),
+        );
+    }
+    if let Some(e) = tripped.schema_error() {
+        return Reject::Schema {
+            service: service.name.clone(),
+            route: "its gRPC method".into(),
+            violations: vec![crate::errors::Violation {
+                path: String::new(),
+                keyword: "protobuf".into(),
+                message: e,
+            }],
+        };
+    }
+    Reject::BadRequest("the request body ended with an error")
+}
+
+/// Points a request at one target: its URI and version for that connection, and the
+/// federation headers — `fed-hops` one more and `fed-service` for a peer, what is left
+/// of the caller's deadline.
+fn aim_at(
+    req: &mut Request<ProxyBody>,
+    pool: &EndpointPool,
+    to_peer: bool,
+    aim: &Aim,
+    service: &str,
+    left: std::time::Duration,
+    grpc: bool,
+) -> Result<(), Reject> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let h2 = pool.speaks_h2();
+    if h2 {
+        let scheme = if pool.endpoint.scheme == crate::config::Scheme::Https {
+            "https"
+        } else {
+            "http"
+        };
+        *req.uri_mut() = Uri::builder()
+            .scheme(scheme)
+            .authority(aim.authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| Reject::BadRequest("request target cannot be forwarded"))?;
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+    } else {
+        *req.uri_mut() = Uri::try_from(pq).map_err(|_| Reject::BadRequest("bad request target"))?;
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(&aim.authority) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    let h = req.headers_mut();
+    let hops = if to_peer { aim.hops + 1 } else { aim.hops };
+    if hops > 0 {
+        h.insert(FED_HOPS, HeaderValue::from(u16::from(hops)));
+    } else {
+        h.remove(&FED_HOPS);
+    }
+    if to_peer {
+        if let Ok(v) = HeaderValue::from_str(service) {
+            h.insert(FED_SERVICE, v);
+        }
+    } else {
+        h.remove(&FED_SERVICE);
+    }
+    if aim.deadline_header {
+        deadline::pass_on(h, grpc, left);
+    }
+    Ok(())
+}
+
+/// Sends the request to its best target, and on to the next when that one fails in a
+/// way that allows it: never sent (connect refused, connection closing), refused
+/// unprocessed (REFUSED_STREAM, or a peer's own refusal) with a body that can be sent
+/// again, or — for idempotent methods only, within the retry budget — any failure.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    w: &Worker,
+    idx: usize,
     parts: http::request::Parts,
-    body: ProxyBody,
-    service: &crate::config::Service,
+    body: Option<schema::Guarded>,
+    replay: Option<Bytes>,
+    aim: &Aim,
+    targets: &mut Targets<'_>,
+    deadline: Instant,
     tripped: Arc<schema::Tripped>,
 ) -> Result<Forwarded, Reject> {
-    let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
-    let max = service.max_message_bytes.unwrap_or(0);
-
-    let outstanding = pool.begin();
-    let sent = tokio::time::timeout(service.timeout, pool.send(Request::from_parts(parts, body)))
-        .await
-        .map_err(|_| Reject::Timeout(service.name.clone(), service.timeout.as_millis() as u64))?;
-    let (resp, h1) = match sent {
-        Ok(r) => r,
-        Err(upstream::UpstreamError::Connect(url, e)) => {
-            tracing::warn!(service = %service.name, endpoint = %url, error = %e, "upstream unreachable");
-            return Err(Reject::NoHealthyTarget(service.name.clone()));
-        }
-        Err(upstream::UpstreamError::Exchange(e)) => {
-            // the body refused to carry a message: that is the caller's fault
-            if let Some(n) = tripped.get() {
-                return Err(too_large(n, max));
+    let service = &w.config.services[idx];
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let budget = &w.budgets[idx];
+    budget.deposit();
+    // what a maybe-sent request is rebuilt from; kept only when it could be resent
+    let keep = replay.as_ref().filter(|_| targets.alternatives()).map(|_| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
+    let first_body = match (&replay, body) {
+        (Some(b), _) => Either::Right(Full::new(b.clone())),
+        (None, Some(g)) => Either::Left(g),
+        (None, None) => Either::Right(Full::default()),
+    };
+    let mut pending = Some(Request::from_parts(parts, first_body));
+    let mut target = targets.next();
+    let mut last = Reject::NoHealthyTarget(service.name.clone());
+    let counters = &w.counters[idx];
+    while let Some(t) = target.take() {
+        let mut req = match pending.take() {
+            Some(r) => r,
+            None => {
+                let (Some((m, u, h)), Some(b)) = (&keep, &replay) else {
+                    break;
+                };
+                let mut r = Request::new(Either::Right(Full::new(b.clone())));
+                *r.method_mut() = m.clone();
+                *r.uri_mut() = u.clone();
+                *r.headers_mut() = h.clone();
+                r
             }
-            if let Some(e) = tripped.schema_error() {
-                return Err(Reject::Schema {
-                    service: service.name.clone(),
-                    route: "its gRPC method".into(),
-                    violations: vec![crate::errors::Violation {
-                        path: String::new(),
-                        keyword: "protobuf".into(),
-                        message: e,
-                    }],
+        };
+        let (pool, to_peer, local) = match t {
+            Target::Local(e) => (w.upstreams[idx][e].clone(), false, Some(e)),
+            Target::Peer(p) => (w.peer_pools[p].clone(), true, None),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Reject::Timeout(service.name.clone(), 0));
+        }
+        aim_at(&mut req, &pool, to_peer, aim, &service.name, left, grpc)?;
+        match t {
+            Target::Local(_) => counters.local.inc(),
+            Target::Peer(p) => counters.peers[p].inc(),
+        };
+        let outstanding = pool.begin();
+        let sent = tokio::time::timeout(left, pool.send(req)).await;
+        let Ok(sent) = sent else {
+            if let Some(e) = local {
+                w.fleet.record(idx, e, false);
+            }
+            return Err(Reject::Timeout(
+                service.name.clone(),
+                service.timeout.as_millis() as u64,
+            ));
+        };
+        let can_resend = replay.is_some() && keep.is_some();
+        match sent {
+            Ok((resp, h1)) => {
+                let unavailable = matches!(resp.status().as_u16(), 502..=504)
+                    || resp.headers().get("grpc-status").is_some_and(|s| s == "14");
+                if let Some(e) = local {
+                    w.fleet.record(idx, e, !unavailable);
+                }
+                let refused_by_peer = to_peer
+                    && resp
+                        .headers()
+                        .get(crate::errors::FED_REFUSED)
+                        .is_some_and(|r| {
+                            r == "no_healthy_target" || r == "draining" || r == "loop"
+                        });
+                let next = if (unavailable || refused_by_peer) && can_resend {
+                    targets.next()
+                } else {
+                    None
+                };
+                if let Some(next) = next {
+                    if refused_by_peer {
+                        counters.unsent.inc();
+                        target = Some(next);
+                        continue;
+                    }
+                    if aim.idempotent {
+                        if budget.withdraw() {
+                            counters.idempotent.inc();
+                            target = Some(next);
+                            continue;
+                        }
+                        counters.exhausted.inc();
+                    }
+                }
+                return Ok(Forwarded {
+                    response: None,
+                    resp,
+                    outstanding,
+                    h1,
+                    tripped,
                 });
             }
-            return Err(Reject::Upstream(service.name.clone(), e));
+            Err(failed) => {
+                if let Some(e) = local {
+                    w.fleet.record(idx, e, false);
+                }
+                if tripped.get().is_some() || tripped.schema_error().is_some() {
+                    return Err(refusal(service, &tripped));
+                }
+                let upstream::Failed { error, unsent } = failed;
+                tracing::debug!(service = %service.name, target = %pool.endpoint.url, error = %error, "attempt failed");
+                last = match &error {
+                    upstream::UpstreamError::Connect(..) => {
+                        Reject::NoHealthyTarget(service.name.clone())
+                    }
+                    e => Reject::Upstream(service.name.clone(), e.to_string()),
+                };
+                let Some(next) = targets.next() else { break };
+                if let Some(back) = unsent {
+                    // it never left fedport: it goes on as it is
+                    counters.unsent.inc();
+                    pending = Some(back);
+                    target = Some(next);
+                    continue;
+                }
+                if !can_resend {
+                    break;
+                }
+                if matches!(error, upstream::UpstreamError::Refused(_)) {
+                    counters.unsent.inc();
+                    target = Some(next);
+                    continue;
+                }
+                if !aim.idempotent {
+                    break;
+                }
+                if !budget.withdraw() {
+                    counters.exhausted.inc();
+                    break;
+                }
+                counters.idempotent.inc();
+                target = Some(next);
+            }
         }
-    };
-    Ok(Forwarded {
-        response: None,
-        resp,
-        outstanding,
-        h1,
-        tripped,
-    })
+    }
+    if let Reject::NoHealthyTarget(_) = &last {
+        tracing::warn!(service = %service.name, "no target could take the request");
+    }
+    Err(last)
 }

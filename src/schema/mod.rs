@@ -245,6 +245,11 @@ pub struct SchemaViolation(pub String);
 #[error("message of {0} bytes is over the service's limit")]
 pub struct TooLarge(pub u64);
 
+/// The guard refused the body (see its [`Tripped`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was refused")]
+pub struct Refused;
+
 /// How a [`Guarded`] body counts.
 #[derive(Debug, Clone, Copy)]
 pub enum Limit {
@@ -272,6 +277,8 @@ pin_project_lite::pin_project! {
         // with a proto schema: whole messages are held until they validate
         framer: Option<Framer>,
         forwarded: bool,
+        // frames read ahead (by take_if_whole) and given back first
+        held: std::collections::VecDeque<Frame<Bytes>>,
     }
 }
 
@@ -291,7 +298,44 @@ impl Guarded {
             tripped,
             framer,
             forwarded: false,
+            held: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Takes the body if all of it has already arrived — as a unary call's or a GET's
+    /// usually has by the time its head is read — so that it can be sent again:
+    /// `Ok(Some(bytes))`. Never waits: `Ok(None)` when more is still to come or it is
+    /// over 64 KiB (what was read is given back first). `Err` when the guard refused it.
+    pub fn take_if_whole(&mut self) -> Result<Option<Bytes>, Refused> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut got: Vec<Frame<Bytes>> = Vec::new();
+        let mut size = 0;
+        let whole = loop {
+            match Pin::new(&mut *self).poll_frame(&mut cx) {
+                Poll::Ready(None) => break true,
+                Poll::Ready(Some(Ok(f))) => {
+                    let data = f.data_ref().map(Bytes::len);
+                    got.push(f);
+                    match data {
+                        Some(n) if size + n <= 64 * 1024 => size += n,
+                        _ => break false,
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => return Err(Refused),
+                Poll::Pending => break false,
+            }
+        };
+        if !whole {
+            self.held.extend(got);
+            return Ok(None);
+        }
+        let mut all = bytes::BytesMut::with_capacity(size);
+        for f in got {
+            if let Ok(d) = f.into_data() {
+                all.extend_from_slice(&d);
+            }
+        }
+        Ok(Some(all.freeze()))
     }
 }
 
@@ -329,6 +373,9 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
+        if let Some(f) = this.held.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
         if let Some(framer) = this.framer.as_mut() {
             loop {
                 // After a refused message: if valid ones already went, end the stream
@@ -397,7 +444,7 @@ impl Body for Guarded {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -39,6 +39,31 @@ pub struct MessageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+/// Where a request was sent: `local`, or the name of the peer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub service: String,
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    /// `unsent` (certainly never reached a service), `idempotent`, or `budget_exhausted`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
 }
@@ -72,6 +97,12 @@ pub struct Metrics {
     pub upstream_connects: Family<UpstreamLabels, Counter>,
     pub tls_reloads: Family<ResultLabels, Counter>,
     pub message_rejections: Family<MessageLabels, Counter>,
+    pub peer_up: Family<PeerLabels, Gauge>,
+    pub peer_rtt: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub endpoint_healthy: Family<EndpointLabels, Gauge>,
+    pub ejections: Family<EndpointLabels, Counter>,
+    pub forwarded: Family<TargetLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
     pub ready: Gauge,
 }
 
@@ -140,6 +171,42 @@ impl Metrics {
             "Messages refused by what their service accepts (format, encoding, size, schema, response_schema), by service and method",
             message_rejections.clone(),
         );
+        let peer_up = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_up",
+            "1 while the peer answers its HTTP/2 PINGs",
+            peer_up.clone(),
+        );
+        let peer_rtt = Family::<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "peer_rtt_seconds",
+            "Round-trip time to the peer, from its HTTP/2 PINGs (moving average)",
+            peer_rtt.clone(),
+        );
+        let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "upstream_healthy",
+            "1 while a local endpoint passes its health checks and is not ejected",
+            endpoint_healthy.clone(),
+        );
+        let ejections = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "upstream_ejections",
+            "Endpoints ejected after consecutive failures",
+            ejections.clone(),
+        );
+        let forwarded = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "forwarded",
+            "Requests sent on, by service and target (local, or the peer's name)",
+            forwarded.clone(),
+        );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Requests sent again to another target, by kind; budget_exhausted counts the retries refused",
+            retries.clone(),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -166,6 +233,12 @@ impl Metrics {
             upstream_connects,
             tls_reloads,
             message_rejections,
+            peer_up,
+            peer_rtt,
+            endpoint_healthy,
+            ejections,
+            forwarded,
+            retries,
             ready,
         })
     }

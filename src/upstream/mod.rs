@@ -25,9 +25,50 @@ pub enum UpstreamError {
     /// The request certainly did not reach the service.
     #[error("connect to {0} failed: {1}")]
     Connect(String, String),
+    /// The service refused the stream before processing it (HTTP/2 REFUSED_STREAM):
+    /// it did not reach the service, but its body is spent.
+    #[error("stream refused before processing: {0}")]
+    Refused(String),
     /// The request may have reached the service.
     #[error("{0}")]
     Exchange(String),
+}
+
+/// A request that did not get an answer: why, and the request itself when it never
+/// left fedport (it may be sent elsewhere as it is).
+pub struct Failed {
+    pub error: UpstreamError,
+    pub unsent: Option<Request<ProxyBody>>,
+}
+
+impl Failed {
+    fn sent(error: UpstreamError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+/// Whether a hyper error is the server refusing the stream unprocessed.
+fn refused(e: &hyper::Error) -> bool {
+    use std::error::Error;
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            return h.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        src = s.source();
+    }
+    false
+}
+
+fn exchange_error(e: &hyper::Error) -> UpstreamError {
+    if refused(e) {
+        UpstreamError::Refused(describe(e))
+    } else {
+        UpstreamError::Exchange(describe(e))
+    }
 }
 
 /// How upstream connections are made and recycled.
@@ -39,7 +80,13 @@ pub struct Settings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Where connection attempts are counted (`fedport_upstream_connects_total`).
     pub metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// HTTP/2 keepalive PING interval and timeout: a connection whose PING goes
+    /// unanswered is closed. Peers use the node's `peer_ping_*`; default 20 s / 10 s.
+    pub keepalive: (Duration, Duration),
 }
+
+/// The keepalive of connections to local endpoints.
+pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(20), Duration::from_secs(10));
 
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
@@ -136,29 +183,45 @@ impl EndpointPool {
     }
 
     /// Sends one request. A request that an HTTP/2 connection refused before sending
-    /// anything (it was closing) is tried once more on a fresh connection.
+    /// anything (it was closing) is tried once more on a fresh connection; one that
+    /// could not be sent at all comes back in [`Failed::unsent`].
     pub async fn send(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Option<H1Return>), UpstreamError> {
+    ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
         if self.speaks_h2() {
             let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
             let mut req = req;
             for attempt in 0..2 {
-                let mut sender = match self.h2_sender(slot).await? {
-                    Sender::H2(s) => s,
-                    Sender::H1(s) => return self.send_h1(s, req).await,
+                let mut sender = match self.h2_sender(slot).await {
+                    Ok(Sender::H2(s)) => s,
+                    Ok(Sender::H1(s)) => return self.send_h1(s, req).await,
+                    Err(error) => {
+                        return Err(Failed {
+                            error,
+                            unsent: Some(req),
+                        })
+                    }
                 };
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, None)),
                     Err(mut e) => match e.take_message() {
-                        Some(back) if attempt == 0 => {
+                        Some(back) => {
                             if let Ok(mut st) = slot.state.lock() {
                                 *st = None;
                             }
+                            if attempt == 1 {
+                                return Err(Failed {
+                                    error: UpstreamError::Connect(
+                                        self.endpoint.url.clone(),
+                                        describe(e.error()),
+                                    ),
+                                    unsent: Some(back),
+                                });
+                            }
                             req = back;
                         }
-                        _ => return Err(UpstreamError::Exchange(describe(e.error()))),
+                        None => return Err(Failed::sent(exchange_error(e.error()))),
                     },
                 }
             }
@@ -174,14 +237,20 @@ impl EndpointPool {
         });
         let sender = match idle {
             Some(s) => s,
-            None => match self.connect().await? {
-                Sender::H1(s) => s,
-                Sender::H2(mut s) => {
+            None => match self.connect().await {
+                Ok(Sender::H1(s)) => s,
+                Ok(Sender::H2(mut s)) => {
                     let resp = s
                         .send_request(req)
                         .await
-                        .map_err(|e| UpstreamError::Exchange(describe(&e)))?;
+                        .map_err(|e| Failed::sent(exchange_error(&e)))?;
                     return Ok((resp, None));
+                }
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        unsent: Some(req),
+                    })
                 }
             },
         };
@@ -192,11 +261,20 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut sender: http1::SendRequest<ProxyBody>,
         req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Option<H1Return>), UpstreamError> {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::Exchange(describe(&e)))?;
+    ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
+        let resp = match sender.try_send_request(req).await {
+            Ok(r) => r,
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let error = match &unsent {
+                    Some(_) => {
+                        UpstreamError::Connect(self.endpoint.url.clone(), describe(e.error()))
+                    }
+                    None => exchange_error(e.error()),
+                };
+                return Err(Failed { error, unsent });
+            }
+        };
         Ok((
             resp,
             Some(H1Return {
@@ -264,7 +342,9 @@ impl EndpointPool {
         let _ = tcp.set_nodelay(true);
         match ep.scheme {
             Scheme::Http1 => h1_handshake(tcp).await.map_err(fail),
-            Scheme::H2c => h2_handshake(tcp).await.map_err(fail),
+            Scheme::H2c => h2_handshake(tcp, self.settings.keepalive)
+                .await
+                .map_err(fail),
             Scheme::Https => {
                 let cfg = self
                     .settings
@@ -283,7 +363,9 @@ impl EndpointPool {
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 self.https_is_h1.store(!h2, Ordering::Relaxed);
                 if h2 {
-                    h2_handshake(tls).await.map_err(fail)
+                    h2_handshake(tls, self.settings.keepalive)
+                        .await
+                        .map_err(fail)
                 } else {
                     h1_handshake(tls).await.map_err(fail)
                 }
@@ -292,14 +374,15 @@ impl EndpointPool {
     }
 }
 
-async fn h2_handshake<T>(io: T) -> Result<Sender, String>
+async fn h2_handshake<T>(io: T, keepalive: (Duration, Duration)) -> Result<Sender, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (s, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_interval(keepalive.0)
+        .keep_alive_timeout(keepalive.1)
+        .keep_alive_while_idle(true)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .handshake(TokioIo::new(io))
@@ -381,6 +464,7 @@ mod tests {
                 h2_connections: 1,
                 tls: None,
                 metrics: None,
+                keepalive: KEEPALIVE,
             },
         )
     }

@@ -1,0 +1,267 @@
+//! The control thread: one more single-threaded runtime beside the workers, off the
+//! request path. It keeps a PING connection to every peer (liveness and round-trip
+//! time, reconnecting with jittered backoff) and runs the active health checks of the
+//! services that ask for them, writing what it learns into the [`Fleet`].
+
+use super::Fleet;
+use crate::config::{Config, Endpoint, HealthCheck, Peer, Protocol, Scheme};
+use crate::upstream::{EndpointPool, Settings};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Starts the control thread; it ends when `shutdown` turns true.
+pub fn spawn(
+    config: Arc<Config>,
+    fleet: Arc<Fleet>,
+    settings: Settings,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("fedport-control".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "control thread cannot start its runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                if let Some(tls) = &config.tls {
+                    for i in 0..config.peers.len() {
+                        let peer = config.peers[i].clone();
+                        match crate::identity::peer_client_config(&tls.files, &peer.identity, &[b"h2"]) {
+                            Ok(cfg) => {
+                                tasks.spawn(probe_peer(config.clone(), peer, i, fleet.clone(), cfg));
+                            }
+                            Err(e) => tracing::error!(peer = %peer.name, error = %e, "cannot build TLS for peer"),
+                        }
+                    }
+                }
+                for (s, svc) in config.services.iter().enumerate() {
+                    let Some(hc) = &svc.health else { continue };
+                    for (e, ep) in svc.endpoints.iter().enumerate() {
+                        let pool = EndpointPool::new(ep.clone(), &svc.name, settings.clone());
+                        tasks.spawn(check_endpoint(
+                            fleet.clone(),
+                            (s, e),
+                            pool,
+                            hc.clone(),
+                            svc.protocol,
+                            svc.name.clone(),
+                        ));
+                    }
+                }
+                let f = fleet.clone();
+                tasks.spawn(async move {
+                    loop {
+                        f.refresh_gauges();
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                });
+                let _ = shutdown.wait_for(|s| *s).await;
+                tasks.abort_all();
+            });
+        })
+}
+
+/// `d` give or take 20%, so that checks and reconnects do not march in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + fastrand::f64() * 0.4)
+}
+
+/// Keeps an HTTP/2 connection to the peer and PINGs it every `peer_ping_interval`:
+/// an answer is a round-trip time sample; none within `peer_ping_timeout` (a
+/// blackholed link), or no connection at all, marks the peer down.
+async fn probe_peer(
+    config: Arc<Config>,
+    peer: Peer,
+    index: usize,
+    fleet: Arc<Fleet>,
+    tls: Arc<rustls::ClientConfig>,
+) {
+    let state = fleet.peers[index].clone();
+    let (interval, timeout) = (
+        config.node.peer_ping_interval,
+        config.node.peer_ping_timeout,
+    );
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let conn =
+            tokio::time::timeout(timeout.max(Duration::from_secs(1)), connect(&peer, &tls)).await;
+        let (mut pings, _keep) = match conn {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                if state.set_up(false) {
+                    tracing::warn!(peer = %peer.name, error = %e, "peer unreachable: traffic avoids it");
+                }
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(_) => {
+                if state.set_up(false) {
+                    tracing::warn!(peer = %peer.name, "peer unreachable (connect timed out): traffic avoids it");
+                }
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let start = Instant::now();
+            match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {
+                    state.sample_rtt(start.elapsed());
+                    if state.set_up(true) {
+                        tracing::info!(peer = %peer.name, rtt_ms = start.elapsed().as_secs_f64() * 1e3, "peer up");
+                    }
+                }
+                // the connection ended (an idle timeout, a restart): dial again now
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    if state.set_up(false) {
+                        tracing::warn!(peer = %peer.name, timeout_ms = timeout.as_millis() as u64, "peer down: PING not answered; traffic moves away");
+                    }
+                    break;
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+/// A TLS + HTTP/2 connection to a peer that does nothing but answer PINGs; the
+/// returned sender keeps it open.
+async fn connect(
+    peer: &Peer,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<(h2::PingPong, h2::client::SendRequest<Bytes>), String> {
+    let tcp = tokio::net::TcpStream::connect(peer.address.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let host = peer
+        .address
+        .rsplit_once(':')
+        .map_or(peer.address.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, mut conn) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pings = conn.ping_pong().ok_or("no PING handle")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((pings, send))
+}
+
+/// Asks one endpoint whether it is healthy every `interval`; `unhealthy_threshold`
+/// failures in a row take it out of rotation, `healthy_threshold` successes bring it
+/// back (and end an ejection).
+async fn check_endpoint(
+    fleet: Arc<Fleet>,
+    (s, e): (usize, usize),
+    pool: Arc<EndpointPool>,
+    hc: HealthCheck,
+    protocol: Protocol,
+    service: String,
+) {
+    let (mut oks, mut fails, mut healthy) = (0u32, 0u32, true);
+    loop {
+        let ok = tokio::time::timeout(hc.timeout, probe(&pool, &hc, protocol))
+            .await
+            .unwrap_or(false);
+        if ok {
+            oks += 1;
+            fails = 0;
+            if !healthy && oks >= hc.healthy_threshold {
+                healthy = true;
+                fleet.set_active(s, e, true);
+                tracing::info!(service = %service, endpoint = %pool.endpoint.url, "endpoint healthy again");
+            }
+        } else {
+            fails += 1;
+            oks = 0;
+            if healthy && fails >= hc.unhealthy_threshold {
+                healthy = false;
+                fleet.set_active(s, e, false);
+                tracing::warn!(service = %service, endpoint = %pool.endpoint.url, "endpoint failed its health checks: out of rotation");
+            }
+        }
+        tokio::time::sleep(jitter(hc.interval)).await;
+    }
+}
+
+/// One check: `grpc.health.v1.Health/Check` answering SERVING for gRPC services, a 2xx
+/// for the health path of HTTP ones.
+async fn probe(pool: &Arc<EndpointPool>, hc: &HealthCheck, protocol: Protocol) -> bool {
+    let ep: &Endpoint = &pool.endpoint;
+    let scheme = if ep.scheme == Scheme::Https {
+        "https"
+    } else {
+        "http"
+    };
+    let authority = format!("{}:{}", ep.host, ep.port);
+    let (path, body, grpc) = match protocol {
+        Protocol::Grpc => {
+            // HealthCheckRequest { service = 1 }
+            let name = hc.grpc_service.as_bytes();
+            let mut msg = vec![0x0a, name.len() as u8];
+            msg.extend_from_slice(name);
+            let mut framed = vec![0];
+            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&msg);
+            ("/grpc.health.v1.Health/Check", Bytes::from(framed), true)
+        }
+        Protocol::Http => (hc.path.as_str(), Bytes::new(), false),
+    };
+    let mut req = http::Request::builder().method(if grpc { "POST" } else { "GET" });
+    req = if pool.speaks_h2() {
+        req.uri(format!("{scheme}://{authority}{path}"))
+    } else {
+        req.uri(path).header(http::header::HOST, authority.as_str())
+    };
+    if grpc {
+        req = req
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers");
+    }
+    let Ok(req) = req.body(Either::Right(Full::new(body))) else {
+        return false;
+    };
+    let Ok((resp, _h1)) = pool.send(req).await else {
+        return false;
+    };
+    if !resp.status().is_success() {
+        return false;
+    }
+    if !grpc {
+        let _ = resp.into_body().collect().await;
+        return true;
+    }
+    let head_status = resp.headers().get("grpc-status").cloned();
+    let Ok(done) = resp.into_body().collect().await else {
+        return false;
+    };
+    let status =
+        head_status.or_else(|| done.trailers().and_then(|t| t.get("grpc-status").cloned()));
+    let msg = done.to_bytes();
+    // HealthCheckResponse { status = 1 (SERVING) }
+    status.is_some_and(|s| s == "0") && msg.len() >= 7 && msg[5..7] == [0x08, 0x01]
+}
