@@ -174,8 +174,8 @@ impl Fleet {
 
     /// The peers to try for a service, best first: the service's `failover` order, then
     /// the node's own region, then other regions by measured round-trip time. Peers
-    /// that are down, and the nodes in `exclude` (where the request came from), are
-    /// left out.
+    /// that are down are left out unless all are, and the nodes in `exclude` (where
+    /// the request came from) always are.
     pub fn peer_order(
         &self,
         config: &Config,
@@ -183,13 +183,21 @@ impl Fleet {
         exclude: &[Option<&str>],
     ) -> Vec<usize> {
         let svc = &config.services[service];
+        let allowed = |i: &usize| !exclude.contains(&Some(config.peers[*i].name.as_str()));
         let mut order: Vec<usize> = self.offered[service]
             .iter()
             .copied()
-            .filter(|&i| {
-                self.peers[i].is_up() && !exclude.contains(&Some(config.peers[i].name.as_str()))
-            })
+            .filter(|i| allowed(i) && self.peers[*i].is_up())
             .collect();
+        if order.is_empty() {
+            // every peer looks down: try them anyway rather than refuse (a request that
+            // cannot reach one fails over before anything is sent)
+            order = self.offered[service]
+                .iter()
+                .copied()
+                .filter(allowed)
+                .collect();
+        }
         order.sort_by_key(|&i| {
             let p = &config.peers[i];
             let listed = svc

@@ -90,6 +90,23 @@ impl Pki {
         self.dir.path()
     }
 
+    /// A node certificate: `spiffe://fed.test/node/NAME`, valid for localhost and
+    /// 127.0.0.1 (and any address: peers are verified by identity, not by name).
+    pub fn node_cert(&self, name: &str) -> IssuedFiles {
+        self.authority
+            .issue(&LeafSpec {
+                common_name: format!("node-{name}"),
+                spiffe: Some(format!("spiffe://{DOMAIN}/node/{name}")),
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                valid: None,
+                serial: None,
+            })
+            .unwrap()
+            .write(self.path(), &format!("node-{name}"))
+            .unwrap()
+    }
+
     /// The `[tls]` section for a node using these files.
     pub fn tls_section(&self) -> String {
         format!(
@@ -301,6 +318,16 @@ bind = "127.0.0.1:0"
 "#,
         tls = pki.tls_section()
     )
+}
+
+/// A loopback port free right now (for configs that must name each other's ports
+/// before either node starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Path of a test helper script under tests/py.

@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -29,6 +29,9 @@ pub struct Upstream {
     /// Requests in progress now, and the most ever at once.
     pub inflight: Arc<AtomicUsize>,
     pub peak: Arc<AtomicUsize>,
+    /// The headers of every request that arrived (the last 10,000), in order.
+    pub seen: Arc<Mutex<Vec<http::HeaderMap>>>,
+    running: tokio::sync::watch::Sender<bool>,
 }
 
 impl Upstream {
@@ -42,9 +45,42 @@ impl Upstream {
             Proto::H2c => format!("h2c://{}", self.addr),
         }
     }
+
+    /// Stops as a crashed process would: the port refuses connections and every open
+    /// connection is cut, requests in flight included.
+    pub fn stop(&self) {
+        self.running.send_replace(false);
+        crate::support::wait_until("the upstream port to close", Duration::from_secs(5), || {
+            std::net::TcpStream::connect(self.addr).is_err()
+        });
+    }
+
+    /// Listens on the same address again.
+    pub fn restart(&self) {
+        self.running.send_replace(true);
+        crate::support::wait_until("the upstream port to open", Duration::from_secs(5), || {
+            std::net::TcpStream::connect(self.addr).is_ok()
+        });
+    }
+
+    /// A header of every request seen so far, in arrival order.
+    pub fn seen_header(&self, name: &str) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                h.get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect()
+    }
 }
 
 /// Starts an upstream on its own thread; it lives until the test process ends.
+/// Besides `/slow?ms=N`, a request header `x-sleep-ms: N` makes it wait before answering.
 pub fn start(proto: Proto) -> Upstream {
     let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_l.set_nonblocking(true).unwrap();
@@ -53,46 +89,85 @@ pub fn start(proto: Proto) -> Upstream {
     let conns = Arc::new(AtomicUsize::new(0));
     let inflight = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
-    let (h, c, inf, pk) = (hits.clone(), conns.clone(), inflight.clone(), peak.clone());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (running, mut run_rx) = tokio::sync::watch::channel(true);
+    let (h, c, inf, pk, sn) = (
+        hits.clone(),
+        conns.clone(),
+        inflight.clone(),
+        peak.clone(),
+        seen.clone(),
+    );
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(std_l).unwrap();
+            let mut std_l = Some(std_l);
             loop {
-                let (s, _) = l.accept().await.unwrap();
-                s.set_nodelay(true).unwrap();
-                c.fetch_add(1, Ordering::SeqCst);
-                let (h, inf, pk) = (h.clone(), inf.clone(), pk.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
-                        pk.fetch_max(now, Ordering::SeqCst);
-                        let inf = inf.clone();
-                        async move {
-                            let r = answer(req).await;
-                            inf.fetch_sub(1, Ordering::SeqCst);
-                            r
+                let l = match std_l.take() {
+                    Some(l) => tokio::net::TcpListener::from_std(l).unwrap(),
+                    None => tokio::net::TcpListener::bind(addr).await.unwrap(),
+                };
+                let mut tasks = tokio::task::JoinSet::new();
+                loop {
+                    let (s, _) = tokio::select! {
+                        r = l.accept() => r.unwrap(),
+                        stop = run_rx.wait_for(|r| !*r) => {
+                            if stop.is_err() {
+                                // the test is over
+                                tasks.abort_all();
+                                return;
+                            }
+                            break;
+                        }
+                    };
+                    s.set_nodelay(true).unwrap();
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let (h, inf, pk, sn) = (h.clone(), inf.clone(), pk.clone(), sn.clone());
+                    tasks.spawn(async move {
+                        let svc = service_fn(move |req: Request<Incoming>| {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            {
+                                let mut seen = sn.lock().unwrap();
+                                if seen.len() < 10_000 {
+                                    seen.push(req.headers().clone());
+                                }
+                            }
+                            let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                            pk.fetch_max(now, Ordering::SeqCst);
+                            let inf = inf.clone();
+                            async move {
+                                let r = answer(req).await;
+                                inf.fetch_sub(1, Ordering::SeqCst);
+                                r
+                            }
+                        });
+                        let io = TokioIo::new(s);
+                        match proto {
+                            Proto::Http1 => {
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(io, svc)
+                                    .await;
+                            }
+                            Proto::H2c => {
+                                let _ =
+                                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                        .max_concurrent_streams(4096)
+                                        .serve_connection(io, svc)
+                                        .await;
+                            }
                         }
                     });
-                    let io = TokioIo::new(s);
-                    match proto {
-                        Proto::Http1 => {
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(io, svc)
-                                .await;
-                        }
-                        Proto::H2c => {
-                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                .max_concurrent_streams(4096)
-                                .serve_connection(io, svc)
-                                .await;
-                        }
-                    }
-                });
+                }
+                // stopped: the port closes and every connection is cut
+                drop(l);
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                if run_rx.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
             }
         });
     });
@@ -102,6 +177,8 @@ pub fn start(proto: Proto) -> Upstream {
         conns,
         inflight,
         peak,
+        seen,
+        running,
     }
 }
 
@@ -115,6 +192,14 @@ fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
+    if let Some(ms) = req
+        .headers()
+        .get("x-sleep-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if let Some(ms) = req
         .uri()
         .query()

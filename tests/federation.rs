@@ -1,0 +1,502 @@
+//! Several fedport nodes on loopback as a federation: calls cross regions with the
+//! federation headers, traffic fails over to another region and back while a steady
+//! load runs, a forwarding loop is refused at once, and a deadline holds across hops.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::upstream::{self, Proto};
+use support::{free_port, Fedport, Pki};
+
+/// One node's config: `[[listener]] internal` on `port`, every identity allowed
+/// everything, pings fast enough for a test.
+fn node_config(pki: &Pki, name: &str, region: &str, port: u16, rest: &str) -> String {
+    let cert = pki.node_cert(name);
+    format!(
+        r#"[node]
+name = "{name}"
+region = "{region}"
+workers = 2
+peer_ping_interval = "200ms"
+peer_ping_timeout = "500ms"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+
+[admin]
+bind = "127.0.0.1:0"
+
+[[listener]]
+name = "internal"
+bind = "127.0.0.1:{port}"
+
+[[allow]]
+from = "*"
+to = "*"
+
+{rest}
+"#,
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+        ca = pki.ca.display(),
+    )
+}
+
+fn peer(name: &str, region: &str, port: u16, services: &[&str]) -> String {
+    let list: Vec<String> = services.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "[[peer]]\nname = \"{name}\"\nregion = \"{region}\"\naddress = \"127.0.0.1:{port}\"\n\
+         identity = \"spiffe://{}/node/{name}\"\nservices = [{}]\n",
+        support::DOMAIN,
+        list.join(", ")
+    )
+}
+
+fn http_service(name: &str, endpoints: &[String], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "[[service]]\nname = \"{name}\"\nprotocol = \"http\"\nendpoints = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+/// GET through a node with the test client's certificate: status and JSON body.
+fn get(pki: &Pki, port: u16, service: &str, extra: &[&str]) -> (u16, serde_json::Value) {
+    let c = pki.curl_client();
+    let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+    let h = format!("fed-service: {service}");
+    let url = format!("https://localhost:{port}/x");
+    a.extend(["-H", &h]);
+    a.extend(extra);
+    a.push(&url);
+    let (code, body, _) = support::curl(&a);
+    (code, serde_json::from_str(&body).unwrap_or_default())
+}
+
+fn header<'a>(v: &'a serde_json::Value, name: &str) -> &'a str {
+    v["headers"][name][0].as_str().unwrap_or("")
+}
+
+#[test]
+fn a_call_crosses_regions_with_the_federation_headers() {
+    let pki = Pki::new();
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let far = upstream::start(Proto::H2c);
+    let near_b = upstream::start(Proto::H2c);
+    let near_c = upstream::start(Proto::H2c);
+    // a (eu-1) hosts nothing; b (eu-1) hosts "near"; c (us-1) hosts "far" and "near"
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}{}{}",
+            http_service("far", &[], ""),
+            http_service("near", &[], ""),
+            peer("b", "eu-1", pb, &["near"]),
+            peer("c", "us-1", pc, &["far", "near"]),
+        ),
+    ));
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}",
+            http_service("near", &[near_b.url(Proto::H2c)], ""),
+            peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+    let _c = Fedport::start(&node_config(
+        &pki,
+        "c",
+        "us-1",
+        pc,
+        &format!(
+            "{}{}{}",
+            http_service("far", &[far.url(Proto::H2c)], ""),
+            http_service("near", &[near_c.url(Proto::H2c)], ""),
+            peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+
+    // the nodes started one after the other: wait until a's PINGs reach both peers
+    support::wait_until("peers up", Duration::from_secs(10), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
+            && a.metric(r#"fedport_peer_up{peer="c"}"#) == 1.0
+            && a.metric(r#"fedport_peer_rtt_seconds{peer="c"}"#) > 0.0
+    });
+    let (code, v) = get(&pki, pa, "far", &[]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(header(&v, "fed-peer"), "spiffe://fed.test/node/a", "{v}");
+    assert_eq!(header(&v, "fed-origin"), "a", "{v}");
+    assert_eq!(header(&v, "fed-hops"), "1", "{v}");
+    assert_eq!(far.hits(), 1);
+
+    // the same region first, though both regions offer it
+    for _ in 0..10 {
+        assert_eq!(get(&pki, pa, "near", &[]).0, 200);
+    }
+    assert_eq!((near_b.hits(), near_c.hits()), (10, 0));
+    assert_eq!(
+        a.metric(r#"fedport_forwarded_total{service="far",target="c"}"#),
+        1.0
+    );
+    assert_eq!(
+        a.metric(r#"fedport_forwarded_total{service="near",target="b"}"#),
+        10.0
+    );
+
+    // a caller cannot forge the federation headers
+    let (_, v) = get(
+        &pki,
+        pa,
+        "far",
+        &["-H", "fed-origin: mallory", "-H", "fed-hops: 0"],
+    );
+    assert_eq!(header(&v, "fed-origin"), "a", "{v}");
+    assert_eq!(header(&v, "fed-hops"), "1", "{v}");
+}
+
+/// Outcome of one request of the steady load.
+struct Sample {
+    at: Duration,
+    idempotent: bool,
+    status: u16,
+    /// Which side answered: the local instance or the other region.
+    via_peer: bool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_fails_over_to_the_other_region_and_back() {
+    let pki = Pki::new();
+    let (pa, pb) = (free_port(), free_port());
+    let local = upstream::start(Proto::H2c);
+    let remote = upstream::start(Proto::H2c);
+    let _a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}",
+            http_service(
+                "orders",
+                &[local.url(Proto::H2c)],
+                "health = { interval = \"100ms\", timeout = \"100ms\", path = \"/status/200\", healthy_threshold = 1, unhealthy_threshold = 1 }\n\
+                 outlier = { consecutive_failures = 1, ejection = \"30s\" }\n",
+            ),
+            peer("b", "us-1", pb, &["orders"]),
+        ),
+    ));
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "us-1",
+        pb,
+        &format!(
+            "{}{}",
+            http_service("orders", &[remote.url(Proto::H2c)], ""),
+            peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{pa}").parse().unwrap();
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    let run_for = Duration::from_millis(3600);
+    let mut loops = Vec::new();
+    for worker in 0..8 {
+        let mut s = support::h2_connect::<Full<Bytes>>(&pki, addr).await;
+        let samples = samples.clone();
+        loops.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            // bounded: by time, and at most 2,000 requests per loop
+            while t0.elapsed() < run_for && n < 2000 {
+                n += 1;
+                let idempotent = worker % 2 == 0;
+                let req = http::Request::builder()
+                    .method(if idempotent { "GET" } else { "POST" })
+                    .uri(format!("https://localhost:{pa}/orders"))
+                    .header("fed-service", "orders")
+                    .header("x-sleep-ms", "20")
+                    .header("x-request-id", format!("w{worker}-{n}"))
+                    .body(Full::new(Bytes::from_static(b"{\"n\":1}")))
+                    .unwrap();
+                let Ok(resp) = s.send_request(req).await else {
+                    samples.lock().unwrap().push(Sample {
+                        at: t0.elapsed(),
+                        idempotent,
+                        status: 0,
+                        via_peer: false,
+                    });
+                    continue;
+                };
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                let v: serde_json::Value = body
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                samples.lock().unwrap().push(Sample {
+                    at: t0.elapsed(),
+                    idempotent,
+                    status,
+                    via_peer: header(&v, "fed-peer") == "spiffe://fed.test/node/a",
+                });
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stopped_at = t0.elapsed();
+    tokio::task::block_in_place(|| local.stop());
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::task::block_in_place(|| local.restart());
+    let restarted_at = t0.elapsed();
+    for l in loops {
+        l.await.unwrap();
+    }
+
+    let samples = samples.lock().unwrap();
+    let total = samples.len();
+    let bad_idem: Vec<_> = samples
+        .iter()
+        .filter(|s| s.idempotent && s.status != 200)
+        .map(|s| (s.at, s.status))
+        .collect();
+    let bad_other: Vec<_> = samples
+        .iter()
+        .filter(|s| !s.idempotent && s.status != 200)
+        .map(|s| (s.at, s.status))
+        .collect();
+    let failover = samples
+        .iter()
+        .filter(|s| s.at > stopped_at && s.via_peer && s.status == 200)
+        .map(|s| s.at - stopped_at)
+        .min();
+    let back = samples
+        .iter()
+        .filter(|s| s.at > restarted_at && !s.via_peer && s.status == 200)
+        .map(|s| s.at - restarted_at)
+        .min();
+    eprintln!(
+        "{total} requests; failover after {failover:?}, back after {back:?}; \
+         idempotent errors {}, non-idempotent errors {} {:?}",
+        bad_idem.len(),
+        bad_other.len(),
+        bad_other
+    );
+    assert!(total > 200, "the load ran: {total}");
+    assert!(
+        bad_idem.is_empty(),
+        "idempotent calls all succeed: {bad_idem:?}"
+    );
+    // the non-idempotent calls in flight when the instance died fail as unavailable
+    // (HTTP 502/503), never with anything else, and never more than were in flight
+    assert!(
+        bad_other.iter().all(|(_, s)| *s == 502 || *s == 503),
+        "{bad_other:?}"
+    );
+    assert!(bad_other.len() <= 8, "{bad_other:?}");
+    assert!(failover.is_some(), "traffic moved to the other region");
+    assert!(back.is_some(), "traffic came back after the restart");
+    // nothing non-idempotent was sent twice: each of those request ids (odd workers)
+    // reached a service at most once
+    let mut ids: Vec<String> = local.seen_header("x-request-id");
+    ids.extend(remote.seen_header("x-request-id"));
+    let mut count = std::collections::HashMap::new();
+    for id in &ids {
+        *count.entry(id.clone()).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = count
+        .iter()
+        .filter(|(id, n)| {
+            let worker = id
+                .strip_prefix('w')
+                .and_then(|r| r.split('-').next())
+                .and_then(|w| w.parse::<u32>().ok());
+            **n > 1 && worker.is_some_and(|w| w % 2 == 1)
+        })
+        .collect();
+    assert!(twice.is_empty(), "sent twice: {twice:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_forwarding_loop_is_refused_at_once() {
+    let pki = Pki::new();
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let grpc = |extra: &str| {
+        format!(
+            "[[service]]\nname = \"ping\"\nprotocol = \"grpc\"\ngrpc_services = [\"loop.Ping\"]\n{extra}\n"
+        )
+    };
+    // a and b each believe the other hosts the service
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!("{}{}", grpc(""), peer("b", "eu-1", pb, &["ping"])),
+    ));
+    let b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!("{}{}", grpc(""), peer("a", "eu-1", pa, &["ping"])),
+    ));
+    let pki_ref = &pki;
+    let call = |port: u16| async move {
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut s = support::h2_connect::<Full<Bytes>>(pki_ref, addr).await;
+        let req = http::Request::post(format!("https://localhost:{port}/loop.Ping/Ping"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let msg = resp
+            .headers()
+            .get("grpc-message")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, msg)
+    };
+    let (status, msg) = call(pa).await;
+    assert_eq!(status.as_deref(), Some("9"), "FAILED_PRECONDITION: {msg:?}");
+    assert!(msg.unwrap_or_default().contains("transit"));
+    // no storm: one request went a → b, and b refused it
+    assert_eq!(
+        a.metric(r#"fedport_forwarded_total{service="ping",target="b"}"#),
+        1.0
+    );
+    assert_eq!(
+        b.metric(r#"fedport_forwarded_total{service="ping",target="a"}"#),
+        0.0
+    );
+    assert_eq!(
+        b.metric(r#"fedport_rejections_total{listener="internal",reason="loop"}"#),
+        1.0
+    );
+    drop((a, b));
+
+    // transit nodes in a ring: a → b → c, and c may not go on past max_hops
+    let ring = |me: &str, next: &str, port: u16, next_port: u16, prev: &str, prev_port: u16| {
+        node_config(
+            &pki,
+            me,
+            "eu-1",
+            port,
+            &format!(
+                "{}{}{}",
+                grpc(""),
+                peer(next, "eu-1", next_port, &["ping"]),
+                peer(prev, "eu-1", prev_port, &[]),
+            ),
+        )
+        .replace("workers = 2", "workers = 2\ntransit = true")
+    };
+    let a = Fedport::start(&ring("a", "b", pa, pb, "c", pc));
+    let b = Fedport::start(&ring("b", "c", pb, pc, "a", pa));
+    let c = Fedport::start(&ring("c", "a", pc, pa, "b", pb));
+    let (status, msg) = call(pa).await;
+    assert_eq!(status.as_deref(), Some("9"), "{msg:?}");
+    assert!(msg.unwrap_or_default().contains("max_hops"));
+    let sent: f64 = [(&a, "b"), (&b, "c"), (&c, "a")]
+        .iter()
+        .map(|(n, to)| {
+            n.metric(&format!(
+                r#"fedport_forwarded_total{{service="ping",target="{to}"}}"#
+            ))
+        })
+        .sum();
+    assert_eq!(sent, 2.0, "a → b → c and no further");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_deadline_holds_across_two_hops() {
+    let pki = Pki::new();
+    let (pa, pb) = (free_port(), free_port());
+    let up = upstream::start(Proto::H2c);
+    let svc = |endpoints: &str| {
+        format!(
+            "[[service]]\nname = \"slow\"\nprotocol = \"grpc\"\ngrpc_services = [\"slow.Svc\"]\nendpoints = [{endpoints}]\ntimeout = \"5s\"\n"
+        )
+    };
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!("{}{}", svc(""), peer("b", "us-1", pb, &["slow"])),
+    ));
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "us-1",
+        pb,
+        &format!(
+            "{}{}",
+            svc(&format!("\"{}\"", up.url(Proto::H2c))),
+            peer("a", "eu-1", pa, &[])
+        ),
+    ));
+    let addr = format!("127.0.0.1:{pa}").parse().unwrap();
+    let mut s = support::h2_connect::<Full<Bytes>>(&pki, addr).await;
+    let req = http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "100m")
+        .header("x-sleep-ms", "500")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+    let t = Instant::now();
+    let resp = s.send_request(req).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(
+        resp.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("4"),
+        "DEADLINE_EXCEEDED: {resp:?}"
+    );
+    eprintln!("DEADLINE_EXCEEDED after {took:?}");
+    assert!(
+        took < Duration::from_millis(450),
+        "the caller's 100 ms, not the service's 500 ms: {took:?}"
+    );
+    // the far service was told what was left of the 100 ms
+    let seen = up.seen_header("grpc-timeout");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let left: u64 = seen[0].trim_end_matches('m').parse().unwrap();
+    assert!(left < 100 && left > 0, "reduced deadline: {}", seen[0]);
+    // an already expired deadline is not started at all
+    let req = http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "0m")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("4")
+    );
+    assert_eq!(up.hits(), 1);
+    assert_eq!(
+        a.metric(r#"fedport_forwarded_total{service="slow",target="b"}"#),
+        1.0
+    );
+}
