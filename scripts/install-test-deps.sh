@@ -3,7 +3,7 @@
 # real clients and peers (curl, openssl, h2load, nginx, haproxy) and Python grpcio.
 set -euo pipefail
 need=()
-for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler; do
+for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

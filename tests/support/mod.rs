@@ -136,6 +136,8 @@ pub struct Fedport {
     pub listeners: HashMap<String, SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub log: PathBuf,
+    /// The network namespace it runs in, if not the test's own.
+    pub netns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -146,12 +148,25 @@ pub fn bin() -> &'static str {
 impl Fedport {
     /// Writes `config` to a file and starts the daemon on it; returns once it is ready.
     pub fn start(config: &str) -> Self {
+        Self::start_in(None, config)
+    }
+
+    /// [`Fedport::start`] inside a network namespace (`ip netns exec`).
+    pub fn start_in(netns: Option<&str>, config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("fedport.toml");
         std::fs::write(&cfg, config).unwrap();
         let ready = dir.path().join("ready.json");
         let log = dir.path().join("fedport.log");
-        let child = Command::new(bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .args(["run", "-c"])
             .arg(&cfg)
             .arg("--ready-file")
@@ -169,6 +184,7 @@ impl Fedport {
             listeners: HashMap::new(),
             admin: None,
             log,
+            netns: netns.map(str::to_owned),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -224,10 +240,14 @@ impl Fedport {
     /// Fetches an admin path with curl.
     pub fn admin_get(&self, path: &str) -> String {
         let a = self.admin.expect("admin port configured");
-        let out = Command::new("curl")
-            .args(["-s", &format!("http://{a}{path}")])
-            .output()
-            .unwrap();
+        let url = format!("http://{a}{path}");
+        let out = match &self.netns {
+            Some(ns) => Command::new("ip")
+                .args(["netns", "exec", ns, "curl", "-s", &url])
+                .output(),
+            None => Command::new("curl").args(["-s", &url]).output(),
+        }
+        .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
