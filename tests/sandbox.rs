@@ -1,6 +1,7 @@
 //! `fedport sandbox` as a new user runs it: one command, then the commands it prints
 //! work as printed (curl with a client certificate, plain curl on the local port, the
-//! grpcio call), and the one without a certificate is refused.
+//! grpcio call, a call that crosses regions, stopping instances to watch traffic fail
+//! over and come back), and the one without a certificate is refused.
 
 mod support;
 
@@ -79,6 +80,27 @@ fn the_sandbox_starts_alone_and_its_printed_commands_work() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // 6: pricing lives only in region us: eu-a forwards it, one hop
+    let out = run(commands[5]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(v["served_by"], "pricing@us-a", "{v}");
+    assert_eq!(v["fed_hops"], "1", "{v}");
+    // 7-10: failover as printed — eu-a's inventory stops, eu-b (same region) serves;
+    // eu-b's stops too, us-a serves; eu-a's starts again and serves again
+    let served_by = || {
+        let out = run(commands[0]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["served_by"].as_str().unwrap_or("").to_owned()
+    };
+    assert_eq!(served_by(), "inventory@eu-a");
+    for (cmd, then) in [
+        (commands[6], "inventory@eu-b"),
+        (commands[7], "inventory@us-a"),
+        (commands[8], "inventory@eu-a"),
+    ] {
+        assert!(run(cmd).status.success(), "{cmd}");
+        support::wait_until(then, Duration::from_secs(10), || served_by() == then);
+    }
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();

@@ -1,7 +1,7 @@
 //! `fedport sandbox`: sets up and runs the loopback federation until Ctrl-C.
 
 use super::CliError;
-use crate::sandbox;
+use crate::sandbox::{self, demo};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -30,21 +30,32 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
             tmp.path().to_owned()
         }
     };
-    // The demo services run on a runtime of their own beside the node.
-    let echo =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::Io("bind".into(), e))?;
-    let json =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::Io("bind".into(), e))?;
-    let (echo_addr, json_addr) = (
-        echo.local_addr()
-            .map_err(|e| CliError::Io("bind".into(), e))?,
-        json.local_addr()
-            .map_err(|e| CliError::Io("bind".into(), e))?,
-    );
-    echo.set_nonblocking(true)
-        .map_err(|e| CliError::Io("bind".into(), e))?;
-    json.set_nonblocking(true)
-        .map_err(|e| CliError::Io("bind".into(), e))?;
+    // The demo instances run on a runtime of their own beside the nodes.
+    let io = |e| CliError::Io("bind".into(), e);
+    let names = [
+        ("echo@eu-a", demo::Kind::GrpcEcho),
+        ("inventory@eu-a", demo::Kind::Json),
+        ("inventory@eu-b", demo::Kind::Json),
+        ("inventory@us-a", demo::Kind::Json),
+        ("pricing@us-a", demo::Kind::Json),
+    ];
+    let mut instances = Vec::new();
+    let mut listeners = Vec::new();
+    for (name, kind) in names {
+        let (inst, l) = demo::instance(name).map_err(io)?;
+        instances.push(Arc::new(inst));
+        listeners.push((l, kind));
+    }
+    let control = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    control.set_nonblocking(true).map_err(io)?;
+    let demos = sandbox::Demos {
+        echo: instances[0].addr,
+        inventory: [instances[1].addr, instances[2].addr, instances[3].addr],
+        pricing: instances[4].addr,
+        control: control.local_addr().map_err(io)?,
+    };
+    let all = Arc::new(instances);
+    let served = all.clone();
     std::thread::Builder::new()
         .name("sandbox-demo".into())
         .spawn(move || {
@@ -55,19 +66,36 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
                 return;
             };
             rt.block_on(async move {
-                let (Ok(e), Ok(j)) = (
-                    tokio::net::TcpListener::from_std(echo),
-                    tokio::net::TcpListener::from_std(json),
-                ) else {
-                    return;
-                };
-                tokio::join!(sandbox::demo::grpc_echo(e), sandbox::demo::json_service(j));
+                for (inst, (l, kind)) in served.iter().zip(listeners) {
+                    tokio::spawn(demo::run(inst.clone(), l, kind));
+                }
+                if let Ok(c) = tokio::net::TcpListener::from_std(control) {
+                    demo::control(c, served).await;
+                }
             });
         })
         .map_err(|e| CliError::Io("demo thread".into(), e))?;
 
-    let layout = sandbox::write(&dir, echo_addr, json_addr)?;
-    let (cfg, _) = crate::config::load(&layout.config)?;
+    // the nodes name each other's ports in their configs: pick them first
+    let mut ports = [0u16; 3];
+    for p in &mut ports {
+        *p = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(io)?
+            .port();
+    }
+    let layout = sandbox::write(&dir, &demos, ports)?;
+    // eu-b and us-a run beside; eu-a, the one you talk to, in the foreground
+    let mut others = Vec::new();
+    for (_, _, config, _) in &layout.nodes[1..] {
+        let (cfg, _) = crate::config::load(config)?;
+        let cfg = Arc::new(cfg);
+        let metrics = crate::telemetry::Metrics::new(&cfg.node.name, &cfg.hash);
+        let server = crate::server::Server::start(cfg, metrics)?;
+        server.state.set_ready(true);
+        others.push(server);
+    }
+    let (cfg, _) = crate::config::load(&layout.nodes[0].2)?;
     let ready_file = a.ready_file.clone();
     super::run::serve(Arc::new(cfg), |bound, admin| {
         let find = |n: &str| bound.iter().find(|(name, _)| name == n).map(|(_, a)| *a);
@@ -78,7 +106,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
             let _ = writeln!(
                 out,
                 "{}",
-                sandbox::instructions(&layout, peer, local, admin)
+                sandbox::instructions(&layout, &demos, peer, local, admin)
             );
             let _ = out.flush();
         }
@@ -87,5 +115,11 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
             None => Ok(()),
         }
     })?;
+    for s in &others {
+        s.drain();
+    }
+    for s in others {
+        s.join();
+    }
     Ok(0)
 }

@@ -1,6 +1,8 @@
 //! The sandbox's demo services: a gRPC echo (`demo.Echo`, any method answers with the
-//! messages it was sent; `Fail` answers NOT_FOUND) over h2c, and a JSON HTTP/1.1
-//! inventory service that tells the caller which identity fedport vouched for.
+//! messages it was sent; `Fail` answers NOT_FOUND) over h2c, and JSON HTTP/1.1
+//! services that tell the caller which instance answered and which identity fedport
+//! vouched for. Each instance can be stopped and started again (as a crash and a
+//! restart would) through the sandbox's control port, to watch traffic move.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -14,17 +16,159 @@ use tokio::net::TcpListener;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Serves the gRPC echo on `listener` (HTTP/2 prior knowledge) forever.
-pub async fn grpc_echo(listener: TcpListener) {
+/// One demo instance: its name (`inventory@eu-a`), address, and whether it runs.
+pub struct Instance {
+    pub name: String,
+    pub addr: std::net::SocketAddr,
+    running: tokio::sync::watch::Sender<bool>,
+}
+
+impl Instance {
+    pub fn is_running(&self) -> bool {
+        *self.running.borrow()
+    }
+
+    pub fn set_running(&self, on: bool) {
+        self.running.send_replace(on);
+    }
+}
+
+/// What an instance serves.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    GrpcEcho,
+    Json,
+}
+
+/// Binds an instance on a free loopback port; [`run`] serves it.
+pub fn instance(name: &str) -> std::io::Result<(Instance, std::net::TcpListener)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    let (running, _) = tokio::sync::watch::channel(true);
+    Ok((
+        Instance {
+            name: name.to_owned(),
+            addr: l.local_addr()?,
+            running,
+        },
+        l,
+    ))
+}
+
+/// Serves an instance until the process ends: while stopped its port refuses
+/// connections and its open connections are cut.
+pub async fn run(inst: std::sync::Arc<Instance>, first: std::net::TcpListener, kind: Kind) {
+    let mut rx = inst.running.subscribe();
+    let mut first = Some(first);
+    loop {
+        let listener = match first.take() {
+            Some(l) => TcpListener::from_std(l),
+            None => TcpListener::bind(inst.addr).await,
+        };
+        let Ok(listener) = listener else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let s = tokio::select! {
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                _ = rx.wait_for(|on| !*on) => break,
+            };
+            let _ = s.set_nodelay(true);
+            let name = inst.name.clone();
+            conns.spawn(serve_conn(s, kind, name));
+        }
+        drop(listener);
+        conns.abort_all();
+        if rx.wait_for(|on| *on).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve_conn(s: tokio::net::TcpStream, kind: Kind, name: String) {
+    let io = TokioIo::new(s);
+    match kind {
+        Kind::GrpcEcho => {
+            let svc =
+                service_fn(|req: Request<Incoming>| async move { Ok::<_, Infallible>(echo(req)) });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, svc)
+                .await;
+        }
+        Kind::Json => {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(inventory(req, &name).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        }
+    }
+}
+
+/// The sandbox's control port: `POST /stop/NAME` and `POST /start/NAME` stop and start
+/// a demo instance; `GET /` lists them.
+pub async fn control(
+    listener: TcpListener,
+    instances: std::sync::Arc<Vec<std::sync::Arc<Instance>>>,
+) {
     loop {
         let Ok((s, _)) = listener.accept().await else {
             continue;
         };
-        let _ = s.set_nodelay(true);
+        let instances = instances.clone();
         tokio::spawn(async move {
-            let svc =
-                service_fn(|req: Request<Incoming>| async move { Ok::<_, Infallible>(echo(req)) });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let instances = instances.clone();
+                async move {
+                    let path = req.uri().path().to_owned();
+                    let (status, text) = match path.split_once('/').map(|(_, r)| r.split_once('/'))
+                    {
+                        Some(Some((verb @ ("stop" | "start"), name)))
+                            if req.method() == http::Method::POST =>
+                        {
+                            match instances.iter().find(|i| i.name == name) {
+                                Some(i) => {
+                                    i.set_running(verb == "start");
+                                    (
+                                        StatusCode::OK,
+                                        format!(
+                                            "{name}: {}\n",
+                                            if verb == "start" {
+                                                "running"
+                                            } else {
+                                                "stopped"
+                                            }
+                                        ),
+                                    )
+                                }
+                                None => (StatusCode::NOT_FOUND, format!("no instance {name}\n")),
+                            }
+                        }
+                        _ => (
+                            StatusCode::OK,
+                            instances
+                                .iter()
+                                .map(|i| {
+                                    format!(
+                                        "{} {} {}\n",
+                                        i.name,
+                                        i.addr,
+                                        if i.is_running() { "running" } else { "stopped" }
+                                    )
+                                })
+                                .collect(),
+                        ),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(text)));
+                    *r.status_mut() = status;
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(s), svc)
                 .await;
         });
@@ -96,25 +240,7 @@ mod futures_core_shim {
     }
 }
 
-/// Serves the JSON inventory service (HTTP/1.1) on `listener` forever.
-pub async fn json_service(listener: TcpListener) {
-    loop {
-        let Ok((s, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = s.set_nodelay(true);
-        tokio::spawn(async move {
-            let svc = service_fn(|req: Request<Incoming>| async move {
-                Ok::<_, Infallible>(inventory(req).await)
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
-        });
-    }
-}
-
-async fn inventory(req: Request<Incoming>) -> Response<Body> {
+async fn inventory(req: Request<Incoming>, name: &str) -> Response<Body> {
     let peer = req
         .headers()
         .get("fed-peer")
@@ -123,16 +249,27 @@ async fn inventory(req: Request<Incoming>) -> Response<Body> {
         .to_owned();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let hops_header = req.headers().get("fed-hops").cloned();
     let body = req
         .into_body()
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let hops = hops_header
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0")
+        .to_owned();
     let (status, json) = match (method.as_str(), path.as_str()) {
+        ("GET", "/healthz") => (StatusCode::OK, serde_json::json!({ "ok": true })),
         ("GET", "/v1/items") => (
             StatusCode::OK,
-            serde_json::json!({ "items": [{"sku": "apple", "count": 12}, {"sku": "pear", "count": 3}], "seen_peer": peer }),
+            serde_json::json!({ "items": [{"sku": "apple", "count": 12}, {"sku": "pear", "count": 3}], "served_by": name, "fed_hops": hops, "seen_peer": peer }),
+        ),
+        ("GET", "/v1/prices") => (
+            StatusCode::OK,
+            serde_json::json!({ "prices": [{"sku": "apple", "cents": 45}], "served_by": name, "fed_hops": hops, "seen_peer": peer }),
         ),
         ("POST", "/v1/reserve") => match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(v) => (

@@ -12,30 +12,34 @@ pub const DOMAIN: &str = "fed.sandbox";
 /// The files and addresses a sandbox was set up with.
 pub struct Layout {
     pub dir: PathBuf,
-    pub config: PathBuf,
+    /// Per node: name, region, config file, internal port. The first is the entry node.
+    pub nodes: Vec<(String, String, PathBuf, u16)>,
     pub ca: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
 }
 
-/// Writes the CA, the node's and a demo client's certificates, the demo proto and the
-/// node config into `dir`, pointing the services at the given demo addresses.
-pub fn write(dir: &Path, grpc_echo: SocketAddr, json: SocketAddr) -> Result<Layout, PkiError> {
+/// Where the demo instances listen.
+pub struct Demos {
+    pub echo: SocketAddr,
+    /// inventory on eu-a, eu-b and us-a
+    pub inventory: [SocketAddr; 3],
+    pub pricing: SocketAddr,
+    /// The sandbox's control port (stop and start instances).
+    pub control: SocketAddr,
+}
+
+/// The three nodes: two in region eu, one in region us.
+pub const NODES: [(&str, &str); 3] = [("eu-a", "eu"), ("eu-b", "eu"), ("us-a", "us")];
+
+/// Writes the CA, the nodes' and a demo client's certificates, the demo proto and one
+/// config per node into `dir`. `ports` are the nodes' internal ports.
+pub fn write(dir: &Path, demos: &Demos, ports: [u16; 3]) -> Result<Layout, PkiError> {
     let w = |p: PathBuf, text: &str| {
         std::fs::write(&p, text).map_err(|e| PkiError::Write(p.clone(), e))
     };
     let ca = Authority::new("fedport sandbox CA")?;
     let ca_path = ca.write_ca(dir, "federation-ca")?;
-    let node = ca
-        .issue(&LeafSpec {
-            common_name: "sandbox-a".into(),
-            spiffe: Some(format!("spiffe://{DOMAIN}/node/sandbox-a")),
-            dns: vec!["localhost".into(), format!("*.{DOMAIN}")],
-            ips: vec!["127.0.0.1".parse().expect("literal address")],
-            valid: None,
-            serial: None,
-        })?
-        .write(dir, "sandbox-a")?;
     let client = ca
         .issue(&LeafSpec {
             common_name: "demo-client".into(),
@@ -44,14 +48,91 @@ pub fn write(dir: &Path, grpc_echo: SocketAddr, json: SocketAddr) -> Result<Layo
         })?
         .write(dir, "client")?;
     w(dir.join("demo.proto"), DEMO_PROTO)?;
-    let config = dir.join("sandbox-a.toml");
-    w(
-        config.clone(),
-        &format!(
-            r#"# fedport sandbox: one node, region sandbox-1. Generated; edit and run `fedport check`.
+    let peer = |i: usize, services: &str| {
+        let (name, region) = NODES[i];
+        format!(
+            "[[peer]]\nname     = \"{name}\"\nregion   = \"{region}\"\naddress  = \"127.0.0.1:{}\"\n\
+             identity = \"spiffe://{DOMAIN}/node/{name}\"\nservices = [{services}]\n\n",
+            ports[i]
+        )
+    };
+    let health = "health    = { interval = \"500ms\", path = \"/healthz\" }\n";
+    let inventory = |addr: SocketAddr| {
+        format!(
+            "[[service]]\nname      = \"inventory\"\nprotocol  = \"http\"\nendpoints = [\"http://{addr}\"]\n\
+             formats   = [\"application/json\"]\ntimeout   = \"5s\"\n{health}\n"
+        )
+    };
+    let rules = format!(
+        "# default deny: who may reach what\n[[allow]]\nfrom = \"spiffe://{DOMAIN}/client/*\"\nto   = \"*\"\n\n\
+         [[allow]]\nfrom = \"spiffe://{DOMAIN}/node/*\"\nto   = \"*\"\n\n"
+    );
+    let bodies = [
+        // eu-a: the entry node; echo and an inventory here, pricing only in us
+        format!(
+            r#"[[listener]]
+name = "local"
+role = "local"
+bind = "127.0.0.1:0"
+
+[[service]]
+name      = "echo"
+protocol  = "grpc"
+endpoints = ["h2c://{echo}"]
+schema    = {{ proto = ["demo.proto"] }}
+timeout   = "5s"
+
+{inv}[[service]]
+name      = "pricing"
+protocol  = "http"
+formats   = ["application/json"]
+
+{peers}{rules}[[allow]]
+from = "local"
+to   = "inventory"
+methods = ["GET /v1/"]
+"#,
+            echo = demos.echo,
+            inv = inventory(demos.inventory[0]),
+            peers = peer(1, "\"inventory\"") + &peer(2, "\"inventory\", \"pricing\""),
+        ),
+        format!(
+            "{}{}{}{rules}",
+            inventory(demos.inventory[1]),
+            peer(0, ""),
+            peer(2, "\"inventory\"")
+        ),
+        format!(
+            "{}[[service]]\nname      = \"pricing\"\nprotocol  = \"http\"\nendpoints = [\"http://{}\"]\n\
+             formats   = [\"application/json\"]\n{health}\n{}{}{rules}",
+            inventory(demos.inventory[2]),
+            demos.pricing,
+            peer(0, ""),
+            peer(1, "")
+        ),
+    ];
+    let mut nodes = Vec::new();
+    for (i, ((name, region), body)) in NODES.iter().zip(bodies).enumerate() {
+        let node = ca
+            .issue(&LeafSpec {
+                common_name: (*name).into(),
+                spiffe: Some(format!("spiffe://{DOMAIN}/node/{name}")),
+                dns: vec!["localhost".into(), format!("*.{DOMAIN}")],
+                ips: vec!["127.0.0.1".parse().expect("literal address")],
+                valid: None,
+                serial: None,
+            })?
+            .write(dir, name)?;
+        let config = dir.join(format!("{name}.toml"));
+        w(
+            config.clone(),
+            &format!(
+                r#"# fedport sandbox: node {name} of three, region {region}. Generated; edit and run `fedport check`.
 [node]
-name = "sandbox-a"
-region = "sandbox-1"
+name = "{name}"
+region = "{region}"
+workers = 1
+peer_ping_interval = "500ms"
 
 [tls]
 cert = "{cert}"
@@ -63,46 +144,21 @@ bind = "127.0.0.1:0"
 
 [[listener]]
 name  = "internal"
-bind  = "127.0.0.1:0"
+bind  = "127.0.0.1:{port}"
 allow = ["127.0.0.0/8"]
 
-[[listener]]
-name = "local"
-role = "local"
-bind = "127.0.0.1:0"
-
-[[service]]
-name      = "echo"
-protocol  = "grpc"
-endpoints = ["h2c://{grpc_echo}"]
-schema    = {{ proto = ["demo.proto"] }}
-timeout   = "5s"
-
-[[service]]
-name      = "inventory"
-protocol  = "http"
-endpoints = ["http://{json}"]
-formats   = ["application/json"]
-timeout   = "5s"
-
-# default deny: who may reach what
-[[allow]]
-from = "spiffe://{DOMAIN}/client/*"
-to   = "*"
-
-[[allow]]
-from = "local"
-to   = "inventory"
-methods = ["GET /v1/"]
-"#,
-            cert = node.cert.display(),
-            key = node.key.display(),
-            ca = ca_path.display(),
-        ),
-    )?;
+{body}"#,
+                cert = node.cert.display(),
+                key = node.key.display(),
+                ca = ca_path.display(),
+                port = ports[i],
+            ),
+        )?;
+        nodes.push((name.to_string(), region.to_string(), config, ports[i]));
+    }
     Ok(Layout {
         dir: dir.to_owned(),
-        config,
+        nodes,
         ca: ca_path,
         client_cert: client.cert,
         client_key: client.key,
@@ -125,24 +181,37 @@ service Echo {
 /// The copy-paste commands the sandbox prints.
 pub fn instructions(
     l: &Layout,
+    demos: &Demos,
     peer: SocketAddr,
     local: SocketAddr,
     admin: Option<SocketAddr>,
 ) -> String {
     let d = l.dir.display();
     let p = peer.port();
+    let ctl = demos.control;
     let cert = format!("--cacert {d}/federation-ca.pem --cert {d}/client.pem --key {d}/client.key");
     let mut s = String::new();
-    s.push_str("fedport sandbox is running: node sandbox-a, region sandbox-1\n");
+    s.push_str("fedport sandbox is running: a federation of three nodes in two regions\n");
+    for (name, region, config, port) in &l.nodes {
+        s.push_str(&format!(
+            "  {name:5} region {region}  peer port 127.0.0.1:{port}  config {}\n",
+            config.display()
+        ));
+    }
     s.push_str(&format!(
-        "  peer port (mTLS)  {peer}\n  local port        {local}\n"
+        "  you talk to eu-a: peer port (mTLS) {peer}, local port {local}\n"
     ));
     if let Some(a) = admin {
-        s.push_str(&format!("  admin             http://{a}\n"));
+        s.push_str(&format!("  eu-a admin        http://{a}\n"));
     }
-    s.push_str(&format!("  files             {d}\n\nTry:\n"));
     s.push_str(&format!(
-        "  # JSON over mutual TLS, routed by host name; the service sees your identity\n  curl {cert} --resolve inventory.{DOMAIN}:{p}:127.0.0.1 https://inventory.{DOMAIN}:{p}/v1/items\n"
+        "  demo instances    http://{ctl}/  (inventory@eu-a, inventory@eu-b, inventory@us-a, pricing@us-a, echo@eu-a)\n\nTry:\n"
+    ));
+    let inventory = format!(
+        "curl {cert} --resolve inventory.{DOMAIN}:{p}:127.0.0.1 https://inventory.{DOMAIN}:{p}/v1/items"
+    );
+    s.push_str(&format!(
+        "  # JSON over mutual TLS, routed by host name; the service sees your identity\n  {inventory}\n"
     ));
     s.push_str(&format!(
         "  # the same without a client certificate: the handshake is refused\n  curl --cacert {d}/federation-ca.pem https://localhost:{p}/v1/items -H 'fed-service: inventory'\n"
@@ -157,9 +226,18 @@ pub fn instructions(
     s.push_str(&format!(
         "  # a gRPC call (pip install grpcio): demo.Echo/Say echoes its message\n  python3 -c \"import grpc; r=lambda f: open(f,'rb').read(); ch=grpc.secure_channel('localhost:{p}', grpc.ssl_channel_credentials(r('{d}/federation-ca.pem'), r('{d}/client.key'), r('{d}/client.pem'))); print(ch.unary_unary('/demo.Echo/Say')(b'\\x0a\\x05hello'))\"\n"
     ));
+    s.push_str(&format!(
+        "  # pricing lives only in region us: eu-a forwards it there (served_by, fed_hops)\n  curl {cert} https://localhost:{p}/v1/prices -H 'fed-service: pricing'\n"
+    ));
+    s.push_str(&format!(
+        "  # failover: stop the inventory on eu-a and served_by moves to eu-b (same region);\n  # stop eu-b's too and it crosses to us-a; start eu-a's again and it comes home\n  curl -X POST http://{ctl}/stop/inventory@eu-a\n  curl -X POST http://{ctl}/stop/inventory@eu-b\n  curl -X POST http://{ctl}/start/inventory@eu-a\n  curl -X POST http://{ctl}/start/inventory@eu-b\n"
+    ));
+    s.push_str(&format!(
+        "  # watch it happen\n  watch -n 0.5 \"{inventory} -s\"\n"
+    ));
     if let Some(a) = admin {
         s.push_str(&format!(
-            "  # metrics\n  curl -s http://{a}/metrics | grep fedport_requests\n"
+            "  # metrics: where requests went, peers' round-trip times\n  curl -s http://{a}/metrics | grep -E 'fedport_(forwarded|peer_rtt)'\n"
         ));
     }
     s.push_str("\nCtrl-C stops the sandbox.\n");
