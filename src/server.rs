@@ -28,6 +28,8 @@ pub enum ServerError {
 pub struct State {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    /// Health of endpoints and peers, for `/readyz?verbose`.
+    pub fleet: Arc<crate::federation::Fleet>,
     ready: AtomicBool,
 }
 
@@ -131,6 +133,7 @@ impl Server {
         let state = Arc::new(State {
             config: config.clone(),
             metrics: metrics.clone(),
+            fleet: fleet.clone(),
             ready: AtomicBool::new(false),
         });
         let (shutdown, _) = watch::channel(false);

@@ -180,7 +180,7 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
     let (pa, pb) = (free_port(), free_port());
     let local = upstream::start(Proto::H2c);
     let remote = upstream::start(Proto::H2c);
-    let _a = Fedport::start(&node_config(
+    let a = Fedport::start(&node_config(
         &pki,
         "a",
         "eu-1",
@@ -257,7 +257,18 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let stopped_at = t0.elapsed();
     tokio::task::block_in_place(|| local.stop());
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // the health checks take the endpoint out, as /readyz?verbose shows
+    let available = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&a.admin_get("/readyz?verbose")).unwrap_or_default();
+        v["services"][0]["endpoints"][0]["available"].as_bool()
+    };
+    tokio::task::block_in_place(|| {
+        support::wait_until("endpoint out", Duration::from_secs(5), || {
+            available() == Some(false)
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     tokio::task::block_in_place(|| local.restart());
     let restarted_at = t0.elapsed();
     for l in loops {
@@ -326,6 +337,77 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
         })
         .collect();
     assert!(twice.is_empty(), "sent twice: {twice:?}");
+    assert_eq!(available(), Some(true), "the endpoint is back in rotation");
+    assert!(
+        a.metric(r#"fedport_forwarded_total{service="orders",target="b"}"#) > 0.0
+            && a.metric(r#"fedport_retries_total{service="orders",kind="unsent"}"#) > 0.0
+    );
+}
+
+#[test]
+fn retries_stay_within_the_budget() {
+    let pki = Pki::new();
+    let (pa, pb) = (free_port(), free_port());
+    let local = upstream::start(Proto::H2c);
+    let remote = upstream::start(Proto::H2c);
+    // every answer is a 503; nothing is ejected, so each GET is sent locally and may be
+    // retried once at b — if the budget (20% of requests, no per-second floor) allows
+    let a = Fedport::start(
+        &node_config(
+            &pki,
+            "a",
+            "eu-1",
+            pa,
+            &format!(
+                "{}{}",
+                http_service(
+                    "flaky",
+                    &[local.url(Proto::H2c)],
+                    "outlier = { consecutive_failures = 100000 }\n"
+                ),
+                peer("b", "us-1", pb, &["flaky"]),
+            ),
+        )
+        .replace(
+            "workers = 2",
+            "workers = 1\nretry_budget = { ratio = 0.2, min_per_second = 0 }",
+        ),
+    );
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "us-1",
+        pb,
+        &format!(
+            "{}{}",
+            http_service("flaky", &[remote.url(Proto::H2c)], ""),
+            peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+    let c = pki.curl_client();
+    let mut args: Vec<String> = c.clone();
+    args.extend(["-s", "-w", "%{http_code}\n", "-H", "fed-service: flaky"].map(String::from));
+    for _ in 0..100 {
+        args.extend(["-o".into(), "/dev/null".into()]);
+        args.push(format!("https://localhost:{pa}/status/503"));
+    }
+    let out = std::process::Command::new("curl")
+        .args(&args)
+        .output()
+        .unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        codes.lines().filter(|l| *l == "503").count(),
+        100,
+        "{codes}"
+    );
+    let retried = a.metric(r#"fedport_retries_total{service="flaky",kind="idempotent"}"#);
+    let refused = a.metric(r#"fedport_retries_total{service="flaky",kind="budget_exhausted"}"#);
+    eprintln!("100 failing GETs: {retried} retried, {refused} refused by the budget");
+    assert!((15.0..=20.0).contains(&retried), "{retried}");
+    assert_eq!(retried + refused, 100.0);
+    assert_eq!(remote.hits() as f64, retried, "each retry reached b once");
+    assert_eq!(local.hits(), 100);
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -270,3 +270,52 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
         1.0
     );
 }
+
+/// Active health checks speak grpc.health.v1 to gRPC services: NOT_SERVING takes the
+/// endpoint out of rotation (metric and /readyz?verbose); with nowhere else to go,
+/// requests still reach it rather than being refused.
+#[tokio::test(flavor = "current_thread")]
+async fn grpc_health_checks_follow_the_service() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let pki = Pki::new();
+    let (_up, port) = grpc_upstream();
+    let fp = Fedport::start(&support::node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"h2c://127.0.0.1:{port}\"]\n\
+             grpc_services = [\"test.Echo\"]\n\
+             health = {{ interval = \"100ms\", unhealthy_threshold = 1, healthy_threshold = 1 }}\n"
+        ),
+    ));
+    let healthy =
+        format!(r#"fedport_upstream_healthy{{service="echo",endpoint="h2c://127.0.0.1:{port}"}}"#);
+    let mut s = support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
+    let p = fp.port("internal");
+    let call = |method: &str| {
+        http::Request::post(format!("https://localhost:{p}/test.Echo/{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x03\x0a\x01x")))
+            .unwrap()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(fp.metric(&healthy), 1.0);
+    let resp = s.send_request(call("Unhealthy")).await.unwrap();
+    let _ = resp.into_body().collect().await;
+    support::wait_until(
+        "NOT_SERVING noticed",
+        std::time::Duration::from_secs(5),
+        || fp.metric(&healthy) == 0.0,
+    );
+    let v: serde_json::Value = serde_json::from_str(&fp.admin_get("/readyz?verbose")).unwrap();
+    assert_eq!(v["services"][0]["endpoints"][0]["available"], false, "{v}");
+    assert_eq!(
+        v["services"][0]["endpoints"][0]["health_checks_pass"], false,
+        "{v}"
+    );
+    // the only endpoint of a service no peer offers: tried anyway, and it answers
+    let resp = s.send_request(call("Say")).await.unwrap();
+    let done = resp.into_body().collect().await.unwrap();
+    assert_eq!(done.trailers().unwrap()["grpc-status"], "0");
+}

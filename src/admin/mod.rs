@@ -1,5 +1,6 @@
-//! The admin port: `/healthz` (alive), `/readyz` (accepting traffic), `/metrics`
-//! (Prometheus text) and `/config` (what is running, without secrets).
+//! The admin port: `/healthz` (alive), `/readyz` (accepting traffic; `?verbose` adds
+//! each endpoint's health and each peer's state as JSON), `/metrics` (Prometheus
+//! text) and `/config` (what is running, without secrets).
 
 use crate::server::State;
 use bytes::Bytes;
@@ -45,6 +46,16 @@ fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<
 fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if req.uri().query() == Some("verbose") => {
+            let mut detail = st.fleet.detail(&st.config);
+            detail["ready"] = st.is_ready().into();
+            let status = if st.is_ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, "application/json", detail.to_string())
+        }
         "/readyz" if st.is_ready() => text(StatusCode::OK, "text/plain", "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
         "/metrics" => text(

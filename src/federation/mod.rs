@@ -283,6 +283,54 @@ impl Fleet {
         h.gauge.set(ok as i64);
     }
 
+    /// What `/readyz?verbose` shows: every local endpoint's health and every peer's
+    /// state and round-trip time.
+    pub fn detail(&self, config: &Config) -> serde_json::Value {
+        let now = self.now_ms();
+        let services: Vec<serde_json::Value> = config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(s, svc)| {
+                let endpoints: Vec<serde_json::Value> = svc
+                    .endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(e, ep)| {
+                        let h = &self.endpoints[s][e];
+                        let until = h.ejected_until.load(Ordering::Relaxed);
+                        serde_json::json!({
+                            "endpoint": ep.url,
+                            "available": self.available(s, e),
+                            "health_checks_pass": h.active_ok.load(Ordering::Relaxed),
+                            "ejected_for_ms": until.saturating_sub(now),
+                            "consecutive_failures": h.failures.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                let peers: Vec<&str> = self.offered[s]
+                    .iter()
+                    .map(|&i| config.peers[i].name.as_str())
+                    .collect();
+                serde_json::json!({ "service": svc.name, "endpoints": endpoints, "peers": peers })
+            })
+            .collect();
+        let peers: Vec<serde_json::Value> = config
+            .peers
+            .iter()
+            .zip(&self.peers)
+            .map(|(p, st)| {
+                serde_json::json!({
+                    "peer": p.name,
+                    "region": p.region,
+                    "up": st.is_up(),
+                    "rtt_ms": st.rtt().map(|r| r.as_secs_f64() * 1e3),
+                })
+            })
+            .collect();
+        serde_json::json!({ "services": services, "peers": peers })
+    }
+
     /// The endpoint's health gauge catches up with an ejection that has run out.
     pub(crate) fn refresh_gauges(&self) {
         let now = self.now_ms();

@@ -2,7 +2,8 @@
 
 Say echoes its request and sends trailing metadata; Chat echoes every message of a
 bidirectional stream; Fail aborts with NOT_FOUND and trailing metadata. legacy.Shop (proto2): Place
-echoes, Broken answers an order without its required id. Every method
+echoes, Broken answers an order without its required id. grpc.health.v1.Health/Check
+answers SERVING until test.Echo/Unhealthy is called. Every method
 tells, in initial metadata `seen-peer`, the `fed-peer` header fedport passed on.
 Prints the bound port on stdout, then serves until killed.
 """
@@ -58,7 +59,24 @@ def broken(req, ctx):
     return b"\x12\x03\x0a\x01x"
 
 
+HEALTH = {"serving": True}
+
+
+def health_check(req, ctx):
+    # grpc.health.v1.HealthCheckResponse { status: SERVING (1) or NOT_SERVING (2) }
+    return b"\x08\x01" if HEALTH["serving"] else b"\x08\x02"
+
+
+def unhealthy(req, ctx):
+    HEALTH["serving"] = False
+    return b""
+
+
 ident = lambda b: b
+health = grpc.method_handlers_generic_handler(
+    "grpc.health.v1.Health",
+    {"Check": grpc.unary_unary_rpc_method_handler(health_check, ident, ident)},
+)
 shop = grpc.method_handlers_generic_handler(
     "legacy.Shop",
     {
@@ -73,10 +91,11 @@ handler = grpc.method_handlers_generic_handler(
         "Chat": grpc.stream_stream_rpc_method_handler(chat, ident, ident),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, ident, ident),
         "Stats": grpc.unary_unary_rpc_method_handler(stats, ident, ident),
+        "Unhealthy": grpc.unary_unary_rpc_method_handler(unhealthy, ident, ident),
     },
 )
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-server.add_generic_rpc_handlers((handler, shop))
+server.add_generic_rpc_handlers((handler, shop, health))
 port = server.add_insecure_port(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:0")
 server.start()
 print(port, flush=True)
