@@ -398,6 +398,99 @@ impl RetryBudget {
 mod tests {
     use super::*;
 
+    fn fleet(text: &str) -> (Config, Arc<Fleet>) {
+        let (cfg, _) = crate::config::compile(std::path::Path::new("t.toml"), text)
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        let f = Fleet::new(&cfg, Metrics::new("t", "h"));
+        (cfg, f)
+    }
+
+    const PEERS: &str = r#"
+[node]
+name = "a"
+region = "eu"
+[[service]]
+name = "s"
+protocol = "http"
+FAILOVER
+[[peer]]
+name = "far"
+region = "ap"
+address = "127.0.0.1:1"
+identity = "spiffe://t/node/far"
+services = ["s"]
+[[peer]]
+name = "near"
+region = "us"
+address = "127.0.0.1:2"
+identity = "spiffe://t/node/near"
+services = ["s"]
+[[peer]]
+name = "home"
+region = "eu"
+address = "127.0.0.1:3"
+identity = "spiffe://t/node/home"
+services = ["s"]
+"#;
+
+    #[test]
+    fn peers_are_ordered_by_failover_list_region_then_rtt() {
+        let (cfg, f) = fleet(&PEERS.replace("FAILOVER", ""));
+        let names = |order: Vec<usize>| -> Vec<&str> {
+            order.iter().map(|&i| cfg.peers[i].name.as_str()).collect()
+        };
+        f.peers[0].sample_rtt(Duration::from_millis(120));
+        f.peers[1].sample_rtt(Duration::from_millis(40));
+        f.peers[2].sample_rtt(Duration::from_millis(90));
+        // own region first, then by round-trip time
+        assert_eq!(names(f.peer_order(&cfg, 0, &[])), ["home", "near", "far"]);
+        // RTTs change: the order follows
+        for _ in 0..20 {
+            f.peers[0].sample_rtt(Duration::from_millis(10));
+        }
+        assert_eq!(names(f.peer_order(&cfg, 0, &[])), ["home", "far", "near"]);
+        // a peer that is down is skipped; where the request came from, too
+        f.peers[2].set_up(false);
+        assert_eq!(names(f.peer_order(&cfg, 0, &[Some("far")])), ["near"]);
+        // all down: tried anyway
+        f.peers[0].set_up(false);
+        f.peers[1].set_up(false);
+        assert_eq!(names(f.peer_order(&cfg, 0, &[])).len(), 3);
+
+        // a failover list overrides, by peer or region
+        let (cfg, f) = fleet(&PEERS.replace("FAILOVER", "failover = [\"ap\", \"near\"]"));
+        let names = |order: Vec<usize>| -> Vec<String> {
+            order.iter().map(|&i| cfg.peers[i].name.clone()).collect()
+        };
+        assert_eq!(names(f.peer_order(&cfg, 0, &[])), ["far", "near", "home"]);
+    }
+
+    #[test]
+    fn ejection_is_bounded_and_grows() {
+        let text = PEERS.replace(
+            "FAILOVER",
+            "endpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\", \"http://127.0.0.1:3\"]\n\
+             outlier = { consecutive_failures = 2, ejection = \"1s\", max_ejected_percent = 40 }",
+        );
+        let (_, f) = fleet(&text);
+        f.record(0, 0, false);
+        assert!(f.available(0, 0), "one failure is not enough");
+        f.record(0, 0, false);
+        assert!(!f.available(0, 0), "two in a row eject");
+        // 40% of 3 endpoints: only one may be out at a time
+        f.record(0, 1, false);
+        f.record(0, 1, false);
+        assert!(f.available(0, 1));
+        // a success resets the count
+        f.record(0, 2, false);
+        f.record(0, 2, true);
+        f.record(0, 2, false);
+        assert!(f.available(0, 2));
+        // a passing active check ends an ejection
+        f.set_active(0, 0, true);
+        assert!(f.available(0, 0));
+    }
+
     #[test]
     fn the_budget_allows_the_ratio_and_no_more() {
         let b = RetryBudget::new(0.2, 0.0);
