@@ -138,6 +138,11 @@ fn a_call_crosses_regions_with_the_federation_headers() {
     assert_eq!(header(&v, "fed-peer"), "spiffe://fed.test/node/a", "{v}");
     assert_eq!(header(&v, "fed-origin"), "a", "{v}");
     assert_eq!(header(&v, "fed-hops"), "1", "{v}");
+    assert_eq!(
+        header(&v, "fed-caller"),
+        "spiffe://fed.test/client/alice",
+        "{v}"
+    );
     assert_eq!(far.hits(), 1);
 
     // the same region first, though both regions offer it
@@ -159,9 +164,21 @@ fn a_call_crosses_regions_with_the_federation_headers() {
         &pki,
         pa,
         "far",
-        &["-H", "fed-origin: mallory", "-H", "fed-hops: 0"],
+        &[
+            "-H",
+            "fed-origin: mallory",
+            "-H",
+            "fed-hops: 0",
+            "-H",
+            "fed-caller: spiffe://fed.test/node/root",
+        ],
     );
     assert_eq!(header(&v, "fed-origin"), "a", "{v}");
+    assert_eq!(
+        header(&v, "fed-caller"),
+        "spiffe://fed.test/client/alice",
+        "{v}"
+    );
     assert_eq!(header(&v, "fed-hops"), "1", "{v}");
 }
 

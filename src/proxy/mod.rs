@@ -33,6 +33,9 @@ const SMALL_BODY: u64 = 16 * 1024;
 pub const FED_PEER: HeaderName = HeaderName::from_static("fed-peer");
 pub const FED_ORIGIN: HeaderName = HeaderName::from_static("fed-origin");
 pub const FED_HOPS: HeaderName = HeaderName::from_static("fed-hops");
+/// The identity that entered the federation: `fed-peer` at the first node, carried on
+/// across peers (and believed only from them).
+pub const FED_CALLER: HeaderName = HeaderName::from_static("fed-caller");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const FED_SERVICE: HeaderName = HeaderName::from_static(route::FED_SERVICE);
 
@@ -467,21 +470,26 @@ async fn forward(
             .unwrap_or_else(|| service.name.clone());
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
-        let (origin, hops) = if conn.from_peer {
+        let (origin, hops, caller) = if conn.from_peer {
             let hops = h
                 .get(&FED_HOPS)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|s| s.parse::<u8>().ok())
                 .unwrap_or(0);
-            (h.get(&FED_ORIGIN).cloned(), hops)
+            (
+                h.get(&FED_ORIGIN).cloned(),
+                hops,
+                h.get(&FED_CALLER).cloned(),
+            )
         } else {
-            (None, 0)
+            (None, 0, None)
         };
         // the caller's deadline, if it set one, within the service's timeout
         let asked = deadline::asked(h, grpc).map_err(Reject::BadRequest)?;
         strip_fed_headers(h);
         h.insert(FED_PEER, conn.identity.clone());
         h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
+        h.insert(FED_CALLER, caller.unwrap_or_else(|| conn.identity.clone()));
         h.insert(REQUEST_ID, rid.clone());
         let timeout = asked.map_or(service.timeout, |t| t.min(service.timeout));
         if asked.is_some_and(|t| t.is_zero()) {
