@@ -102,6 +102,9 @@ impl Server {
             });
         }
         let fleet = crate::federation::Fleet::new(&config, metrics.clone());
+        let traffic = crate::telemetry::spike::Traffic::new(&config);
+        let detector = crate::telemetry::spike::Detector::new(&config, traffic.clone(), &metrics);
+        crate::telemetry::record_certificates(&config, &metrics);
         // The first socket of each listener resolves port 0; the other workers bind
         // the same address beside it.
         let mut first = Vec::new();
@@ -145,7 +148,7 @@ impl Server {
             let config = config.clone();
             let metrics = metrics.clone();
             let settings = settings.clone();
-            let shared = (fleet.clone(), peer_settings.clone());
+            let shared = ((fleet.clone(), traffic.clone()), peer_settings.clone());
             let tls = tls.clone();
             let rx = shutdown.subscribe();
             let t = std::thread::Builder::new()
@@ -173,6 +176,7 @@ impl Server {
                 config.clone(),
                 fleet,
                 settings.clone(),
+                detector,
                 shutdown.subscribe(),
             )
             .map_err(ServerError::Worker)?,
@@ -229,7 +233,13 @@ async fn worker_main(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     settings: upstream::Settings,
-    (fleet, peer_settings): (Arc<crate::federation::Fleet>, Vec<upstream::Settings>),
+    (fleet, peer_settings): (
+        (
+            Arc<crate::federation::Fleet>,
+            Arc<crate::telemetry::spike::Traffic>,
+        ),
+        Vec<upstream::Settings>,
+    ),
     tls: Option<(Arc<identity::rotate::Rotating>, std::time::Duration)>,
     sockets: Vec<std::net::TcpListener>,
     open: Vec<Arc<std::sync::atomic::AtomicUsize>>,

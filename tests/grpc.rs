@@ -135,10 +135,12 @@ to = "down"
         .contains("test.Echo/Secret"));
 
     assert!(
-        fp.metric(r#"fedport_requests_total{listener="internal",service="echo",code="OK"}"#) >= 2.0
+        fp.metric(
+            r#"fedport_requests_total{listener="internal",service="echo",method="other",code="OK"}"#
+        ) >= 2.0
     );
     assert!(
-        fp.metric(r#"fedport_requests_total{listener="internal",service="echo",code="NOT_FOUND"}"#)
+        fp.metric(r#"fedport_requests_total{listener="internal",service="echo",method="other",code="NOT_FOUND"}"#)
             >= 1.0
     );
     assert!(

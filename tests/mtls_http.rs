@@ -75,7 +75,7 @@ fn client_cert_reaches_http1_and_h2c_upstreams_with_its_identity() {
     assert_eq!(h1.hits(), 1);
     assert_eq!(h2.hits(), 1);
     assert!(
-        fp.metric(r#"fedport_requests_total{listener="internal",service="plain",code="200"}"#)
+        fp.metric(r#"fedport_requests_total{listener="internal",service="plain",method="other",code="200"}"#)
             >= 1.0
     );
 }

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "fedport", version, about = "The internal port of a federation")]
 pub struct Cli {
+    /// Log lines as `text` or `json` (one object per line); default: FEDPORT_LOG_FORMAT, else text.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -20,7 +23,7 @@ pub enum Command {
     Run(run::RunArgs),
     /// Check a config file; print every problem as file:line:col with a hint.
     Check(check::CheckArgs),
-    /// A federation on loopback in one command: CA, certificates, demo services, a node.
+    /// A federation on loopback in one command: CA, certificates, demo services, three nodes.
     Sandbox(sandbox::SandboxArgs),
 }
 

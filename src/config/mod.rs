@@ -28,6 +28,37 @@ pub struct Config {
     pub services: Vec<Service>,
     pub peers: Vec<Peer>,
     pub rules: Vec<Rule>,
+    pub spikes: Spikes,
+}
+
+/// Traffic-spike detection (`[spikes]`).
+#[derive(Debug, Clone)]
+pub struct Spikes {
+    /// Nothing is judged before this much traffic history.
+    pub warmup: Duration,
+    /// The baseline's memory (EWMA span).
+    pub window: Duration,
+    /// Deviations from the baseline that make a departure.
+    pub sensitivity: f64,
+    /// How long a departure must last to start (and a return to end) an event.
+    pub sustain: Duration,
+    /// Requests per second below which nothing is a spike.
+    pub min_rate: f64,
+    /// An error ratio below this is never a spike.
+    pub min_error_ratio: f64,
+}
+
+impl Default for Spikes {
+    fn default() -> Self {
+        Self {
+            warmup: Duration::from_secs(30),
+            window: Duration::from_secs(30),
+            sensitivity: 4.0,
+            sustain: Duration::from_secs(3),
+            min_rate: 10.0,
+            min_error_ratio: 0.05,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -39,7 +70,8 @@ pub struct Node {
     pub drain_timeout: Duration,
     pub upstream_max_requests: u64,
     pub upstream_connections: usize,
-    pub access_log: bool,
+    /// The share of requests with an access log line (0: none, 1: all).
+    pub access_log: f64,
     /// Requests from peers may be forwarded on to other peers.
     pub transit: bool,
     pub max_hops: u8,
@@ -387,6 +419,11 @@ impl Checker<'_> {
             }
         }
 
+        let spikes = raw
+            .spikes
+            .as_ref()
+            .map(|s| self.spikes(s))
+            .unwrap_or_default();
         let tls = tls.flatten();
         let node = node?;
         if self.sink.has_errors() {
@@ -402,7 +439,36 @@ impl Checker<'_> {
             services,
             peers,
             rules,
+            spikes,
         })
+    }
+
+    fn spikes(&mut self, s: &S<raw::RawSpikes>) -> Spikes {
+        let r = s.get_ref();
+        let d = Spikes::default();
+        let mut positive = |v: &Option<S<f64>>, default: f64, what: &str| match v {
+            Some(x) if !(*x.get_ref() >= 0.0 && x.get_ref().is_finite()) => {
+                self.sink.error(
+                    span(x),
+                    format!("{what} must be a number not below 0"),
+                    "see docs/config.md, [spikes]",
+                );
+                default
+            }
+            Some(x) => *x.get_ref(),
+            None => default,
+        };
+        let sensitivity = positive(&r.sensitivity, d.sensitivity, "sensitivity");
+        let min_rate = positive(&r.min_rate, d.min_rate, "min_rate");
+        let min_error_ratio = positive(&r.min_error_ratio, d.min_error_ratio, "min_error_ratio");
+        Spikes {
+            warmup: self.duration(r.warmup.as_ref(), d.warmup),
+            window: self.duration(r.window.as_ref(), d.window),
+            sensitivity,
+            sustain: self.duration(r.sustain.as_ref(), d.sustain),
+            min_rate,
+            min_error_ratio,
+        }
     }
 
     fn node(&mut self, n: &S<raw::RawNode>) -> Option<Node> {
@@ -492,7 +558,19 @@ impl Checker<'_> {
             drain_timeout,
             upstream_max_requests,
             upstream_connections,
-            access_log: r.access_log.unwrap_or(false),
+            access_log: match r.access_log.as_ref().map(|a| (a, *a.get_ref())) {
+                None | Some((_, raw::AccessLog::All(false))) => 0.0,
+                Some((_, raw::AccessLog::All(true))) => 1.0,
+                Some((_, raw::AccessLog::Sample(x))) if (0.0..=1.0).contains(&x) => x,
+                Some((a, raw::AccessLog::Sample(_))) => {
+                    self.sink.error(
+                        span(a),
+                        "access_log is true, false, or the share of requests to log (0 to 1)",
+                        "e.g. access_log = 0.01 logs one request in a hundred",
+                    );
+                    0.0
+                }
+            },
             transit: r.transit.unwrap_or(false),
             max_hops,
             retry_ratio,

@@ -21,6 +21,27 @@ pub struct RawConfig {
     pub peer: Vec<S<RawPeer>>,
     #[serde(default)]
     pub allow: Vec<S<RawAllow>>,
+    pub spikes: Option<S<RawSpikes>>,
+}
+
+/// Traffic-spike detection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpikes {
+    pub warmup: Option<S<String>>,
+    pub window: Option<S<String>>,
+    pub sensitivity: Option<S<f64>>,
+    pub sustain: Option<S<String>>,
+    pub min_rate: Option<S<f64>>,
+    pub min_error_ratio: Option<S<f64>>,
+}
+
+/// `true`/`false`, or the share of requests logged.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(untagged)]
+pub enum AccessLog {
+    All(bool),
+    Sample(f64),
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,7 +57,7 @@ pub struct RawNode {
     /// Upstream connections are replaced after this many requests; default 100000.
     pub upstream_max_requests: Option<S<i64>>,
     /// One log line per request (target `fedport::access`); default false.
-    pub access_log: Option<bool>,
+    pub access_log: Option<S<AccessLog>>,
     /// Upstream HTTP/2 connections per worker per endpoint; default 2.
     pub upstream_connections: Option<S<i64>>,
     /// Requests that came from a peer may be forwarded to another peer; default false.

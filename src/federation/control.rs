@@ -1,7 +1,8 @@
 //! The control thread: one more single-threaded runtime beside the workers, off the
 //! request path. It keeps a PING connection to every peer (liveness and round-trip
-//! time, reconnecting with jittered backoff) and runs the active health checks of the
-//! services that ask for them, writing what it learns into the [`Fleet`].
+//! time, reconnecting with jittered backoff), runs the active health checks of the
+//! services that ask for them, writing what it learns into the [`Fleet`], and ticks
+//! the traffic-spike detector once a second.
 
 use super::Fleet;
 use crate::config::{Config, Endpoint, HealthCheck, Peer, Protocol, Scheme};
@@ -17,6 +18,7 @@ pub fn spawn(
     config: Arc<Config>,
     fleet: Arc<Fleet>,
     settings: Settings,
+    mut spikes: crate::telemetry::spike::Detector,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -64,6 +66,15 @@ pub fn spawn(
                     loop {
                         f.refresh_gauges();
                         tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                });
+                tasks.spawn(async move {
+                    let mut every = tokio::time::interval(Duration::from_secs(1));
+                    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    every.tick().await;
+                    loop {
+                        every.tick().await;
+                        spikes.tick();
                     }
                 });
                 let _ = shutdown.wait_for(|s| *s).await;

@@ -320,6 +320,16 @@ pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {
         })
 }
 
+/// The earliest `notAfter` (Unix seconds) among the certificates of a PEM file.
+pub fn earliest_expiry(path: &Path) -> Option<i64> {
+    load_certs(path)
+        .ok()?
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
+}
+
 /// The identity as the `fed-peer` header value; `None` if it is not a valid header value.
 pub fn identity_header(der: &CertificateDer<'_>) -> Option<HeaderValue> {
     identity_of(der).and_then(|s| HeaderValue::from_str(&s).ok())

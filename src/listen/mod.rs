@@ -219,6 +219,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 identity: HeaderValue::from_static("local"),
                 grants: acc.worker.policy.grants("local"),
                 from_peer: false,
+                peer: None,
                 activity: Arc::default(),
                 remote,
                 worker: acc.worker.clone(),
@@ -253,7 +254,19 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 return;
             };
             let h2 = session.alpn_protocol() == Some(b"h2");
+            acc.metrics
+                .tls_handshakes
+                .get_or_create(&crate::telemetry::ListenerLabels {
+                    listener: acc.spec.name.clone(),
+                })
+                .inc();
+            let peer = acc
+                .worker
+                .peer_by_identity
+                .get(identity.to_str().unwrap_or_default())
+                .copied();
             let ctx = Arc::new(ConnCtx {
+                peer,
                 listener: acc.name.clone(),
                 listener_idx: acc.index,
                 streams: streams.clone(),

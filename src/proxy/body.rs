@@ -36,6 +36,29 @@ pub struct Finish {
     pub response_refusal: Option<String>,
     /// With `[node] access_log`: what the access log line says, and the service name.
     pub access: Option<(Box<AccessEntry>, String)>,
+    /// Request body bytes, counted by the request's guard.
+    pub request_bytes: Option<Arc<crate::schema::Tripped>>,
+    pub response_bytes: u64,
+    /// Where the request went: the endpoint's URL or the peer's name.
+    pub target: Option<Arc<str>>,
+    /// Why fedport refused it, if it did.
+    pub reason: Option<&'static str>,
+    /// For traffic-spike detection: the service's and the calling peer's counts.
+    pub traffic: Option<(Arc<crate::telemetry::spike::Traffic>, usize, Option<usize>)>,
+}
+
+impl Finish {
+    /// Whether the outcome counts as an error for spike detection: a 5xx, a gRPC status
+    /// that means the system failed, or any refusal of fedport's own.
+    fn is_error(&self) -> bool {
+        if self.reason.is_some() || self.http_status >= 500 {
+            return true;
+        }
+        matches!(
+            self.grpc_status.as_deref(),
+            Some("2" | "4" | "8" | "13" | "14" | "15")
+        )
+    }
 }
 
 /// The request side of an access log line.
@@ -46,16 +69,26 @@ pub struct AccessEntry {
     pub path: String,
     pub request_id: http::HeaderValue,
     pub listener: Arc<str>,
+    /// The W3C trace id, or empty.
+    pub trace_id: String,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        self.metrics
-            .count(self.http_status, self.grpc_status.as_deref());
-        self.metrics
-            .duration
-            .observe(self.start.elapsed().as_secs_f64());
+        let elapsed = self.start.elapsed().as_secs_f64();
+        self.metrics.count(
+            self.http_status,
+            self.grpc_status.as_deref(),
+            self.method.as_ref(),
+        );
+        self.metrics.duration.observe(elapsed);
+        let bytes_in = self.request_bytes.as_ref().map_or(0, |t| t.bytes());
+        self.metrics.request_bytes.inc_by(bytes_in);
+        self.metrics.response_bytes.inc_by(self.response_bytes);
         self.streams.dec();
+        if let Some((traffic, service, peer)) = &self.traffic {
+            traffic.record(*service, *peer, self.is_error());
+        }
         if let Some((a, service)) = &self.access {
             tracing::info!(
                 target: "fedport::access",
@@ -65,10 +98,16 @@ impl Drop for Finish {
                 method = %a.method,
                 path = %a.path,
                 service = %service,
+                rpc = self.method.as_deref().unwrap_or(""),
                 status = self.http_status,
                 grpc_status = self.grpc_status.as_deref().unwrap_or(""),
-                duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+                reason = self.reason.unwrap_or(""),
+                bytes_in,
+                bytes_out = self.response_bytes,
+                duration_ms = elapsed * 1000.0,
+                upstream = self.target.as_deref().unwrap_or(""),
                 request_id = a.request_id.to_str().unwrap_or("-"),
+                trace_id = %a.trace_id,
                 "access"
             );
         }
@@ -99,6 +138,7 @@ impl Tracked {
 fn refused(finish: &Option<Finish>) -> Option<(&'static str, String)> {
     finish
         .as_ref()
+        .filter(|f| f.grpc_status.is_some())
         .and_then(|f| f.tripped.as_ref())
         .and_then(|t| t.grpc_refusal())
 }
@@ -211,6 +251,9 @@ impl Body for Tracked {
                 return Poll::Ready(Some(Ok(frame)));
             };
             let Some(check) = f.response_check.as_mut() else {
+                if let Some(d) = frame.data_ref() {
+                    f.response_bytes += d.len() as u64;
+                }
                 return Poll::Ready(Some(Ok(frame)));
             };
             let Ok(data) = frame.into_data() else {
@@ -226,6 +269,7 @@ impl Body for Tracked {
                 });
             }
             if let Some(out) = out {
+                f.response_bytes += out.len() as u64;
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
         }

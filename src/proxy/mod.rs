@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod deadline;
+pub mod trace;
 
 use crate::config::{Config, Protocol};
 use crate::errors::Reject;
@@ -62,6 +63,10 @@ pub struct Worker {
     /// By service index: the retry budget, and where requests went.
     budgets: Vec<crate::federation::RetryBudget>,
     counters: Vec<Counters>,
+    /// Request and error counts for traffic-spike detection, shared by every worker.
+    pub traffic: Arc<crate::telemetry::spike::Traffic>,
+    /// `fedport_peer_inbound_requests_total` by peer index.
+    peer_inbound: Vec<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Where one service's requests went, and its retries (counter handles resolved once).
@@ -78,9 +83,24 @@ impl Worker {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         settings: &upstream::Settings,
-        fleet: Arc<crate::federation::Fleet>,
+        (fleet, traffic): (
+            Arc<crate::federation::Fleet>,
+            Arc<crate::telemetry::spike::Traffic>,
+        ),
         peer_settings: &[upstream::Settings],
     ) -> Self {
+        let peer_inbound = config
+            .peers
+            .iter()
+            .map(|p| {
+                metrics
+                    .peer_inbound
+                    .get_or_create(&crate::telemetry::PeerLabels {
+                        peer: p.name.clone(),
+                    })
+                    .clone()
+            })
+            .collect();
         let peer_pools = config
             .peers
             .iter()
@@ -178,6 +198,8 @@ impl Worker {
             peer_pools,
             budgets,
             counters,
+            traffic,
+            peer_inbound,
         }
     }
 
@@ -199,6 +221,8 @@ pub struct ConnCtx {
     pub identity: HeaderValue,
     /// The caller is a configured peer node: its `fed-origin` and `fed-hops` are believed.
     pub from_peer: bool,
+    /// Which peer, by index.
+    pub peer: Option<usize>,
     /// The caller's address: the TCP peer, or what a trusted PROXY header carried.
     pub remote: std::net::SocketAddr,
     /// Requests in flight on the connection, for its idle timeout.
@@ -272,12 +296,19 @@ pub async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     let w = conn.worker.clone();
+    let mut req = req;
     let grpc = is_grpc(req.headers());
     let rid = request_id(req.headers());
+    // W3C trace context: the caller's trace goes on with a span of this hop
+    let trace_id = trace::next_hop(req.headers_mut());
     conn.streams.inc();
+    if let Some(p) = conn.peer {
+        w.peer_inbound[p].inc();
+    }
     let mut routed = Routed::default();
     let busy = conn.activity.begin();
-    let access = w.config.node.access_log.then(|| {
+    let sample = w.config.node.access_log;
+    let access = (sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample)).then(|| {
         Box::new(body::AccessEntry {
             remote: conn.remote,
             identity: conn.identity.clone(),
@@ -285,9 +316,15 @@ pub async fn handle(
             path: req.uri().path().to_owned(),
             request_id: rid.clone(),
             listener: conn.listener.clone(),
+            trace_id,
         })
     });
     let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
+        request_bytes: None,
+        response_bytes: 0,
+        target: None,
+        reason: None,
+        traffic: service.map(|s| (w.traffic.clone(), s, conn.peer)),
         tripped: None,
         method,
         response_check: None,
@@ -329,7 +366,9 @@ pub async fn handle(
                 }
             }
             f.outstanding = Some(fwd.outstanding);
-            f.tripped = grpc.then_some(fwd.tripped);
+            f.target = Some(fwd.target);
+            f.request_bytes = Some(fwd.tripped.clone());
+            f.tripped = Some(fwd.tripped);
             f.busy = Some(busy);
             f.h1 = fwd.h1;
             Ok(Response::from_parts(
@@ -350,6 +389,7 @@ pub async fn handle(
             );
             let resp = reject.to_response(grpc, rid.to_str().unwrap_or("-"));
             let mut f = finish(service, routed.method.take());
+            f.reason = Some(reason);
             if matches!(reason, "format" | "encoding" | "size" | "schema") {
                 let method = f.method.as_deref().unwrap_or("other");
                 f.metrics.message_rejected(method, reason);
@@ -374,6 +414,8 @@ struct Routed {
 
 /// An upstream's answer, with what must live as long as its body.
 struct Forwarded {
+    /// The endpoint (or peer) that answered.
+    target: Arc<str>,
     /// With `validate_responses`: the answer's messages are checked too (type, limit).
     response: Option<(schema::ProtoCheck, u64)>,
     resp: Response<Incoming>,
@@ -964,6 +1006,7 @@ async fn dispatch(
                     }
                 }
                 return Ok(Forwarded {
+                    target: pool.label.clone(),
                     response: None,
                     resp,
                     outstanding,

@@ -75,9 +75,23 @@ pub fn format_accepted(formats: &[String], content_type: &str) -> bool {
 /// Set by a [`Guarded`] body when it refuses what it carries: the size that was over
 /// the limit (0 while nothing was refused).
 #[derive(Debug, Default)]
-pub struct Tripped(AtomicU64, std::sync::Mutex<Option<String>>);
+pub struct Tripped(
+    AtomicU64,
+    std::sync::Mutex<Option<String>>,
+    /// body bytes that went through
+    AtomicU64,
+);
 
 impl Tripped {
+    /// Body bytes the guard let through.
+    pub fn bytes(&self) -> u64 {
+        self.2.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, n: usize) {
+        self.2.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> Option<u64> {
         match self.0.load(Ordering::Relaxed) {
             0 => None,
@@ -417,6 +431,7 @@ impl Body for Guarded {
                 }
                 if let Some(out) = out {
                     *this.forwarded = true;
+                    this.tripped.count(out.len());
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
             }
@@ -428,6 +443,7 @@ impl Body for Guarded {
             Poll::Pending => return Poll::Pending,
         };
         if let Some(data) = frame.data_ref() {
+            this.tripped.count(data.len());
             let over = match *this.limit {
                 Limit::Body(max) => {
                     *this.seen += data.len() as u64;

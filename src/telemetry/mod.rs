@@ -10,11 +10,31 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+pub mod spike;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub listener: String,
     pub service: String,
+    /// A method declared in the service's schema (`pkg.S/M`) or a JSON Schema route;
+    /// everything else is `other`, so a scanner cannot grow the series.
+    pub method: String,
     pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// `node` (this node's certificate) or `ca`.
+    pub cert: String,
+}
+
+/// A traffic spike: for a service (`peer=""`) or a calling peer (`service=""`);
+/// `kind` is `rate` or `error_rate`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpikeLabels {
+    pub service: String,
+    pub peer: String,
+    pub kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,8 +100,8 @@ pub struct UpstreamLabels {
 }
 
 fn duration_histogram() -> Histogram {
-    // 100 µs … ~52 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+    // 25 µs … ~52 s: proxy overhead is tens of microseconds
+    Histogram::new(exponential_buckets(0.000025, 2.0, 22))
 }
 
 /// Every metric fedport exports.
@@ -103,6 +123,14 @@ pub struct Metrics {
     pub ejections: Family<EndpointLabels, Counter>,
     pub forwarded: Family<TargetLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
+    pub request_bytes: Family<ServiceLabels, Counter>,
+    pub response_bytes: Family<ServiceLabels, Counter>,
+    pub tls_handshakes: Family<ListenerLabels, Counter>,
+    pub cert_expiry: Family<CertLabels, Gauge>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub spike: Family<SpikeLabels, Gauge>,
+    pub spike_events: Family<SpikeLabels, Counter>,
+    pub peer_inbound: Family<PeerLabels, Counter>,
     pub ready: Gauge,
 }
 
@@ -207,6 +235,65 @@ impl Metrics {
             "Requests sent again to another target, by kind; budget_exhausted counts the retries refused",
             retries.clone(),
         );
+        let request_bytes = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "request_bytes",
+            "Request body bytes received, by listener and service",
+            request_bytes.clone(),
+        );
+        let response_bytes = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "response_bytes",
+            "Response body bytes sent, by listener and service",
+            response_bytes.clone(),
+        );
+        let tls_handshakes = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes completed",
+            tls_handshakes.clone(),
+        );
+        let cert_expiry = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate in use expires (Unix time)",
+            cert_expiry.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            config_reloads.clone(),
+        );
+        for r in ["ok", "error"] {
+            let _ = config_reloads.get_or_create(&ResultLabels { result: r.into() });
+        }
+        let spike = Family::<SpikeLabels, Gauge>::default();
+        registry.register(
+            "traffic_spike",
+            "1 while a service's or a peer's request rate or error rate departs from its baseline",
+            spike.clone(),
+        );
+        let spike_events = Family::<SpikeLabels, Counter>::default();
+        registry.register(
+            "traffic_spike_events",
+            "Traffic spikes detected",
+            spike_events.clone(),
+        );
+        let peer_inbound = Family::<PeerLabels, Counter>::default();
+        registry.register(
+            "peer_inbound_requests",
+            "Requests received from peer nodes, by peer",
+            peer_inbound.clone(),
+        );
+        registry.register(
+            "build",
+            "This fedport build",
+            Info::new(vec![(
+                "version".to_owned(),
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )]),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -239,6 +326,14 @@ impl Metrics {
             ejections,
             forwarded,
             retries,
+            request_bytes,
+            response_bytes,
+            tls_handshakes,
+            cert_expiry,
+            config_reloads,
+            spike,
+            spike_events,
+            peer_inbound,
             ready,
         })
     }
@@ -259,9 +354,28 @@ impl Metrics {
     }
 }
 
+/// Sets `fedport_certificate_expiry_timestamp_seconds` for the node's certificate and
+/// the federation CA (the earliest expiry in each file).
+pub fn record_certificates(config: &crate::config::Config, m: &Metrics) {
+    let Some(tls) = &config.tls else { return };
+    for (name, path) in [("node", &tls.files.cert), ("ca", &tls.files.ca)] {
+        if let Some(t) = crate::identity::earliest_expiry(path) {
+            m.cert_expiry
+                .get_or_create(&CertLabels { cert: name.into() })
+                .set(t);
+        }
+    }
+}
+
 /// Logs to stderr; `FEDPORT_LOG` (or `RUST_LOG`) sets the filter, `FEDPORT_LOG_FORMAT=json`
 /// switches to one JSON object per line.
 pub fn init_logging() {
+    init_logging_as(None)
+}
+
+/// [`init_logging`] with the format chosen by a flag (`json` or `text`), which wins
+/// over `FEDPORT_LOG_FORMAT`.
+pub fn init_logging_as(format: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("FEDPORT_LOG")
         .ok()
@@ -271,7 +385,8 @@ pub fn init_logging() {
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var("FEDPORT_LOG_FORMAT").as_deref() == Ok("json") {
+    let env = std::env::var("FEDPORT_LOG_FORMAT").ok();
+    if format.or(env.as_deref()) == Some("json") {
         let _ = builder.json().try_init();
     } else {
         let _ = builder.try_init();
@@ -286,25 +401,27 @@ pub struct ServiceMetrics {
     listener: String,
     service: String,
     pub duration: Histogram,
-    /// Counters by code, created on first use: HTTP status, or 1000 + gRPC status.
-    codes: std::sync::Mutex<Vec<(u32, Counter)>>,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
+    /// Counters by method and code, created on first use: code is the HTTP status, or
+    /// 1000 + the gRPC status.
+    codes: std::sync::Mutex<Vec<(Option<Arc<str>>, u32, Counter)>>,
 }
 
 impl ServiceMetrics {
     pub fn new(m: &Metrics, listener: &str, service: &str) -> Self {
-        let duration = m
-            .duration
-            .get_or_create(&ServiceLabels {
-                listener: listener.to_owned(),
-                service: service.to_owned(),
-            })
-            .clone();
+        let labels = ServiceLabels {
+            listener: listener.to_owned(),
+            service: service.to_owned(),
+        };
         Self {
             requests: m.requests.clone(),
             messages: m.message_rejections.clone(),
             listener: listener.to_owned(),
             service: service.to_owned(),
-            duration,
+            duration: m.duration.get_or_create(&labels).clone(),
+            request_bytes: m.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: m.response_bytes.get_or_create(&labels).clone(),
             codes: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -320,16 +437,22 @@ impl ServiceMetrics {
             .inc();
     }
 
-    /// Counts one answered request: by its gRPC status when it has one, else by HTTP status.
-    pub fn count(&self, http_status: u16, grpc_status: Option<&str>) {
+    /// Counts one answered request: by its gRPC status when it has one, else by HTTP
+    /// status; by its declared method (`None`: `other`).
+    pub fn count(&self, http_status: u16, grpc_status: Option<&str>, method: Option<&Arc<str>>) {
         let key = match grpc_status {
             Some(g) => 1000 + g.parse::<u32>().map_or(999, |n| n.min(998)),
             None => u32::from(http_status),
         };
+        let same = |m: &Option<Arc<str>>| match (m, method) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        };
         let Ok(mut codes) = self.codes.lock() else {
             return;
         };
-        if let Some((_, c)) = codes.iter().find(|(k, _)| *k == key) {
+        if let Some((_, _, c)) = codes.iter().find(|(m, k, _)| *k == key && same(m)) {
             c.inc();
             return;
         }
@@ -342,11 +465,12 @@ impl ServiceMetrics {
             .get_or_create(&RequestLabels {
                 listener: self.listener.clone(),
                 service: self.service.clone(),
+                method: method.map_or("other", |m| m).to_owned(),
                 code,
             })
             .clone();
         c.inc();
-        codes.push((key, c));
+        codes.push((method.cloned(), key, c));
     }
 }
 

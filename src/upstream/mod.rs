@@ -102,6 +102,8 @@ struct H2Slot {
 /// One endpoint's connections in one worker.
 pub struct EndpointPool {
     pub endpoint: Endpoint,
+    /// The endpoint's URL, for logs.
+    pub label: Arc<str>,
     service: String,
     settings: Settings,
     outstanding: AtomicUsize,
@@ -153,6 +155,7 @@ impl EndpointPool {
             .map(|_| H2Slot::default())
             .collect();
         Arc::new(Self {
+            label: endpoint.url.as_str().into(),
             endpoint,
             service: service.to_owned(),
             settings,
