@@ -393,6 +393,9 @@ pub fn init_logging_as(format: Option<&str>) {
     }
 }
 
+/// A request counter by method (`None`: other) and code.
+type MethodCode = (Option<Arc<str>>, u32, Counter);
+
 /// One (listener, service) pair's request metrics, resolved once per worker so that the
 /// request path neither builds label strings nor looks up a family.
 pub struct ServiceMetrics {
@@ -405,7 +408,7 @@ pub struct ServiceMetrics {
     pub response_bytes: Counter,
     /// Counters by method and code, created on first use: code is the HTTP status, or
     /// 1000 + the gRPC status.
-    codes: std::sync::Mutex<Vec<(Option<Arc<str>>, u32, Counter)>>,
+    codes: std::sync::Mutex<Vec<MethodCode>>,
 }
 
 impl ServiceMetrics {
