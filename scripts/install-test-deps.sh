@@ -3,7 +3,7 @@
 # real clients and peers (curl, openssl, h2load, nginx, haproxy) and Python grpcio.
 set -euo pipefail
 need=()
-for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2; do
+for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2 promtool:prometheus tmux:tmux; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -15,8 +15,13 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   # Debian starts the packaged daemons; none of them is ours to leave running
   for f in /run/nginx.pid /run/haproxy.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  pkill -x prometheus 2>/dev/null || true
 fi
 py=${PYTHON:-python3}
+if ! "$py" -c 'import prometheus_client' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install prometheus_client"
+  "$py" -m pip install -q --disable-pip-version-check 'prometheus_client>=0.17'
+fi
 if ! "$py" -c 'import grpc' >/dev/null 2>&1; then
   echo "install-test-deps: pip install grpcio"
   "$py" -m pip install -q --disable-pip-version-check 'grpcio>=1.60'

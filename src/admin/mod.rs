@@ -58,10 +58,24 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
         }
         "/readyz" if st.is_ready() => text(StatusCode::OK, "text/plain", "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+        // OpenMetrics for scrapers that ask for it, the Prometheus text format otherwise
+        "/metrics"
+            if req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text")) =>
+        {
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                st.metrics.encode(),
+            )
+        }
         "/metrics" => text(
             StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            st.metrics.encode(),
+            "text/plain; version=0.0.4; charset=utf-8",
+            st.metrics.encode_prometheus(),
         ),
         "/config" => {
             let c = &st.config;

@@ -347,11 +347,54 @@ impl Metrics {
             .inc();
     }
 
+    /// OpenMetrics text, for scrapers that ask for it.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The Prometheus text format (0.0.4) that promtool and older scrapers read: the
+    /// same samples, with counter families named by their `_total` samples, info
+    /// families as gauges named `_info`, and no `# UNIT` or `# EOF` lines.
+    pub fn encode_prometheus(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+}
+
+fn to_prometheus_text(om: &str) -> String {
+    let mut types = std::collections::HashMap::new();
+    for l in om.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            if let Some((name, t)) = rest.split_once(' ') {
+                types.insert(name.to_owned(), t.to_owned());
+            }
+        }
+    }
+    let rename = |name: &str| match types.get(name).map(String::as_str) {
+        Some("counter") => (format!("{name}_total"), "counter"),
+        Some("info") => (format!("{name}_info"), "gauge"),
+        Some(t) => (name.to_owned(), if t == "unknown" { "untyped" } else { t }),
+        None => (name.to_owned(), "untyped"),
+    };
+    let mut out = String::with_capacity(om.len());
+    for l in om.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = l.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(&format!("# HELP {} {help}\n", rename(name).0));
+        } else if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let name = rest.split_once(' ').map_or(rest, |(n, _)| n);
+            let (n, t) = rename(name);
+            out.push_str(&format!("# TYPE {n} {t}\n"));
+        } else {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Sets `fedport_certificate_expiry_timestamp_seconds` for the node's certificate and

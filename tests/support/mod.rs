@@ -153,6 +153,11 @@ impl Fedport {
 
     /// [`Fedport::start`] inside a network namespace (`ip netns exec`).
     pub fn start_in(netns: Option<&str>, config: &str) -> Self {
+        Self::start_with(netns, config, &[])
+    }
+
+    /// [`Fedport::start_in`] with more arguments for `fedport` (before `run`).
+    pub fn start_with(netns: Option<&str>, config: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("fedport.toml");
         std::fs::write(&cfg, config).unwrap();
@@ -167,6 +172,7 @@ impl Fedport {
             None => Command::new(bin()),
         };
         let child = cmd
+            .args(args)
             .args(["run", "-c"])
             .arg(&cfg)
             .arg("--ready-file")
