@@ -12,7 +12,7 @@
 //! - [`upstream`]: pooled connections and load balancing
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
 //! - [`errors`]: refusal → HTTP status / gRPC code
-//! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`]
+//! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`], [`top`]
 
 pub mod admin;
 pub mod cli;
@@ -28,4 +28,5 @@ pub mod sandbox;
 pub mod schema;
 pub mod server;
 pub mod telemetry;
+pub mod top;
 pub mod upstream;

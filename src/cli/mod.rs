@@ -25,6 +25,18 @@ pub enum Command {
     Check(check::CheckArgs),
     /// A federation on loopback in one command: CA, certificates, demo services, three nodes.
     Sandbox(sandbox::SandboxArgs),
+    /// A live view of a running node from its admin port: rates, errors, latency, spikes.
+    Top(TopArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// The node's admin address (`[admin] bind`).
+    #[arg(long)]
+    pub admin: std::net::SocketAddr,
+    /// How often to scrape, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +49,8 @@ pub enum CliError {
     Pki(#[from] crate::identity::pki::PkiError),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    #[error(transparent)]
+    Top(crate::top::TopError),
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -45,6 +59,11 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Run(a) => run::run(&a),
         Command::Check(a) => Ok(check::check(&a)),
         Command::Sandbox(a) => sandbox::sandbox(&a),
+        Command::Top(a) => {
+            crate::top::run(a.admin, std::time::Duration::from_millis(a.interval_ms))
+                .map(|()| 0)
+                .map_err(CliError::Top)
+        }
     }
 }
 
