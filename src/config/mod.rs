@@ -72,6 +72,8 @@ pub struct Node {
     pub upstream_connections: usize,
     /// The share of requests with an access log line (0: none, 1: all).
     pub access_log: f64,
+    /// Per-request metrics are recorded (off only to measure what they cost).
+    pub request_metrics: bool,
     /// Requests from peers may be forwarded on to other peers.
     pub transit: bool,
     pub max_hops: u8,
@@ -571,6 +573,7 @@ impl Checker<'_> {
                     0.0
                 }
             },
+            request_metrics: r.request_metrics.unwrap_or(true),
             transit: r.transit.unwrap_or(false),
             max_hops,
             retry_ratio,

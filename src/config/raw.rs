@@ -58,6 +58,8 @@ pub struct RawNode {
     pub upstream_max_requests: Option<S<i64>>,
     /// One log line per request (target `fedport::access`); default false.
     pub access_log: Option<S<AccessLog>>,
+    /// Per-request metrics (counts, latency, bytes); default true.
+    pub request_metrics: Option<bool>,
     /// Upstream HTTP/2 connections per worker per endpoint; default 2.
     pub upstream_connections: Option<S<i64>>,
     /// Requests that came from a peer may be forwarded to another peer; default false.

@@ -43,6 +43,8 @@ pub struct Finish {
     pub target: Option<Arc<str>>,
     /// Why fedport refused it, if it did.
     pub reason: Option<&'static str>,
+    /// `[node] request_metrics`: record the request's metrics.
+    pub record: bool,
     /// For traffic-spike detection: the service's and the calling peer's counts.
     pub traffic: Option<(Arc<crate::telemetry::spike::Traffic>, usize, Option<usize>)>,
 }
@@ -76,15 +78,17 @@ pub struct AccessEntry {
 impl Drop for Finish {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed().as_secs_f64();
-        self.metrics.count(
-            self.http_status,
-            self.grpc_status.as_deref(),
-            self.method.as_ref(),
-        );
-        self.metrics.duration.observe(elapsed);
         let bytes_in = self.request_bytes.as_ref().map_or(0, |t| t.bytes());
-        self.metrics.request_bytes.inc_by(bytes_in);
-        self.metrics.response_bytes.inc_by(self.response_bytes);
+        if self.record {
+            self.metrics.count(
+                self.http_status,
+                self.grpc_status.as_deref(),
+                self.method.as_ref(),
+            );
+            self.metrics.duration.observe(elapsed);
+            self.metrics.request_bytes.inc_by(bytes_in);
+            self.metrics.response_bytes.inc_by(self.response_bytes);
+        }
         self.streams.dec();
         if let Some((traffic, service, peer)) = &self.traffic {
             traffic.record(*service, *peer, self.is_error());

@@ -320,6 +320,7 @@ pub async fn handle(
         })
     });
     let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
+        record: w.config.node.request_metrics,
         request_bytes: None,
         response_bytes: 0,
         target: None,
