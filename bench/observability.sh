@@ -47,7 +47,7 @@ endpoints = ["h2c://127.0.0.1:$up"]
 from = "spiffe://bench/client"
 to = "up"
 CONF
-  FEDPORT_LOG=info "$here/target/release/fedport" --log-format json run -c "$variant.toml" --ready-file "$variant.ready" 2>"$variant.log" &
+  FEDPORT_LOG=info "$here/target/release/fedport" --log-format json run -c "$variant.toml" --ready-file "$variant.ready" 2>"$variant.fedport.log" &
   pidof[$variant]=$!; pids+=($!)
 done
 for _ in $(seq 100); do [ -s metrics.ready ] && [ -s no-metrics.ready ] && [ -s access-log.ready ] && break; sleep 0.05; done
@@ -57,7 +57,7 @@ for r in $(seq "$rounds"); do
     run "$variant" "https://127.0.0.1:${portof[$variant]}/" "${pidof[$variant]}"
   done
 done >"$work/results.tsv"
-lines=$(grep -c '"target":"fedport::access"' access-log.log || true)
+lines=$(grep -c '"target":"fedport::access"' access-log.fedport.log || true)
 python3 - "$work/results.tsv" "$secs" "$conns" "$streams" "$rounds" "$lines" <<'PY'
 import statistics, sys
 rows = {}
