@@ -105,6 +105,11 @@ impl Server {
         let traffic = crate::telemetry::spike::Traffic::new(&config);
         let detector = crate::telemetry::spike::Detector::new(&config, traffic.clone(), &metrics);
         crate::telemetry::record_certificates(&config, &metrics);
+        let (spans, exporter) =
+            match crate::telemetry::otlp::channel(&config.tracing, &config.node.name, &metrics) {
+                Some((s, e)) => (Some(s), Some(e)),
+                None => (None, None),
+            };
         // The first socket of each listener resolves port 0; the other workers bind
         // the same address beside it.
         let mut first = Vec::new();
@@ -148,7 +153,10 @@ impl Server {
             let config = config.clone();
             let metrics = metrics.clone();
             let settings = settings.clone();
-            let shared = ((fleet.clone(), traffic.clone()), peer_settings.clone());
+            let shared = (
+                (fleet.clone(), traffic.clone(), spans.clone()),
+                peer_settings.clone(),
+            );
             let tls = tls.clone();
             let rx = shutdown.subscribe();
             let t = std::thread::Builder::new()
@@ -176,7 +184,7 @@ impl Server {
                 config.clone(),
                 fleet,
                 settings.clone(),
-                detector,
+                (detector, exporter),
                 shutdown.subscribe(),
             )
             .map_err(ServerError::Worker)?,
@@ -237,6 +245,7 @@ async fn worker_main(
         (
             Arc<crate::federation::Fleet>,
             Arc<crate::telemetry::spike::Traffic>,
+            Option<crate::telemetry::otlp::Spans>,
         ),
         Vec<upstream::Settings>,
     ),

@@ -330,3 +330,90 @@ fn access_log_lines_are_json_and_trace_context_goes_on() {
         .expect("the refusal's line");
     assert_eq!(refused["fields"]["reason"], "unknown_service");
 }
+
+/// Sampled requests become spans at an OTLP/HTTP collector: this hop's span id (the
+/// parent id the upstream saw), the caller's span as parent. Unsampled traces, and
+/// traces started here with `sample = 0`, are not exported.
+#[test]
+fn sampled_requests_are_exported_to_an_otlp_collector() {
+    use std::io::BufRead;
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let out = pki.path().join("spans.jsonl");
+    let mut collector = Command::new("python3")
+        .arg(support::py("otlp_collector.py"))
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(collector.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let cport: u16 = line.trim().parse().unwrap();
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"inventory\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+             [tracing]\notlp = \"http://127.0.0.1:{cport}/v1/traces\"\nservice_name = \"edge\"\nsample = 0\n",
+            up.url(Proto::H2c)
+        ),
+    ));
+    let c = pki.curl_client();
+    let url = format!("https://localhost:{}/v1/items", fp.port("internal"));
+    let call = |tp: Option<&str>| {
+        let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+        let h = tp.map(|t| format!("traceparent: {t}"));
+        if let Some(h) = &h {
+            a.extend(["-H", h.as_str()]);
+        }
+        a.extend(["-H", "fed-service: inventory", &url]);
+        let (code, body, _) = support::curl(&a);
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["headers"]["traceparent"][0].as_str().unwrap().to_owned()
+    };
+    let seen = call(Some(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ));
+    call(Some(
+        "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00f067aa0ba902b7-00",
+    ));
+    call(None);
+    support::wait_until(
+        "the span exported",
+        std::time::Duration::from_secs(10),
+        || fp.metric(r#"fedport_trace_spans_total{result="exported"}"#) >= 1.0,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = collector.kill();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let spans: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .flat_map(|v| {
+            v["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(spans.len(), 1, "only the sampled trace: {text}");
+    let s = &spans[0];
+    assert_eq!(s["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(s["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(
+        s["spanId"],
+        seen.split('-').nth(2).unwrap(),
+        "the id the upstream saw as parent"
+    );
+    assert_eq!(s["name"], "fedport inventory");
+    assert!(
+        text.contains(r#""stringValue":"edge""#),
+        "service.name: {text}"
+    );
+    assert_eq!(
+        fp.metric(r#"fedport_trace_spans_total{result="exported"}"#),
+        1.0
+    );
+}

@@ -29,6 +29,18 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub rules: Vec<Rule>,
     pub spikes: Spikes,
+    pub tracing: Tracing,
+}
+
+/// Trace export (`[tracing]`): finished spans of sampled traces go to an OTLP/HTTP
+/// collector as JSON.
+#[derive(Debug, Clone)]
+pub struct Tracing {
+    /// `(host, port, path)` of the OTLP/HTTP traces endpoint.
+    pub otlp: Option<(String, u16, String)>,
+    pub service_name: String,
+    /// The share of traces started here that are sampled.
+    pub sample: f64,
 }
 
 /// Traffic-spike detection (`[spikes]`).
@@ -426,6 +438,7 @@ impl Checker<'_> {
             .as_ref()
             .map(|s| self.spikes(s))
             .unwrap_or_default();
+        let tracing = self.tracing(raw.tracing.as_ref());
         let tls = tls.flatten();
         let node = node?;
         if self.sink.has_errors() {
@@ -442,7 +455,67 @@ impl Checker<'_> {
             peers,
             rules,
             spikes,
+            tracing,
         })
+    }
+
+    fn tracing(&mut self, t: Option<&S<raw::RawTracing>>) -> Tracing {
+        let mut out = Tracing {
+            otlp: None,
+            service_name: "fedport".into(),
+            sample: 1.0,
+        };
+        let Some(t) = t else { return out };
+        let r = t.get_ref();
+        if let Some(n) = &r.service_name {
+            out.service_name = n.get_ref().clone();
+        }
+        if let Some(x) = &r.sample {
+            if (0.0..=1.0).contains(x.get_ref()) {
+                out.sample = *x.get_ref();
+            } else {
+                self.sink.error(
+                    span(x),
+                    "sample is a share between 0 and 1",
+                    "1 samples every trace started here",
+                );
+            }
+        }
+        if let Some(u) = &r.otlp {
+            let url = u.get_ref();
+            let parsed = url.strip_prefix("http://").and_then(|rest| {
+                let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let (host, port) = hostport.rsplit_once(':')?;
+                let path = if path.is_empty() {
+                    "/v1/traces".to_owned()
+                } else {
+                    format!("/{path}")
+                };
+                Some((
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                    port.parse().ok()?,
+                    path,
+                ))
+            });
+            match parsed {
+                Some(p) => out.otlp = Some(p),
+                None => self.sink.error(
+                    span(u),
+                    format!("OTLP endpoint {url:?} is not http://host:port/path"),
+                    "e.g. \"http://127.0.0.1:4318/v1/traces\" (OTLP/HTTP, JSON)",
+                ),
+            }
+            if cfg!(not(feature = "otlp")) {
+                self.sink.warn(
+                    span(u),
+                    "this fedport was built without the otlp feature: spans are not exported",
+                    "build with `--features otlp` (on by default)",
+                );
+            }
+        }
+        out
     }
 
     fn spikes(&mut self, s: &S<raw::RawSpikes>) -> Spikes {

@@ -22,6 +22,18 @@ pub struct RawConfig {
     #[serde(default)]
     pub allow: Vec<S<RawAllow>>,
     pub spikes: Option<S<RawSpikes>>,
+    pub tracing: Option<S<RawTracing>>,
+}
+
+/// Trace export.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// OTLP/HTTP (JSON) traces endpoint, e.g. "http://127.0.0.1:4318/v1/traces".
+    pub otlp: Option<S<String>>,
+    pub service_name: Option<S<String>>,
+    /// The share of new traces (started here) that are sampled; default 1.
+    pub sample: Option<S<f64>>,
 }
 
 /// Traffic-spike detection.

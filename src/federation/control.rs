@@ -2,7 +2,7 @@
 //! request path. It keeps a PING connection to every peer (liveness and round-trip
 //! time, reconnecting with jittered backoff), runs the active health checks of the
 //! services that ask for them, writing what it learns into the [`Fleet`], and ticks
-//! the traffic-spike detector once a second.
+//! the traffic-spike detector once a second, and ships spans to the OTLP collector.
 
 use super::Fleet;
 use crate::config::{Config, Endpoint, HealthCheck, Peer, Protocol, Scheme};
@@ -18,7 +18,10 @@ pub fn spawn(
     config: Arc<Config>,
     fleet: Arc<Fleet>,
     settings: Settings,
-    mut spikes: crate::telemetry::spike::Detector,
+    (mut spikes, exporter): (
+        crate::telemetry::spike::Detector,
+        Option<crate::telemetry::otlp::Exporter>,
+    ),
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -68,6 +71,9 @@ pub fn spawn(
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 });
+                if let Some(e) = exporter {
+                    tasks.spawn(e.run());
+                }
                 tasks.spawn(async move {
                     let mut every = tokio::time::interval(Duration::from_secs(1));
                     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -45,6 +45,8 @@ pub struct Finish {
     pub reason: Option<&'static str>,
     /// `[node] request_metrics`: record the request's metrics.
     pub record: bool,
+    /// A sampled trace: this hop's span, with the service's name and the caller.
+    pub span: Option<(crate::telemetry::otlp::Started, String, http::HeaderValue)>,
     /// For traffic-spike detection: the service's and the calling peer's counts.
     pub traffic: Option<(Arc<crate::telemetry::spike::Traffic>, usize, Option<usize>)>,
 }
@@ -92,6 +94,29 @@ impl Drop for Finish {
         self.streams.dec();
         if let Some((traffic, service, peer)) = &self.traffic {
             traffic.record(*service, *peer, self.is_error());
+        }
+        if let Some((span, service, identity)) = self.span.take() {
+            let mut attrs = vec![
+                ("fedport.service", service.clone()),
+                (
+                    "fedport.caller",
+                    identity.to_str().unwrap_or("?").to_owned(),
+                ),
+                ("http.response.status_code", self.http_status.to_string()),
+            ];
+            if let Some(m) = &self.method {
+                attrs.push(("rpc.method", m.to_string()));
+            }
+            if let Some(g) = &self.grpc_status {
+                attrs.push(("rpc.grpc.status_code", g.clone()));
+            }
+            if let Some(r) = self.reason {
+                attrs.push(("fedport.reason", r.to_owned()));
+            }
+            if let Some(t) = &self.target {
+                attrs.push(("fedport.upstream", t.to_string()));
+            }
+            span.finish(format!("fedport {service}"), self.is_error(), attrs);
         }
         if let Some((a, service)) = &self.access {
             tracing::info!(

@@ -67,6 +67,8 @@ pub struct Worker {
     pub traffic: Arc<crate::telemetry::spike::Traffic>,
     /// `fedport_peer_inbound_requests_total` by peer index.
     peer_inbound: Vec<prometheus_client::metrics::counter::Counter>,
+    /// Where sampled requests' spans go, when `[tracing] otlp` is set.
+    pub spans: Option<crate::telemetry::otlp::Spans>,
 }
 
 /// Where one service's requests went, and its retries (counter handles resolved once).
@@ -83,9 +85,10 @@ impl Worker {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         settings: &upstream::Settings,
-        (fleet, traffic): (
+        (fleet, traffic, spans): (
             Arc<crate::federation::Fleet>,
             Arc<crate::telemetry::spike::Traffic>,
+            Option<crate::telemetry::otlp::Spans>,
         ),
         peer_settings: &[upstream::Settings],
     ) -> Self {
@@ -200,6 +203,7 @@ impl Worker {
             counters,
             traffic,
             peer_inbound,
+            spans,
         }
     }
 
@@ -300,7 +304,17 @@ pub async fn handle(
     let grpc = is_grpc(req.headers());
     let rid = request_id(req.headers());
     // W3C trace context: the caller's trace goes on with a span of this hop
-    let trace_id = trace::next_hop(req.headers_mut());
+    let hop = trace::next_hop(req.headers_mut(), w.config.tracing.sample);
+    let trace_id = hop.trace_id.clone();
+    let span = w
+        .spans
+        .as_ref()
+        .filter(|_| hop.sampled)
+        .map(|s| crate::telemetry::otlp::Started {
+            hop,
+            start: std::time::SystemTime::now(),
+            spans: s.clone(),
+        });
     conn.streams.inc();
     if let Some(p) = conn.peer {
         w.peer_inbound[p].inc();
@@ -320,6 +334,10 @@ pub async fn handle(
         })
     });
     let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
+        span: span.map(|s| {
+            let name = service.map_or("-", |i| w.config.services[i].name.as_str());
+            (s, name.to_owned(), conn.identity.clone())
+        }),
         record: w.config.node.request_metrics,
         request_bytes: None,
         response_bytes: 0,

@@ -1,33 +1,53 @@
 //! W3C trace context across hops: a valid `traceparent` keeps its trace id and flags
 //! and gets a new parent id (this hop's span); a request without one (or with a
-//! malformed one) starts a trace here. `tracestate` passes untouched.
+//! malformed one) starts a trace here, sampled by `[tracing] sample`. `tracestate`
+//! passes untouched. Sampled hops become spans (`telemetry::otlp`).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// Rewrites `traceparent` for the next hop; returns the trace id.
-pub fn next_hop(h: &mut HeaderMap) -> String {
+/// This hop of a trace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hop {
+    pub trace_id: String,
+    /// This hop's span: the parent id the next hop sees.
+    pub span_id: String,
+    /// The caller's span, if the trace came with the request.
+    pub parent_id: Option<String>,
+    pub sampled: bool,
+}
+
+/// Rewrites `traceparent` for the next hop. A trace started here is sampled with
+/// probability `sample`.
+pub fn next_hop(h: &mut HeaderMap, sample: f64) -> Hop {
     let parsed = h
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse);
-    let (trace, flags) = match parsed {
-        Some((t, f)) => (t, f),
-        None => (
-            format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)),
-            "00".to_owned(),
-        ),
+    let (trace_id, parent_id, flags) = match parsed {
+        Some((t, p, f)) => (t, Some(p), f),
+        None => {
+            let sampled = sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample);
+            let t = format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..));
+            (t, None, if sampled { "01" } else { "00" }.to_owned())
+        }
     };
-    let span = format!("{:016x}", fastrand::u64(1..));
-    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace}-{span}-{flags}")) {
+    let span_id = format!("{:016x}", fastrand::u64(1..));
+    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
         h.insert(TRACEPARENT, v);
     }
-    trace
+    let sampled = u8::from_str_radix(&flags, 16).is_ok_and(|f| f & 1 == 1);
+    Hop {
+        trace_id,
+        span_id,
+        parent_id,
+        sampled,
+    }
 }
 
 /// `version-traceid-parentid-flags`, version 00, ids lower-case hex and not all zero.
-fn parse(v: &str) -> Option<(String, String)> {
+fn parse(v: &str) -> Option<(String, String, String)> {
     let mut parts = v.trim().split('-');
     let (ver, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| {
@@ -43,7 +63,7 @@ fn parse(v: &str) -> Option<(String, String)> {
         && hex(parent, 16)
         && nonzero(parent)
         && hex(flags, 2))
-    .then(|| (trace.to_owned(), flags.to_owned()))
+    .then(|| (trace.to_owned(), parent.to_owned(), flags.to_owned()))
 }
 
 #[cfg(test)]
@@ -55,8 +75,10 @@ mod tests {
         let mut h = HeaderMap::new();
         let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert(TRACEPARENT, HeaderValue::from_static(given));
-        let id = next_hop(&mut h);
-        assert_eq!(id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let hop = next_hop(&mut h, 0.0);
+        assert_eq!(hop.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hop.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert!(hop.sampled, "the caller's flags decide");
         let now = h[&TRACEPARENT].to_str().unwrap().to_owned();
         assert!(now.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(now.ends_with("-01"));
@@ -77,8 +99,9 @@ mod tests {
             if !bad.is_empty() {
                 h.insert(TRACEPARENT, HeaderValue::from_str(bad).unwrap());
             }
-            let id = next_hop(&mut h);
-            assert_eq!(id.len(), 32, "{bad}");
+            let hop = next_hop(&mut h, 0.0);
+            assert_eq!(hop.trace_id.len(), 32, "{bad}");
+            assert!(!hop.sampled && hop.parent_id.is_none());
             assert!(parse(h[&TRACEPARENT].to_str().unwrap()).is_some(), "{bad}");
         }
     }

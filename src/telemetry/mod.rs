@@ -10,6 +10,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+pub mod otlp;
 pub mod spike;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,6 +132,7 @@ pub struct Metrics {
     pub spike: Family<SpikeLabels, Gauge>,
     pub spike_events: Family<SpikeLabels, Counter>,
     pub peer_inbound: Family<PeerLabels, Counter>,
+    pub spans: Family<ResultLabels, Counter>,
     pub ready: Gauge,
 }
 
@@ -286,6 +288,12 @@ impl Metrics {
             "Requests received from peer nodes, by peer",
             peer_inbound.clone(),
         );
+        let spans = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "trace_spans",
+            "Spans of sampled traces sent to the OTLP collector: exported, failed, dropped (queue full)",
+            spans.clone(),
+        );
         registry.register(
             "build",
             "This fedport build",
@@ -334,6 +342,7 @@ impl Metrics {
             spike,
             spike_events,
             peer_inbound,
+            spans,
             ready,
         })
     }
