@@ -241,14 +241,7 @@ async fn worker_main(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     settings: upstream::Settings,
-    (fleet, peer_settings): (
-        (
-            Arc<crate::federation::Fleet>,
-            Arc<crate::telemetry::spike::Traffic>,
-            Option<crate::telemetry::otlp::Spans>,
-        ),
-        Vec<upstream::Settings>,
-    ),
+    (shared, peer_settings): (crate::proxy::Shared, Vec<upstream::Settings>),
     tls: Option<(Arc<identity::rotate::Rotating>, std::time::Duration)>,
     sockets: Vec<std::net::TcpListener>,
     open: Vec<Arc<std::sync::atomic::AtomicUsize>>,
@@ -258,7 +251,7 @@ async fn worker_main(
         config.clone(),
         metrics.clone(),
         &settings,
-        fleet,
+        shared,
         &peer_settings,
     ));
     let live = Arc::new(());

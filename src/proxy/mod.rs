@@ -71,6 +71,15 @@ pub struct Worker {
     pub spans: Option<crate::telemetry::otlp::Spans>,
 }
 
+/// What every worker of a node shares: endpoint and peer health, the traffic counts
+/// behind spike detection, and the span queue.
+#[derive(Clone)]
+pub struct Shared {
+    pub fleet: Arc<crate::federation::Fleet>,
+    pub traffic: Arc<crate::telemetry::spike::Traffic>,
+    pub spans: Option<crate::telemetry::otlp::Spans>,
+}
+
 /// Where one service's requests went, and its retries (counter handles resolved once).
 struct Counters {
     local: prometheus_client::metrics::counter::Counter,
@@ -85,11 +94,11 @@ impl Worker {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         settings: &upstream::Settings,
-        (fleet, traffic, spans): (
-            Arc<crate::federation::Fleet>,
-            Arc<crate::telemetry::spike::Traffic>,
-            Option<crate::telemetry::otlp::Spans>,
-        ),
+        Shared {
+            fleet,
+            traffic,
+            spans,
+        }: Shared,
         peer_settings: &[upstream::Settings],
     ) -> Self {
         let peer_inbound = config
