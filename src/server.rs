@@ -154,7 +154,11 @@ impl Server {
             let metrics = metrics.clone();
             let settings = settings.clone();
             let shared = (
-                (fleet.clone(), traffic.clone(), spans.clone()),
+                crate::proxy::Shared {
+                    fleet: fleet.clone(),
+                    traffic: traffic.clone(),
+                    spans: spans.clone(),
+                },
                 peer_settings.clone(),
             );
             let tls = tls.clone();
