@@ -387,6 +387,7 @@ fn sampled_requests_are_exported_to_an_otlp_collector() {
     );
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let _ = collector.kill();
+    let _ = collector.wait();
     let text = std::fs::read_to_string(&out).unwrap();
     let spans: Vec<serde_json::Value> = text
         .lines()
