@@ -12,13 +12,15 @@
 //! - [`upstream`]: pooled connections and load balancing
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
 //! - [`errors`]: refusal → HTTP status / gRPC code
-//! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`], [`top`]
+//! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`], [`top`],
+//!   [`firewall`]
 
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod errors;
 pub mod federation;
+pub mod firewall;
 pub mod identity;
 pub mod listen;
 pub mod policy;

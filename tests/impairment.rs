@@ -11,88 +11,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::netns::{link, Netns};
 use support::{Fedport, Pki};
-
-fn run(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A network namespace, deleted (with its veth ends) when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Result<Self, String> {
-        let _ = run(&["ip", "netns", "del", &name]);
-        run(&["ip", "netns", "add", &name])?;
-        let ns = Netns(name);
-        run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn exec(&self, args: &[&str]) -> Result<(), String> {
-        let mut a = vec!["ip", "netns", "exec", &self.0];
-        a.extend(args);
-        run(&a)
-    }
-
-    fn spawn(&self, args: &[&str]) -> Proc {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn in namespace");
-        Proc(child)
-    }
-
-    fn output(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run(&["ip", "netns", "del", &self.0]);
-    }
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Joins namespace `a` and `b` with a veth pair on a /30: `a` gets .1, `b` gets .2.
-fn link(a: &Netns, b: &Netns, ifa: &str, ifb: &str, net: &str) -> Result<(), String> {
-    run(&[
-        "ip", "link", "add", ifa, "netns", &a.0, "type", "veth", "peer", "name", ifb, "netns", &b.0,
-    ])?;
-    a.exec(&["ip", "addr", "add", &format!("{net}.1/30"), "dev", ifa])?;
-    b.exec(&["ip", "addr", "add", &format!("{net}.2/30"), "dev", ifb])?;
-    a.exec(&["ip", "link", "set", ifa, "up"])?;
-    b.exec(&["ip", "link", "set", ifb, "up"])
-}
 
 fn relay_control(path: &Path, delay_ms: u64, jitter_ms: u64, blackhole: bool) {
     let tmp = path.with_extension("tmp");

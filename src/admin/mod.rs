@@ -15,9 +15,18 @@ use tokio::net::TcpListener;
 
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, remote)) = listener.accept().await else {
             continue;
         };
+        // `[admin] allow`: monitoring ranges (and loopback) only
+        let allow = &state.config.admin_allow;
+        if !allow.is_empty()
+            && !remote.ip().is_loopback()
+            && !allow.iter().any(|n| n.contains(&remote.ip()))
+        {
+            state.metrics.reject("admin", "address");
+            continue;
+        }
         let st = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {

@@ -27,6 +27,17 @@ pub enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// A live view of a running node from its admin port: rates, errors, latency, spikes.
     Top(TopArgs),
+    /// Print the host firewall rules that open this config's ports to its peers and
+    /// allowed ranges only (nftables, or iptables-restore input).
+    Firewall(FirewallArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FirewallArgs {
+    /// The config file.
+    pub file: PathBuf,
+    #[arg(long, default_value = "nft", value_parser = ["nft", "iptables", "ip6tables"])]
+    pub format: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,6 +70,16 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Run(a) => run::run(&a),
         Command::Check(a) => Ok(check::check(&a)),
         Command::Sandbox(a) => sandbox::sandbox(&a),
+        Command::Firewall(a) => {
+            let (cfg, _) = crate::config::load(&a.file)?;
+            let out = match a.format.as_str() {
+                "iptables" => crate::firewall::iptables(&cfg, false),
+                "ip6tables" => crate::firewall::iptables(&cfg, true),
+                _ => crate::firewall::nftables(&cfg),
+            };
+            print!("{out}");
+            Ok(0)
+        }
         Command::Top(a) => {
             crate::top::run(a.admin, std::time::Duration::from_millis(a.interval_ms))
                 .map(|()| 0)

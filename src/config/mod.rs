@@ -24,6 +24,8 @@ pub struct Config {
     pub node: Node,
     pub tls: Option<Tls>,
     pub admin: Option<SocketAddr>,
+    /// Monitoring ranges admitted to the admin port besides loopback (empty: any).
+    pub admin_allow: Vec<IpNet>,
     pub listeners: Vec<Listener>,
     pub services: Vec<Service>,
     pub peers: Vec<Peer>,
@@ -396,6 +398,12 @@ impl Checker<'_> {
             Some(addr)
         });
 
+        let admin_allow: Vec<IpNet> = raw
+            .admin
+            .iter()
+            .flat_map(|a| a.get_ref().allow.iter().flatten())
+            .filter_map(|c| self.cidr(c))
+            .collect();
         let services = self.services(&raw.service);
         let service_names: HashMap<&str, ()> =
             services.iter().map(|s| (s.name.as_str(), ())).collect();
@@ -450,6 +458,7 @@ impl Checker<'_> {
             node,
             tls,
             admin,
+            admin_allow,
             listeners,
             services,
             peers,

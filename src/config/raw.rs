@@ -133,6 +133,8 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub bind: S<String>,
+    /// Monitoring ranges admitted besides loopback.
+    pub allow: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,6 +3,7 @@
 //! to run clients nobody here wrote (curl, openssl, python grpcio).
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod upstream;
 
 use fedport::identity::pki::{Authority, IssuedFiles, LeafSpec};
