@@ -13,7 +13,7 @@
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
 //! - [`errors`]: refusal → HTTP status / gRPC code
 //! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`], [`top`],
-//!   [`firewall`]
+//!   [`firewall`], [`manifest`] (describe, plan)
 
 pub mod admin;
 pub mod cli;
@@ -23,6 +23,7 @@ pub mod federation;
 pub mod firewall;
 pub mod identity;
 pub mod listen;
+pub mod manifest;
 pub mod policy;
 pub mod proxy;
 pub mod route;

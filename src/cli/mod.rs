@@ -27,9 +27,31 @@ pub enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// A live view of a running node from its admin port: rates, errors, latency, spikes.
     Top(TopArgs),
+    /// The port manifest: every port, protocol, TLS mode, allowlist, who may reach
+    /// which services and methods, and the limits (Markdown, or JSON).
+    Describe(DescribeArgs),
+    /// What changing OLD to NEW does to access, ports, allowlists, limits and schemas;
+    /// exit 0 when nothing, 2 when something changes.
+    Plan(PlanArgs),
     /// Print the host firewall rules that open this config's ports to its peers and
     /// allowed ranges only (nftables, or iptables-restore input).
     Firewall(FirewallArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DescribeArgs {
+    /// The config file.
+    pub file: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    pub old: PathBuf,
+    pub new: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +92,31 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Run(a) => run::run(&a),
         Command::Check(a) => Ok(check::check(&a)),
         Command::Sandbox(a) => sandbox::sandbox(&a),
+        Command::Describe(a) => {
+            let (cfg, _) = crate::config::load(&a.file)?;
+            let m = crate::manifest::manifest(&cfg);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+            } else {
+                print!("{}", crate::manifest::markdown(&m));
+            }
+            Ok(0)
+        }
+        Command::Plan(a) => {
+            let (old, _) = crate::config::load(&a.old)?;
+            let (new, _) = crate::config::load(&a.new)?;
+            let changes = crate::manifest::plan(
+                &crate::manifest::manifest(&old),
+                &crate::manifest::manifest(&new),
+            );
+            if a.json {
+                let v = serde_json::json!({ "changes": changes, "count": changes.len() });
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", crate::manifest::plan_text(&changes));
+            }
+            Ok(if changes.is_empty() { 0 } else { 2 })
+        }
         Command::Firewall(a) => {
             let (cfg, _) = crate::config::load(&a.file)?;
             let out = match a.format.as_str() {

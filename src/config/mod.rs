@@ -261,6 +261,8 @@ pub struct JsonRoute {
     /// The route as written, for error messages.
     pub route: Arc<str>,
     pub validator: Arc<jsonschema::Validator>,
+    /// Hash of the schema file's text, to tell when it changed.
+    pub hash: String,
 }
 
 impl std::fmt::Debug for JsonRoute {
@@ -1328,6 +1330,7 @@ impl Checker<'_> {
                     template: template.split('/').map(Segment::parse).collect(),
                     route: key.as_str().into(),
                     validator: Arc::new(v),
+                    hash: text_hash(&text),
                 }),
                 Err(e) => self.sink.error(
                     span(f),
@@ -1525,7 +1528,7 @@ fn known(names: &HashMap<&str, ()>, what: &str) -> String {
     }
 }
 
-fn text_hash(text: &str) -> String {
+pub fn text_hash(text: &str) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);

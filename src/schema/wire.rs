@@ -40,7 +40,7 @@ struct Type {
     name: Box<str>,
     /// Fields by number, for numbers below 256; the rest in `far`.
     near: Vec<Option<Field>>,
-    far: HashMap<u32, Field>,
+    far: std::collections::BTreeMap<u32, Field>,
     /// Field numbers of the required fields, by their bit.
     required: Vec<u32>,
     map_entry: bool,
@@ -77,7 +77,7 @@ impl Compiled {
             let mut t = Type {
                 name: m.full_name().into(),
                 near: Vec::new(),
-                far: HashMap::new(),
+                far: std::collections::BTreeMap::new(),
                 required: Vec::new(),
                 map_entry: m.is_map_entry(),
             };
