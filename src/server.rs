@@ -1,6 +1,11 @@
 //! The daemon's shape: one thread per worker, each a single-threaded tokio runtime with
 //! its own SO_REUSEPORT socket per listener and its own upstream connections; shared
-//! state is read-only. Drain: sockets close, connections finish within the timeout.
+//! state is read-only. A configuration is a generation: everything it needs (TLS,
+//! schemas, rules, routes, pools, health) is built off the request path and handed to
+//! the workers, which swap it in atomically — new connections and new requests use it,
+//! requests in flight finish under the one they started with, unchanged listeners keep
+//! their sockets, removed ones stop accepting and drain. Drain on SIGTERM: sockets
+//! close, connections finish within the timeout.
 
 use crate::config::{Config, Role};
 use crate::identity;
@@ -8,11 +13,13 @@ use crate::listen::{self, Accepting, ListenError};
 use crate::proxy::Worker;
 use crate::telemetry::Metrics;
 use crate::upstream;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -22,14 +29,16 @@ pub enum ServerError {
     Identity(#[from] identity::IdentityError),
     #[error("cannot start worker: {0}")]
     Worker(std::io::Error),
+    #[error("a lock was poisoned")]
+    Poisoned,
 }
 
 /// What the admin port and the CLI see of a running node.
 pub struct State {
-    pub config: Arc<Config>,
+    pub config: ArcSwap<Config>,
     pub metrics: Arc<Metrics>,
     /// Health of endpoints and peers, for `/readyz?verbose`.
-    pub fleet: Arc<crate::federation::Fleet>,
+    pub fleet: ArcSwap<crate::federation::Fleet>,
     ready: AtomicBool,
 }
 
@@ -44,125 +53,129 @@ impl State {
     }
 }
 
+/// One configuration, built and ready to be swapped in by a worker.
+struct Generation {
+    config: Arc<Config>,
+    settings: upstream::Settings,
+    peer_settings: Vec<upstream::Settings>,
+    shared: crate::proxy::Shared,
+    tls: Option<(Arc<identity::rotate::Rotating>, std::time::Duration)>,
+    /// Open-connection counters by listener (index in `config`), shared by all workers.
+    opens: Vec<Arc<AtomicUsize>>,
+    /// This worker's sockets for listeners that are new or moved.
+    sockets: HashMap<String, std::net::TcpListener>,
+}
+
+/// What a generation needs besides sockets, built once for all workers.
+struct Prepared {
+    settings: upstream::Settings,
+    peer_settings: Vec<upstream::Settings>,
+    shared: crate::proxy::Shared,
+    tls: Option<(Arc<identity::rotate::Rotating>, std::time::Duration)>,
+    detector: crate::telemetry::spike::Detector,
+    exporter: Option<crate::telemetry::otlp::Exporter>,
+}
+
+fn prepare(config: &Arc<Config>, metrics: &Arc<Metrics>) -> Result<Prepared, ServerError> {
+    let tls = match &config.tls {
+        Some(t) if config.listeners.iter().any(|l| l.role == Role::Peer) => Some((
+            Arc::new(identity::rotate::Rotating::new(
+                t.files.clone(),
+                t.crl.clone(),
+                &[b"h2", b"http/1.1"],
+                t.allow_tls12,
+            )?),
+            t.handshake_timeout,
+        )),
+        _ => None,
+    };
+    let client_tls = match &config.tls {
+        Some(t) => Some(identity::client_config(&t.files, &[b"h2", b"http/1.1"])?),
+        None => None,
+    };
+    let settings = upstream::Settings {
+        max_requests: config.node.upstream_max_requests,
+        h2_connections: config.node.upstream_connections,
+        tls: client_tls,
+        metrics: Some(metrics.clone()),
+        keepalive: upstream::KEEPALIVE,
+    };
+    // connections to peers verify the peer's own identity, and PING as often as the
+    // peer probes do, so a blackholed link is noticed on them as well
+    let mut peer_settings = Vec::new();
+    for p in &config.peers {
+        let tls = match &config.tls {
+            Some(t) => Some(identity::peer_client_config(
+                &t.files,
+                &p.identity,
+                &[b"h2"],
+            )?),
+            None => None,
+        };
+        peer_settings.push(upstream::Settings {
+            tls,
+            keepalive: (
+                config.node.peer_ping_interval,
+                config.node.peer_ping_timeout,
+            ),
+            ..settings.clone()
+        });
+    }
+    let fleet = crate::federation::Fleet::new(config, metrics.clone());
+    let traffic = crate::telemetry::spike::Traffic::new(config);
+    let detector = crate::telemetry::spike::Detector::new(config, traffic.clone(), metrics);
+    crate::telemetry::record_certificates(config, metrics);
+    let (spans, exporter) =
+        match crate::telemetry::otlp::channel(&config.tracing, &config.node.name, metrics) {
+            Some((s, e)) => (Some(s), Some(e)),
+            None => (None, None),
+        };
+    Ok(Prepared {
+        settings,
+        peer_settings,
+        shared: crate::proxy::Shared {
+            fleet,
+            traffic,
+            spans,
+        },
+        tls,
+        detector,
+        exporter,
+    })
+}
+
 /// A started node.
 pub struct Server {
     pub state: Arc<State>,
     /// Each listener's name and bound address (the real port when the config said 0).
-    pub bound: Vec<(String, SocketAddr)>,
+    bound: Mutex<Vec<(String, SocketAddr)>>,
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
-    tls: Option<Arc<identity::rotate::Rotating>>,
+    tls: ArcSwap<Option<Arc<identity::rotate::Rotating>>>,
+    workers: Vec<mpsc::UnboundedSender<Generation>>,
+    /// The control thread of the running generation, and how to stop it.
+    control: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
+    opens: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Server {
     /// Binds every listener and starts the workers. Not ready until [`State::set_ready`].
     pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
-        let tls = match &config.tls {
-            Some(t) if config.listeners.iter().any(|l| l.role == Role::Peer) => Some((
-                Arc::new(identity::rotate::Rotating::new(
-                    t.files.clone(),
-                    t.crl.clone(),
-                    &[b"h2", b"http/1.1"],
-                    t.allow_tls12,
-                )?),
-                t.handshake_timeout,
-            )),
-            _ => None,
-        };
-        let client_tls = match &config.tls {
-            Some(t) => Some(identity::client_config(&t.files, &[b"h2", b"http/1.1"])?),
-            None => None,
-        };
-        let settings = upstream::Settings {
-            max_requests: config.node.upstream_max_requests,
-            h2_connections: config.node.upstream_connections,
-            tls: client_tls,
-            metrics: Some(metrics.clone()),
-            keepalive: upstream::KEEPALIVE,
-        };
-        // connections to peers verify the peer's own identity, and PING as often as
-        // the peer probes do, so a blackholed link is noticed on them as well
-        let mut peer_settings = Vec::new();
-        for p in &config.peers {
-            let tls = match &config.tls {
-                Some(t) => Some(identity::peer_client_config(
-                    &t.files,
-                    &p.identity,
-                    &[b"h2"],
-                )?),
-                None => None,
-            };
-            peer_settings.push(upstream::Settings {
-                tls,
-                keepalive: (
-                    config.node.peer_ping_interval,
-                    config.node.peer_ping_timeout,
-                ),
-                ..settings.clone()
-            });
-        }
-        let fleet = crate::federation::Fleet::new(&config, metrics.clone());
-        let traffic = crate::telemetry::spike::Traffic::new(&config);
-        let detector = crate::telemetry::spike::Detector::new(&config, traffic.clone(), &metrics);
-        crate::telemetry::record_certificates(&config, &metrics);
-        let (spans, exporter) =
-            match crate::telemetry::otlp::channel(&config.tracing, &config.node.name, &metrics) {
-                Some((s, e)) => (Some(s), Some(e)),
-                None => (None, None),
-            };
-        // The first socket of each listener resolves port 0; the other workers bind
-        // the same address beside it.
-        let mut first = Vec::new();
-        let mut bound = Vec::new();
-        for l in &config.listeners {
-            let s = listen::bind_reuseport(&l.name, l.bind)?;
-            let addr = s
-                .local_addr()
-                .map_err(|e| ListenError::Bind(l.name.clone(), l.bind, e))?;
-            bound.push((l.name.clone(), addr));
-            first.push(Some(s));
-        }
-        let mut sockets: Vec<Vec<std::net::TcpListener>> = Vec::new();
-        for w in 0..config.node.workers {
-            let mut mine = Vec::new();
-            for (i, l) in config.listeners.iter().enumerate() {
-                let s = match first[i].take() {
-                    Some(s) if w == 0 => s,
-                    other => {
-                        first[i] = other;
-                        listen::bind_reuseport(&l.name, bound[i].1)?
-                    }
-                };
-                mine.push(s);
-            }
-            sockets.push(mine);
-        }
-
+        let p = prepare(&config, &metrics)?;
         let state = Arc::new(State {
-            config: config.clone(),
+            config: ArcSwap::new(config.clone()),
             metrics: metrics.clone(),
-            fleet: fleet.clone(),
+            fleet: ArcSwap::new(p.shared.fleet.clone()),
             ready: AtomicBool::new(false),
         });
         let (shutdown, _) = watch::channel(false);
-        let open: Vec<Arc<std::sync::atomic::AtomicUsize>> =
-            config.listeners.iter().map(|_| Arc::default()).collect();
         let mut threads = Vec::new();
-        for (w, mine) in sockets.into_iter().enumerate() {
-            let open = open.clone();
-            let config = config.clone();
+        let mut workers = Vec::new();
+        for w in 0..config.node.workers {
+            let (tx, rx) = mpsc::unbounded_channel();
             let metrics = metrics.clone();
-            let settings = settings.clone();
-            let shared = (
-                crate::proxy::Shared {
-                    fleet: fleet.clone(),
-                    traffic: traffic.clone(),
-                    spans: spans.clone(),
-                },
-                peer_settings.clone(),
-            );
-            let tls = tls.clone();
-            let rx = shutdown.subscribe();
+            let stop = shutdown.subscribe();
             let t = std::thread::Builder::new()
                 .name(format!("fedport-w{w}"))
                 .spawn(move || {
@@ -176,36 +189,123 @@ impl Server {
                             return;
                         }
                     };
-                    rt.block_on(worker_main(
-                        config, metrics, settings, shared, tls, mine, open, rx,
-                    ));
+                    rt.block_on(worker_main(metrics, rx, stop));
                 })
                 .map_err(ServerError::Worker)?;
             threads.push(t);
+            workers.push(tx);
         }
-        threads.push(
-            crate::federation::control::spawn(
-                config.clone(),
-                fleet,
-                settings.clone(),
-                (detector, exporter),
-                shutdown.subscribe(),
-            )
-            .map_err(ServerError::Worker)?,
-        );
-        Ok(Self {
-            tls: tls.map(|(r, _)| r),
+        let server = Self {
             state,
-            bound,
+            bound: Mutex::new(Vec::new()),
             shutdown,
             threads,
-        })
+            tls: ArcSwap::new(Arc::new(None)),
+            workers,
+            control: Mutex::new(None),
+            opens: Mutex::new(HashMap::new()),
+            metrics,
+        };
+        server.install(config, None, p)?;
+        Ok(server)
+    }
+
+    /// Each listener's name and bound address.
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        self.bound.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// Swaps in a new configuration, built completely before anything changes; on an
+    /// error nothing has changed.
+    pub fn reload(&self, config: Arc<Config>) -> Result<(), ServerError> {
+        let old = self.state.config.load_full();
+        let p = prepare(&config, &self.metrics)?;
+        self.install(config, Some(&old), p)
+    }
+
+    fn install(
+        &self,
+        config: Arc<Config>,
+        old: Option<&Config>,
+        p: Prepared,
+    ) -> Result<(), ServerError> {
+        // sockets: a listener keeps its socket while its bind is as before; new and
+        // moved listeners get new ones (the first resolves port 0, the other workers
+        // bind beside it)
+        let current = self.bound();
+        let workers = self.workers.len();
+        let mut per_worker: Vec<HashMap<String, std::net::TcpListener>> =
+            (0..workers).map(|_| HashMap::new()).collect();
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let same = old.and_then(|o| o.listeners.iter().find(|x| x.name == l.name));
+            let kept = same
+                .filter(|x| x.bind == l.bind)
+                .and_then(|_| current.iter().find(|(n, _)| *n == l.name));
+            if let Some((_, addr)) = kept {
+                bound.push((l.name.clone(), *addr));
+                continue;
+            }
+            let first = listen::bind_reuseport(&l.name, l.bind)?;
+            let addr = first
+                .local_addr()
+                .map_err(|e| ListenError::Bind(l.name.clone(), l.bind, e))?;
+            bound.push((l.name.clone(), addr));
+            per_worker[0].insert(l.name.clone(), first);
+            for mine in per_worker.iter_mut().skip(1) {
+                mine.insert(l.name.clone(), listen::bind_reuseport(&l.name, addr)?);
+            }
+        }
+        let opens: Vec<Arc<AtomicUsize>> = {
+            let mut o = self.opens.lock().map_err(|_| ServerError::Poisoned)?;
+            config
+                .listeners
+                .iter()
+                .map(|l| o.entry(l.name.clone()).or_default().clone())
+                .collect()
+        };
+        for (tx, sockets) in self.workers.iter().zip(per_worker) {
+            let _ = tx.send(Generation {
+                config: config.clone(),
+                settings: p.settings.clone(),
+                peer_settings: p.peer_settings.clone(),
+                shared: p.shared.clone(),
+                tls: p.tls.clone(),
+                opens: opens.clone(),
+                sockets,
+            });
+        }
+        // the old control thread (health checks, PINGs, spike detection) gives way
+        let (stop, rx) = watch::channel(false);
+        let handle = crate::federation::control::spawn(
+            config.clone(),
+            p.shared.fleet.clone(),
+            p.settings.clone(),
+            (p.detector, p.exporter),
+            rx,
+        )
+        .map_err(ServerError::Worker)?;
+        if let Ok(mut c) = self.control.lock() {
+            if let Some((old_stop, old_handle)) = c.replace((stop, handle)) {
+                let _ = old_stop.send(true);
+                let _ = old_handle.join();
+            }
+        }
+        self.tls.store(Arc::new(p.tls.map(|(r, _)| r)));
+        self.state.fleet.store(p.shared.fleet);
+        self.metrics.set_config(&config.node.name, &config.hash);
+        self.state.config.store(config);
+        if let Ok(mut b) = self.bound.lock() {
+            *b = bound;
+        }
+        Ok(())
     }
 
     /// Reloads the TLS material if a file changed (or always, when `force`: SIGHUP).
     /// A failure is logged and counted; the old material keeps serving.
     pub fn reload_tls(&self, force: bool) {
-        let Some(tls) = &self.tls else { return };
+        let tls = self.tls.load_full();
+        let Some(tls) = tls.as_ref() else { return };
         let result = match tls.reload(force) {
             Ok(identity::rotate::Reloaded::Unchanged) => return,
             Ok(identity::rotate::Reloaded::Swapped) => {
@@ -237,73 +337,136 @@ impl Server {
         for t in self.threads {
             let _ = t.join();
         }
+        if let Ok(mut c) = self.control.lock() {
+            if let Some((stop, handle)) = c.take() {
+                let _ = stop.send(true);
+                let _ = handle.join();
+            }
+        }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One listener's accept loop in a worker.
+struct Loop {
+    bind: SocketAddr,
+    accepting: Arc<ArcSwap<Accepting>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 async fn worker_main(
-    config: Arc<Config>,
     metrics: Arc<Metrics>,
-    settings: upstream::Settings,
-    (shared, peer_settings): (crate::proxy::Shared, Vec<upstream::Settings>),
-    tls: Option<(Arc<identity::rotate::Rotating>, std::time::Duration)>,
-    sockets: Vec<std::net::TcpListener>,
-    open: Vec<Arc<std::sync::atomic::AtomicUsize>>,
+    mut generations: mpsc::UnboundedReceiver<Generation>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let worker = Arc::new(Worker::new(
-        config.clone(),
-        metrics.clone(),
-        &settings,
-        shared,
-        &peer_settings,
-    ));
     let live = Arc::new(());
-    let mut loops = Vec::new();
     let builder = listen::http_builder();
-    for (index, (spec, sock)) in config.listeners.iter().zip(sockets).enumerate() {
-        let listener = match tokio::net::TcpListener::from_std(sock) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listener = %spec.name, error = %e, "cannot register socket");
-                continue;
+    let mut loops: HashMap<String, Loop> = HashMap::new();
+    let mut drain = std::time::Duration::from_secs(30);
+    loop {
+        let g = tokio::select! {
+            g = generations.recv() => match g { Some(g) => g, None => break },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        drain = g.config.node.drain_timeout;
+        let Generation {
+            config,
+            settings,
+            peer_settings,
+            shared,
+            tls,
+            opens,
+            mut sockets,
+        } = g;
+        let worker = Arc::new(Worker::new(
+            config.clone(),
+            metrics.clone(),
+            &settings,
+            shared,
+            &peer_settings,
+        ));
+        for (index, spec) in config.listeners.iter().enumerate() {
+            let labels = crate::telemetry::ListenerLabels {
+                listener: spec.name.clone(),
+            };
+            let acc = Arc::new(Accepting {
+                open: opens[index].clone(),
+                max_connections: spec.max_connections,
+                spec: spec.clone(),
+                index,
+                connections_total: metrics.connections_total.get_or_create(&labels).clone(),
+                connections_active: metrics.connections_active.get_or_create(&labels).clone(),
+                streams: metrics.streams_active.get_or_create(&labels).clone(),
+                name: Arc::from(spec.name.as_str()),
+                tls: if spec.role == Role::Peer {
+                    tls.clone()
+                } else {
+                    None
+                },
+                worker: worker.clone(),
+                metrics: metrics.clone(),
+                builder: builder.clone(),
+            });
+            match sockets.remove(&spec.name) {
+                None => {
+                    // kept: same socket, the new generation from the next connection on
+                    if let Some(l) = loops.get(&spec.name) {
+                        l.accepting.store(acc);
+                    }
+                }
+                Some(sock) => {
+                    if let Some(old) = loops.remove(&spec.name) {
+                        let _ = old.stop.send(true);
+                    }
+                    let listener = match tokio::net::TcpListener::from_std(sock) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(listener = %spec.name, error = %e, "cannot register socket");
+                            continue;
+                        }
+                    };
+                    let bind = listener.local_addr().unwrap_or(spec.bind);
+                    let accepting = Arc::new(ArcSwap::new(acc));
+                    let (stop, signal) = watch::channel(false);
+                    let task = tokio::spawn(listen::accept_loop(
+                        listener,
+                        accepting.clone(),
+                        listen::Drain {
+                            signal,
+                            live: live.clone(),
+                        },
+                    ));
+                    loops.insert(
+                        spec.name.clone(),
+                        Loop {
+                            bind,
+                            accepting,
+                            stop,
+                            task,
+                        },
+                    );
+                }
             }
-        };
-        let labels = crate::telemetry::ListenerLabels {
-            listener: spec.name.clone(),
-        };
-        let acc = Arc::new(Accepting {
-            open: open[index].clone(),
-            max_connections: spec.max_connections,
-            spec: spec.clone(),
-            index,
-            connections_total: metrics.connections_total.get_or_create(&labels).clone(),
-            connections_active: metrics.connections_active.get_or_create(&labels).clone(),
-            streams: metrics.streams_active.get_or_create(&labels).clone(),
-            name: Arc::from(spec.name.as_str()),
-            tls: if spec.role == Role::Peer {
-                tls.clone()
-            } else {
-                None
-            },
-            worker: worker.clone(),
-            metrics: metrics.clone(),
-            builder: builder.clone(),
-        });
-        loops.push(tokio::spawn(listen::accept_loop(
-            listener,
-            acc,
-            listen::Drain {
-                signal: shutdown.clone(),
-                live: live.clone(),
-            },
-        )));
+        }
+        // listeners no longer configured stop accepting; their connections drain
+        let gone: Vec<String> = loops
+            .keys()
+            .filter(|n| !config.listeners.iter().any(|l| &l.name == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(l) = loops.remove(&name) {
+                tracing::info!(listener = %name, bind = %l.bind, "listener removed: draining its connections");
+                let _ = l.stop.send(true);
+            }
+        }
     }
-    let _ = shutdown.wait_for(|s| *s).await;
-    for l in loops {
-        let _ = l.await;
+    for l in loops.values() {
+        let _ = l.stop.send(true);
     }
-    let drain = config.node.drain_timeout;
+    for (_, l) in loops {
+        let _ = l.task.await;
+    }
     // every connection task holds a clone of `live`: wait for them to end
     let all_done = async {
         while Arc::strong_count(&live) > 1 {

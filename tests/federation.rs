@@ -355,10 +355,7 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
         .collect();
     assert!(twice.is_empty(), "sent twice: {twice:?}");
     assert_eq!(available(), Some(true), "the endpoint is back in rotation");
-    assert!(
-        a.metric(r#"fedport_forwarded_total{service="orders",target="b"}"#) > 0.0
-            && a.metric(r#"fedport_retries_total{service="orders",kind="unsent"}"#) > 0.0
-    );
+    assert!(a.metric(r#"fedport_forwarded_total{service="orders",target="b"}"#) > 0.0);
 }
 
 #[test]

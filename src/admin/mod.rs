@@ -19,7 +19,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
             continue;
         };
         // `[admin] allow`: monitoring ranges (and loopback) only
-        let allow = &state.config.admin_allow;
+        let config = state.config.load();
+        let allow = &config.admin_allow;
         if !allow.is_empty()
             && !remote.ip().is_loopback()
             && !allow.iter().any(|n| n.contains(&remote.ip()))
@@ -56,7 +57,7 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if req.uri().query() == Some("verbose") => {
-            let mut detail = st.fleet.detail(&st.config);
+            let mut detail = st.fleet.load().detail(&st.config.load());
             detail["ready"] = st.is_ready().into();
             let status = if st.is_ready() {
                 StatusCode::OK
@@ -87,7 +88,7 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
             st.metrics.encode_prometheus(),
         ),
         "/config" => {
-            let c = &st.config;
+            let c = st.config.load_full();
             let body = serde_json::json!({
                 "node": { "name": c.node.name, "region": c.node.region, "zone": c.node.zone, "workers": c.node.workers },
                 "hash": c.hash,

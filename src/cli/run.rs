@@ -72,22 +72,36 @@ where
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| CliError::Io("signal".into(), e))?;
         server.state.set_ready(true);
-        on_ready(&server.bound, admin)?;
-        for (name, addr) in &server.bound {
+        on_ready(&server.bound(), admin)?;
+        for (name, addr) in &server.bound() {
             tracing::info!(listener = %name, %addr, "listening");
         }
         tracing::info!(node = %cfg.node.name, workers = cfg.node.workers, admin = ?admin, "fedport ready");
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| CliError::Io("signal".into(), e))?;
-        // certificate files are watched by polling: cheap, and it survives editors'
-        // rename-and-replace and mounted-secret symlink swaps alike
-        let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
+        // the config and certificate files are watched by polling: cheap, and it
+        // survives editors' rename-and-replace and mounted-secret symlink swaps alike
+        let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
+        let mut watch = Watch::new(&cfg);
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
                 _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
-                _ = hup.recv() => { tracing::info!("SIGHUP: reloading TLS material"); server.reload_tls(true) }
-                _ = poll.tick() => server.reload_tls(false),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration and TLS material");
+                    reload(&server, &cfg.path, &mut watch);
+                    server.reload_tls(true);
+                }
+                _ = poll.tick() => {
+                    if watch.changed(&cfg.path) {
+                        reload(&server, &cfg.path, &mut watch);
+                    }
+                    ticks += 1;
+                    if ticks % 4 == 0 {
+                        server.reload_tls(false);
+                    }
+                }
             }
         }
         server.drain();
@@ -95,4 +109,97 @@ where
         tracing::info!("drained; bye");
         Ok(())
     })
+}
+
+/// Notices that the config file changed, once it has stayed the same for 500 ms (an
+/// editor writing in steps is read once, whole).
+struct Watch {
+    applied: String,
+    pending: Option<(String, std::time::Instant)>,
+}
+
+impl Watch {
+    fn new(cfg: &Config) -> Self {
+        Self {
+            applied: cfg.hash.clone(),
+            pending: None,
+        }
+    }
+
+    fn changed(&mut self, path: &std::path::Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return false;
+        };
+        let hash = config::text_hash(&text);
+        if hash == self.applied {
+            self.pending = None;
+            return false;
+        }
+        match &self.pending {
+            Some((h, since)) if *h == hash => {
+                since.elapsed() >= std::time::Duration::from_millis(500)
+            }
+            _ => {
+                self.pending = Some((hash, std::time::Instant::now()));
+                false
+            }
+        }
+    }
+}
+
+/// Reads, checks and swaps in the config file. A file that does not check is refused
+/// with the same `file:line:col` messages as `fedport check`, counted, and the running
+/// configuration keeps serving.
+fn reload(server: &Server, path: &std::path::Path, watch: &mut Watch) {
+    let count = |result: &str| {
+        server
+            .state
+            .metrics
+            .config_reloads
+            .get_or_create(&crate::telemetry::ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    };
+    let started = std::time::Instant::now();
+    match config::load(path) {
+        Ok((cfg, report)) => {
+            for w in &report.warnings {
+                tracing::warn!("{w}");
+            }
+            let hash = cfg.hash.clone();
+            watch.applied = hash.clone();
+            watch.pending = None;
+            match server.reload(Arc::new(cfg)) {
+                Ok(()) => {
+                    count("ok");
+                    tracing::info!(
+                        hash = %hash,
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "configuration reloaded: new connections and requests use it"
+                    );
+                }
+                Err(e) => {
+                    count("error");
+                    tracing::error!(error = %e, "configuration refused; the running one keeps serving");
+                }
+            }
+        }
+        Err(e) => {
+            count("error");
+            if let Ok(text) = std::fs::read_to_string(path) {
+                // the same file is not refused again until it changes
+                watch.applied = config::text_hash(&text);
+                watch.pending = None;
+            }
+            let detail = match &e {
+                LoadError::Invalid(report) => report.to_string(),
+                other => other.to_string(),
+            };
+            tracing::error!(
+                "configuration refused; the running one keeps serving:\n{}",
+                detail.trim_end()
+            );
+        }
+    }
 }

@@ -83,7 +83,11 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 
 /// Accepts until `shutdown` turns true; then the socket is closed (new connections
 /// are refused) and open connections are left to the graceful watcher.
-pub async fn accept_loop(listener: TcpListener, acc: Arc<Accepting>, drain: Drain) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    current: Arc<arc_swap::ArcSwap<Accepting>>,
+    drain: Drain,
+) {
     let mut shutdown = drain.signal.clone();
     // A scan must not flood the log: one line per source address per interval.
     let mut last_logged: std::collections::HashMap<std::net::IpAddr, std::time::Instant> =
@@ -93,6 +97,8 @@ pub async fn accept_loop(listener: TcpListener, acc: Arc<Accepting>, drain: Drai
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => break,
         };
+        // the configuration generation in force when the connection arrived
+        let acc = current.load_full();
         let (stream, remote) = match accepted {
             Ok(a) => a,
             Err(e) => {
@@ -122,12 +128,13 @@ pub async fn accept_loop(listener: TcpListener, acc: Arc<Accepting>, drain: Drai
             }
             let acc2 = acc.clone();
             let w = drain.clone();
+            let cur = current.clone();
             tokio::spawn(async move {
                 let mut stream = stream;
                 match proxy_protocol::read(&mut stream, remote, acc2.spec.proxy_timeout).await {
                     Ok(client) if admitted(&acc2.spec, client) => {
                         let _ = stream.set_nodelay(true);
-                        serve(stream, client, acc2, w).await
+                        serve(stream, client, acc2, w, cur).await
                     }
                     Ok(client) => {
                         acc2.metrics.reject(&acc2.name, "address");
@@ -150,7 +157,8 @@ pub async fn accept_loop(listener: TcpListener, acc: Arc<Accepting>, drain: Drai
         let _ = stream.set_nodelay(true);
         let acc2 = acc.clone();
         let w = drain.clone();
-        tokio::spawn(async move { serve(stream, remote, acc2, w).await });
+        let cur = current.clone();
+        tokio::spawn(async move { serve(stream, remote, acc2, w, cur).await });
     }
     drop(listener);
 }
@@ -202,7 +210,13 @@ fn admitted(l: &Listener, remote: SocketAddr) -> bool {
     l.allow.is_empty() || l.allow.iter().any(|n| n.contains(&ip))
 }
 
-async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watcher: Drain) {
+async fn serve(
+    stream: TcpStream,
+    remote: SocketAddr,
+    acc: Arc<Accepting>,
+    watcher: Drain,
+    current: Arc<arc_swap::ArcSwap<Accepting>>,
+) {
     acc.connections_total.inc();
     acc.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _open = OpenGuard(acc.open.clone());
@@ -220,6 +234,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 grants: acc.worker.policy.grants("local"),
                 from_peer: false,
                 peer: None,
+                current: current.clone(),
                 activity: Arc::default(),
                 remote,
                 worker: acc.worker.clone(),
@@ -267,6 +282,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, acc: Arc<Accepting>, watch
                 .copied();
             let ctx = Arc::new(ConnCtx {
                 peer,
+                current,
                 listener: acc.name.clone(),
                 listener_idx: acc.index,
                 streams: streams.clone(),

@@ -222,7 +222,11 @@ impl Worker {
 }
 
 /// What a connection knows about its caller, fixed at accept and handshake.
+#[derive(Clone)]
 pub struct ConnCtx {
+    /// The listener's accepting state as configuration generations come: requests
+    /// on an existing connection follow a reload.
+    pub current: Arc<arc_swap::ArcSwap<crate::listen::Accepting>>,
     pub listener: Arc<str>,
     /// The listener's index in the config.
     pub listener_idx: usize,
@@ -302,12 +306,37 @@ fn strip_fed_headers(h: &mut HeaderMap) {
     }
 }
 
+/// The connection's view under the configuration now in force: after a reload, the
+/// listener's new index and dedicated service, the caller's grants under the new rules,
+/// and whether it is (still) a peer. A listener that was removed keeps its old view
+/// while its connections drain.
+fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
+    let latest = conn.current.load();
+    if Arc::ptr_eq(&latest.worker, &conn.worker) {
+        return conn;
+    }
+    let w = latest.worker.clone();
+    let id = conn.identity.to_str().unwrap_or_default();
+    let mut c = (*conn).clone();
+    c.listener_idx = latest.index;
+    c.dedicated = latest.spec.service.clone();
+    c.grants = w.policy.grants(id);
+    c.peer = match latest.spec.role {
+        crate::config::Role::Local => None,
+        crate::config::Role::Peer => w.peer_by_identity.get(id).copied(),
+    };
+    c.from_peer = c.peer.is_some();
+    c.worker = w;
+    Arc::new(c)
+}
+
 /// Serves one request on a connection.
 pub async fn handle(
     req: Request<Incoming>,
     conn: Arc<ConnCtx>,
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
+    let conn = current(conn);
     let w = conn.worker.clone();
     let mut req = req;
     let grpc = is_grpc(req.headers());

@@ -133,7 +133,15 @@ pub struct Metrics {
     pub spike_events: Family<SpikeLabels, Counter>,
     pub peer_inbound: Family<PeerLabels, Counter>,
     pub spans: Family<ResultLabels, Counter>,
+    config_info: Family<ConfigLabels, Gauge>,
+    config_now: std::sync::Mutex<Option<ConfigLabels>>,
     pub ready: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub node: String,
+    pub hash: String,
 }
 
 impl Metrics {
@@ -308,14 +316,18 @@ impl Metrics {
             "1 while the node accepts traffic, 0 while starting or draining",
             ready.clone(),
         );
+        let config_info = Family::<ConfigLabels, Gauge>::default();
         registry.register(
-            "config",
-            "The running configuration",
-            Info::new(vec![
-                ("node".to_owned(), node.to_owned()),
-                ("hash".to_owned(), config_hash.to_owned()),
-            ]),
+            "config_info",
+            "The running configuration: 1 for its node and hash",
+            config_info.clone(),
         );
+        config_info
+            .get_or_create(&ConfigLabels {
+                node: node.to_owned(),
+                hash: config_hash.to_owned(),
+            })
+            .set(1);
         Arc::new(Self {
             registry,
             requests,
@@ -343,6 +355,11 @@ impl Metrics {
             spike_events,
             peer_inbound,
             spans,
+            config_info,
+            config_now: std::sync::Mutex::new(Some(ConfigLabels {
+                node: node.to_owned(),
+                hash: config_hash.to_owned(),
+            })),
             ready,
         })
     }
@@ -354,6 +371,20 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// `fedport_config_info` names the configuration now running (and only it).
+    pub fn set_config(&self, node: &str, hash: &str) {
+        let now = ConfigLabels {
+            node: node.to_owned(),
+            hash: hash.to_owned(),
+        };
+        if let Ok(mut cur) = self.config_now.lock() {
+            if let Some(old) = cur.replace(now.clone()).filter(|o| *o != now) {
+                self.config_info.remove(&old);
+            }
+        }
+        self.config_info.get_or_create(&now).set(1);
     }
 
     /// OpenMetrics text, for scrapers that ask for it.
