@@ -137,6 +137,8 @@ pub struct Fedport {
     pub listeners: HashMap<String, SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub log: PathBuf,
+    /// The config file it was started with (rewrite it and SIGHUP to reload).
+    pub config: PathBuf,
     /// The network namespace it runs in, if not the test's own.
     pub netns: Option<String>,
     _dir: tempfile::TempDir,
@@ -191,6 +193,7 @@ impl Fedport {
             listeners: HashMap::new(),
             admin: None,
             log,
+            config: cfg.clone(),
             netns: netns.map(str::to_owned),
             _dir: dir,
         };
