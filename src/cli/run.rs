@@ -98,7 +98,7 @@ where
                         reload(&server, &cfg.path, &mut watch);
                     }
                     ticks += 1;
-                    if ticks % 4 == 0 {
+                    if ticks.is_multiple_of(4) {
                         server.reload_tls(false);
                     }
                 }
