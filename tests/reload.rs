@@ -15,7 +15,7 @@ use support::{free_port, node_config_with_rules, Fedport, Pki};
 
 fn config(pki: &Pki, up: &str, timeout: &str, methods: &str, extra: &str) -> String {
     node_config_with_rules(
-        &pki,
+        pki,
         &format!(
             "[[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"{up}\"]\ntimeout = \"{timeout}\"\n{extra}"
         ),
