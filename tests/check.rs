@@ -165,3 +165,37 @@ fn a_wildcard_allowlist_on_a_peer_listener_is_a_warning() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "--deny-warnings refuses it");
 }
+
+/// Every key the config accepts (a field of a `Raw*` struct in src/config/raw.rs) is
+/// named in docs/config.md: adding a key without documenting it fails here.
+#[test]
+fn every_config_key_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let raw = std::fs::read_to_string(root.join("src/config/raw.rs")).unwrap();
+    let docs = std::fs::read_to_string(root.join("docs/config.md")).unwrap();
+    let mut keys = Vec::new();
+    let mut in_raw = false;
+    for line in raw.lines() {
+        if line.starts_with("pub struct Raw") {
+            in_raw = true;
+        } else if line.starts_with('}') {
+            in_raw = false;
+        } else if in_raw {
+            if let Some(rest) = line.trim().strip_prefix("pub ") {
+                if let Some((name, _)) = rest.split_once(':') {
+                    keys.push(name.trim().to_owned());
+                }
+            }
+        }
+    }
+    assert!(keys.len() > 40, "found {} keys", keys.len());
+    let word = |k: &str| {
+        docs.match_indices(k).any(|(i, _)| {
+            let before = docs[..i].chars().last().unwrap_or(' ');
+            let after = docs[i + k.len()..].chars().next().unwrap_or(' ');
+            !(before.is_alphanumeric() || before == '_') && !(after.is_alphanumeric() || after == '_')
+        })
+    };
+    let missing: Vec<&String> = keys.iter().filter(|k| !word(k)).collect();
+    assert!(missing.is_empty(), "keys missing from docs/config.md: {missing:?}");
+}

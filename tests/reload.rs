@@ -164,6 +164,21 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
         took.iter().cloned().fold(f64::MAX, f64::min),
         took.iter().cloned().fold(0.0, f64::max)
     );
+    // /config shows what runs: its hash, the TLS paths, never key material
+    let shown: serde_json::Value = serde_json::from_str(&fp.admin_get("/config")).unwrap();
+    let running = std::fs::read_to_string(&fp.config).unwrap();
+    let hash = fedport::config::text_hash(&running);
+    assert_eq!(shown["hash"], hash.as_str());
+    assert_eq!(shown["tls"]["key"], pki.node.key.display().to_string());
+    assert!(!fp.admin_get("/config").contains("PRIVATE KEY"));
+    assert_eq!(shown["access"][1]["method"], "POST /");
+    let metrics = fp.admin_get("/metrics");
+    let info: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fedport_config_info{"))
+        .collect();
+    assert_eq!(info.len(), 1, "only the running config: {info:?}");
+    assert!(info[0].contains(&hash), "{info:?}");
     assert!(n > 200, "the load ran: {n}");
     assert_eq!(f, 0, "no request failed during the reloads");
     assert!(took.len() >= 23, "{took:?}");

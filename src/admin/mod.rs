@@ -88,23 +88,23 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
             st.metrics.encode_prometheus(),
         ),
         "/config" => {
+            // what is running: the manifest (ports, services, access, peers, limits),
+            // TLS file paths — never key material — and the config's hash
             let c = st.config.load_full();
-            let body = serde_json::json!({
-                "node": { "name": c.node.name, "region": c.node.region, "zone": c.node.zone, "workers": c.node.workers },
-                "hash": c.hash,
-                "listeners": c.listeners.iter().map(|l| serde_json::json!({
-                    "name": l.name, "bind": l.bind.to_string(),
-                    "role": if l.role == crate::config::Role::Peer { "peer" } else { "local" },
-                    "service": l.service,
-                })).collect::<Vec<_>>(),
-                "services": c.services.iter().map(|s| serde_json::json!({
-                    "name": s.name,
-                    "protocol": if s.protocol == crate::config::Protocol::Grpc { "grpc" } else { "http" },
-                    "endpoints": s.endpoints.iter().map(|e| &e.url).collect::<Vec<_>>(),
-                    "grpc_services": s.grpc_services,
-                    "timeout_ms": s.timeout.as_millis() as u64,
-                })).collect::<Vec<_>>(),
-            });
+            let mut body = serde_json::to_value(crate::manifest::manifest(&c))
+                .unwrap_or_default();
+            body["hash"] = c.hash.clone().into();
+            body["path"] = c.path.display().to_string().into();
+            body["tls"] = match &c.tls {
+                Some(t) => serde_json::json!({
+                    "cert": t.files.cert.display().to_string(),
+                    "key": t.files.key.display().to_string(),
+                    "ca": t.files.ca.display().to_string(),
+                    "crl": t.crl.as_ref().map(|p| p.display().to_string()),
+                    "allow_tls12": t.allow_tls12,
+                }),
+                None => serde_json::Value::Null,
+            };
             text(StatusCode::OK, "application/json", body.to_string())
         }
         _ => text(StatusCode::NOT_FOUND, "application/json", r#"{"error":{"reason":"not_found","message":"admin paths: /healthz /readyz /metrics /config"}}"#.into()),
