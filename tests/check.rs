@@ -193,9 +193,13 @@ fn every_config_key_is_documented() {
         docs.match_indices(k).any(|(i, _)| {
             let before = docs[..i].chars().last().unwrap_or(' ');
             let after = docs[i + k.len()..].chars().next().unwrap_or(' ');
-            !(before.is_alphanumeric() || before == '_') && !(after.is_alphanumeric() || after == '_')
+            !(before.is_alphanumeric() || before == '_')
+                && !(after.is_alphanumeric() || after == '_')
         })
     };
     let missing: Vec<&String> = keys.iter().filter(|k| !word(k)).collect();
-    assert!(missing.is_empty(), "keys missing from docs/config.md: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "keys missing from docs/config.md: {missing:?}"
+    );
 }

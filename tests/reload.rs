@@ -136,9 +136,30 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
     a.extend(["-H", "fed-service: orders", &extra_url]);
     assert_eq!(support::curl(&a).0, 200, "the new listener serves");
+    // a request in flight on it when it is removed still finishes
+    let mut on_extra =
+        support::h2_connect::<Full<Bytes>>(&pki, format!("127.0.0.1:{extra}").parse().unwrap())
+            .await;
+    let slow = tokio::spawn(async move {
+        let req = http::Request::get(format!("https://localhost:{extra}/orders"))
+            .header("fed-service", "orders")
+            .header("x-sleep-ms", "700")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = on_extra.send_request(req).await.unwrap();
+        let status = r.status();
+        r.into_body().collect().await.unwrap();
+        status
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
     tokio::task::block_in_place(|| {
         write_and_hup(&config(&pki, &url, "15s", "\"GET /\", \"POST /\"", ""))
     });
+    assert_eq!(
+        slow.await.unwrap(),
+        200,
+        "in flight on a removed listener: finished"
+    );
     tokio::task::block_in_place(|| {
         support::wait_until(
             "the removed listener closes",
