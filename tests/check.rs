@@ -193,8 +193,8 @@ fn every_config_key_is_documented() {
         docs.match_indices(k).any(|(i, _)| {
             let before = docs[..i].chars().last().unwrap_or(' ');
             let after = docs[i + k.len()..].chars().next().unwrap_or(' ');
-            !(before.is_alphanumeric() || before == '_')
-                && !(after.is_alphanumeric() || after == '_')
+            let part = |c: char| c.is_alphanumeric() || c == '_';
+            !part(before) && !part(after)
         })
     };
     let missing: Vec<&String> = keys.iter().filter(|k| !word(k)).collect();
