@@ -13,9 +13,10 @@
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
 //! - [`errors`]: refusal → HTTP status / gRPC code
 //! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`], [`top`],
-//!   [`firewall`], [`manifest`] (describe, plan)
+//!   [`firewall`], [`manifest`] (describe, plan), [`bench`] (load generator)
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod errors;

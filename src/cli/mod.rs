@@ -33,6 +33,9 @@ pub enum Command {
     /// What changing OLD to NEW does to access, ports, allowlists, limits and schemas;
     /// exit 0 when nothing, 2 when something changes.
     Plan(PlanArgs),
+    /// Load generator: HTTP/2 or gRPC over mutual TLS (or h2c), closed loop by
+    /// concurrency or open loop at a fixed rate, HdrHistogram latency.
+    Bench(BenchArgs),
     /// Print the host firewall rules that open this config's ports to its peers and
     /// allowed ranges only (nftables, or iptables-restore input).
     Firewall(FirewallArgs),
@@ -50,6 +53,50 @@ pub struct DescribeArgs {
 pub struct PlanArgs {
     pub old: PathBuf,
     pub new: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// https://host:port/path (mTLS with --cert/--key/--ca) or http://host:port/path (h2c).
+    pub url: String,
+    /// Connections.
+    #[arg(short = 'c', long, default_value_t = 4)]
+    pub connections: usize,
+    /// Concurrent streams per connection (closed loop).
+    #[arg(short = 'm', long, default_value_t = 16)]
+    pub streams: usize,
+    /// Seconds to measure (after the warm-up).
+    #[arg(short = 'd', long)]
+    pub duration: Option<f64>,
+    /// Requests to send in all (instead of a duration).
+    #[arg(short = 'n', long)]
+    pub requests: Option<u64>,
+    /// Open loop: requests per second in all, latency counted from when each was due.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds of traffic not measured first.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// A request header, `name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+    /// The request body, from a file.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Send gRPC: the body (from --data) is one message, framed; POST with gRPC headers.
+    #[arg(long)]
+    pub grpc: bool,
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -84,6 +131,52 @@ pub enum CliError {
     Io(String, std::io::Error),
     #[error(transparent)]
     Top(crate::top::TopError),
+    #[error(transparent)]
+    Bench(crate::bench::BenchError),
+}
+
+fn bench(a: BenchArgs) -> Result<i32, CliError> {
+    let tls = match (a.cert, a.key, a.ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(crate::identity::TlsFiles { cert, key, ca }),
+        _ => None,
+    };
+    let body = match &a.data {
+        Some(p) => std::fs::read(p).map_err(|e| CliError::Io(p.display().to_string(), e))?,
+        None => Vec::new(),
+    };
+    let headers = a
+        .headers
+        .iter()
+        .filter_map(|h| h.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let method = if a.grpc { "POST" } else { a.method.as_str() };
+    let plan = crate::bench::Plan {
+        url: a.url,
+        connections: a.connections,
+        streams: a.streams,
+        duration: a.duration.map(std::time::Duration::from_secs_f64),
+        requests: a.requests.or(if a.duration.is_none() {
+            Some(1000)
+        } else {
+            None
+        }),
+        rate: a.rate,
+        warmup: std::time::Duration::from_secs_f64(a.warmup),
+        method: method.parse().unwrap_or(http::Method::GET),
+        headers,
+        body: body.into(),
+        grpc: a.grpc,
+        tls,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let s = crate::bench::run(plan).map_err(CliError::Bench)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    } else {
+        print!("{}", crate::bench::text(&s));
+    }
+    Ok(0)
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -117,6 +210,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
             }
             Ok(if changes.is_empty() { 0 } else { 2 })
         }
+        Command::Bench(a) => bench(a),
         Command::Firewall(a) => {
             let (cfg, _) = crate::config::load(&a.file)?;
             let out = match a.format.as_str() {

@@ -1,0 +1,144 @@
+//! `fedport bench` against things whose counts are known: its request and error counts
+//! equal the upstream's own counters, and its closed-loop throughput through a fedport
+//! node agrees with h2load's (with the same flags, one thread each) within 20%.
+
+mod support;
+
+use std::process::Command;
+use support::upstream::{self, Proto};
+use support::{node_config, Fedport, Pki};
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(support::bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn bench_counts_match_the_upstream_counters() {
+    let up = upstream::start(Proto::H2c);
+    let url = format!("http://{}/x", up.addr);
+    let v = bench(&[&url, "-c", "2", "-m", "4", "-n", "500"]);
+    assert_eq!(v["requests"], 500, "{v}");
+    assert_eq!(v["outcomes"]["200"], 500, "{v}");
+    assert_eq!(v["errors"], 0);
+    assert_eq!(
+        up.hits(),
+        500,
+        "the upstream saw exactly what bench reports"
+    );
+    let url = format!("http://{}/status/503", up.addr);
+    let v = bench(&[&url, "-c", "1", "-m", "2", "-n", "100"]);
+    assert_eq!(v["outcomes"]["503"], 100, "{v}");
+    assert_eq!(v["errors"], 100);
+    assert_eq!(up.hits(), 600);
+    // open loop: 200 requests due at 400/s, all sent, latency from when each was due
+    let url = format!("http://{}/x", up.addr);
+    let v = bench(&[&url, "-c", "2", "--rate", "400", "-n", "200"]);
+    assert_eq!(v["requests"], 200, "{v}");
+    assert_eq!(up.hits(), 800);
+    assert!(
+        v["seconds"].as_f64().unwrap() >= 0.45,
+        "paced at the rate: {v}"
+    );
+}
+
+#[test]
+fn bench_agrees_with_h2load_through_a_node() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+    ));
+    let url = format!("https://localhost:{}/x", fp.port("internal"));
+    let (cert, key, ca) = (
+        pki.client.cert.display().to_string(),
+        pki.client.key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let peers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/peers.sh");
+    let peers = std::env::var("FEDPORT_PEERS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or(peers);
+    // interleaved, best of two each: the machine's noise, not the tools, should not decide
+    let (mut best_ours, mut best_theirs, mut ours) = (0.0f64, 0.0f64, serde_json::Value::Null);
+    for _ in 0..2 {
+        let v = bench(&[
+            &url,
+            "-c",
+            "4",
+            "-m",
+            "8",
+            "-d",
+            "2",
+            "--warmup",
+            "1",
+            "-H",
+            "fed-service: up",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--ca",
+            &ca,
+        ]);
+        best_ours = best_ours.max(v["rps"].as_f64().unwrap());
+        ours = v;
+        let out = Command::new("bash")
+            .arg(&peers)
+            .args([
+                "h2load",
+                &cert,
+                &key,
+                "-c",
+                "4",
+                "-m",
+                "8",
+                "-D",
+                "2",
+                "--warm-up-time",
+                "1",
+                "-t",
+                "1",
+            ])
+            .args(["-H", "fed-service: up", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "h2load: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.split(", ")
+                    .nth(1)?
+                    .strip_suffix(" req/s")
+                    .map(str::to_owned)
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("h2load said:\n{text}"));
+        best_theirs = best_theirs.max(theirs);
+    }
+    let theirs = best_theirs;
+    let rps = best_ours;
+    eprintln!("fedport bench {rps:.0} req/s, h2load {theirs:.0} req/s");
+    assert_eq!(ours["errors"], 0, "{ours}");
+    let ratio = rps / theirs;
+    assert!((0.8..=1.25).contains(&ratio), "bench/h2load = {ratio:.2}");
+}
