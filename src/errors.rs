@@ -49,6 +49,12 @@ pub enum Reject {
         node: String,
         why: &'static str,
     },
+    /// Over a rate limit (`[[limit]]` or a service's `limits.rate`).
+    #[error("rate limit reached for {0}; slow down")]
+    RateLimited(String),
+    /// Over a concurrency limit: refused rather than queued.
+    #[error("too many requests in flight for {0}")]
+    Overloaded(String),
     /// Default deny: no `[[allow]]` rule grants this identity this call.
     #[error("{identity} may not call {call} on service {service}: no [[allow]] rule of node {node} grants it")]
     Denied {
@@ -98,6 +104,8 @@ impl Reject {
             Reject::TooLarge(..) => "size",
             Reject::Encoding { .. } => "encoding",
             Reject::Loop { .. } => "loop",
+            Reject::RateLimited(_) => "rate_limited",
+            Reject::Overloaded(_) => "overloaded",
             Reject::Schema { .. } => "schema",
             Reject::Denied { .. } => "denied",
         }
@@ -115,6 +123,8 @@ impl Reject {
             Reject::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::Encoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Reject::Loop { .. } => StatusCode::LOOP_DETECTED,
+            Reject::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Reject::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Reject::Schema { .. } => StatusCode::BAD_REQUEST,
         }
     }
@@ -133,6 +143,8 @@ impl Reject {
             // the gRPC compression spec's answer to an encoding the server lacks
             Reject::Encoding { .. } => GrpcCode::Unimplemented,
             Reject::Loop { .. } => GrpcCode::FailedPrecondition,
+            Reject::RateLimited(_) => GrpcCode::ResourceExhausted,
+            Reject::Overloaded(_) => GrpcCode::Unavailable,
             Reject::Schema { .. } => GrpcCode::InvalidArgument,
         }
     }
@@ -229,6 +241,8 @@ mod tests {
                 node: "n".into(),
                 why: "w",
             },
+            Reject::RateLimited("identity i".into()),
+            Reject::Overloaded("service s".into()),
         ];
         let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
         assert_eq!(reasons.len(), all.len());
@@ -245,6 +259,10 @@ mod tests {
         assert_eq!(all[9].grpc_code(), GrpcCode::Unimplemented);
         assert_eq!(all[10].http_status(), StatusCode::LOOP_DETECTED);
         assert_eq!(all[10].grpc_code(), GrpcCode::FailedPrecondition);
+        assert_eq!(all[11].http_status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(all[11].grpc_code(), GrpcCode::ResourceExhausted);
+        assert_eq!(all[12].http_status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(all[12].grpc_code(), GrpcCode::Unavailable);
         let r = all[9].to_response(true, "id");
         assert_eq!(r.headers()["grpc-accept-encoding"], "identity,gzip");
     }

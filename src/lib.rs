@@ -7,6 +7,7 @@
 //! - [`identity`]: certificates → identity; the sandbox CA
 //! - [`route`]: request → service
 //! - [`policy`]: identity × service × method, default deny
+//! - [`limits`]: rate and concurrency limits per service and per identity
 //! - [`schema`]: accepted formats and message sizes, enforced as bodies stream
 //! - [`proxy`]: the request path, top to bottom
 //! - [`upstream`]: pooled connections and load balancing
@@ -23,6 +24,7 @@ pub mod errors;
 pub mod federation;
 pub mod firewall;
 pub mod identity;
+pub mod limits;
 pub mod listen;
 pub mod manifest;
 pub mod policy;

@@ -134,6 +134,7 @@ fn prepare(config: &Arc<Config>, metrics: &Arc<Metrics>) -> Result<Prepared, Ser
         settings,
         peer_settings,
         shared: crate::proxy::Shared {
+            limits: crate::limits::Limiter::new(config),
             fleet,
             traffic,
             spans,
@@ -360,7 +361,6 @@ async fn worker_main(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let live = Arc::new(());
-    let builder = listen::http_builder();
     let mut loops: HashMap<String, Loop> = HashMap::new();
     let mut drain = std::time::Duration::from_secs(30);
     loop {
@@ -405,7 +405,7 @@ async fn worker_main(
                 },
                 worker: worker.clone(),
                 metrics: metrics.clone(),
-                builder: builder.clone(),
+                builder: listen::http_builder(spec.max_streams),
             });
             match sockets.remove(&spec.name) {
                 None => {

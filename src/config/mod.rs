@@ -32,6 +32,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     pub spikes: Spikes,
     pub tracing: Tracing,
+    /// `[[limit]]`, in order: the first that matches an identity applies.
+    pub limits: Vec<IdentityLimit>,
 }
 
 /// Trace export (`[tracing]`): finished spans of sampled traces go to an OTLP/HTTP
@@ -162,6 +164,24 @@ pub struct Listener {
     pub proxy_timeout: Duration,
     /// A connection with nothing in flight for this long is closed.
     pub idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+}
+
+/// A rate limit (token bucket: `rate` per second, `burst` at once) and a concurrency
+/// limit (requests in flight); either may be absent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    pub rate: Option<u32>,
+    pub burst: Option<u32>,
+    pub concurrency: Option<usize>,
+}
+
+/// `[[limit]]`: limits each identity matching `from` gets for itself.
+#[derive(Debug, Clone)]
+pub struct IdentityLimit {
+    pub from: String,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +230,8 @@ pub struct Service {
     pub failover: Vec<String>,
     pub health: Option<HealthCheck>,
     pub outlier: Outlier,
+    /// Rate and concurrency for the whole service.
+    pub limits: Limits,
 }
 
 /// The message types of every method of a service's proto files.
@@ -449,6 +471,17 @@ impl Checker<'_> {
             .map(|s| self.spikes(s))
             .unwrap_or_default();
         let tracing = self.tracing(raw.tracing.as_ref());
+        let limits = raw
+            .limit
+            .iter()
+            .map(|l| {
+                let r = l.get_ref();
+                IdentityLimit {
+                    from: r.from.get_ref().clone(),
+                    limits: self.limits(r.rate.as_ref(), r.burst.as_ref(), r.concurrency.as_ref()),
+                }
+            })
+            .collect();
         let tls = tls.flatten();
         let node = node?;
         if self.sink.has_errors() {
@@ -467,6 +500,7 @@ impl Checker<'_> {
             rules,
             spikes,
             tracing,
+            limits,
         })
     }
 
@@ -712,6 +746,34 @@ impl Checker<'_> {
                     );
                 }
             }
+        }
+    }
+
+    fn limits(
+        &mut self,
+        rate: Option<&S<i64>>,
+        burst: Option<&S<i64>>,
+        concurrency: Option<&S<i64>>,
+    ) -> Limits {
+        let mut positive = |v: Option<&S<i64>>, what: &str| match v {
+            Some(x) if !(1..=u32::MAX as i64).contains(x.get_ref()) => {
+                self.sink.error(
+                    span(x),
+                    format!("{what} must be a positive whole number"),
+                    "see [[limit]] in docs/config.md",
+                );
+                None
+            }
+            Some(x) => Some(*x.get_ref() as u32),
+            None => None,
+        };
+        let rate = positive(rate, "rate");
+        let burst = positive(burst, "burst");
+        let concurrency = positive(concurrency, "concurrency").map(|c| c as usize);
+        Limits {
+            rate,
+            burst,
+            concurrency,
         }
     }
 
@@ -1050,7 +1112,20 @@ impl Checker<'_> {
                     );
                 }
             }
+            let max_streams = match &r.max_streams {
+                Some(m) if !(1..=100_000).contains(m.get_ref()) => {
+                    self.sink.error(
+                        span(m),
+                        "max_streams is between 1 and 100000",
+                        "the default is 1024",
+                    );
+                    1024
+                }
+                Some(m) => *m.get_ref() as u32,
+                None => 1024,
+            };
             out.push(Listener {
+                max_streams,
                 name: r.name.get_ref().clone(),
                 bind,
                 role,
@@ -1181,7 +1256,16 @@ impl Checker<'_> {
                 Some(o) => self.outlier(o),
                 None => Outlier::default(),
             };
+            let limits = r
+                .limits
+                .as_ref()
+                .map(|l| {
+                    let l = l.get_ref();
+                    self.limits(l.rate.as_ref(), l.burst.as_ref(), l.concurrency.as_ref())
+                })
+                .unwrap_or_default();
             out.push(Service {
+                limits,
                 idempotent: crate::policy::Methods::Some(idempotent),
                 failover: r
                     .failover

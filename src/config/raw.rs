@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub allow: Vec<S<RawAllow>>,
     pub spikes: Option<S<RawSpikes>>,
     pub tracing: Option<S<RawTracing>>,
+    #[serde(default)]
+    pub limit: Vec<S<RawLimit>>,
 }
 
 /// Trace export.
@@ -150,6 +152,27 @@ pub struct RawListener {
     pub max_connections: Option<S<i64>>,
     /// A connection with no request in flight for this long is closed; default 5m.
     pub idle_timeout: Option<S<String>>,
+    /// Concurrent HTTP/2 streams per connection; default 1024.
+    pub max_streams: Option<S<i64>>,
+}
+
+/// A rate (requests per second, with a burst) and a concurrency limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub rate: Option<S<i64>>,
+    pub burst: Option<S<i64>>,
+    pub concurrency: Option<S<i64>>,
+}
+
+/// `[[limit]]`: limits for each identity a pattern matches.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    pub from: S<String>,
+    pub rate: Option<S<i64>>,
+    pub burst: Option<S<i64>>,
+    pub concurrency: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +204,8 @@ pub struct RawService {
     pub failover: Option<Vec<S<String>>>,
     pub health: Option<S<RawHealth>>,
     pub outlier: Option<S<RawOutlier>>,
+    /// Rate and concurrency for the whole service.
+    pub limits: Option<S<RawLimits>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -63,7 +63,7 @@ pub struct Accepting {
 }
 
 /// The HTTP server settings every listener uses.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
+pub fn http_builder(max_streams: u32) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -72,7 +72,7 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
         .max_buf_size(64 * 1024);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(max_streams)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .max_header_list_size(64 * 1024)

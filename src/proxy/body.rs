@@ -43,6 +43,8 @@ pub struct Finish {
     pub target: Option<Arc<str>>,
     /// Why fedport refused it, if it did.
     pub reason: Option<&'static str>,
+    /// Its place under concurrency limits, released when the answer ends.
+    pub admit: Option<crate::limits::Admit>,
     /// `[node] request_metrics`: record the request's metrics.
     pub record: bool,
     /// A sampled trace: this hop's span, with the service's name and the caller.

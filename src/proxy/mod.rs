@@ -69,12 +69,15 @@ pub struct Worker {
     peer_inbound: Vec<prometheus_client::metrics::counter::Counter>,
     /// Where sampled requests' spans go, when `[tracing] otlp` is set.
     pub spans: Option<crate::telemetry::otlp::Spans>,
+    /// Rate and concurrency limits, shared by every worker.
+    pub limits: Arc<crate::limits::Limiter>,
 }
 
 /// What every worker of a node shares: endpoint and peer health, the traffic counts
 /// behind spike detection, and the span queue.
 #[derive(Clone)]
 pub struct Shared {
+    pub limits: Arc<crate::limits::Limiter>,
     pub fleet: Arc<crate::federation::Fleet>,
     pub traffic: Arc<crate::telemetry::spike::Traffic>,
     pub spans: Option<crate::telemetry::otlp::Spans>,
@@ -95,6 +98,7 @@ impl Worker {
         metrics: Arc<Metrics>,
         settings: &upstream::Settings,
         Shared {
+            limits,
             fleet,
             traffic,
             spans,
@@ -213,6 +217,7 @@ impl Worker {
             traffic,
             peer_inbound,
             spans,
+            limits,
         }
     }
 
@@ -372,6 +377,7 @@ pub async fn handle(
         })
     });
     let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
+        admit: None,
         span: span.map(|s| {
             let name = service.map_or("-", |i| w.config.services[i].name.as_str());
             (s, name.to_owned(), conn.identity.clone())
@@ -424,6 +430,7 @@ pub async fn handle(
             }
             f.outstanding = Some(fwd.outstanding);
             f.target = Some(fwd.target);
+            f.admit = fwd.admit;
             f.request_bytes = Some(fwd.tripped.clone());
             f.tripped = Some(fwd.tripped);
             f.busy = Some(busy);
@@ -471,6 +478,8 @@ struct Routed {
 
 /// An upstream's answer, with what must live as long as its body.
 struct Forwarded {
+    /// The request's place under its concurrency limits, held until it ends.
+    admit: Option<crate::limits::Admit>,
     /// The endpoint (or peer) that answered.
     target: Arc<str>,
     /// With `validate_responses`: the answer's messages are checked too (type, limit).
@@ -554,6 +563,20 @@ async fn forward(
             });
         }
 
+        // limits: refused early, never queued
+        let admit = if w.limits.is_empty() {
+            None
+        } else {
+            let id = conn.identity.to_str().unwrap_or("?");
+            Some(
+                w.limits
+                    .admit(idx, id, &service.name)
+                    .map_err(|o| match o {
+                        crate::limits::Over::Rate(who) => Reject::RateLimited(who),
+                        crate::limits::Over::Concurrency(who) => Reject::Overloaded(who),
+                    })?,
+            )
+        };
         let idempotent = service.idempotent.allows(call);
         let authority = parts
             .uri
@@ -661,10 +684,10 @@ async fn forward(
             deadline_header: asked.is_some(),
         };
         Ok((
-            parts, idx, aim, timeout, limit, framer, response, json_route,
+            parts, idx, aim, timeout, limit, framer, response, json_route, admit,
         ))
     })();
-    let (parts, idx, aim, timeout, limit, framer, response, json_route) = match checked {
+    let (parts, idx, aim, timeout, limit, framer, response, json_route, admit) = match checked {
         Ok(c) => c,
         Err(r) => {
             discard(body).await;
@@ -736,6 +759,7 @@ async fn forward(
     )
     .await?;
     fwd.response = response;
+    fwd.admit = admit;
     Ok(fwd)
 }
 
@@ -1063,6 +1087,7 @@ async fn dispatch(
                     }
                 }
                 return Ok(Forwarded {
+                    admit: None,
                     target: pool.label.clone(),
                     response: None,
                     resp,
