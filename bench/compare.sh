@@ -23,17 +23,7 @@ bench_certs
 up=$(port) hp=$(port) np=$(port) fp=$(port) fk=$(port)
 bash "$peers" upstream "$work" "$up"
 bash "$peers" start "$work" "$up" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$hp" "$np"
-cat > fedport.toml <<CONF
-[node]
-name = "bench"
-region = "local"
-[tls]
-cert = "$work/node.pem"
-key = "$work/node.key"
-ca = "$work/ca.pem"
-[[listener]]
-name = "internal"
-bind = "127.0.0.1:$fp"
+{ node_toml bench "$fp"; cat <<CONF
 service = "up"
 [[service]]
 name = "up"
@@ -43,6 +33,7 @@ endpoints = ["h2c://127.0.0.1:$up"]
 from = "spiffe://bench/client"
 to = "up"
 CONF
+} > fedport.toml
 # the same node with 1,000 rules, of which the caller's is the last
 { sed "s/127.0.0.1:$fp/127.0.0.1:$fk/" fedport.toml
   for r in $(seq 999); do printf '[[allow]]\nfrom = "spiffe://bench/team%s/*"\nto = "up"\nmethods = ["GET /v1/%s/"]\n' "$r" "$r"; done

@@ -16,6 +16,13 @@ bench_certs() {
   done)
 }
 
+# The start of a node's config: [node], [tls] with the bench certificates, and the
+# `internal` listener on PORT. Further [node] lines come as EXTRA.
+node_toml() { # NAME PORT [EXTRA]
+  printf '[node]\nname = "%s"\nregion = "local"\n%s\n[tls]\ncert = "%s/node.pem"\nkey = "%s/node.key"\nca = "%s/ca.pem"\n[[listener]]\nname = "internal"\nbind = "127.0.0.1:%s"\n' \
+    "$1" "${3:-}" "$work" "$work" "$work" "$2"
+}
+
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }

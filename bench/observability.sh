@@ -26,18 +26,7 @@ for variant in metrics no-metrics access-log; do
   extra=""
   [ "$variant" = no-metrics ] && extra="request_metrics = false"
   [ "$variant" = access-log ] && extra="access_log = true"
-  cat > "$variant.toml" <<CONF
-[node]
-name = "bench-$variant"
-region = "local"
-$extra
-[tls]
-cert = "$work/node.pem"
-key = "$work/node.key"
-ca = "$work/ca.pem"
-[[listener]]
-name = "internal"
-bind = "127.0.0.1:$p"
+  { node_toml "bench-$variant" "$p" "$extra"; cat <<CONF
 service = "up"
 [[service]]
 name = "up"
@@ -47,6 +36,7 @@ endpoints = ["h2c://127.0.0.1:$up"]
 from = "spiffe://bench/client"
 to = "up"
 CONF
+  } > "$variant.toml"
   FEDPORT_LOG=info "$here/target/release/fedport" --log-format json run -c "$variant.toml" --ready-file "$variant.ready" 2>"$variant.fedport.log" &
   pidof[$variant]=$!; pids+=($!)
 done

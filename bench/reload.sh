@@ -20,18 +20,7 @@ bench_certs
 up=$(port) fp=$(port)
 bash "$peers" upstream "$work" "$up"
 gen() { # TIMEOUT
-  cat <<CONF
-[node]
-name = "bench"
-region = "local"
-[tls]
-cert = "$work/node.pem"
-key = "$work/node.key"
-ca = "$work/ca.pem"
-[[listener]]
-name = "internal"
-bind = "127.0.0.1:$fp"
-CONF
+  node_toml bench "$fp"
   for s in $(seq 0 99); do
     printf '[[service]]\nname = "svc%s"\nprotocol = "http"\nendpoints = ["h2c://127.0.0.1:%s"]\ntimeout = "%s"\n' "$s" "$up" "$1"
   done

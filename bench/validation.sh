@@ -24,17 +24,7 @@ python3 "$here/bench/validation/bodies.py" "$work"
 up=$(port) fp=$(port)
 bash "$peers" upstream "$work" "$up"
 v=$here/bench/validation
-cat > fedport.toml <<CONF
-[node]
-name = "bench"
-region = "local"
-[tls]
-cert = "$work/node.pem"
-key = "$work/node.key"
-ca = "$work/ca.pem"
-[[listener]]
-name = "internal"
-bind = "127.0.0.1:$fp"
+{ node_toml bench "$fp"; cat <<CONF
 [[service]]
 name = "grpc-plain"
 protocol = "grpc"
@@ -60,6 +50,7 @@ schema = { json = { "POST /v1/orders" = "$v/order.schema.json" } }
 from = "spiffe://bench/client"
 to = "*"
 CONF
+} > fedport.toml
 start_fedport fedport.toml ready.json fedport.log
 sleep 0.5
 

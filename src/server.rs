@@ -53,6 +53,23 @@ impl State {
     }
 }
 
+/// A named thread running a single-threaded tokio runtime until `task` completes.
+pub(crate) fn runtime_thread<F, Fut>(name: String, task: F) -> std::io::Result<JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new().name(name).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(task()),
+            Err(e) => tracing::error!(error = %e, "a runtime failed to start"),
+        }
+    })
+}
+
 /// One configuration, built and ready to be swapped in by a worker.
 struct Generation {
     config: Arc<Config>,
@@ -177,22 +194,10 @@ impl Server {
             let (tx, rx) = mpsc::unbounded_channel();
             let metrics = metrics.clone();
             let stop = shutdown.subscribe();
-            let t = std::thread::Builder::new()
-                .name(format!("fedport-w{w}"))
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            tracing::error!(error = %e, "worker runtime failed to start");
-                            return;
-                        }
-                    };
-                    rt.block_on(worker_main(metrics, rx, stop));
-                })
-                .map_err(ServerError::Worker)?;
+            let t = runtime_thread(format!("fedport-w{w}"), move || {
+                worker_main(metrics, rx, stop)
+            })
+            .map_err(ServerError::Worker)?;
             threads.push(t);
             workers.push(tx);
         }

@@ -56,25 +56,15 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
     };
     let all = Arc::new(instances);
     let served = all.clone();
-    std::thread::Builder::new()
-        .name("sandbox-demo".into())
-        .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                for (inst, (l, kind)) in served.iter().zip(listeners) {
-                    tokio::spawn(demo::run(inst.clone(), l, kind));
-                }
-                if let Ok(c) = tokio::net::TcpListener::from_std(control) {
-                    demo::control(c, served).await;
-                }
-            });
-        })
-        .map_err(|e| CliError::Io("demo thread".into(), e))?;
+    crate::server::runtime_thread("sandbox-demo".into(), move || async move {
+        for (inst, (l, kind)) in served.iter().zip(listeners) {
+            tokio::spawn(demo::run(inst.clone(), l, kind));
+        }
+        if let Ok(c) = tokio::net::TcpListener::from_std(control) {
+            demo::control(c, served).await;
+        }
+    })
+    .map_err(|e| CliError::Io("demo thread".into(), e))?;
 
     // the nodes name each other's ports in their configs: pick them first
     let mut ports = [0u16; 3];

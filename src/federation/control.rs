@@ -24,69 +24,57 @@ pub fn spawn(
     ),
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("fedport-control".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "control thread cannot start its runtime");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let mut tasks = tokio::task::JoinSet::new();
-                if let Some(tls) = &config.tls {
-                    for i in 0..config.peers.len() {
-                        let peer = config.peers[i].clone();
-                        match crate::identity::peer_client_config(&tls.files, &peer.identity, &[b"h2"]) {
-                            Ok(cfg) => {
-                                tasks.spawn(probe_peer(config.clone(), peer, i, fleet.clone(), cfg));
-                            }
-                            Err(e) => tracing::error!(peer = %peer.name, error = %e, "cannot build TLS for peer"),
-                        }
+    crate::server::runtime_thread("fedport-control".into(), move || async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(tls) = &config.tls {
+            for i in 0..config.peers.len() {
+                let peer = config.peers[i].clone();
+                match crate::identity::peer_client_config(&tls.files, &peer.identity, &[b"h2"]) {
+                    Ok(cfg) => {
+                        tasks.spawn(probe_peer(config.clone(), peer, i, fleet.clone(), cfg));
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = %peer.name, error = %e, "cannot build TLS for peer")
                     }
                 }
-                for (s, svc) in config.services.iter().enumerate() {
-                    let Some(hc) = &svc.health else { continue };
-                    for (e, ep) in svc.endpoints.iter().enumerate() {
-                        let pool = EndpointPool::new(ep.clone(), &svc.name, settings.clone());
-                        tasks.spawn(check_endpoint(
-                            fleet.clone(),
-                            (s, e),
-                            pool,
-                            hc.clone(),
-                            svc.protocol,
-                            svc.name.clone(),
-                        ));
-                    }
-                }
-                let f = fleet.clone();
-                tasks.spawn(async move {
-                    loop {
-                        f.refresh_gauges();
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                });
-                if let Some(e) = exporter {
-                    tasks.spawn(e.run());
-                }
-                tasks.spawn(async move {
-                    let mut every = tokio::time::interval(Duration::from_secs(1));
-                    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    every.tick().await;
-                    loop {
-                        every.tick().await;
-                        spikes.tick();
-                    }
-                });
-                let _ = shutdown.wait_for(|s| *s).await;
-                tasks.abort_all();
-            });
-        })
+            }
+        }
+        for (s, svc) in config.services.iter().enumerate() {
+            let Some(hc) = &svc.health else { continue };
+            for (e, ep) in svc.endpoints.iter().enumerate() {
+                let pool = EndpointPool::new(ep.clone(), &svc.name, settings.clone());
+                tasks.spawn(check_endpoint(
+                    fleet.clone(),
+                    (s, e),
+                    pool,
+                    hc.clone(),
+                    svc.protocol,
+                    svc.name.clone(),
+                ));
+            }
+        }
+        let f = fleet.clone();
+        tasks.spawn(async move {
+            loop {
+                f.refresh_gauges();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        if let Some(e) = exporter {
+            tasks.spawn(e.run());
+        }
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                spikes.tick();
+            }
+        });
+        let _ = shutdown.wait_for(|s| *s).await;
+        tasks.abort_all();
+    })
 }
 
 /// `d` give or take 20%, so that checks and reconnects do not march in step.

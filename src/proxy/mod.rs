@@ -682,6 +682,7 @@ async fn forward(
             hops,
             idempotent,
             deadline_header: asked.is_some(),
+            grpc,
         };
         Ok((
             parts, idx, aim, timeout, limit, framer, response, json_route, admit,
@@ -773,6 +774,8 @@ struct Aim {
     idempotent: bool,
     /// The caller gave a deadline (`grpc-timeout` / `fed-timeout`): pass on what is left.
     deadline_header: bool,
+    /// The request is a gRPC call.
+    grpc: bool,
 }
 
 /// Where a request may go, best first, worked out as far as needed: available local
@@ -828,18 +831,11 @@ impl<'a> Targets<'a> {
                 locals = (0..n).collect();
             }
         }
-        if locals.len() > 1 {
-            let pools: Vec<Arc<EndpointPool>> = locals
-                .iter()
-                .map(|&e| w.upstreams[service][e].clone())
-                .collect();
-            if let Some(first) = upstream::pick(&pools) {
-                let at = pools
-                    .iter()
-                    .position(|p| Arc::ptr_eq(p, first))
-                    .unwrap_or(0);
-                locals.swap(0, at);
-            }
+        // the first local endpoint by power of two choices; the others follow it
+        if let Some(k) = upstream::p2c(locals.len(), |k| {
+            w.upstreams[service][locals[k]].outstanding()
+        }) {
+            locals.swap(0, k);
         }
         let caller = conn
             .identity
@@ -990,10 +986,7 @@ async fn dispatch(
     tripped: Arc<schema::Tripped>,
 ) -> Result<Forwarded, Reject> {
     let service = &w.config.services[idx];
-    let grpc = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc = aim.grpc;
     let budget = &w.budgets[idx];
     budget.deposit();
     // what a maybe-sent request is rebuilt from; kept only when it could be resent

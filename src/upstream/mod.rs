@@ -427,26 +427,26 @@ fn describe(e: &hyper::Error) -> String {
     s
 }
 
-/// Power of two choices on outstanding requests: two distinct endpoints at random,
-/// the less busy one wins.
-pub fn pick(pools: &[Arc<EndpointPool>]) -> Option<&Arc<EndpointPool>> {
-    match pools.len() {
+/// Power of two choices: two distinct candidates of `n` at random, the one with less
+/// `load` wins; its index.
+pub fn p2c(n: usize, load: impl Fn(usize) -> usize) -> Option<usize> {
+    match n {
         0 => None,
-        1 => pools.first(),
+        1 => Some(0),
         n => {
             let a = fastrand::usize(..n);
             let mut b = fastrand::usize(..n - 1);
             if b >= a {
                 b += 1;
             }
-            let (pa, pb) = (&pools[a], &pools[b]);
-            Some(if pb.outstanding() < pa.outstanding() {
-                pb
-            } else {
-                pa
-            })
+            Some(if load(b) < load(a) { b } else { a })
         }
     }
+}
+
+/// Power of two choices on outstanding requests across a service's endpoints.
+pub fn pick(pools: &[Arc<EndpointPool>]) -> Option<&Arc<EndpointPool>> {
+    p2c(pools.len(), |i| pools[i].outstanding()).map(|i| &pools[i])
 }
 
 #[cfg(test)]
