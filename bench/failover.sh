@@ -10,11 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 out=$(mktemp)
-cargo test --quiet --test federation --test impairment --no-run 2>/dev/null
+cargo test --quiet --test it --no-run 2>/dev/null
 for i in $(seq "$runs"); do
-  cargo test --quiet --test federation traffic_fails_over -- --nocapture 2>&1 | grep "requests; failover" >>"$out"
+  cargo test --quiet --test it federation::traffic_fails_over -- --nocapture 2>&1 | grep "requests; failover" >>"$out"
 done
-cargo test --quiet --test impairment -- --nocapture 2>&1 | grep -E "PING RTT|noticed|impaired link" >>"$out" || true
+cargo test --quiet --test it impairment:: -- --nocapture 2>&1 | grep -E "PING RTT|noticed|impaired link" >>"$out" || true
 python3 - "$out" <<'PY'
 import re, statistics, sys
 lines = open(sys.argv[1]).read().splitlines()

@@ -22,6 +22,10 @@ if ! "$py" -c 'import prometheus_client' >/dev/null 2>&1; then
   echo "install-test-deps: pip install prometheus_client"
   "$py" -m pip install -q --disable-pip-version-check 'prometheus_client>=0.17'
 fi
+if ! "$py" -c 'import h2, hyperframe, hpack' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install h2"
+  "$py" -m pip install -q --disable-pip-version-check 'h2>=4.1'
+fi
 if ! "$py" -c 'import grpc' >/dev/null 2>&1; then
   echo "install-test-deps: pip install grpcio"
   "$py" -m pip install -q --disable-pip-version-check 'grpcio>=1.60'

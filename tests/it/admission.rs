@@ -2,14 +2,12 @@
 //! counted and logged once per source; the connection limit; TLS versions and suites
 //! as openssl sees them; and `fed-origin`/`fed-hops` believed only from peer nodes.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{curl, Fedport, Pki};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::upstream::{self, Proto};
-use support::{curl, Fedport, Pki};
 
 fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -64,7 +62,7 @@ fn a_foreign_address_is_closed_before_any_tls_byte_counted_and_logged_once() {
     assert_eq!(curl(&foreign).0, 0);
     assert_eq!(curl(&a).0, 200);
     assert_eq!(up.hits(), 1);
-    support::wait_until("address rejections", Duration::from_secs(5), || {
+    crate::support::wait_until("address rejections", Duration::from_secs(5), || {
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="address"}"#) == 6.0
     });
     assert_eq!(
@@ -93,7 +91,7 @@ fn connections_past_the_listener_limit_are_closed() {
     let fp = one_listener(&pki, "max_connections = 2", &up);
     let addr = fp.addr("internal");
     let held: Vec<TcpStream> = (0..2).map(|_| connect_from("127.0.0.1", addr)).collect();
-    support::wait_until("two open connections", Duration::from_secs(5), || {
+    crate::support::wait_until("two open connections", Duration::from_secs(5), || {
         fp.metric(r#"fedport_connections_active{listener="internal"}"#) == 2.0
     });
     assert!(
@@ -105,7 +103,7 @@ fn connections_past_the_listener_limit_are_closed() {
         1.0
     );
     drop(held);
-    support::wait_until("connections released", Duration::from_secs(5), || {
+    crate::support::wait_until("connections released", Duration::from_secs(5), || {
         fp.metric(r#"fedport_connections_active{listener="internal"}"#) == 0.0
     });
     let c = pki.curl_client();
@@ -289,7 +287,7 @@ fn haproxy_l4(to: SocketAddr) -> (Haproxy, u16, u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("haproxy is installed (scripts/install-test-deps.sh)");
-    support::wait_until("haproxy", Duration::from_secs(10), || {
+    crate::support::wait_until("haproxy", Duration::from_secs(10), || {
         TcpStream::connect(("127.0.0.1", v1)).is_ok()
             && TcpStream::connect(("127.0.0.1", v2)).is_ok()
     });
@@ -355,7 +353,7 @@ fn proxy_protocol_from_a_trusted_balancer_carries_the_client_address() {
     let mut s = connect_from("127.0.0.1", addr);
     std::io::Write::write_all(&mut s, b"PROXY TCP4 not-an-address\r\n").unwrap();
     assert!(closed_silently(s));
-    support::wait_until("malformed counted", Duration::from_secs(5), || {
+    crate::support::wait_until("malformed counted", Duration::from_secs(5), || {
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="proxy_malformed"}"#)
             == 1.0
     });
@@ -367,7 +365,7 @@ async fn idle_connections_are_closed_but_busy_ones_are_not() {
     let pki = Pki::new();
     let up = upstream::start(Proto::H2c);
     let fp = one_listener(&pki, "idle_timeout = \"400ms\"", &up);
-    let mut client = support::h2_connect(&pki, fp.addr("internal")).await;
+    let mut client = crate::support::h2_connect(&pki, fp.addr("internal")).await;
     let port = fp.port("internal");
     // a request that outlasts the idle timeout is not cut off
     let req = http::Request::get(format!("https://localhost:{port}/x?ms=1200"))

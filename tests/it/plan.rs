@@ -2,14 +2,15 @@
 //! tests/fixtures/plan (a grant, a revoke, a port move, an allowlist narrowed with a
 //! timeout cut, and a text-only change) give their expected effect and exit code.
 
-mod support;
-
+use crate::support::Pki;
 use std::path::Path;
 use std::process::Command;
-use support::Pki;
 
 fn fedport(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(support::bin()).args(args).output().unwrap();
+    let out = Command::new(crate::support::bin())
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -3,15 +3,13 @@
 //! the requests of another failing. Each is one event within 5 s — one WARN line
 //! at its start, not one per request — and the steady service has none.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{node_config, Fedport, Pki};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::upstream::{self, Proto};
-use support::{node_config, Fedport, Pki};
 
 /// Poisson arrivals at `rate` per second on one HTTP/2 connection, to `path` of
 /// `service`, until `stop`; at most `max` requests.
@@ -68,7 +66,7 @@ async fn a_burst_and_an_error_spike_are_events_and_steady_traffic_is_not() {
     let mut paths = Vec::new();
     let mut tasks = Vec::new();
     for service in ["steady", "burst", "errors"] {
-        let s = support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
+        let s = crate::support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
         let rate = Arc::new(std::sync::atomic::AtomicU64::new(20));
         let path = Arc::new(std::sync::Mutex::new("/ok"));
         rates.push(rate.clone());
@@ -123,7 +121,7 @@ async fn a_burst_and_an_error_spike_are_events_and_steady_traffic_is_not() {
     rates[1].store(20, Ordering::Relaxed);
     *paths[2].lock().unwrap() = "/ok";
     tokio::task::block_in_place(|| {
-        support::wait_until("the burst ends", Duration::from_secs(15), || {
+        crate::support::wait_until("the burst ends", Duration::from_secs(15), || {
             fp.metric(r#"fedport_traffic_spike{service="burst",peer="",kind="rate"}"#) == 0.0
         })
     });

@@ -2,14 +2,12 @@
 //! next handshake while a long request finishes on the old one; a CRL revokes a client
 //! after reload; a broken new file is refused and the old material keeps serving.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{curl, node_config, wait_until, Fedport, Pki};
 use fedport::identity::pki::LeafSpec;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::upstream::{self, Proto};
-use support::{curl, node_config, wait_until, Fedport, Pki};
 
 fn reloads(fp: &Fedport, result: &str) -> f64 {
     fp.metric(&format!(

@@ -1,14 +1,12 @@
 //! `fedport top` in a real terminal (tmux) against a node under bounded load: the
 //! service rows show live rates, the peer rows their state, and `q` quits.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{node_config, Fedport, Pki};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::process::Command;
 use std::time::Duration;
-use support::upstream::{self, Proto};
-use support::{node_config, Fedport, Pki};
 
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux").args(args).output().expect("tmux");
@@ -38,7 +36,7 @@ async fn top_shows_live_service_rows_and_quits_on_q() {
         ),
     ));
     // bounded load: 50 requests a second for at most 8 s
-    let mut s = support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
+    let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
     let port = fp.port("internal");
     let load = tokio::spawn(async move {
         for _ in 0..400 {
@@ -56,7 +54,7 @@ async fn top_shows_live_service_rows_and_quits_on_q() {
     let session = Session(name.clone());
     let cmd = format!(
         "{} top --admin {} --interval-ms 500",
-        support::bin(),
+        crate::support::bin(),
         fp.admin.unwrap()
     );
     tmux(&[

@@ -8,12 +8,10 @@
 //! Needs root (namespaces, veth, nftables). Where they cannot be made the test fails
 //! loudly; set FEDPORT_SKIP_NETNS=1 to skip it on such a machine.
 
-mod support;
-
+use crate::support::netns::{link, Netns};
+use crate::support::{Fedport, Pki};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::netns::{link, Netns};
-use support::{Fedport, Pki};
 
 fn relay_control(path: &Path, delay_ms: u64, jitter_ms: u64, blackhole: bool) {
     let tmp = path.with_extension("tmp");
@@ -63,7 +61,7 @@ fn peer(name: &str, region: &str, address: &str, services: &str) -> String {
     format!(
         "[[peer]]\nname = \"{name}\"\nregion = \"{region}\"\naddress = \"{address}\"\n\
          identity = \"spiffe://{}/node/{name}\"\nservices = [{services}]\n",
-        support::DOMAIN
+        crate::support::DOMAIN
     )
 }
 
@@ -204,7 +202,7 @@ fn regions_on_an_impaired_network() {
     let (ctl_b, ctl_c) = (dir.join("relay-b.json"), dir.join("relay-c.json"));
     relay_control(&ctl_b, 40, 5, false);
     relay_control(&ctl_c, 5, 1, false);
-    let relay = support::py("fault_relay.py");
+    let relay = crate::support::py("fault_relay.py");
     let mut relays = Vec::new();
     for (port, net, ctl) in [(17001, 1, &ctl_b), (17002, 2, &ctl_c)] {
         let mut p = na.spawn(&[
@@ -239,7 +237,7 @@ fn regions_on_an_impaired_network() {
     );
 
     // RTT ordering follows the delays: c (5 ms each way) before b (40 ms each way)
-    support::wait_until("both peers measured", Duration::from_secs(20), || {
+    crate::support::wait_until("both peers measured", Duration::from_secs(20), || {
         a.metric(r#"fedport_peer_rtt_seconds{peer="b"}"#) > 0.0
             && a.metric(r#"fedport_peer_rtt_seconds{peer="c"}"#) > 0.0
             && a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
@@ -261,7 +259,7 @@ fn regions_on_an_impaired_network() {
     // blackhole c: no byte passes, nothing closes; its PINGs go unanswered
     relay_control(&ctl_c, 5, 1, true);
     let t = Instant::now();
-    support::wait_until("c noticed down", Duration::from_secs(10), || {
+    crate::support::wait_until("c noticed down", Duration::from_secs(10), || {
         a.metric(r#"fedport_peer_up{peer="c"}"#) == 0.0
     });
     let noticed = t.elapsed();
@@ -288,10 +286,10 @@ fn regions_on_an_impaired_network() {
 
     // the blackhole lifts: c answers PINGs again and, being nearer, takes traffic back
     relay_control(&ctl_c, 5, 1, false);
-    support::wait_until("c up again", Duration::from_secs(15), || {
+    crate::support::wait_until("c up again", Duration::from_secs(15), || {
         a.metric(r#"fedport_peer_up{peer="c"}"#) == 1.0
     });
-    support::wait_until("traffic back to c", Duration::from_secs(10), || {
+    crate::support::wait_until("traffic back to c", Duration::from_secs(10), || {
         requests(&na, &pki, 1)
             .first()
             .is_some_and(|(_, at, _)| at == "c")

@@ -7,11 +7,9 @@
 //!
 //! Needs root; FEDPORT_SKIP_NETNS=1 skips it loudly on a machine without.
 
-mod support;
-
+use crate::support::netns::{link, Netns};
+use crate::support::{Fedport, Pki};
 use std::process::Command;
-use support::netns::{link, Netns};
-use support::{Fedport, Pki};
 
 #[test]
 fn generated_rules_open_each_port_to_its_sources_only() {
@@ -103,7 +101,7 @@ to = "*"
     let fp = Fedport::start_in(Some(&node.0), &config);
     let cfg_path = pki.path().join("fw.toml");
     std::fs::write(&cfg_path, &config).unwrap();
-    let rules = Command::new(support::bin())
+    let rules = Command::new(crate::support::bin())
         .args(["firewall"])
         .arg(&cfg_path)
         .output()

@@ -3,15 +3,13 @@
 //! before it reaches the service (429 with a reason) — nothing is accepted and then
 //! dropped — and fedport's memory stays bounded. A concurrency limit refuses with 503.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{node_config_with_rules, Fedport, Pki};
 use fedport::identity::pki::LeafSpec;
 use std::process::{Command, Stdio};
-use support::upstream::{self, Proto};
-use support::{node_config_with_rules, Fedport, Pki};
 
 fn bench(url: &str, cert: &str, key: &str, ca: &str, extra: &[&str]) -> std::process::Child {
-    Command::new(support::bin())
+    Command::new(crate::support::bin())
         .args([
             "bench",
             url,

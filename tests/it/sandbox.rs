@@ -3,8 +3,6 @@
 //! grpcio call, a call that crosses regions, stopping instances to watch traffic fail
 //! over and come back), and the one without a certificate is refused.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,7 +11,7 @@ use std::time::Duration;
 fn the_sandbox_starts_alone_and_its_printed_commands_work() {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("ready.json");
-    let mut child = Command::new(support::bin())
+    let mut child = Command::new(crate::support::bin())
         .arg("sandbox")
         .arg("--ready-file")
         .arg(&ready)
@@ -99,7 +97,7 @@ fn the_sandbox_starts_alone_and_its_printed_commands_work() {
         (commands[8], "inventory@eu-a"),
     ] {
         assert!(run(cmd).status.success(), "{cmd}");
-        support::wait_until(then, Duration::from_secs(10), || served_by() == then);
+        crate::support::wait_until(then, Duration::from_secs(10), || served_by() == then);
     }
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

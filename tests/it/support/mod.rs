@@ -1,7 +1,6 @@
 //! Test support: certificates made at test time, the real `fedport` binary started on
 //! port 0 and awaited through its ready file, real upstreams on loopback, and helpers
 //! to run clients nobody here wrote (curl, openssl, python grpcio).
-#![allow(dead_code)]
 
 pub mod netns;
 pub mod upstream;

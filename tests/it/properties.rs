@@ -12,7 +12,7 @@ fn lb() -> SocketAddr {
 }
 
 const V2_SIG: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
-const EXAMPLE: &str = include_str!("../examples/fedport.toml");
+const EXAMPLE: &str = include_str!("../../examples/fedport.toml");
 
 fn all_type() -> prost_reflect::MessageDescriptor {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto");

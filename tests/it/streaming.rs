@@ -3,13 +3,11 @@
 //! answers early and resets with NO_ERROR (nginx) neither loses the answer nor the
 //! pooled connection.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{node_config, Fedport, Pki};
 use http_body_util::{BodyExt, Full};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use support::upstream::{self, Proto};
-use support::{node_config, Fedport, Pki};
 
 fn one_service(pki: &Pki, url: &str) -> Fedport {
     Fedport::start(&node_config(
@@ -53,7 +51,7 @@ async fn a_thousand_concurrent_streams_on_four_connections_all_complete() {
     let fp = one_service(&pki, &up.url(Proto::H2c));
     let mut senders = Vec::new();
     for _ in 0..4 {
-        senders.push(support::h2_connect(&pki, fp.addr("internal")).await);
+        senders.push(crate::support::h2_connect(&pki, fp.addr("internal")).await);
     }
     let port = fp.port("internal");
     let mut set = tokio::task::JoinSet::new();
@@ -127,7 +125,7 @@ http {{
         .stderr(Stdio::inherit())
         .spawn()
         .expect("nginx is installed (scripts/install-test-deps.sh)");
-    support::wait_until("nginx", std::time::Duration::from_secs(10), || {
+    crate::support::wait_until("nginx", std::time::Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     (Nginx { child, _dir: dir }, port)
@@ -141,7 +139,7 @@ async fn early_answer_with_no_error_reset_reaches_the_caller_and_keeps_the_conne
     let pki = Pki::new();
     let (_nginx, port) = nginx_early();
     let fp = one_service(&pki, &format!("h2c://127.0.0.1:{port}"));
-    let mut client = support::h2_connect(&pki, fp.addr("internal")).await;
+    let mut client = crate::support::h2_connect(&pki, fp.addr("internal")).await;
     let body = bytes::Bytes::from(vec![b'x'; 4 << 20]);
     let fport = fp.port("internal");
     for round in 0..10 {

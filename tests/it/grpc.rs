@@ -1,11 +1,9 @@
 //! gRPC through fedport with a client and a server nobody here wrote (Python grpcio):
 //! unary and bidirectional streaming calls, trailers, status codes passing through.
 
-mod support;
-
+use crate::support::{Fedport, Pki};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use support::{Fedport, Pki};
 
 struct Child(std::process::Child);
 impl Drop for Child {
@@ -22,7 +20,7 @@ fn python() -> String {
 /// Starts the grpcio upstream and returns it with its port.
 fn grpc_upstream() -> (Child, u16) {
     let mut c = Command::new(python())
-        .arg(support::py("grpc_upstream.py"))
+        .arg(crate::support::py("grpc_upstream.py"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -42,7 +40,7 @@ fn grpc_upstream() -> (Child, u16) {
 /// client's certificate and returns the JSON it printed.
 fn run_client(script: &str, fp: &Fedport, pki: &Pki) -> serde_json::Value {
     let out = Command::new(python())
-        .arg(support::py(script))
+        .arg(crate::support::py(script))
         .arg(fp.addr("internal").to_string())
         .args([&pki.ca, &pki.client.cert, &pki.client.key])
         .output()
@@ -59,7 +57,7 @@ fn run_client(script: &str, fp: &Fedport, pki: &Pki) -> serde_json::Value {
 fn grpcio_unary_and_bidi_streaming_with_status_and_trailers() {
     let pki = Pki::new();
     let (_up, port) = grpc_upstream();
-    let fp = Fedport::start(&support::node_config_with_rules(
+    let fp = Fedport::start(&crate::support::node_config_with_rules(
         &pki,
         &format!(
             r#"
@@ -154,7 +152,7 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
     let pki = Pki::new();
     let (_up, port) = grpc_upstream();
     let protos = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto");
-    let fp = Fedport::start(&support::node_config(
+    let fp = Fedport::start(&crate::support::node_config(
         &pki,
         &format!(
             "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"h2c://127.0.0.1:{port}\"]\n\
@@ -282,7 +280,7 @@ async fn grpc_health_checks_follow_the_service() {
     use http_body_util::{BodyExt, Full};
     let pki = Pki::new();
     let (_up, port) = grpc_upstream();
-    let fp = Fedport::start(&support::node_config(
+    let fp = Fedport::start(&crate::support::node_config(
         &pki,
         &format!(
             "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"h2c://127.0.0.1:{port}\"]\n\
@@ -292,7 +290,7 @@ async fn grpc_health_checks_follow_the_service() {
     ));
     let healthy =
         format!(r#"fedport_upstream_healthy{{service="echo",endpoint="h2c://127.0.0.1:{port}"}}"#);
-    let mut s = support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
+    let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
     let p = fp.port("internal");
     let call = |method: &str| {
         http::Request::post(format!("https://localhost:{p}/test.Echo/{method}"))
@@ -305,7 +303,7 @@ async fn grpc_health_checks_follow_the_service() {
     assert_eq!(fp.metric(&healthy), 1.0);
     let resp = s.send_request(call("Unhealthy")).await.unwrap();
     let _ = resp.into_body().collect().await;
-    support::wait_until(
+    crate::support::wait_until(
         "NOT_SERVING noticed",
         std::time::Duration::from_secs(5),
         || fp.metric(&healthy) == 0.0,

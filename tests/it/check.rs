@@ -1,14 +1,12 @@
 //! `fedport check` run as a user would: every broken fixture prints its expected
 //! `file:line:col` messages and exits 1; the DESIGN.md config is accepted as written.
 
-mod support;
-
+use crate::support::Pki;
 use std::path::Path;
 use std::process::Command;
-use support::Pki;
 
 fn check(file: &Path) -> (i32, String) {
-    let out = Command::new(support::bin())
+    let out = Command::new(crate::support::bin())
         .arg("check")
         .arg(file)
         .output()
@@ -100,7 +98,7 @@ fn the_design_config_is_accepted_as_written() {
     .unwrap();
     let cfg = dir.join("fedport.toml");
     std::fs::copy(examples.join("fedport.toml"), &cfg).unwrap();
-    let out = Command::new(support::bin())
+    let out = Command::new(crate::support::bin())
         .arg("check")
         .arg(&cfg)
         .output()
@@ -128,7 +126,7 @@ fn run_refuses_a_broken_config_with_the_same_positions() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[node]\nname = \"a\"\nregion = \"r\"\nworkers = 0\n").unwrap();
-    let out = Command::new(support::bin())
+    let out = Command::new(crate::support::bin())
         .args(["run", "-c"])
         .arg(&cfg)
         .output()
@@ -158,7 +156,7 @@ fn a_wildcard_allowlist_on_a_peer_listener_is_a_warning() {
         ),
         "{stderr}"
     );
-    let out = Command::new(support::bin())
+    let out = Command::new(crate::support::bin())
         .args(["check", "--deny-warnings"])
         .arg(&cfg)
         .output()

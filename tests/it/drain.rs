@@ -1,13 +1,11 @@
 //! SIGTERM drains: readiness turns false, the port stops accepting, requests in flight
 //! finish, and the process exits 0.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{node_config, wait_until, Fedport, Pki};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::upstream::{self, Proto};
-use support::{node_config, wait_until, Fedport, Pki};
 
 #[test]
 fn sigterm_lets_slow_requests_finish_refuses_new_connections_and_exits_zero() {

@@ -3,15 +3,13 @@
 //! the alert rules and the dashboard use only metrics a node exports; access log lines
 //! are JSON with the documented fields; W3C trace context goes on with a new parent.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{node_config, Fedport, Pki};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use support::upstream::{self, Proto};
-use support::{node_config, Fedport, Pki};
 
 fn series(metrics: &str) -> Vec<&str> {
     metrics
@@ -58,7 +56,7 @@ async fn metrics_are_valid_and_bounded_under_a_scan() {
             schema.display()
         ),
     ));
-    let mut s = support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
+    let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
     let port = fp.port("internal");
     let send = |method: &str, path: &str, service: &str, body: &'static str| {
         http::Request::builder()
@@ -266,7 +264,7 @@ fn access_log_lines_are_json_and_trace_context_goes_on() {
         "x-request-id: req-123",
         &url,
     ]);
-    let (code, body, _) = support::curl(&a);
+    let (code, body, _) = crate::support::curl(&a);
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let seen = v["headers"]["traceparent"][0].as_str().unwrap();
@@ -280,9 +278,9 @@ fn access_log_lines_are_json_and_trace_context_goes_on() {
     // a refusal is logged too
     let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
     a.extend(["-H", "fed-service: nope", &url]);
-    assert_eq!(support::curl(&a).0, 404);
+    assert_eq!(crate::support::curl(&a).0, 404);
 
-    support::wait_until("access lines", std::time::Duration::from_secs(5), || {
+    crate::support::wait_until("access lines", std::time::Duration::from_secs(5), || {
         fp.log_text().matches("fedport::access").count() >= 2
     });
     let lines: Vec<serde_json::Value> = fp
@@ -341,7 +339,7 @@ fn sampled_requests_are_exported_to_an_otlp_collector() {
     let up = upstream::start(Proto::H2c);
     let out = pki.path().join("spans.jsonl");
     let mut collector = Command::new("python3")
-        .arg(support::py("otlp_collector.py"))
+        .arg(crate::support::py("otlp_collector.py"))
         .arg(&out)
         .stdout(Stdio::piped())
         .spawn()
@@ -368,7 +366,7 @@ fn sampled_requests_are_exported_to_an_otlp_collector() {
             a.extend(["-H", h.as_str()]);
         }
         a.extend(["-H", "fed-service: inventory", &url]);
-        let (code, body, _) = support::curl(&a);
+        let (code, body, _) = crate::support::curl(&a);
         assert_eq!(code, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["headers"]["traceparent"][0].as_str().unwrap().to_owned()
@@ -380,7 +378,7 @@ fn sampled_requests_are_exported_to_an_otlp_collector() {
         "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00f067aa0ba902b7-00",
     ));
     call(None);
-    support::wait_until(
+    crate::support::wait_until(
         "the span exported",
         std::time::Duration::from_secs(10),
         || fp.metric(r#"fedport_trace_spans_total{result="exported"}"#) >= 1.0,

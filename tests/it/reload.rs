@@ -3,15 +3,13 @@
 //! before it; a listener added by a reload accepts and one removed stops; a broken file
 //! changes nothing, is refused with `file:line:col` and counted.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{free_port, node_config_with_rules, Fedport, Pki};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::upstream::{self, Proto};
-use support::{free_port, node_config_with_rules, Fedport, Pki};
 
 fn config(pki: &Pki, up: &str, timeout: &str, methods: &str, extra: &str) -> String {
     node_config_with_rules(
@@ -35,7 +33,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
         let before = reloads_ok();
         std::fs::write(&fp.config, text).unwrap();
         fp.signal("HUP");
-        support::wait_until("the reload", Duration::from_secs(10), || {
+        crate::support::wait_until("the reload", Duration::from_secs(10), || {
             reloads_ok() > before
         });
     };
@@ -45,7 +43,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let mut s = support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
+        let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
         let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
@@ -69,7 +67,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
             }
         }));
     }
-    let mut post = support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
+    let mut post = crate::support::h2_connect::<Full<Bytes>>(&pki, fp.addr("internal")).await;
     let post_status = |s: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>| {
         let req = http::Request::post(format!("https://localhost:{port}/orders"))
             .header("fed-service", "orders")
@@ -96,7 +94,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
             config(&pki, &url, "15s", "\"GET /\", \"POST /\"", ""),
         )
         .unwrap();
-        support::wait_until("the file-change reload", Duration::from_secs(10), || {
+        crate::support::wait_until("the file-change reload", Duration::from_secs(10), || {
             reloads_ok() > before
         });
     });
@@ -110,7 +108,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     tokio::task::block_in_place(|| {
         std::fs::write(&fp.config, "[node]\nname = \"x\"\nregion = \n").unwrap();
         fp.signal("HUP");
-        support::wait_until("the refusal", Duration::from_secs(10), || {
+        crate::support::wait_until("the refusal", Duration::from_secs(10), || {
             fp.metric(r#"fedport_config_reloads_total{result="error"}"#) >= 1.0
         });
     });
@@ -135,11 +133,13 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     let extra_url = format!("https://localhost:{extra}/orders");
     let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
     a.extend(["-H", "fed-service: orders", &extra_url]);
-    assert_eq!(support::curl(&a).0, 200, "the new listener serves");
+    assert_eq!(crate::support::curl(&a).0, 200, "the new listener serves");
     // a request in flight on it when it is removed still finishes
-    let mut on_extra =
-        support::h2_connect::<Full<Bytes>>(&pki, format!("127.0.0.1:{extra}").parse().unwrap())
-            .await;
+    let mut on_extra = crate::support::h2_connect::<Full<Bytes>>(
+        &pki,
+        format!("127.0.0.1:{extra}").parse().unwrap(),
+    )
+    .await;
     let slow = tokio::spawn(async move {
         let req = http::Request::get(format!("https://localhost:{extra}/orders"))
             .header("fed-service", "orders")
@@ -161,7 +161,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
         "in flight on a removed listener: finished"
     );
     tokio::task::block_in_place(|| {
-        support::wait_until(
+        crate::support::wait_until(
             "the removed listener closes",
             Duration::from_secs(5),
             || std::net::TcpStream::connect(("127.0.0.1", extra)).is_err(),

@@ -2,14 +2,12 @@
 //! federation headers, traffic fails over to another region and back while a steady
 //! load runs, a forwarding loop is refused at once, and a deadline holds across hops.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{free_port, Fedport, Pki};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::upstream::{self, Proto};
-use support::{free_port, Fedport, Pki};
 
 /// One node's config: `[[listener]] internal` on `port`, every identity allowed
 /// everything, pings fast enough for a test.
@@ -52,7 +50,7 @@ fn peer(name: &str, region: &str, port: u16, services: &[&str]) -> String {
     format!(
         "[[peer]]\nname = \"{name}\"\nregion = \"{region}\"\naddress = \"127.0.0.1:{port}\"\n\
          identity = \"spiffe://{}/node/{name}\"\nservices = [{}]\n",
-        support::DOMAIN,
+        crate::support::DOMAIN,
         list.join(", ")
     )
 }
@@ -74,7 +72,7 @@ fn get(pki: &Pki, port: u16, service: &str, extra: &[&str]) -> (u16, serde_json:
     a.extend(["-H", &h]);
     a.extend(extra);
     a.push(&url);
-    let (code, body, _) = support::curl(&a);
+    let (code, body, _) = crate::support::curl(&a);
     (code, serde_json::from_str(&body).unwrap_or_default())
 }
 
@@ -128,7 +126,7 @@ fn a_call_crosses_regions_with_the_federation_headers() {
     ));
 
     // the nodes started one after the other: wait until a's PINGs reach both peers
-    support::wait_until("peers up", Duration::from_secs(10), || {
+    crate::support::wait_until("peers up", Duration::from_secs(10), || {
         a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
             && a.metric(r#"fedport_peer_up{peer="c"}"#) == 1.0
             && a.metric(r#"fedport_peer_rtt_seconds{peer="c"}"#) > 0.0
@@ -231,7 +229,7 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
     let run_for = Duration::from_millis(3600);
     let mut loops = Vec::new();
     for worker in 0..8 {
-        let mut s = support::h2_connect::<Full<Bytes>>(&pki, addr).await;
+        let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, addr).await;
         let samples = samples.clone();
         loops.push(tokio::spawn(async move {
             let mut n = 0u64;
@@ -281,7 +279,7 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
         v["services"][0]["endpoints"][0]["available"].as_bool()
     };
     tokio::task::block_in_place(|| {
-        support::wait_until("endpoint out", Duration::from_secs(5), || {
+        crate::support::wait_until("endpoint out", Duration::from_secs(5), || {
             available() == Some(false)
         })
     });
@@ -451,7 +449,7 @@ async fn a_forwarding_loop_is_refused_at_once() {
     let pki_ref = &pki;
     let call = |port: u16| async move {
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut s = support::h2_connect::<Full<Bytes>>(pki_ref, addr).await;
+        let mut s = crate::support::h2_connect::<Full<Bytes>>(pki_ref, addr).await;
         let req = http::Request::post(format!("https://localhost:{port}/loop.Ping/Ping"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
@@ -548,7 +546,7 @@ async fn a_deadline_holds_across_two_hops() {
         ),
     ));
     let addr = format!("127.0.0.1:{pa}").parse().unwrap();
-    let mut s = support::h2_connect::<Full<Bytes>>(&pki, addr).await;
+    let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, addr).await;
     let req = http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")

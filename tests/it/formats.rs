@@ -2,10 +2,8 @@
 //! `formats` get 415, bodies over `max_message_bytes` get 413 — declared or streamed —
 //! each with a JSON reason, and the service sees none of them.
 
-mod support;
-
-use support::upstream::{self, Proto};
-use support::{curl, node_config, Fedport, Pki};
+use crate::support::upstream::{self, Proto};
+use crate::support::{curl, node_config, Fedport, Pki};
 
 #[test]
 fn formats_and_sizes_are_enforced_before_the_service_sees_the_body() {
@@ -108,7 +106,7 @@ async fn a_streamed_body_is_refused_once_it_passes_the_limit() {
             up.url(Proto::H2c)
         ),
     ));
-    let mut client = support::h2_connect::<Chunks>(&pki, fp.addr("internal")).await;
+    let mut client = crate::support::h2_connect::<Chunks>(&pki, fp.addr("internal")).await;
     let port = fp.port("internal");
     let send = |n: usize| {
         http::Request::post(format!("https://localhost:{port}/count"))
@@ -274,7 +272,7 @@ async fn an_oversized_length_prefix_is_refused_before_its_body_is_read() {
     let port = fp.port("internal");
     let chunk = Bytes::from(vec![0u8; 256 << 10]);
     for path in ["/big.Sink/Put", "/test.Echo/Say"] {
-        let mut s = support::h2_connect::<Channel<Bytes>>(&pki, fp.addr("internal")).await;
+        let mut s = crate::support::h2_connect::<Channel<Bytes>>(&pki, fp.addr("internal")).await;
         let (mut tx, body) = Channel::<Bytes>::new(1);
         let req = http::Request::post(format!("https://localhost:{port}{path}"))
             .header("content-type", "application/grpc")

@@ -1,10 +1,8 @@
 //! The peer port over real mutual TLS with curl: who gets in, what the upstream sees,
 //! and how refusals read.
 
-mod support;
-
-use support::upstream::{self, Proto};
-use support::{curl, node_config, Fedport, Pki};
+use crate::support::upstream::{self, Proto};
+use crate::support::{curl, node_config, Fedport, Pki};
 
 fn start(pki: &Pki, h1: &upstream::Upstream, h2: &upstream::Upstream) -> Fedport {
     Fedport::start(&node_config(
@@ -157,7 +155,7 @@ fn handshake_fails_without_a_valid_client_cert_and_nothing_reaches_the_upstream(
         "{text}"
     );
     assert_eq!(h1.hits() + h2.hits(), 0, "nothing may reach an upstream");
-    support::wait_until("failure metrics", std::time::Duration::from_secs(5), || {
+    crate::support::wait_until("failure metrics", std::time::Duration::from_secs(5), || {
         fp.metric(
             r#"fedport_tls_handshake_failures_total{listener="internal",reason="no_client_cert"}"#,
         ) >= 2.0
@@ -308,7 +306,7 @@ fn requests_spread_over_every_endpoint_of_a_service() {
 fn rules_deny_by_default_with_403_and_no_upstream_contact() {
     let pki = Pki::new();
     let h1 = upstream::start(Proto::Http1);
-    let fp = Fedport::start(&support::node_config_with_rules(
+    let fp = Fedport::start(&crate::support::node_config_with_rules(
         &pki,
         &format!(
             "[[service]]\nname = \"plain\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\

@@ -1,16 +1,14 @@
 //! `fedport bench` against things whose counts are known: its request and error counts
 //! equal the upstream's own counters, and its closed-loop throughput through a fedport
 //! node (its local h2c port) agrees with h2load's (same flags, one thread each) within
-//! 20%. Over mTLS it is exercised by tests/overload.rs.
+//! 20%. Over mTLS it is exercised by tests/it/overload.rs.
 
-mod support;
-
+use crate::support::upstream::{self, Proto};
+use crate::support::{node_config, Fedport, Pki};
 use std::process::Command;
-use support::upstream::{self, Proto};
-use support::{node_config, Fedport, Pki};
 
 fn bench(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(support::bin())
+    let out = Command::new(crate::support::bin())
         .arg("bench")
         .args(args)
         .arg("--json")

@@ -1,0 +1,26 @@
+//! fedport's integration tests, one binary: each module starts real processes on
+//! loopback (or in network namespaces it makes) and talks to them with real clients.
+//! `cargo test --test it MODULE::` runs one module.
+
+mod support;
+
+mod admission;
+mod bench;
+mod check;
+mod drain;
+mod federation;
+mod firewall;
+mod formats;
+mod grpc;
+mod impairment;
+mod monitoring;
+mod mtls_http;
+mod overload;
+mod plan;
+mod properties;
+mod reload;
+mod rotation;
+mod sandbox;
+mod spikes;
+mod streaming;
+mod top;
