@@ -410,7 +410,7 @@ async fn worker_main(
                 },
                 worker: worker.clone(),
                 metrics: metrics.clone(),
-                builder: listen::http_builder(spec.max_streams),
+                builder: listen::http_builder(spec.max_streams, spec.header_timeout),
             });
             match sockets.remove(&spec.name) {
                 None => {

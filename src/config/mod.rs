@@ -166,6 +166,8 @@ pub struct Listener {
     pub idle_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_streams: u32,
+    /// How long request headers may take to arrive once started (slowloris).
+    pub header_timeout: Duration,
 }
 
 /// A rate limit (token bucket: `rate` per second, `burst` at once) and a concurrency
@@ -1087,6 +1089,7 @@ impl Checker<'_> {
                 Duration::from_secs(3),
             );
             let idle_timeout = self.duration(r.idle_timeout.as_ref(), Duration::from_secs(300));
+            let header_timeout = self.duration(r.header_timeout.as_ref(), Duration::from_secs(10));
             let max_connections = match &r.max_connections {
                 Some(m) if *m.get_ref() < 1 => {
                     self.sink.error(
@@ -1135,6 +1138,7 @@ impl Checker<'_> {
                 max_connections,
                 proxy_timeout,
                 idle_timeout,
+                header_timeout,
             });
         }
         out

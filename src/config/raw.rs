@@ -154,6 +154,9 @@ pub struct RawListener {
     pub idle_timeout: Option<S<String>>,
     /// Concurrent HTTP/2 streams per connection; default 1024.
     pub max_streams: Option<S<i64>>,
+    /// How long request headers (an HTTP/2 header block, the HTTP/2 preface, HTTP/1.1
+    /// request headers) may take to arrive; default 10s.
+    pub header_timeout: Option<S<String>>,
 }
 
 /// A rate (requests per second, with a burst) and a concurrency limit.

@@ -2,6 +2,7 @@
 //! address check, the TLS 1.3 handshake that yields the caller's identity, and serving
 //! HTTP/1.1 and HTTP/2 on the connection until it ends or the node drains.
 
+pub mod h2guard;
 pub mod proxy_protocol;
 
 use crate::config::{Listener, Role};
@@ -62,12 +63,16 @@ pub struct Accepting {
     pub builder: auto::Builder<TokioExecutor>,
 }
 
+/// Decoded request headers allowed (SETTINGS_MAX_HEADER_LIST_SIZE); an encoded header
+/// block larger than this cuts the connection (`h2guard`).
+const MAX_HEADER_LIST: usize = 64 * 1024;
+
 /// The HTTP server settings every listener uses.
-pub fn http_builder(max_streams: u32) -> auto::Builder<TokioExecutor> {
+pub fn http_builder(max_streams: u32, header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(header_timeout)
         .max_headers(100)
         .max_buf_size(64 * 1024);
     b.http2()
@@ -75,7 +80,9 @@ pub fn http_builder(max_streams: u32) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(max_streams)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .max_header_list_size(64 * 1024)
+        .max_header_list_size(MAX_HEADER_LIST as u32)
+        // streams fedport itself resets for a client's protocol errors, before GOAWAY
+        .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     b
@@ -239,7 +246,8 @@ async fn serve(
                 remote,
                 worker: acc.worker.clone(),
             });
-            run_http(TokioIo::new(stream), ctx, &acc, watcher, false).await;
+            let io = h2guard::Guarded::new(stream, guard_limits(&acc.spec), false);
+            run_http(io, ctx, &acc, watcher, false).await;
         }
         Some((tls, timeout)) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
@@ -300,7 +308,12 @@ async fn serve(
                 identity,
                 worker: acc.worker.clone(),
             });
-            run_http(TokioIo::new(tls_stream), ctx, &acc, watcher, h2).await;
+            let io = if h2 {
+                h2guard::Guarded::new(tls_stream, guard_limits(&acc.spec), true)
+            } else {
+                h2guard::Guarded::passthrough(tls_stream, guard_limits(&acc.spec))
+            };
+            run_http(io, ctx, &acc, watcher, h2).await;
         }
     }
     active.dec();
@@ -341,11 +354,19 @@ fn classify(e: &std::io::Error) -> &'static str {
 /// Serves HTTP on a connection until it ends; asks it to finish gracefully (GOAWAY, or
 /// close when idle for HTTP/1.1) when the node drains or when it has carried no request
 /// for the listener's idle timeout.
-async fn run_http<I>(io: I, ctx: Arc<ConnCtx>, acc: &Accepting, drain: Drain, h2_only: bool)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+async fn run_http<I>(
+    io: h2guard::Guarded<I>,
+    ctx: Arc<ConnCtx>,
+    acc: &Accepting,
+    drain: Drain,
+    h2_only: bool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let trip = io.trip();
+    let io = TokioIo::new(io);
     let activity = ctx.activity.clone();
+    let remote = ctx.remote;
     let svc = service_fn(move |req| proxy::handle(req, ctx.clone()));
     let builder = if h2_only {
         acc.builder.clone().http2_only()
@@ -356,21 +377,31 @@ where
     tokio::pin!(conn);
     let mut signal = drain.signal.clone();
     let idle = acc.spec.idle_timeout;
-    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+    let period = (idle / 4).min(acc.spec.header_timeout / 2);
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(50)));
     let mut closing = false;
+    // after a cut, the GOAWAY gets this long to go out before the socket is dropped
+    let mut cut: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut refused = None;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    refused = refusal(&*e);
                     tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");
                 }
                 break;
             }
+            _ = trip.notify.notified(), if cut.is_none() => {
+                cut = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+            }
+            _ = async { cut.as_mut().expect("guarded by is_some").await }, if cut.is_some() => break,
             _ = signal.wait_for(|s| *s), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
             _ = tick.tick(), if !closing => {
+                trip.check_slow();
                 if activity.idle_for() >= idle {
                     closing = true;
                     acc.metrics.reject(&acc.name, "idle_timeout");
@@ -379,7 +410,60 @@ where
             }
         }
     }
+    if let Some(why) = trip.reason().or(refused) {
+        acc.metrics.reject(&acc.name, why);
+        log_cut(&acc.name, remote, why);
+    }
     drop(drain);
+}
+
+fn guard_limits(l: &Listener) -> h2guard::Limits {
+    h2guard::Limits::new(MAX_HEADER_LIST, l.header_timeout)
+}
+
+/// The bounded reason for a connection fedport itself ended for a client's fault: an
+/// HTTP/2 error the codec detected (it sent GOAWAY), or slow HTTP/1.1 headers.
+fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return Some("slow_headers");
+            }
+        }
+        if let Some(h) = err.downcast_ref::<h2::Error>() {
+            if !(h.is_go_away() && h.is_library()) {
+                return None;
+            }
+            return Some(match h.reason()? {
+                h2::Reason::PROTOCOL_ERROR => "h2_protocol_error",
+                h2::Reason::FLOW_CONTROL_ERROR => "h2_flow_control_error",
+                h2::Reason::FRAME_SIZE_ERROR => "h2_frame_size_error",
+                h2::Reason::COMPRESSION_ERROR => "h2_compression_error",
+                h2::Reason::ENHANCE_YOUR_CALM => "h2_enhance_your_calm",
+                h2::Reason::NO_ERROR => return None,
+                _ => "h2_other_error",
+            });
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// One line per reason per 10 s: an attack reconnecting in a loop is counted, not
+/// logged per connection.
+fn log_cut(listener: &str, remote: SocketAddr, why: &'static str) {
+    static LAST: std::sync::Mutex<Vec<(&'static str, std::time::Instant)>> =
+        std::sync::Mutex::new(Vec::new());
+    let now = std::time::Instant::now();
+    let Ok(mut last) = LAST.lock() else { return };
+    match last.iter_mut().find(|(r, _)| *r == why) {
+        Some((_, t)) if now.duration_since(*t) < Duration::from_secs(10) => return,
+        Some((_, t)) => *t = now,
+        None => last.push((why, now)),
+    }
+    drop(last);
+    tracing::warn!(listener, %remote, reason = why, "connection cut for abuse (counted in fedport_rejections_total; logged at most every 10s per reason)");
 }
 
 /// What a connection task holds while it lives: the drain signal, and a share of the

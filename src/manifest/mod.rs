@@ -20,6 +20,7 @@ pub struct Port {
     pub service: Option<String>,
     pub max_connections: usize,
     pub idle_timeout_ms: u64,
+    pub header_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -91,6 +92,7 @@ pub fn manifest(cfg: &Config) -> Manifest {
             service: l.service.clone(),
             max_connections: l.max_connections,
             idle_timeout_ms: ms(l.idle_timeout),
+            header_timeout_ms: ms(l.header_timeout),
         })
         .collect();
     let admin = cfg.admin.map(|a| Port {
@@ -103,6 +105,7 @@ pub fn manifest(cfg: &Config) -> Manifest {
         service: None,
         max_connections: 0,
         idle_timeout_ms: 0,
+        header_timeout_ms: 0,
     });
     let services = cfg
         .services
@@ -396,6 +399,11 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
                         p.max_connections as u64,
                     ),
                     ("idle_timeout_ms", o.idle_timeout_ms, p.idle_timeout_ms),
+                    (
+                        "header_timeout_ms",
+                        o.header_timeout_ms,
+                        p.header_timeout_ms,
+                    ),
                 ] {
                     if a != b {
                         push("limit", '~', format!("port {name} {what}: {a} → {b}"));

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod abuse;
 mod admission;
 mod bench;
 mod check;
