@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# fedport against the direct upstream, HAProxy and nginx, in one run, same h2load flags,
-# same mTLS (the direct run is cleartext h2c: there is no proxy to terminate TLS).
-# Prints req/s, p50, p99 and proxy CPU µs per request, with ratios.
+# fedport against the direct upstream, HAProxy and nginx, in one run: same h2load flags,
+# same mTLS (the direct run is cleartext h2c: there is no proxy to terminate TLS), in
+# interleaved rounds (the order rotates each round), medians over the rounds.
 #
-#   bench/compare.sh [SECONDS] [CONNECTIONS] [STREAMS_PER_CONNECTION]
+#   bench/compare.sh [SECONDS] [CONNECTIONS] [STREAMS_PER_CONNECTION] [ROUNDS]
 #
-# Not a test: numbers depend on the machine. Everything binds 127.0.0.1.
+# Three shapes of load:
+#   keepalive  GET over long-lived connections, CONNECTIONS × STREAMS in flight
+#   grpc       POST of a 5-byte-framed 100-byte message, content-type application/grpc,
+#              te: trailers, the same concurrency
+#   churn      one request per connection (1,000 connections opened at once): the mTLS
+#              handshake dominates
+# For each: req/s, p50, p99 (h2load's per-request log), proxy CPU µs per request
+# (utime+stime of the proxy's processes ÷ requests), proxy RSS after the run, and ratios
+# to direct and to each peer. FEDPORT_PERF=1 records a perf profile of fedport's first
+# keepalive run. Not a test: numbers depend on the machine. Everything binds 127.0.0.1.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 peers=${FEDPORT_PEERS:-$here/../shared/peers/peers.sh}
-secs=${1:-10} conns=${2:-16} streams=${3:-16}
+secs=${1:-5} conns=${2:-16} streams=${3:-16} rounds=${4:-3}
 work=$(mktemp -d /tmp/fedport-bench.XXXXXX)
-trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; kill ${fp_pid:-} ${fk_pid:-} 2>/dev/null; wait 2>/dev/null || true' EXIT
+trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; kill ${fp_pid:-} 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 bash "$peers" install
 (cd "$here" && cargo build --release --quiet)
-fedport=$here/target/release/fedport
 
 . "$here/bench/lib.sh"
 cd "$work"
 bench_certs
-up=$(port) hp=$(port) np=$(port) fp=$(port) fk=$(port)
+up=$(port) hp=$(port) np=$(port) fp=$(port)
 bash "$peers" upstream "$work" "$up"
 bash "$peers" start "$work" "$up" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$hp" "$np"
 { node_toml bench "$fp"; cat <<CONF
@@ -34,40 +42,57 @@ from = "spiffe://bench/client"
 to = "up"
 CONF
 } > fedport.toml
-# the same node with 1,000 rules, of which the caller's is the last
-{ sed "s/127.0.0.1:$fp/127.0.0.1:$fk/" fedport.toml
-  for r in $(seq 999); do printf '[[allow]]\nfrom = "spiffe://bench/team%s/*"\nto = "up"\nmethods = ["GET /v1/%s/"]\n' "$r" "$r"; done
-} > fedport-1k.toml
-FEDPORT_LOG=warn "$fedport" run -c fedport.toml --ready-file ready.json 2>fedport.log & fp_pid=$!
-FEDPORT_LOG=warn "$fedport" run -c fedport-1k.toml --ready-file ready-1k.json 2>fedport-1k.log & fk_pid=$!
-for _ in $(seq 100); do [ -s ready.json ] && [ -s ready-1k.json ] && break; sleep 0.05; done
+start_fedport fedport.toml ready.json fedport.log
 sleep 0.5
-
 haproxy_pid=$(pgrep -n -f "haproxy -f $work/haproxy.cfg")
+nginx_pid=$(pgrep -n -f "nginx -c $work/nginx.conf")
+printf '\0\0\0\0\144%0100d' 0 > grpc.bin
 
-{
-  run direct "http://127.0.0.1:$up/" -
-  run haproxy "https://127.0.0.1:$hp/" "$haproxy_pid"
-  run nginx "https://127.0.0.1:$np/" -
-  if [ -n "${FEDPORT_PERF:-}" ]; then # profile fedport during its run: perf.data in the work dir
-    perf record -F 2000 -g -p "$fp_pid" -o "$work/perf.data" -- sleep "$((secs + 1))" >/dev/null 2>&1 &
-    perf_pid=$!
-  fi
-  run fedport "https://127.0.0.1:$fp/" "$fp_pid"
-  [ -n "${perf_pid:-}" ] && wait "$perf_pid" && cp "$work/perf.data" "${FEDPORT_PERF_OUT:-/tmp/fedport.perf.data}"
-  run fedport-1k "https://127.0.0.1:$fk/" "$fk_pid"
-} >"$work/results.tsv"
+declare -A url pid
+url[direct]="http://127.0.0.1:$up/"; pid[direct]=-
+url[haproxy]="https://127.0.0.1:$hp/"; pid[haproxy]=$haproxy_pid
+url[nginx]="https://127.0.0.1:$np/"; pid[nginx]=$nginx_pid
+url[fedport]="https://127.0.0.1:$fp/"; pid[fedport]=$fp_pid
+targets=(direct haproxy nginx fedport)
 
-python3 - "$work/results.tsv" "$secs" "$conns" "$streams" <<'PY'
-import sys
-rows = {l.split("\t")[0]: l.rstrip("\n").split("\t") for l in open(sys.argv[1])}
-print(f"h2load -D {sys.argv[2]} -c {sys.argv[3]} -m {sys.argv[4]} -t 1, GET, 100-byte answers; proxies: mTLS TLS 1.3 + ALPN h2 -> h2c")
-print(f"{'target':10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu µs/req':>12}{'done':>10}{'errors':>8}")
-for k in ["direct", "haproxy", "nginx", "fedport", "fedport-1k"]:
-    r = rows[k]
-    print(f"{k:10}{r[1]:>10}{r[2]:>9}{r[3]:>9}{r[4]:>12}{r[5]:>10}{r[6]:>8}")
-f, d, h = (float(rows[k][1]) for k in ("fedport", "direct", "haproxy"))
-print(f"fedport/direct req/s: {f/d:.2f}   fedport/haproxy req/s: {f/h:.2f}   "
-      f"fedport/haproxy cpu per request: {float(rows['fedport'][4])/float(rows['haproxy'][4]):.2f}")
-print(f"fedport with 1,000 rules / with 1 rule, req/s: {float(rows['fedport-1k'][1])/f:.2f}")
+for r in $(seq "$rounds"); do
+  for i in 0 1 2 3; do
+    t=${targets[$(((i + r) % 4))]}
+    if [ "$r" = 1 ] && [ "$t" = fedport ] && [ -n "${FEDPORT_PERF:-}" ]; then
+      perf record -F 2000 -g -p "$fp_pid" -o "$work/perf.data" -- sleep "$((secs + 1))" >/dev/null 2>&1 &
+      perf_pid=$!
+    fi
+    run_shape=keepalive run "$t" "${url[$t]}" "${pid[$t]}"
+    [ -n "${perf_pid:-}" ] && wait "$perf_pid" && cp "$work/perf.data" "${FEDPORT_PERF_OUT:-/tmp/fedport.perf.data}" && perf_pid=
+    run_shape=grpc run "$t" "${url[$t]}" "${pid[$t]}" -d grpc.bin -H 'content-type: application/grpc' -H 'te: trailers'
+    run_shape=churn run "$t" "${url[$t]}" "${pid[$t]}"
+  done
+done >"$work/results.tsv"
+
+python3 - "$work/results.tsv" "$secs" "$conns" "$streams" "$rounds" <<'PY'
+import statistics as st, sys, collections
+rows = collections.defaultdict(list)
+for l in open(sys.argv[1]):
+    f = l.rstrip("\n").split("\t")
+    rows[(f[0], f[1])].append([float(x) if x != "nan" else float("nan") for x in f[2:]])
+secs, conns, streams, rounds = sys.argv[2:6]
+med = lambda k, i: st.median(r[i] for r in rows[k]) if rows.get(k) else float("nan")
+print(f"proxies: TLS 1.3 + client certificate + ALPN h2 -> h2c upstream (nginx, 100-byte answers); "
+      f"medians of {rounds} interleaved rounds")
+for shape, flags in [("keepalive", f"-D {secs} -c {conns} -m {streams}, GET"),
+                     ("grpc", f"-D {secs} -c {conns} -m {streams}, POST application/grpc 105 bytes"),
+                     ("churn", "-n 1000 -c 1000 -m 1: one request per connection")]:
+    print(f"\n## {shape}: h2load {flags}")
+    print(f"{'target':9}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'CPU µs/req':>11}{'RSS MiB':>9}"
+          f"{'÷direct':>9}{'CPU ÷haproxy':>13}{'CPU ÷nginx':>11}{'errors':>8}")
+    d = med((shape, "direct"), 0)
+    for t in ["direct", "haproxy", "nginx", "fedport"]:
+        k = (shape, t)
+        rps, p50, p99, cpu, errs, rss = (med(k, i) for i in (0, 1, 2, 3, 5, 6))
+        ch, cn = cpu / med((shape, "haproxy"), 3), cpu / med((shape, "nginx"), 3)
+        print(f"{t:9}{rps:9.0f}{p50:8.2f}{p99:8.2f}{cpu:11.1f}{rss:9.1f}{rps/d:9.2f}{ch:13.2f}{cn:11.2f}{errs:8.0f}")
+    f, h, n = (med((shape, t), 0) for t in ("fedport", "haproxy", "nginx"))
+    add = lambda t: med((shape, t), 2) - med((shape, "direct"), 2)
+    print(f"fedport req/s ÷ haproxy {f/h:.2f}, ÷ nginx {f/n:.2f}; added p99 vs direct: "
+          f"fedport {add('fedport'):+.2f} ms, haproxy {add('haproxy'):+.2f} ms, nginx {add('nginx'):+.2f} ms")
 PY

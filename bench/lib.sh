@@ -34,25 +34,47 @@ start_fedport() { # CONFIG READY_FILE LOG
   [ -s "$2" ] || { echo "fedport did not start:" >&2; cat "$3" >&2; exit 1; }
 }
 
+# CPU ticks (utime + stime) of a process and its children (nginx's workers).
+tree_ticks() { # PID
+  local t=0 c
+  for c in $1 $(pgrep -P "$1" || true); do t=$((t + $(cpu_ticks "$c"))); done
+  echo "$t"
+}
+
+# Resident memory of a process and its children, MiB.
+tree_rss_mib() { # PID
+  local kb=0 c
+  for c in $1 $(pgrep -P "$1" || true); do
+    kb=$((kb + $(awk '/^VmRSS:/{print $2}' "/proc/$c/status")))
+  done
+  awk -v kb="$kb" 'BEGIN { printf "%.1f", kb / 1024 }'
+}
+
 # One h2load run with the client certificate; prints a TSV row:
-# name, req/s, p50 ms, p99 ms, CPU µs per request of PID (nan for -), done, errors.
-# Extra h2load arguments (-d FILE, -H ...) come after the URL.
+# [shape,] name, req/s, p50 ms, p99 ms, CPU µs per request of PID and its children (nan
+# for -), done, errors, RSS MiB after the run (nan for -). Extra h2load arguments (-d
+# FILE, -H ...) come after the URL. With run_shape=churn every request has a connection
+# of its own (1,000 opened at once); otherwise -D secs -c conns -m streams. A set
+# run_shape also starts the row.
 run() { # NAME URL PID|- [h2load args]
-  local name=$1 url=$2 pid=$3 before=0 after=0; shift 3
-  [ "$pid" != - ] && before=$(cpu_ticks "$pid")
-  bash "$peers" h2load "$work/client.pem" "$work/client.key" -D "$secs" --warm-up-time 1 \
-    -c "$conns" -m "$streams" -t 1 --log-file "$work/$name.log" "$@" "$url" >"$work/$name.out" 2>&1 \
+  local name=$1 url=$2 pid=$3 before=0 after=0 rss=nan load; shift 3
+  if [ "${run_shape:-}" = churn ]; then load=(-n 1000 -c 1000 -m 1)
+  else load=(-D "$secs" --warm-up-time 1 -c "$conns" -m "$streams"); fi
+  [ "$pid" != - ] && before=$(tree_ticks "$pid")
+  bash "$peers" h2load "$work/client.pem" "$work/client.key" "${load[@]}" \
+    -t 1 --log-file "$work/$name.log" "$@" "$url" >"$work/$name.out" 2>&1 \
     || { echo "h2load failed for $name:" >&2; cat "$work/$name.out" >&2; exit 1; }
-  [ "$pid" != - ] && after=$(cpu_ticks "$pid")
-  python3 - "$name" "$work/$name.out" "$work/$name.log" "$((after - before))" "$(getconf CLK_TCK)" <<'PY'
+  [ "$pid" != - ] && after=$(tree_ticks "$pid") && rss=$(tree_rss_mib "$pid")
+  [ -n "${run_shape:-}" ] && printf '%s\t' "$run_shape"
+  python3 - "$name" "$work/$name.out" "$work/$name.log" "$((after - before))" "$(getconf CLK_TCK)" "$rss" <<'PY'
 import re, sys
-name, out, log, ticks, hz = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+name, out, log, ticks, hz, rss = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
 done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(2))
 errs = int(re.search(r"(\d+) failed, (\d+) errored", out).group(1))
 lat = sorted(int(l.split()[2]) for l in open(log) if l.strip() and l.split()[1] == "200")
 pct = lambda p: lat[min(len(lat) - 1, int(len(lat) * p))] / 1000.0 if lat else float("nan")
 cpu = (ticks / hz * 1e6 / done) if ticks and done else float("nan")
-print(f"{name}\t{rps:.0f}\t{pct(0.5):.2f}\t{pct(0.99):.2f}\t{cpu:.1f}\t{done}\t{errs}")
+print(f"{name}\t{rps:.0f}\t{pct(0.5):.2f}\t{pct(0.99):.2f}\t{cpu:.1f}\t{done}\t{errs}\t{rss}")
 PY
 }
