@@ -60,13 +60,15 @@ run() { # NAME URL PID|- [h2load args]
   local name=$1 url=$2 pid=$3 before=0 after=0 rss=nan load; shift 3
   if [ "${run_shape:-}" = churn ]; then load=(-n 1000 -c 1000 -m 1)
   else load=(-D "$secs" --warm-up-time 1 -c "$conns" -m "$streams"); fi
+  local log="$work/h2load-$name.log"
+  rm -f "$log"
   [ "$pid" != - ] && before=$(tree_ticks "$pid")
   bash "$peers" h2load "$work/client.pem" "$work/client.key" "${load[@]}" \
-    -t 1 --log-file "$work/$name.log" "$@" "$url" >"$work/$name.out" 2>&1 \
+    -t 1 --log-file "$log" "$@" "$url" >"$work/$name.out" 2>&1 \
     || { echo "h2load failed for $name:" >&2; cat "$work/$name.out" >&2; exit 1; }
   [ "$pid" != - ] && after=$(tree_ticks "$pid") && rss=$(tree_rss_mib "$pid")
   [ -n "${run_shape:-}" ] && printf '%s\t' "$run_shape"
-  python3 - "$name" "$work/$name.out" "$work/$name.log" "$((after - before))" "$(getconf CLK_TCK)" "$rss" <<'PY'
+  python3 - "$name" "$work/$name.out" "$log" "$((after - before))" "$(getconf CLK_TCK)" "$rss" <<'PY'
 import re, sys
 name, out, log, ticks, hz, rss = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))

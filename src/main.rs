@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+/// mimalloc: a request's state (several KiB) is allocated and freed per request on every
+/// worker thread; glibc's malloc serves sizes above its thread cache from shared bins
+/// and spent ~12% of fedport's CPU there (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = fedport::cli::Cli::parse();
     fedport::telemetry::init_logging_as(cli.log_format.as_deref());

@@ -691,7 +691,7 @@ async fn forward(
     let (parts, idx, aim, timeout, limit, framer, response, json_route, admit) = match checked {
         Ok(c) => c,
         Err(r) => {
-            discard(body).await;
+            Box::pin(discard(body)).await;
             return Err(r);
         }
     };
@@ -712,7 +712,7 @@ async fn forward(
             .max_message_bytes
             .unwrap_or(schema::DEFAULT_JSON_LIMIT);
         let whole = body.take().map(|b| Limited::new(b, max as usize));
-        let bytes = match whole.expect("the body is there").collect().await {
+        let bytes = match Box::pin(whole.expect("the body is there").collect()).await {
             Ok(c) => c.to_bytes(),
             Err(_) => {
                 return Err(match tripped.get() {

@@ -240,7 +240,7 @@ impl EndpointPool {
         });
         let sender = match idle {
             Some(s) => s,
-            None => match self.connect().await {
+            None => match Box::pin(self.connect()).await {
                 Ok(Sender::H1(s)) => s,
                 Ok(Sender::H2(mut s)) => {
                     let resp = s
@@ -295,7 +295,9 @@ impl EndpointPool {
         if let Some(s) = self.take_from(slot) {
             return Ok(Sender::H2(s));
         }
-        match self.connect().await? {
+        // boxed: connecting (TCP, TLS, HTTP/2 handshake) is rare, and its state is large;
+        // inline it would be carried, and copied, by every request's future
+        match Box::pin(self.connect()).await? {
             Sender::H2(s) => {
                 if let Ok(mut st) = slot.state.lock() {
                     *st = Some((s.clone(), 1));
