@@ -9,6 +9,9 @@ for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:
 done
 [ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || need+=(libnginx-mod-http-echo)
 [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+# the etcd-client crate compiles etcd's protos at build time: protoc and the well-known types
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need[*]}"
   apt-get update -qq >/dev/null 2>&1 || true
@@ -16,6 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
   # Debian starts the packaged daemons; none of them is ours to leave running
   for f in /run/nginx.pid /run/haproxy.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
   pkill -x prometheus 2>/dev/null || true
+  pkill -x etcd 2>/dev/null || true
 fi
 py=${PYTHON:-python3}
 if ! "$py" -c 'import prometheus_client' >/dev/null 2>&1; then

@@ -29,6 +29,7 @@ pub mod listen;
 pub mod manifest;
 pub mod policy;
 pub mod proxy;
+pub mod registry;
 pub mod route;
 pub mod sandbox;
 pub mod schema;

@@ -39,6 +39,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// Health of endpoints and peers, for `/readyz?verbose`.
     pub fleet: ArcSwap<crate::federation::Fleet>,
+    /// The etcd registry's state, when one is configured.
+    pub registry: std::sync::OnceLock<Arc<crate::registry::Status>>,
     ready: AtomicBool,
 }
 
@@ -185,6 +187,7 @@ impl Server {
             config: ArcSwap::new(config.clone()),
             metrics: metrics.clone(),
             fleet: ArcSwap::new(p.shared.fleet.clone()),
+            registry: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
         });
         let (shutdown, _) = watch::channel(false);

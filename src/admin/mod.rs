@@ -59,6 +59,9 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
         "/readyz" if req.uri().query() == Some("verbose") => {
             let mut detail = st.fleet.load().detail(&st.config.load());
             detail["ready"] = st.is_ready().into();
+            if let Some(r) = st.registry.get() {
+                detail["registry"] = r.detail();
+            }
             let status = if st.is_ready() {
                 StatusCode::OK
             } else {

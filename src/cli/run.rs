@@ -84,18 +84,61 @@ where
         let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
         let mut watch = Watch::new(&cfg);
         let mut ticks = 0u32;
+        // membership from the registry, merged into the file's configuration
+        let mut file_cfg = cfg.clone();
+        let (members_tx, mut members) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        let mut registry_on = false;
+        if let Some(reg) = &cfg.registry {
+            match crate::registry::me(&cfg, &server.bound()) {
+                Some(me) => {
+                    let status = Arc::new(crate::registry::Status::default());
+                    let _ = server.state.registry.set(status.clone());
+                    tokio::spawn(crate::registry::run(
+                        reg.clone(),
+                        me,
+                        members_tx,
+                        status,
+                        server.state.metrics.clone(),
+                    ));
+                    registry_on = true;
+                }
+                None => tracing::error!("registry: cannot tell this node's address or identity (a peer listener and [tls] are needed); not registering"),
+            }
+        }
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
                 _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration and TLS material");
-                    reload(&server, &cfg.path, &mut watch);
+                    if let Some(c) = reload(&server, &cfg.path, &mut watch, &members.borrow()) {
+                        file_cfg = c;
+                    }
                     server.reload_tls(true);
+                }
+                r = members.changed(), if registry_on => {
+                    if r.is_err() {
+                        registry_on = false;
+                        continue;
+                    }
+                    // a burst of registrations is applied once
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let now = members.borrow_and_update().clone();
+                    let started = std::time::Instant::now();
+                    let merged = crate::registry::merge(&file_cfg, &now);
+                    match server.reload(Arc::new(merged)) {
+                        Ok(()) => {
+                            server.state.metrics.registry_updates.inc();
+                            tracing::info!(members = now.len(), took_ms = started.elapsed().as_secs_f64() * 1e3, "registry: membership applied");
+                        }
+                        Err(e) => tracing::error!(error = %e, "registry: membership could not be applied; the running one keeps serving"),
+                    }
                 }
                 _ = poll.tick() => {
                     if watch.changed(&cfg.path) {
-                        reload(&server, &cfg.path, &mut watch);
+                        if let Some(c) = reload(&server, &cfg.path, &mut watch, &members.borrow()) {
+                            file_cfg = c;
+                        }
                     }
                     ticks += 1;
                     if ticks.is_multiple_of(4) {
@@ -150,7 +193,12 @@ impl Watch {
 /// Reads, checks and swaps in the config file. A file that does not check is refused
 /// with the same `file:line:col` messages as `fedport check`, counted, and the running
 /// configuration keeps serving.
-fn reload(server: &Server, path: &std::path::Path, watch: &mut Watch) {
+fn reload(
+    server: &Server,
+    path: &std::path::Path,
+    watch: &mut Watch,
+    members: &[crate::registry::Member],
+) -> Option<Arc<Config>> {
     let count = |result: &str| {
         server
             .state
@@ -170,7 +218,13 @@ fn reload(server: &Server, path: &std::path::Path, watch: &mut Watch) {
             let hash = cfg.hash.clone();
             watch.applied = hash.clone();
             watch.pending = None;
-            match server.reload(Arc::new(cfg)) {
+            let file = Arc::new(cfg);
+            let merged = if file.registry.is_some() {
+                Arc::new(crate::registry::merge(&file, members))
+            } else {
+                file.clone()
+            };
+            match server.reload(merged) {
                 Ok(()) => {
                     count("ok");
                     tracing::info!(
@@ -178,6 +232,7 @@ fn reload(server: &Server, path: &std::path::Path, watch: &mut Watch) {
                         took_ms = started.elapsed().as_secs_f64() * 1e3,
                         "configuration reloaded: new connections and requests use it"
                     );
+                    return Some(file);
                 }
                 Err(e) => {
                     count("error");
@@ -202,4 +257,5 @@ fn reload(server: &Server, path: &std::path::Path, watch: &mut Watch) {
             );
         }
     }
+    None
 }

@@ -34,6 +34,21 @@ pub struct Config {
     pub tracing: Tracing,
     /// `[[limit]]`, in order: the first that matches an identity applies.
     pub limits: Vec<IdentityLimit>,
+    /// Where peers and the services they host are found besides `[[peer]]`.
+    pub registry: Option<Registry>,
+}
+
+/// An etcd registry: this node registers itself under a lease it keeps alive, and
+/// watches the prefix for the others (`src/registry`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registry {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub ttl: Duration,
+    pub advertise: Option<String>,
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for etcd.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// Trace export (`[tracing]`): finished spans of sampled traces go to an OTLP/HTTP
@@ -473,6 +488,7 @@ impl Checker<'_> {
             .map(|s| self.spikes(s))
             .unwrap_or_default();
         let tracing = self.tracing(raw.tracing.as_ref());
+        let registry = raw.registry.as_ref().map(|r| self.registry(r, &raw.peer));
         let limits = raw
             .limit
             .iter()
@@ -503,7 +519,77 @@ impl Checker<'_> {
             spikes,
             tracing,
             limits,
+            registry,
         })
+    }
+
+    fn registry(&mut self, r: &raw::RawRegistry, static_peers: &[S<raw::RawPeer>]) -> Registry {
+        let e = r.etcd.get_ref();
+        if e.endpoints.is_empty() {
+            self.sink.error(
+                span(&r.etcd),
+                "the etcd registry has no endpoints",
+                "endpoints = [\"http://127.0.0.1:2379\"] (every member's client URL)",
+            );
+        }
+        let mut endpoints = Vec::new();
+        for ep in &e.endpoints {
+            let v = ep.get_ref();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                self.sink.error(
+                    span(ep),
+                    format!("etcd endpoint {v:?} is not an http:// or https:// URL"),
+                    "e.g. \"http://10.0.0.1:2379\"",
+                );
+            }
+            endpoints.push(v.clone());
+        }
+        let prefix = e
+            .prefix
+            .as_ref()
+            .map(|p| p.get_ref().trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| "/fedport".into());
+        let ttl = self.duration(e.ttl.as_ref(), Duration::from_secs(10));
+        if ttl < Duration::from_secs(1) {
+            if let Some(t) = &e.ttl {
+                self.sink.error(
+                    span(t),
+                    "the lease ttl is at least 1s",
+                    "etcd leases count whole seconds; the default is 10s",
+                );
+            }
+        }
+        let client = match (&e.cert, &e.key) {
+            (Some(c), Some(k)) => Some((self.path(c.get_ref()), self.path(k.get_ref()))),
+            (None, None) => None,
+            (Some(c), None) | (None, Some(c)) => {
+                self.sink.error(
+                    span(c),
+                    "cert and key for etcd come together",
+                    "give both, or neither",
+                );
+                None
+            }
+        };
+        if !static_peers.is_empty() {
+            self.sink.warn(
+                span(&r.etcd),
+                format!(
+                    "{} static [[peer]] entr{} take precedence over registry members with the same name or identity",
+                    static_peers.len(),
+                    if static_peers.len() == 1 { "y" } else { "ies" }
+                ),
+                "the registry adds members; it never overrides what this file says",
+            );
+        }
+        Registry {
+            endpoints,
+            prefix,
+            ttl,
+            advertise: e.advertise.as_ref().map(|a| a.get_ref().clone()),
+            ca: e.ca.as_ref().map(|c| self.path(c.get_ref())),
+            client,
+        }
     }
 
     fn tracing(&mut self, t: Option<&S<raw::RawTracing>>) -> Tracing {
@@ -722,7 +808,13 @@ impl Checker<'_> {
             let r = s.get_ref();
             let name = r.name.get_ref();
             let offered = peers.iter().any(|p| p.services.contains(name));
-            if r.endpoints.is_empty() && !offered {
+            if r.endpoints.is_empty() && !offered && raw.registry.is_some() {
+                self.sink.warn(
+                    span(&r.name),
+                    format!("service {name:?} has no endpoints and no static peer offers it: only registry members can serve it"),
+                    "until a member that hosts it registers, calls are refused with 503",
+                );
+            } else if r.endpoints.is_empty() && !offered {
                 self.sink.error(
                     span(&r.name),
                     format!("service {name:?} has no endpoints and no peer offers it"),
@@ -731,7 +823,7 @@ impl Checker<'_> {
             }
             for f in r.failover.iter().flatten() {
                 let v = f.get_ref();
-                if !peers.iter().any(|p| &p.name == v || &p.region == v) {
+                if !peers.iter().any(|p| &p.name == v || &p.region == v) && raw.registry.is_none() {
                     self.sink.error(
                         span(f),
                         format!("failover target {v:?} is neither a peer nor a peer's region"),

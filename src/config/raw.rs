@@ -25,6 +25,33 @@ pub struct RawConfig {
     pub tracing: Option<S<RawTracing>>,
     #[serde(default)]
     pub limit: Vec<S<RawLimit>>,
+    /// Not spanned: `[registry.etcd]` leaves `registry` an implicit table.
+    pub registry: Option<RawRegistry>,
+}
+
+/// Membership from a registry: `registry = { etcd = { ... } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    pub etcd: S<RawEtcd>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    /// Client URLs of the etcd members, e.g. "http://10.0.0.1:2379".
+    pub endpoints: Vec<S<String>>,
+    /// Key prefix shared by the federation; default "/fedport".
+    pub prefix: Option<S<String>>,
+    /// Lease time to live: a node that stops renewing is gone after this; default 10s.
+    pub ttl: Option<S<String>>,
+    /// The address peers reach this node's internal port at; default the first peer
+    /// listener's bound address.
+    pub advertise: Option<S<String>>,
+    /// TLS to etcd: CA bundle, and a client certificate and key when etcd asks for one.
+    pub ca: Option<S<String>>,
+    pub cert: Option<S<String>>,
+    pub key: Option<S<String>>,
 }
 
 /// Trace export.

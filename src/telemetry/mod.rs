@@ -136,6 +136,12 @@ pub struct Metrics {
     config_info: Family<ConfigLabels, Gauge>,
     config_now: std::sync::Mutex<Option<ConfigLabels>>,
     pub ready: Gauge,
+    /// The etcd registry: reachable (1/0), members seen, membership changes applied,
+    /// sessions that failed.
+    pub registry_up: Gauge,
+    pub registry_members: Gauge,
+    pub registry_updates: Counter,
+    pub registry_errors: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -316,6 +322,30 @@ impl Metrics {
             "1 while the node accepts traffic, 0 while starting or draining",
             ready.clone(),
         );
+        let registry_up = Gauge::default();
+        registry.register(
+            "registry_up",
+            "1 while the etcd registry answers; 0 during an outage (the last membership seen keeps serving)",
+            registry_up.clone(),
+        );
+        let registry_members = Gauge::default();
+        registry.register(
+            "registry_members",
+            "Other nodes known from the registry",
+            registry_members.clone(),
+        );
+        let registry_updates = Counter::default();
+        registry.register(
+            "registry_updates",
+            "Membership changes from the registry applied to routing",
+            registry_updates.clone(),
+        );
+        let registry_errors = Counter::default();
+        registry.register(
+            "registry_errors",
+            "Registry sessions that failed (etcd unreachable, no quorum, lease lost)",
+            registry_errors.clone(),
+        );
         let config_info = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
@@ -361,6 +391,10 @@ impl Metrics {
                 hash: config_hash.to_owned(),
             })),
             ready,
+            registry_up,
+            registry_members,
+            registry_updates,
+            registry_errors,
         })
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// One node's config: `[[listener]] internal` on `port`, every identity allowed
 /// everything, pings fast enough for a test.
-fn node_config(pki: &Pki, name: &str, region: &str, port: u16, rest: &str) -> String {
+pub(crate) fn node_config(pki: &Pki, name: &str, region: &str, port: u16, rest: &str) -> String {
     let cert = pki.node_cert(name);
     format!(
         r#"[node]
@@ -55,7 +55,7 @@ fn peer(name: &str, region: &str, port: u16, services: &[&str]) -> String {
     )
 }
 
-fn http_service(name: &str, endpoints: &[String], extra: &str) -> String {
+pub(crate) fn http_service(name: &str, endpoints: &[String], extra: &str) -> String {
     let list: Vec<String> = endpoints.iter().map(|s| format!("\"{s}\"")).collect();
     format!(
         "[[service]]\nname = \"{name}\"\nprotocol = \"http\"\nendpoints = [{}]\n{extra}\n",
@@ -64,7 +64,7 @@ fn http_service(name: &str, endpoints: &[String], extra: &str) -> String {
 }
 
 /// GET through a node with the test client's certificate: status and JSON body.
-fn get(pki: &Pki, port: u16, service: &str, extra: &[&str]) -> (u16, serde_json::Value) {
+pub(crate) fn get(pki: &Pki, port: u16, service: &str, extra: &[&str]) -> (u16, serde_json::Value) {
     let c = pki.curl_client();
     let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
     let h = format!("fed-service: {service}");

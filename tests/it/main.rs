@@ -19,6 +19,7 @@ mod mtls_http;
 mod overload;
 mod plan;
 mod properties;
+mod registry;
 mod reload;
 mod rotation;
 mod sandbox;

@@ -2,6 +2,7 @@
 //! port 0 and awaited through its ready file, real upstreams on loopback, and helpers
 //! to run clients nobody here wrote (curl, openssl, python grpcio).
 
+pub mod etcd;
 pub mod netns;
 pub mod upstream;
 

@@ -1,0 +1,394 @@
+//! Membership from etcd. A node registers itself (name, region, zone, address,
+//! identity, the services it hosts) under `PREFIX/nodes/NAME` with a lease it keeps
+//! alive, and watches `PREFIX/nodes/` for the others. What it sees is merged into the
+//! file's configuration (`merge`: the file's `[[peer]]` entries win) and applied through
+//! the same generation swap as a reload. Rules and schemas never come from etcd. When
+//! etcd is unreachable or has no quorum the node keeps the last membership it saw,
+//! reports the outage (`/readyz?verbose`, `fedport_registry_up`), and reconnects with
+//! jittered backoff; it does not go unready for that alone.
+
+use crate::config::{Config, Peer, Registry};
+use crate::telemetry::Metrics;
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("cannot read {0}: {1}")]
+    Read(std::path::PathBuf, std::io::Error),
+    #[error("the lease expired")]
+    LeaseLost,
+    #[error("the watch ended: {0}")]
+    WatchEnded(String),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// One node as it registers itself (the value under its key, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub region: String,
+    #[serde(default)]
+    pub zone: Option<String>,
+    pub address: String,
+    pub identity: String,
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+impl Member {
+    fn peer(&self) -> Peer {
+        Peer {
+            name: self.name.clone(),
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            address: self.address.clone(),
+            identity: self.identity.clone(),
+            services: self.services.clone(),
+        }
+    }
+}
+
+/// How the registry is doing, for `/readyz?verbose`.
+#[derive(Default)]
+pub struct Status {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Default)]
+struct StatusInner {
+    up: bool,
+    members: usize,
+    last_error: Option<String>,
+    since: Option<Instant>,
+    changed: Option<Instant>,
+}
+
+impl Status {
+    pub fn detail(&self) -> serde_json::Value {
+        let Ok(s) = self.inner.lock() else {
+            return serde_json::Value::Null;
+        };
+        serde_json::json!({
+            "etcd": if s.up { "up" } else { "down" },
+            "members": s.members,
+            "for_seconds": s.since.map(|t| t.elapsed().as_secs()),
+            "last_change_seconds_ago": s.changed.map(|t| t.elapsed().as_secs()),
+            "last_error": s.last_error,
+        })
+    }
+
+    fn set(&self, up: bool, error: Option<String>) {
+        if let Ok(mut s) = self.inner.lock() {
+            if s.up != up || s.since.is_none() {
+                s.since = Some(Instant::now());
+            }
+            s.up = up;
+            if error.is_some() {
+                s.last_error = error;
+            }
+        }
+    }
+
+    fn members(&self, n: usize) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.members = n;
+            s.changed = Some(Instant::now());
+        }
+    }
+}
+
+/// The file's configuration with the registry's members added as peers: a member
+/// with the name or identity of a `[[peer]]` in the file, or this node itself, is left
+/// out, and of the services a member hosts only those declared here are kept.
+pub fn merge(file: &Config, members: &[Member]) -> Config {
+    let mut cfg = file.clone();
+    for m in members {
+        if m.name == file.node.name
+            || file
+                .peers
+                .iter()
+                .any(|p| p.name == m.name || p.identity == m.identity)
+        {
+            continue;
+        }
+        let mut p = m.peer();
+        p.services
+            .retain(|s| file.services.iter().any(|d| &d.name == s));
+        cfg.peers.push(p);
+    }
+    cfg
+}
+
+/// What this node registers: its advertised address (or the first peer listener's
+/// bound one), its certificate's identity, and the services it has endpoints for.
+pub fn me(cfg: &Config, bound: &[(String, std::net::SocketAddr)]) -> Option<Member> {
+    let reg = cfg.registry.as_ref()?;
+    let address = match &reg.advertise {
+        Some(a) => a.clone(),
+        None => {
+            let l = cfg
+                .listeners
+                .iter()
+                .find(|l| l.role == crate::config::Role::Peer)?;
+            bound.iter().find(|(n, _)| n == &l.name)?.1.to_string()
+        }
+    };
+    let tls = cfg.tls.as_ref()?;
+    let certs = crate::identity::load_certs(&tls.files.cert).ok()?;
+    let identity = crate::identity::identity_of(certs.first()?)?;
+    Some(Member {
+        name: cfg.node.name.clone(),
+        region: cfg.node.region.clone(),
+        zone: cfg.node.zone.clone(),
+        address,
+        identity,
+        services: cfg
+            .services
+            .iter()
+            .filter(|s| !s.endpoints.is_empty())
+            .map(|s| s.name.clone())
+            .collect(),
+    })
+}
+
+/// Runs the registry until the process ends: registers `me`, keeps the lease, and
+/// sends every membership it sees on `out`.
+pub async fn run(
+    reg: Registry,
+    me: Member,
+    out: watch::Sender<Arc<Vec<Member>>>,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        let result = session(&reg, &me, &out, &status, &metrics).await;
+        let error = match result {
+            Ok(()) => "session ended".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        metrics.registry_up.set(0);
+        metrics.registry_errors.inc();
+        if status.inner.lock().is_ok_and(|s| s.up) {
+            tracing::warn!(error = %error, "registry unreachable: routing keeps the last membership seen");
+        } else {
+            tracing::debug!(error = %error, "registry still unreachable");
+        }
+        status.set(false, Some(error));
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(250);
+        }
+        let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 2);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn timed<T>(
+    d: Duration,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, RegistryError> {
+    match tokio::time::timeout(d, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(RegistryError::Timeout(d)),
+    }
+}
+
+async fn connect(reg: &Registry) -> Result<Client, RegistryError> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_require_leader(true);
+    if reg.ca.is_some() || reg.client.is_some() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &reg.ca {
+            let pem = std::fs::read(ca).map_err(|e| RegistryError::Read(ca.clone(), e))?;
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+        }
+        if let Some((c, k)) = &reg.client {
+            let cert = std::fs::read(c).map_err(|e| RegistryError::Read(c.clone(), e))?;
+            let key = std::fs::read(k).map_err(|e| RegistryError::Read(k.clone(), e))?;
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        opts = opts.with_tls(tls);
+    }
+    timed(
+        Duration::from_secs(3),
+        Client::connect(reg.endpoints.clone(), Some(opts)),
+    )
+    .await
+}
+
+/// One session: register, read everything, then follow the watch; returns on the
+/// first failure (the caller reconnects).
+async fn session(
+    reg: &Registry,
+    me: &Member,
+    out: &watch::Sender<Arc<Vec<Member>>>,
+    status: &Status,
+    metrics: &Metrics,
+) -> Result<(), RegistryError> {
+    let op = Duration::from_secs(3);
+    let mut client = connect(reg).await?;
+    let dir = format!("{}/nodes/", reg.prefix);
+    let ttl = reg.ttl.as_secs().max(1) as i64;
+    let lease = timed(op, client.lease_grant(ttl, None)).await?.id();
+    let value = serde_json::to_vec(me).expect("a member serializes");
+    timed(
+        op,
+        client.put(
+            format!("{dir}{}", me.name),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        ),
+    )
+    .await?;
+    let (mut keeper, mut alive) = timed(op, client.lease_keep_alive(lease)).await?;
+    let all = timed(
+        op,
+        client.get(dir.as_str(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    let revision = all.header().map(|h| h.revision()).unwrap_or(0);
+    let mut members: BTreeMap<String, Member> = BTreeMap::new();
+    for kv in all.kvs() {
+        if let Ok(m) = serde_json::from_slice::<Member>(kv.value()) {
+            members.insert(String::from_utf8_lossy(kv.key()).into_owned(), m);
+        }
+    }
+    let mut stream = timed(
+        op,
+        client.watch(
+            dir.as_str(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        ),
+    )
+    .await?;
+    publish(&members, me, out, status, metrics);
+    status.set(true, None);
+    metrics.registry_up.set(1);
+    tracing::info!(members = members.len().saturating_sub(1), endpoints = ?reg.endpoints, "registry: registered and watching");
+    let mut renew = tokio::time::interval((reg.ttl / 3).max(Duration::from_millis(300)));
+    renew.tick().await;
+    // no answer to a keepalive within a third of the ttl: the session is lost
+    let mut last_ack = Instant::now();
+    loop {
+        tokio::select! {
+            _ = renew.tick() => {
+                if last_ack.elapsed() > reg.ttl * 2 / 3 {
+                    return Err(RegistryError::Timeout(reg.ttl * 2 / 3));
+                }
+                timed(op, keeper.keep_alive()).await?;
+            }
+            ack = alive.message() => match ack? {
+                Some(r) if r.ttl() > 0 => last_ack = Instant::now(),
+                Some(_) => return Err(RegistryError::LeaseLost),
+                None => return Err(RegistryError::WatchEnded("keepalive stream closed".into())),
+            },
+            w = stream.message() => {
+                let Some(resp) = w? else {
+                    return Err(RegistryError::WatchEnded("closed".into()));
+                };
+                if resp.canceled() {
+                    return Err(RegistryError::WatchEnded(resp.cancel_reason().to_owned()));
+                }
+                let mut changed = false;
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    match ev.event_type() {
+                        EventType::Put => {
+                            if let Ok(m) = serde_json::from_slice::<Member>(kv.value()) {
+                                changed |= members.insert(key, m.clone()).as_ref() != Some(&m);
+                            }
+                        }
+                        EventType::Delete => changed |= members.remove(&key).is_some(),
+                    }
+                }
+                if changed {
+                    publish(&members, me, out, status, metrics);
+                }
+            }
+        }
+    }
+}
+
+fn publish(
+    members: &BTreeMap<String, Member>,
+    me: &Member,
+    out: &watch::Sender<Arc<Vec<Member>>>,
+    status: &Status,
+    metrics: &Metrics,
+) {
+    let others: Vec<Member> = members
+        .values()
+        .filter(|m| m.name != me.name)
+        .cloned()
+        .collect();
+    if **out.borrow() == others {
+        return;
+    }
+    metrics.registry_members.set(others.len() as i64);
+    status.members(others.len());
+    let _ = out.send(Arc::new(others));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, identity: &str, services: &[&str]) -> Member {
+        Member {
+            name: name.into(),
+            region: "r".into(),
+            zone: None,
+            address: "127.0.0.1:1".into(),
+            identity: identity.into(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_file_wins_and_only_declared_services_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            "[node]\nname = \"me\"\nregion = \"r\"\n\
+             [[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"h2c://127.0.0.1:9\"]\n\
+             [[peer]]\nname = \"fixed\"\nregion = \"r\"\naddress = \"127.0.0.1:2\"\n\
+             identity = \"spiffe://d/node/fixed\"\nservices = [\"orders\"]\n\
+             [registry.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+        )
+        .unwrap();
+        let (file, _) = crate::config::load(&path).unwrap();
+        assert_eq!(file.registry.as_ref().unwrap().prefix, "/fedport");
+        let merged = merge(
+            &file,
+            &[
+                member("me", "spiffe://d/node/me", &["orders"]),
+                member("fixed", "spiffe://d/node/other", &["orders"]),
+                member("alias", "spiffe://d/node/fixed", &["orders"]),
+                member("new", "spiffe://d/node/new", &["orders", "unknown"]),
+            ],
+        );
+        let names: Vec<&str> = merged.peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["fixed", "new"]);
+        assert_eq!(merged.peers[0].identity, "spiffe://d/node/fixed");
+        assert_eq!(merged.peers[1].services, ["orders"]);
+    }
+}

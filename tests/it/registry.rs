@@ -1,0 +1,135 @@
+//! Membership through a real three-member etcd cluster on loopback: two nodes whose
+//! files know nothing of each other find each other and route a call; a killed node
+//! leaves the other's table within the lease TTL; with quorum lost, routing goes on
+//! with the last membership seen (and the node stays ready); once quorum is back, a
+//! node that started meanwhile is found.
+
+use crate::federation::{get, http_service, node_config};
+use crate::support::etcd::Etcd;
+use crate::support::upstream::{self, Proto};
+use crate::support::{free_port, wait_until, Fedport, Pki};
+use std::time::{Duration, Instant};
+
+fn registry(etcd: &Etcd) -> String {
+    format!(
+        "[registry.etcd]\nendpoints = {}\nttl = \"2s\"\n",
+        etcd.endpoints_toml()
+    )
+}
+
+fn served_by(v: &serde_json::Value) -> (&str, &str) {
+    (
+        v["headers"]["fed-origin"][0].as_str().unwrap_or(""),
+        v["headers"]["fed-hops"][0].as_str().unwrap_or(""),
+    )
+}
+
+#[test]
+fn nodes_find_each_other_through_etcd_and_ride_out_its_outage() {
+    let pki = Pki::new();
+    let mut etcd = Etcd::cluster(3);
+    let orders = upstream::start(Proto::H2c);
+    let stock = upstream::start(Proto::H2c);
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    // a hosts nothing and names no peer: orders and stock come from whoever registers
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}{}",
+            http_service("orders", &[], ""),
+            http_service("stock", &[], ""),
+            registry(&etcd)
+        ),
+    ));
+    let b_config = node_config(
+        &pki,
+        "b",
+        "us-1",
+        pb,
+        &format!(
+            "{}{}",
+            http_service("orders", &[orders.url(Proto::H2c)], ""),
+            registry(&etcd)
+        ),
+    );
+    let b = Fedport::start(&b_config);
+    let t0 = Instant::now();
+    wait_until("a routes orders to b", Duration::from_secs(15), || {
+        get(&pki, pa, "orders", &[]).0 == 200
+    });
+    eprintln!("a found b through etcd {:?} after b started", t0.elapsed());
+    let (_, v) = get(&pki, pa, "orders", &[]);
+    assert_eq!(served_by(&v), ("a", "1"), "{v}");
+    assert_eq!(a.metric("fedport_registry_members "), 1.0);
+    assert_eq!(a.metric("fedport_registry_up "), 1.0);
+    // stock is hosted by nobody yet
+    assert_eq!(get(&pki, pa, "stock", &[]).0, 503);
+
+    // b dies without a word: its lease runs out and a stops routing to it
+    drop(b);
+    let killed = Instant::now();
+    wait_until("b leaves a's table", Duration::from_secs(10), || {
+        a.metric("fedport_registry_members ") == 0.0
+    });
+    let gone = killed.elapsed();
+    eprintln!("b left a's table {gone:?} after it was killed (lease ttl 2 s)");
+    assert!(gone < Duration::from_secs(5), "{gone:?}");
+    assert_eq!(get(&pki, pa, "orders", &[]).0, 503);
+
+    // b comes back; then quorum is lost: a keeps routing with what it saw, stays ready
+    let _b = Fedport::start(&b_config);
+    wait_until("a routes to b again", Duration::from_secs(15), || {
+        get(&pki, pa, "orders", &[]).0 == 200
+    });
+    etcd.stop(1);
+    etcd.stop(2);
+    wait_until("a notices the outage", Duration::from_secs(15), || {
+        a.metric("fedport_registry_up ") == 0.0
+    });
+    for _ in 0..20 {
+        assert_eq!(get(&pki, pa, "orders", &[]).0, 200, "routing goes on");
+    }
+    assert_eq!(
+        a.metric("fedport_ready "),
+        1.0,
+        "an etcd outage alone does not make a node unready"
+    );
+    let detail: serde_json::Value = serde_json::from_str(&a.admin_get("/readyz?verbose")).unwrap();
+    assert_eq!(detail["registry"]["etcd"], "down", "{detail}");
+    assert_eq!(detail["registry"]["members"], 1, "{detail}");
+
+    // c starts during the outage; once quorum is back it registers and a finds it
+    let _c = Fedport::start(&node_config(
+        &pki,
+        "c",
+        "us-1",
+        pc,
+        &format!(
+            "{}{}",
+            http_service("stock", &[stock.url(Proto::H2c)], ""),
+            registry(&etcd)
+        ),
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        get(&pki, pa, "stock", &[]).0,
+        503,
+        "nothing new without quorum"
+    );
+    etcd.start(1);
+    etcd.start(2);
+    let back = Instant::now();
+    wait_until("a routes stock to c", Duration::from_secs(20), || {
+        get(&pki, pa, "stock", &[]).0 == 200
+    });
+    eprintln!("after quorum came back, a found c in {:?}", back.elapsed());
+    wait_until("a's registry is up", Duration::from_secs(10), || {
+        a.metric("fedport_registry_up ") == 1.0
+    });
+    assert_eq!(a.metric("fedport_registry_members "), 2.0);
+    assert_eq!(get(&pki, pa, "orders", &[]).0, 200);
+    assert!(a.metric("fedport_registry_errors_total ") >= 1.0);
+}
