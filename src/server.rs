@@ -122,13 +122,13 @@ fn prepare(config: &Arc<Config>, metrics: &Arc<Metrics>) -> Result<Prepared, Ser
     // connections to peers verify the peer's own identity, and PING as often as the
     // peer probes do, so a blackholed link is noticed on them as well
     let mut peer_settings = Vec::new();
+    let peer_tls = match &config.tls {
+        Some(t) if !config.peers.is_empty() => Some(identity::PeerTls::load(&t.files)?),
+        _ => None,
+    };
     for p in &config.peers {
-        let tls = match &config.tls {
-            Some(t) => Some(identity::peer_client_config(
-                &t.files,
-                &p.identity,
-                &[b"h2"],
-            )?),
+        let tls = match &peer_tls {
+            Some(t) => Some(t.config(&p.identity, &[b"h2"])?),
             None => None,
         };
         peer_settings.push(upstream::Settings {

@@ -26,10 +26,20 @@ pub fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     crate::server::runtime_thread("fedport-control".into(), move || async move {
         let mut tasks = tokio::task::JoinSet::new();
-        if let Some(tls) = &config.tls {
+        let peer_tls = match &config.tls {
+            Some(t) if !config.peers.is_empty() => match crate::identity::PeerTls::load(&t.files) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load TLS for peers");
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let Some(tls) = &peer_tls {
             for i in 0..config.peers.len() {
                 let peer = config.peers[i].clone();
-                match crate::identity::peer_client_config(&tls.files, &peer.identity, &[b"h2"]) {
+                match tls.config(&peer.identity, &[b"h2"]) {
                     Ok(cfg) => {
                         tasks.spawn(probe_peer(config.clone(), peer, i, fleet.clone(), cfg));
                     }

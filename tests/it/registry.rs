@@ -133,3 +133,96 @@ fn nodes_find_each_other_through_etcd_and_ride_out_its_outage() {
     assert_eq!(get(&pki, pa, "orders", &[]).0, 200);
     assert!(a.metric("fedport_registry_errors_total ") >= 1.0);
 }
+
+/// A bounded simulation: 1,000 synthetic members × 10 services registered straight
+/// into etcd; a real node converges on the full table, then on one change. Prints the
+/// times and the node's memory for the table (docs/scaling.md quotes them).
+#[test]
+fn a_node_converges_on_a_thousand_members() {
+    let pki = Pki::new();
+    let etcd = Etcd::cluster(1);
+    let services: String = (0..10)
+        .map(|i| http_service(&format!("svc{i}"), &[], ""))
+        .collect();
+    let port = free_port();
+    let hub = Fedport::start(&node_config(
+        &pki,
+        "hub",
+        "r0",
+        port,
+        &format!("{services}{}", registry(&etcd)),
+    ));
+    let peers = || -> usize {
+        serde_json::from_str::<serde_json::Value>(&hub.admin_get("/readyz?verbose"))
+            .ok()
+            .and_then(|d| d["peers"].as_array().map(|a| a.len()))
+            .unwrap_or(0)
+    };
+    wait_until("the hub registers", Duration::from_secs(10), || {
+        hub.metric("fedport_registry_up ") == 1.0
+    });
+    let rss_before = rss_kib(hub.pid());
+    let endpoint = etcd.endpoints_toml();
+    let endpoint = endpoint
+        .trim_matches(|c| c == '[' || c == ']' || c == '"')
+        .to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let member = |i: usize| {
+        let svcs: Vec<String> = (0..10).map(|s| format!("\"svc{s}\"")).collect();
+        format!(
+            r#"{{"name":"n{i}","region":"r{}","address":"127.0.0.1:9","identity":"spiffe://fed.test/node/n{i}","services":[{}]}}"#,
+            i % 10,
+            svcs.join(",")
+        )
+    };
+    let mut client = rt
+        .block_on(etcd_client::Client::connect([endpoint.as_str()], None))
+        .unwrap();
+    let t0 = Instant::now();
+    rt.block_on(async {
+        for i in 0..1000 {
+            client
+                .put(format!("/fedport/nodes/n{i}"), member(i), None)
+                .await
+                .unwrap();
+        }
+    });
+    let written = t0.elapsed();
+    wait_until("the hub knows 1,000 peers", Duration::from_secs(60), || {
+        peers() == 1000
+    });
+    let full = t0.elapsed();
+    let rss_after = rss_kib(hub.pid());
+    let t1 = Instant::now();
+    rt.block_on(client.put("/fedport/nodes/n1000", member(1000), None))
+        .unwrap();
+    wait_until("the hub knows 1,001 peers", Duration::from_secs(30), || {
+        peers() == 1001
+    });
+    let one = t1.elapsed();
+    let t2 = Instant::now();
+    rt.block_on(client.delete("/fedport/nodes/n7", None))
+        .unwrap();
+    wait_until("n7 leaves", Duration::from_secs(30), || peers() == 1000);
+    let removed = t2.elapsed();
+    eprintln!(
+        "1,000 members × 10 services: written in {written:.2?}, full table applied {full:.2?} after the first write; \
+         one more member applied in {one:.2?}, one removal in {removed:.2?}; \
+         node RSS {rss_before} KiB with no members, {rss_after} KiB with 1,000"
+    );
+    let log = hub.log_text();
+    let applies = log.matches("registry: membership applied").count();
+    eprintln!("{applies} membership applications");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
