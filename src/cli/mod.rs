@@ -133,6 +133,8 @@ pub enum CliError {
     Top(crate::top::TopError),
     #[error(transparent)]
     Bench(crate::bench::BenchError),
+    #[error(transparent)]
+    Etcd(#[from] crate::sandbox::EtcdError),
 }
 
 fn bench(a: BenchArgs) -> Result<i32, CliError> {

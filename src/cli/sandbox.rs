@@ -13,6 +13,10 @@ pub struct SandboxArgs {
     /// Also write the bound addresses here as JSON once ready.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Find the nodes through a registry instead of `[[peer]]` lists: `etcd` starts a
+    /// local one-member etcd (Debian's etcd-server must be installed).
+    #[arg(long, value_parser = ["etcd"])]
+    pub registry: Option<String>,
 }
 
 pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
@@ -74,10 +78,28 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
             .map_err(io)?
             .port();
     }
-    let layout = sandbox::write(&dir, &demos, ports)?;
-    // eu-b and us-a run beside; eu-a, the one you talk to, in the foreground
+    let etcd = match a.registry.as_deref() {
+        Some(_) => Some(sandbox::LocalEtcd::start(&dir)?),
+        None => None,
+    };
+    let layout = sandbox::write(&dir, &demos, ports, etcd.as_ref().map(|e| e.url.as_str()))?;
+    // eu-b and us-a run beside; eu-a, the one you talk to, in the foreground. With a
+    // registry they are processes of their own, each registering and watching.
     let mut others = Vec::new();
+    let mut children = Vec::new();
     for (_, _, config, _) in &layout.nodes[1..] {
+        if etcd.is_some() {
+            let exe = std::env::current_exe().map_err(|e| CliError::Io("current_exe".into(), e))?;
+            let child = std::process::Command::new(exe)
+                .arg("run")
+                .arg("-c")
+                .arg(config)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| CliError::Io("node process".into(), e))?;
+            children.push(child);
+            continue;
+        }
         let (cfg, _) = crate::config::load(config)?;
         let cfg = Arc::new(cfg);
         let metrics = crate::telemetry::Metrics::new(&cfg.node.name, &cfg.hash);
@@ -105,6 +127,11 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
             None => Ok(()),
         }
     })?;
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop(etcd);
     for s in &others {
         s.drain();
     }

@@ -34,7 +34,14 @@ pub const NODES: [(&str, &str); 3] = [("eu-a", "eu"), ("eu-b", "eu"), ("us-a", "
 
 /// Writes the CA, the nodes' and a demo client's certificates, the demo proto and one
 /// config per node into `dir`. `ports` are the nodes' internal ports.
-pub fn write(dir: &Path, demos: &Demos, ports: [u16; 3]) -> Result<Layout, PkiError> {
+/// Writes the CA, certificates and the three nodes' configs. With `registry` (an etcd
+/// client URL) the nodes list no `[[peer]]`s: they find each other through etcd.
+pub fn write(
+    dir: &Path,
+    demos: &Demos,
+    ports: [u16; 3],
+    registry: Option<&str>,
+) -> Result<Layout, PkiError> {
     let w = |p: PathBuf, text: &str| {
         std::fs::write(&p, text).map_err(|e| PkiError::Write(p.clone(), e))
     };
@@ -49,6 +56,9 @@ pub fn write(dir: &Path, demos: &Demos, ports: [u16; 3]) -> Result<Layout, PkiEr
         .write(dir, "client")?;
     w(dir.join("demo.proto"), DEMO_PROTO)?;
     let peer = |i: usize, services: &str| {
+        if registry.is_some() {
+            return String::new();
+        }
         let (name, region) = NODES[i];
         format!(
             "[[peer]]\nname     = \"{name}\"\nregion   = \"{region}\"\naddress  = \"127.0.0.1:{}\"\n\
@@ -124,6 +134,13 @@ methods = ["GET /v1/"]
             })?
             .write(dir, name)?;
         let config = dir.join(format!("{name}.toml"));
+        let body = match registry {
+            Some(url) => format!(
+                "{body}\n# membership: the nodes find each other here instead of [[peer]] lists\n\
+                 [registry.etcd]\nendpoints = [\"{url}\"]\nttl = \"3s\"\n"
+            ),
+            None => body,
+        };
         w(
             config.clone(),
             &format!(
@@ -242,4 +259,86 @@ pub fn instructions(
     }
     s.push_str("\nCtrl-C stops the sandbox.\n");
     s
+}
+
+/// A one-member etcd for `fedport sandbox --registry etcd`, stopped when dropped.
+pub struct LocalEtcd {
+    child: std::process::Child,
+    pub url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd is not installed (Debian: apt-get install etcd-server): {0}")]
+    Missing(std::io::Error),
+    #[error("cannot pick a port for etcd: {0}")]
+    Port(std::io::Error),
+    #[error("etcd did not become healthy within 10 s")]
+    NotHealthy,
+}
+
+impl LocalEtcd {
+    pub fn start(dir: &Path) -> Result<Self, EtcdError> {
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(EtcdError::Port)
+        };
+        let (client, peer) = (port()?, port()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "sandbox"])
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("sandbox=http://127.0.0.1:{peer}"),
+            ])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(EtcdError::Missing)?;
+        let me = Self { child, url };
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(10) {
+            if me.healthy() {
+                return Ok(me);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Err(EtcdError::NotHealthy)
+    }
+
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        let mut text = String::new();
+        s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_ok()
+            && s.read_to_string(&mut text).is_ok()
+            && text.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

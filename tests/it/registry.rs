@@ -214,8 +214,14 @@ fn a_node_converges_on_a_thousand_members() {
          node RSS {rss_before} KiB with no members, {rss_after} KiB with 1,000"
     );
     let log = hub.log_text();
-    let applies = log.matches("registry: membership applied").count();
-    eprintln!("{applies} membership applications");
+    let applied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("registry: membership applied"))
+        .collect();
+    eprintln!("{} membership applications; the last:", applied.len());
+    for l in applied.iter().rev().take(3) {
+        eprintln!("  {l}");
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {

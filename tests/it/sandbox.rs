@@ -9,10 +9,22 @@ use std::time::Duration;
 
 #[test]
 fn the_sandbox_starts_alone_and_its_printed_commands_work() {
+    sandbox(&[]);
+}
+
+/// The same with `--registry etcd`: the nodes' files list no peers; they find each other
+/// through a local etcd the sandbox starts, and every printed command works the same.
+#[test]
+fn the_sandbox_on_a_registry_works_the_same() {
+    sandbox(&["--registry", "etcd"]);
+}
+
+fn sandbox(args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("ready.json");
     let mut child = Command::new(crate::support::bin())
         .arg("sandbox")
+        .args(args)
         .arg("--ready-file")
         .arg(&ready)
         .stdout(Stdio::piped())
@@ -78,9 +90,16 @@ fn the_sandbox_starts_alone_and_its_printed_commands_work() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // 6: pricing lives only in region us: eu-a forwards it, one hop
-    let out = run(commands[5]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // 6: pricing lives only in region us: eu-a forwards it, one hop (with a registry,
+    // once the nodes have found each other)
+    let pricing = || {
+        let out = run(commands[5]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    crate::support::wait_until("pricing through us-a", Duration::from_secs(15), || {
+        pricing()["served_by"] == "pricing@us-a"
+    });
+    let v = pricing();
     assert_eq!(v["served_by"], "pricing@us-a", "{v}");
     assert_eq!(v["fed_hops"], "1", "{v}");
     // 7-10: failover as printed — eu-a's inventory stops, eu-b (same region) serves;
