@@ -575,9 +575,9 @@ impl Checker<'_> {
             self.sink.warn(
                 span(&r.etcd),
                 format!(
-                    "{} static [[peer]] entr{} take precedence over registry members with the same name or identity",
+                    "{} static [[peer]] {} precedence over registry members with the same name or identity",
                     static_peers.len(),
-                    if static_peers.len() == 1 { "y" } else { "ies" }
+                    if static_peers.len() == 1 { "entry takes" } else { "entries take" }
                 ),
                 "the registry adds members; it never overrides what this file says",
             );

@@ -232,3 +232,69 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// etcd over TLS with client certificates: nodes that present theirs register and find
+/// each other; one that does not is refused and reports the registry down.
+#[test]
+fn the_registry_speaks_tls_with_client_certificates() {
+    let pki = Pki::new();
+    let server = pki.node_cert("etcd");
+    let etcd = Etcd::with_tls(pki.ca.clone(), server.cert.clone(), server.key.clone());
+    let orders = upstream::start(Proto::H2c);
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let with_tls = |name: &str| {
+        let c = pki.node_cert(&format!("{name}-etcd"));
+        format!(
+            "{}ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            registry(&etcd),
+            pki.ca.display(),
+            c.cert.display(),
+            c.key.display()
+        )
+    };
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!("{}{}", http_service("orders", &[], ""), with_tls("a")),
+    ));
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}",
+            http_service("orders", &[orders.url(Proto::H2c)], ""),
+            with_tls("b")
+        ),
+    ));
+    wait_until(
+        "a routes orders to b over a TLS registry",
+        Duration::from_secs(15),
+        || get(&pki, pa, "orders", &[]).0 == 200,
+    );
+    assert_eq!(a.metric("fedport_registry_up "), 1.0);
+    // only the CA, no client certificate: etcd refuses the handshake
+    let c = Fedport::start(&node_config(
+        &pki,
+        "c",
+        "eu-1",
+        pc,
+        &format!(
+            "{}{}ca = \"{}\"\n",
+            http_service("orders", &[orders.url(Proto::H2c)], ""),
+            registry(&etcd),
+            pki.ca.display()
+        ),
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.metric("fedport_registry_up "), 0.0);
+    assert!(c.metric("fedport_registry_errors_total ") >= 1.0);
+    assert_eq!(
+        a.metric("fedport_registry_members "),
+        1.0,
+        "c never registered"
+    );
+}
