@@ -10,7 +10,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -77,7 +77,6 @@ pub struct Trip {
     /// Milliseconds since `epoch` + 1 when the open header block (or the preface)
     /// started; 0 when none is open.
     open_since: AtomicU64,
-    h2: AtomicBool,
     limits: Limits,
 }
 
@@ -85,11 +84,6 @@ impl Trip {
     /// Why the connection was cut, once it was.
     pub fn reason(&self) -> Option<&'static str> {
         self.reason.get().copied()
-    }
-
-    /// Whether the connection speaks HTTP/2 (known once its first bytes arrived).
-    pub fn is_h2(&self) -> bool {
-        self.h2.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
@@ -243,7 +237,6 @@ impl<T: Io> Guarded<T> {
             reader: Mutex::new(None),
             epoch: Instant::now(),
             open_since: AtomicU64::new(1),
-            h2: AtomicBool::new(alpn_h2),
             limits,
         });
         Self {
@@ -292,7 +285,6 @@ impl<T: Io> Guarded<T> {
                 return b.len();
             }
             self.mode = Mode::H2;
-            self.trip.h2.store(true, Ordering::Relaxed);
             self.trip.open_since.store(0, Ordering::Relaxed);
             off = n;
         }
@@ -729,7 +721,7 @@ mod tests {
         let mut g = Guarded::new(a, Limits::new(1024, Duration::from_secs(1)), false);
         let req = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n".repeat(100);
         assert_eq!(g.inspect(&req), req.len());
-        assert!(!g.trip.is_h2());
+        assert!(matches!(g.mode, Mode::Pass));
         assert!(g.trip.reason().is_none());
     }
 }
