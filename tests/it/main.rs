@@ -6,7 +6,6 @@ mod support;
 
 mod abuse;
 mod admission;
-mod bench;
 mod check;
 mod drain;
 mod federation;
