@@ -73,10 +73,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
     // the nodes name each other's ports in their configs: pick them first
     let mut ports = [0u16; 3];
     for p in &mut ports {
-        *p = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(io)?
-            .port();
+        *p = sandbox::free_port().map_err(io)?;
     }
     let etcd = match a.registry.as_deref() {
         Some(_) => Some(sandbox::LocalEtcd::start(&dir)?),

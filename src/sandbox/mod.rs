@@ -29,13 +29,54 @@ pub struct Demos {
     pub control: SocketAddr,
 }
 
+/// A loopback port that is free now, for configs that must name a port before the
+/// process that binds it starts (the nodes name each other's ports; etcd is told its
+/// own).
+///
+/// A port from a bind to port 0 would do only until then: it lies in the kernel's
+/// ephemeral range, where any outgoing connection on the host may take it first. So
+/// ports come from below that range, which neither `connect` nor a bind to port 0
+/// uses, each handed out once per process and checked free on every local address.
+pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    const LOW: u32 = 10_000;
+    if ephemeral_low < LOW + 1_000 {
+        // an unusual host whose ephemeral range starts low: take what the kernel gives
+        return std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()
+            .map(|a| a.port());
+    }
+    let span = ephemeral_low - LOW;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Start where another process on the host is unlikely to start.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        fastrand::u32(..u32::MAX / 2),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let mut last = None;
+    for _ in 0..span.min(4096) {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        // The wildcard bind fails if any local address holds the port.
+        match std::net::TcpListener::bind(("0.0.0.0", port)) {
+            Ok(_) => return Ok(port),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port below the ephemeral range")))
+}
+
 /// The three nodes: two in region eu, one in region us.
 pub const NODES: [(&str, &str); 3] = [("eu-a", "eu"), ("eu-b", "eu"), ("us-a", "us")];
 
 /// Writes the CA, the nodes' and a demo client's certificates, the demo proto and one
-/// config per node into `dir`. `ports` are the nodes' internal ports.
-/// Writes the CA, certificates and the three nodes' configs. With `registry` (an etcd
-/// client URL) the nodes list no `[[peer]]`s: they find each other through etcd.
+/// config per node into `dir`. `ports` are the nodes' internal ports. With `registry`
+/// (an etcd client URL) the nodes list no `[[peer]]`s: they find each other through etcd.
 pub fn write(
     dir: &Path,
     demos: &Demos,
@@ -279,12 +320,7 @@ pub enum EtcdError {
 
 impl LocalEtcd {
     pub fn start(dir: &Path) -> Result<Self, EtcdError> {
-        let port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(EtcdError::Port)
-        };
+        let port = || free_port().map_err(EtcdError::Port);
         let (client, peer) = (port()?, port()?);
         let url = format!("http://127.0.0.1:{client}");
         let child = std::process::Command::new("etcd")
@@ -340,5 +376,35 @@ impl Drop for LocalEtcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // hold every port a bind to 0 gives meanwhile, as other tests' connections would
+        let ephemeral: Vec<_> = (0..64)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
+        let mut seen = std::collections::HashSet::new();
+        for p in &ports {
+            assert!(*p < low, "{p} is in the ephemeral range from {low}");
+            assert!(seen.insert(*p), "{p} handed out twice");
+            for l in &ephemeral {
+                assert_ne!(l.local_addr().unwrap().port(), *p);
+            }
+        }
+        std::net::TcpListener::bind(("127.0.0.1", ports[0])).unwrap();
     }
 }

@@ -3,7 +3,7 @@
 //! as openssl sees them; and `fed-origin`/`fed-hops` believed only from peer nodes.
 
 use crate::support::upstream::{self, Proto};
-use crate::support::{curl, Fedport, Pki};
+use crate::support::{curl, free_port, Fedport, Pki};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -255,14 +255,6 @@ impl Drop for Haproxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// HAProxy as an L4 balancer in front of `to`: one port sending PROXY v1, one v2.

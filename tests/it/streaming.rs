@@ -99,11 +99,7 @@ impl Drop for Nginx {
 fn nginx_early() -> (Nginx, u16) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let conf = format!(
         "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}

@@ -350,14 +350,11 @@ bind = "127.0.0.1:0"
     )
 }
 
-/// A loopback port free right now (for configs that must name each other's ports
-/// before either node starts).
+/// A loopback port free right now, for configs that must name each other's ports
+/// before either node starts. Not a bind to port 0: see [`fedport::sandbox::free_port`]
+/// for why a port so freed may be taken by another test's connection first.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fedport::sandbox::free_port().expect("a free loopback port")
 }
 
 /// Path of a test helper script under tests/py.
