@@ -88,18 +88,21 @@ where
         let mut file_cfg = cfg.clone();
         let (members_tx, mut members) = tokio::sync::watch::channel(Arc::new(Vec::new()));
         let mut registry_on = false;
+        let (registry_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut registry_task = None;
         if let Some(reg) = &cfg.registry {
             match crate::registry::me(&cfg, &server.bound()) {
                 Some(me) => {
                     let status = Arc::new(crate::registry::Status::default());
                     let _ = server.state.registry.set(status.clone());
-                    tokio::spawn(crate::registry::run(
+                    registry_task = Some(tokio::spawn(crate::registry::run(
                         reg.clone(),
                         me,
                         members_tx,
                         status,
                         server.state.metrics.clone(),
-                    ));
+                        stop_rx,
+                    )));
                     registry_on = true;
                 }
                 None => tracing::error!("registry: cannot tell this node's address or identity (a peer listener and [tls] are needed); not registering"),
@@ -146,6 +149,12 @@ where
                     }
                 }
             }
+        }
+        // leave the registry first, so that the other nodes stop sending new work
+        // here now rather than when the lease runs out; then drain what is in flight
+        if let Some(task) = registry_task {
+            let _ = registry_stop.send(true);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
         }
         server.drain();
         let _ = tokio::task::spawn_blocking(move || server.join()).await;

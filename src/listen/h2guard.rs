@@ -3,7 +3,9 @@
 //! as the bytes pass — no copy, no buffering — and cuts a connection that resets most
 //! of the streams it opens (CVE-2023-44487), floods PING, SETTINGS, PRIORITY, window
 //! updates or empty frames, sends a header block too large, in too many CONTINUATION
-//! frames, or too slowly. The offending frame never reaches the codec; fedport writes
+//! frames, or too slowly (a header block, or any frame header, left incomplete longer
+//! than the header timeout). The offending frame never reaches the codec (at most the
+//! first bytes of its header, when they came in an earlier read); fedport writes
 //! GOAWAY(ENHANCE_YOUR_CALM) at the next frame boundary, with the reason as debug data,
 //! and closes. What the `h2` crate already refuses (window overflow, malformed frames,
 //! resets of streams not yet accepted) it refuses itself; the listener counts both.
@@ -217,6 +219,12 @@ pub struct Guarded<T: Io> {
     write: Cursor,
     win: Window,
     last_stream: u32,
+    /// A header block is open (HEADERS seen, its END_HEADERS frame not yet passed).
+    block_open: bool,
+    /// The frame passing now carries END_HEADERS: the block ends with its payload.
+    block_final: bool,
+    /// PINGs fedport sent that the client has not acknowledged.
+    pings_out: u32,
     block_bytes: usize,
     block_frames: u32,
     empty_in_row: u32,
@@ -247,6 +255,9 @@ impl<T: Io> Guarded<T> {
             write: Cursor::default(),
             win: Window::default(),
             last_stream: 0,
+            block_open: false,
+            block_final: false,
+            pings_out: 0,
             block_bytes: 0,
             block_frames: 0,
             empty_in_row: 0,
@@ -310,6 +321,17 @@ impl<T: Io> Guarded<T> {
         let trip = self.trip.clone();
         let cut = cursor.feed(&b[off..], |h| self.frame(h, &trip));
         self.read = cursor;
+        if self.block_final && self.read.at_boundary() {
+            self.block_open = false;
+            self.block_final = false;
+        }
+        // a header block, or a frame header, still incomplete: the slow-header clock
+        // runs from when it was first seen so (a trickled header is cut too)
+        if !(self.block_open || self.read.have > 0) {
+            trip.open_since.store(0, Ordering::Relaxed);
+        } else if trip.open_since.load(Ordering::Relaxed) == 0 {
+            trip.open_since.store(trip.now_ms(), Ordering::Relaxed);
+        }
         match cut {
             None => b.len(),
             Some((start, why)) => {
@@ -322,6 +344,15 @@ impl<T: Io> Guarded<T> {
     /// One frame header from the client: counts it, refuses it past a limit.
     fn frame(&mut self, h: Head, trip: &Trip) -> Result<(), &'static str> {
         let l = trip.limits;
+        if self.block_final {
+            // the frame before this one ended its header block
+            self.block_open = false;
+            self.block_final = false;
+        }
+        if !self.block_open {
+            // a whole frame header arrived and no block is open: nothing is stalled
+            trip.open_since.store(0, Ordering::Relaxed);
+        }
         let w = &mut self.win;
         let empty = h.len == 0;
         match h.kind {
@@ -335,17 +366,19 @@ impl<T: Io> Guarded<T> {
             }
             // HEADERS
             0x1 => {
+                if h.len > l.max_header_block {
+                    return Err("h2_oversized_headers");
+                }
                 if h.stream > self.last_stream {
                     self.last_stream = h.stream;
                     w.streams += 1;
                 }
-                if h.len > l.max_header_block {
-                    return Err("h2_oversized_headers");
-                }
+                self.block_open = true;
+                self.block_final = h.flags & 0x4 != 0;
+                trip.open_since.store(trip.now_ms(), Ordering::Relaxed);
                 if h.flags & 0x4 == 0 {
                     self.block_bytes = h.len;
                     self.block_frames = 0;
-                    trip.open_since.store(trip.now_ms(), Ordering::Relaxed);
                 }
                 self.empty_in_row = if empty && h.flags & 0x5 == 0 {
                     self.empty_in_row + 1
@@ -356,6 +389,13 @@ impl<T: Io> Guarded<T> {
             // PRIORITY, PING, WINDOW_UPDATE, and frame types this codec ignores
             0x2 | 0x8 => w.control += 1,
             0x6 if h.flags & 0x1 == 0 => w.control += 1,
+            // a PING acknowledgement fedport did not ask for (the codec logs each)
+            0x6 => match self.pings_out.checked_sub(1) {
+                Some(n) => self.pings_out = n,
+                None => w.control += 1,
+            },
+            // GOAWAY: a client says it once or twice, not in a stream
+            0x7 => w.control += 1,
             // RST_STREAM
             0x3 => {
                 w.resets += 1;
@@ -380,16 +420,15 @@ impl<T: Io> Guarded<T> {
                 if self.block_frames > l.max_continuations {
                     return Err("h2_continuation_flood");
                 }
-                if h.flags & 0x4 != 0 {
-                    trip.open_since.store(0, Ordering::Relaxed);
-                }
+                self.block_final = h.flags & 0x4 != 0;
                 self.empty_in_row = if empty && h.flags & 0x4 == 0 {
                     self.empty_in_row + 1
                 } else {
                     0
                 };
             }
-            0x4..=0x7 => {}
+            // SETTINGS acknowledgements, PUSH_PROMISE: the codec refuses what is wrong
+            0x4 | 0x5 => {}
             _ => w.control += 1,
         }
         if self.empty_in_row > l.max_empty_in_row {
@@ -413,9 +452,12 @@ impl<T: Io> Guarded<T> {
         }
         let w = &mut self.win;
         let linger = &mut self.linger;
+        let pings_out = &mut self.pings_out;
         self.write.feed(b, |h| {
             if h.kind == 0x0 && h.len > 0 {
                 w.data_sent += 1;
+            } else if h.kind == 0x6 && h.flags & 0x1 == 0 {
+                *pings_out = pings_out.saturating_add(1);
             } else if h.kind == 0x7 {
                 *linger = true;
             }
@@ -713,6 +755,78 @@ mod tests {
         }
         g.inspect(&b);
         assert_eq!(g.trip.reason(), Some("h2_oversized_headers"));
+    }
+
+    #[test]
+    fn ping_acks_count_only_when_fedport_did_not_ask() {
+        let mut g = guard();
+        g.inspect(PREFACE);
+        for _ in 0..300 {
+            g.note_written(&frame(0x6, 0, 0, 8));
+        }
+        let answers: Vec<u8> = (0..300).flat_map(|_| frame(0x6, 0x1, 0, 8)).collect();
+        assert_eq!(g.inspect(&answers), answers.len());
+        assert!(g.trip.reason().is_none());
+        assert_eq!(g.win.control, 0);
+        let unasked: Vec<u8> = (0..1000).flat_map(|_| frame(0x6, 0x1, 0, 8)).collect();
+        g.inspect(&unasked);
+        assert_eq!(g.trip.reason(), Some("h2_ping_flood"));
+    }
+
+    fn slow_guard() -> Guarded<tokio::io::DuplexStream> {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut g = Guarded::new(a, Limits::new(64 * 1024, Duration::from_millis(5)), true);
+        g.inspect(PREFACE);
+        assert_eq!(g.trip.open_since.load(Ordering::Relaxed), 0);
+        g
+    }
+
+    fn stall(g: &Guarded<tokio::io::DuplexStream>) -> Option<&'static str> {
+        std::thread::sleep(Duration::from_millis(30));
+        g.trip.check_slow();
+        g.trip.reason()
+    }
+
+    #[test]
+    fn a_header_block_trickled_in_is_cut_whichever_part_is_slow() {
+        // the payload of a single HEADERS frame that ends the block
+        let mut g = slow_guard();
+        let f = frame(0x1, 0x5, 1, 100);
+        g.inspect(&f[..20]);
+        assert_eq!(stall(&g), Some("slow_headers"));
+        // the payload of the last CONTINUATION
+        let mut g = slow_guard();
+        let mut b = frame(0x1, 0x1, 1, 10);
+        b.extend(frame(0x9, 0x4, 1, 100));
+        g.inspect(&b[..40]);
+        assert_eq!(stall(&g), Some("slow_headers"));
+        // a frame header, of any frame, sent a byte at a time
+        let mut g = slow_guard();
+        g.inspect(&frame(0x0, 0, 1, 0)[..3]);
+        assert_eq!(stall(&g), Some("slow_headers"));
+        // a block sent whole, then silence: nothing is open, nothing is cut
+        let mut g = slow_guard();
+        g.inspect(&f);
+        assert_eq!(g.trip.open_since.load(Ordering::Relaxed), 0);
+        assert_eq!(stall(&g), None);
+    }
+
+    #[test]
+    fn a_busy_connection_whose_reads_end_mid_frame_is_never_stale() {
+        let mut g = slow_guard();
+        let mut bytes = Vec::new();
+        for i in 0..200u32 {
+            bytes.extend(frame(0x1, 0x5, 2 * i + 1, 20));
+            bytes.extend(frame(0x0, 0x1, 2 * i + 1, 50));
+        }
+        // every read but the last ends inside a frame header
+        for chunk in bytes.chunks(83) {
+            let before = g.trip.now_ms();
+            g.inspect(chunk);
+            let since = g.trip.open_since.load(Ordering::Relaxed);
+            assert!(since == 0 || since >= before, "{since} < {before}");
+        }
+        assert!(g.trip.reason().is_none());
     }
 
     #[test]

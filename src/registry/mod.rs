@@ -5,7 +5,8 @@
 //! the same generation swap as a reload. Rules and schemas never come from etcd. When
 //! etcd is unreachable or has no quorum the node keeps the last membership it saw,
 //! reports the outage (`/readyz?verbose`, `fedport_registry_up`), and reconnects with
-//! jittered backoff; it does not go unready for that alone.
+//! jittered backoff; it does not go unready for that alone. A node that stops cleanly
+//! revokes its lease, so the others drop it at once.
 
 use crate::config::{Config, Peer, Registry};
 use crate::telemetry::Metrics;
@@ -159,21 +160,27 @@ pub fn me(cfg: &Config, bound: &[(String, std::net::SocketAddr)]) -> Option<Memb
     })
 }
 
-/// Runs the registry until the process ends: registers `me`, keeps the lease, and
-/// sends every membership it sees on `out`.
+/// Runs the registry until `stop` turns true: registers `me`, keeps the lease, and
+/// sends every membership it sees on `out`. On `stop` it revokes its lease, so that
+/// the other nodes drop this one at once rather than when the lease runs out.
 pub async fn run(
     reg: Registry,
     me: Member,
     out: watch::Sender<Arc<Vec<Member>>>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = Instant::now();
-        let result = session(&reg, &me, &out, &status, &metrics).await;
+        let result = session(&reg, &me, &out, &status, &metrics, &mut stop).await;
         let error = match result {
-            Ok(()) => "session ended".to_owned(),
+            Ok(()) => {
+                metrics.registry_up.set(0);
+                status.set(false, Some("stopped: this node is shutting down".into()));
+                return;
+            }
             Err(e) => e.to_string(),
         };
         metrics.registry_up.set(0);
@@ -188,8 +195,18 @@ pub async fn run(
             backoff = Duration::from_millis(250);
         }
         let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 2);
-        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+            _ = stopped(&mut stop) => return,
+        }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Ready once `stop` is true; never, should its sender go without saying so.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -229,31 +246,127 @@ async fn connect(reg: &Registry) -> Result<Client, RegistryError> {
     .await
 }
 
+/// What one session holds once registered and watching.
+struct Live {
+    client: Client,
+    lease: i64,
+    /// The ttl etcd granted, which the keepalive timing follows.
+    ttl: Duration,
+    keeper: etcd_client::LeaseKeeper,
+    alive: etcd_client::LeaseKeepAliveStream,
+    stream: etcd_client::WatchStream,
+    members: BTreeMap<String, Member>,
+}
+
 /// One session: register, read everything, then follow the watch; returns on the
-/// first failure (the caller reconnects).
+/// first failure (the caller reconnects), or `Ok` once `stop` has turned true and
+/// the lease is revoked (or revoking it failed: it runs out by itself then). A stop
+/// during registration revokes whatever lease was granted so far.
 async fn session(
     reg: &Registry,
     me: &Member,
     out: &watch::Sender<Arc<Vec<Member>>>,
     status: &Status,
     metrics: &Metrics,
+    stop: &mut watch::Receiver<bool>,
 ) -> Result<(), RegistryError> {
+    let mut granted = None;
+    let live = {
+        let setup = register(reg, me, &mut granted);
+        tokio::select! {
+            r = setup => Some(r?),
+            _ = stopped(stop) => None,
+        }
+    };
+    let Some(mut live) = live else {
+        if let Some((client, lease)) = granted {
+            revoke(client, lease).await;
+        }
+        return Ok(());
+    };
+    let dir = format!("{}/nodes/", reg.prefix);
+    let my_key = format!("{dir}{}", me.name);
+    let op = Duration::from_secs(3);
+    publish(&live.members, me, out, status, metrics);
+    status.set(true, None);
+    metrics.registry_up.set(1);
+    tracing::info!(members = live.members.len().saturating_sub(1), endpoints = ?reg.endpoints, "registry: registered and watching");
+    let mut renew = tokio::time::interval((live.ttl / 3).max(Duration::from_millis(300)));
+    renew.tick().await;
+    // no answer to a keepalive within two thirds of the ttl: the session is lost,
+    // noticed while a third of the lease is left
+    let grace = live.ttl * 2 / 3;
+    let lost = tokio::time::sleep(grace);
+    tokio::pin!(lost);
+    loop {
+        tokio::select! {
+            _ = stopped(stop) => {
+                revoke(live.client, live.lease).await;
+                return Ok(());
+            }
+            _ = &mut lost => return Err(RegistryError::Timeout(grace)),
+            _ = renew.tick() => {
+                timed(op, live.keeper.keep_alive()).await?;
+            }
+            ack = live.alive.message() => match ack? {
+                Some(r) if r.ttl() > 0 => lost.as_mut().reset(tokio::time::Instant::now() + grace),
+                Some(_) => return Err(RegistryError::LeaseLost),
+                None => return Err(RegistryError::WatchEnded("keepalive stream closed".into())),
+            },
+            w = live.stream.message() => {
+                let Some(resp) = w? else {
+                    return Err(RegistryError::WatchEnded("closed".into()));
+                };
+                if resp.canceled() {
+                    return Err(RegistryError::WatchEnded(resp.cancel_reason().to_owned()));
+                }
+                let mut changed = false;
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    match ev.event_type() {
+                        EventType::Put => match serde_json::from_slice::<Member>(kv.value()) {
+                            Ok(m) => changed |= live.members.insert(key, m.clone()).as_ref() != Some(&m),
+                            Err(e) => {
+                                tracing::warn!(%key, error = %e, "registry: a value that is not a member; ignored");
+                                changed |= live.members.remove(&key).is_some();
+                            }
+                        },
+                        EventType::Delete if key == my_key => {
+                            // deleted by hand while the lease lives: register again
+                            tracing::warn!(%key, "registry: this node's key was deleted; registering again");
+                            put_me(&mut live.client, &my_key, me, live.lease).await?;
+                        }
+                        EventType::Delete => changed |= live.members.remove(&key).is_some(),
+                    }
+                }
+                if changed {
+                    publish(&live.members, me, out, status, metrics);
+                }
+            }
+        }
+    }
+}
+
+/// Connects, grants a lease (noted in `granted` at once, for a stop to revoke), puts
+/// this node's key, starts the keepalive, reads the prefix and watches it from the
+/// revision read.
+async fn register(
+    reg: &Registry,
+    me: &Member,
+    granted: &mut Option<(Client, i64)>,
+) -> Result<Live, RegistryError> {
     let op = Duration::from_secs(3);
     let mut client = connect(reg).await?;
     let dir = format!("{}/nodes/", reg.prefix);
-    let ttl = reg.ttl.as_secs().max(1) as i64;
-    let lease = timed(op, client.lease_grant(ttl, None)).await?.id();
-    let value = serde_json::to_vec(me).expect("a member serializes");
-    timed(
-        op,
-        client.put(
-            format!("{dir}{}", me.name),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        ),
-    )
-    .await?;
-    let (mut keeper, mut alive) = timed(op, client.lease_keep_alive(lease)).await?;
+    // whole seconds, rounded up: a lease never shorter than the configured ttl
+    let ttl = reg.ttl.as_millis().div_ceil(1000).max(1) as i64;
+    let grant = timed(op, client.lease_grant(ttl, None)).await?;
+    let lease = grant.id();
+    *granted = Some((client.clone(), lease));
+    let ttl = Duration::from_secs(grant.ttl().max(1) as u64);
+    put_me(&mut client, &format!("{dir}{}", me.name), me, lease).await?;
+    let (keeper, alive) = timed(op, client.lease_keep_alive(lease)).await?;
     let all = timed(
         op,
         client.get(dir.as_str(), Some(GetOptions::new().with_prefix())),
@@ -266,7 +379,7 @@ async fn session(
             members.insert(String::from_utf8_lossy(kv.key()).into_owned(), m);
         }
     }
-    let mut stream = timed(
+    let stream = timed(
         op,
         client.watch(
             dir.as_str(),
@@ -278,51 +391,38 @@ async fn session(
         ),
     )
     .await?;
-    publish(&members, me, out, status, metrics);
-    status.set(true, None);
-    metrics.registry_up.set(1);
-    tracing::info!(members = members.len().saturating_sub(1), endpoints = ?reg.endpoints, "registry: registered and watching");
-    let mut renew = tokio::time::interval((reg.ttl / 3).max(Duration::from_millis(300)));
-    renew.tick().await;
-    // no answer to a keepalive within a third of the ttl: the session is lost
-    let mut last_ack = Instant::now();
-    loop {
-        tokio::select! {
-            _ = renew.tick() => {
-                if last_ack.elapsed() > reg.ttl * 2 / 3 {
-                    return Err(RegistryError::Timeout(reg.ttl * 2 / 3));
-                }
-                timed(op, keeper.keep_alive()).await?;
-            }
-            ack = alive.message() => match ack? {
-                Some(r) if r.ttl() > 0 => last_ack = Instant::now(),
-                Some(_) => return Err(RegistryError::LeaseLost),
-                None => return Err(RegistryError::WatchEnded("keepalive stream closed".into())),
-            },
-            w = stream.message() => {
-                let Some(resp) = w? else {
-                    return Err(RegistryError::WatchEnded("closed".into()));
-                };
-                if resp.canceled() {
-                    return Err(RegistryError::WatchEnded(resp.cancel_reason().to_owned()));
-                }
-                let mut changed = false;
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    match ev.event_type() {
-                        EventType::Put => {
-                            if let Ok(m) = serde_json::from_slice::<Member>(kv.value()) {
-                                changed |= members.insert(key, m.clone()).as_ref() != Some(&m);
-                            }
-                        }
-                        EventType::Delete => changed |= members.remove(&key).is_some(),
-                    }
-                }
-                if changed {
-                    publish(&members, me, out, status, metrics);
-                }
-            }
+    Ok(Live {
+        client,
+        lease,
+        ttl,
+        keeper,
+        alive,
+        stream,
+        members,
+    })
+}
+
+async fn put_me(
+    client: &mut Client,
+    key: &str,
+    me: &Member,
+    lease: i64,
+) -> Result<(), RegistryError> {
+    let value = serde_json::to_vec(me).expect("a member serializes");
+    timed(
+        Duration::from_secs(3),
+        client.put(key, value, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Revokes the lease, which deletes this node's key: the others drop it at once.
+async fn revoke(mut client: Client, lease: i64) {
+    match timed(Duration::from_secs(1), client.lease_revoke(lease)).await {
+        Ok(_) => tracing::info!("registry: deregistered (lease revoked)"),
+        Err(e) => {
+            tracing::warn!(error = %e, "registry: could not revoke the lease; it runs out within the ttl")
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Hostile HTTP/2 clients, driven by raw frames (tests/py/h2_abuse.py: Python's
 //! hyperframe and hpack): rapid reset paced and in a burst, CONTINUATION flood, an
 //! oversized header block, SETTINGS, PING, PRIORITY and WINDOW_UPDATE floods, a window
-//! overflow, empty frames, a header block that never ends, and 500 slowloris
-//! connections. Each attacker gets GOAWAY and is cut and counted by reason; meanwhile a
-//! well-behaved client's requests all succeed and fedport's memory stays bounded.
+//! overflow, empty frames, unasked PING acknowledgements, a header block that never
+//! ends or trickles in a byte at a time, and 500 slowloris connections. Each attacker
+//! gets GOAWAY and is cut and counted by reason; meanwhile a well-behaved client's
+//! requests all succeed and fedport's memory stays bounded.
 
 use crate::support::upstream::{self, Proto};
 use crate::support::{curl, node_config, py, Fedport, Pki};
@@ -144,6 +145,7 @@ fn hostile_http2_clients_are_cut_while_others_are_served() {
     for (name, reason) in [
         ("settings_flood", "h2_settings_flood"),
         ("ping_flood", "h2_ping_flood"),
+        ("ping_ack_flood", "h2_ping_flood"),
         ("window_update_flood", "h2_window_update_flood"),
         ("priority_flood", "h2_priority_flood"),
         ("empty_frames", "h2_empty_frames"),
@@ -165,6 +167,12 @@ fn hostile_http2_clients_are_cut_while_others_are_served() {
     cut(&fp, &v, 0xb, "slow_headers");
     let after = v["closed_after"].as_f64().unwrap();
     assert!((1.5..6.0).contains(&after), "cut after about 2 s: {v}");
+    // a header block in one frame whose payload trickles in: cut the same way
+    let v = attack(&pki, port, "trickled_headers", &["--wait", "8"]);
+    cut(&fp, &v, 0xb, "slow_headers");
+    let after = v["closed_after"].as_f64().unwrap();
+    assert!((1.5..6.0).contains(&after), "cut after about 2 s: {v}");
+    assert_eq!(v["responses"], 0, "{v}");
 
     // HTTP/1.1 request headers that never end, on the cleartext local port
     let mut s = std::net::TcpStream::connect(fp.addr("local")).unwrap();

@@ -2,7 +2,7 @@
 //! files know nothing of each other find each other and route a call; a killed node
 //! leaves the other's table within the lease TTL; with quorum lost, routing goes on
 //! with the last membership seen (and the node stays ready); once quorum is back, a
-//! node that started meanwhile is found.
+//! node that started meanwhile is found; a node shut down with SIGTERM leaves at once.
 
 use crate::federation::{get, http_service, node_config};
 use crate::support::etcd::Etcd;
@@ -134,6 +134,75 @@ fn nodes_find_each_other_through_etcd_and_ride_out_its_outage() {
     assert!(a.metric("fedport_registry_errors_total ") >= 1.0);
 }
 
+/// A node whose key is deleted by hand registers again; a value that is no member is
+/// ignored; a node shut down with SIGTERM revokes its lease on the way out, and the
+/// others drop it at once, not when its 30 s lease would have run out.
+#[test]
+fn a_node_that_shuts_down_leaves_the_registry_at_once() {
+    let pki = Pki::new();
+    let etcd = Etcd::cluster(1);
+    let orders = upstream::start(Proto::H2c);
+    let (pa, pb) = (free_port(), free_port());
+    let long_lease = format!(
+        "[registry.etcd]\nendpoints = {}\nttl = \"30s\"\n",
+        etcd.endpoints_toml()
+    );
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!("{}{long_lease}", http_service("orders", &[], "")),
+    ));
+    let mut b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "us-1",
+        pb,
+        &format!(
+            "{}{long_lease}",
+            http_service("orders", &[orders.url(Proto::H2c)], "")
+        ),
+    ));
+    wait_until("a routes orders to b", Duration::from_secs(15), || {
+        get(&pki, pa, "orders", &[]).0 == 200
+    });
+    assert_eq!(a.metric("fedport_registry_members "), 1.0);
+
+    // a value that is no member is ignored; b's key deleted by hand, b registers again
+    let (rt, mut client) = etcd_client(&etcd);
+    rt.block_on(client.put("/fedport/nodes/junk", "not a member", None))
+        .unwrap();
+    rt.block_on(client.delete("/fedport/nodes/b", None))
+        .unwrap();
+    wait_until("b registers again", Duration::from_secs(10), || {
+        b.log_text().contains("registering again")
+            && rt
+                .block_on(client.get("/fedport/nodes/b", None))
+                .is_ok_and(|r| r.count() == 1)
+    });
+    wait_until(
+        "a routes orders to b again",
+        Duration::from_secs(10),
+        || get(&pki, pa, "orders", &[]).0 == 200,
+    );
+    assert_eq!(a.metric("fedport_registry_members "), 1.0);
+    assert!(a.log_text().contains("not a member"), "{}", a.log_text());
+
+    b.signal("TERM");
+    let t = Instant::now();
+    wait_until("b leaves a's table", Duration::from_secs(10), || {
+        a.metric("fedport_registry_members ") == 0.0
+    });
+    let gone = t.elapsed();
+    eprintln!("b left a's table {gone:?} after SIGTERM (lease ttl 30 s)");
+    assert!(gone < Duration::from_secs(5), "{gone:?}");
+    assert_eq!(get(&pki, pa, "orders", &[]).0, 503);
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(b.log_text().contains("deregistered"), "{}", b.log_text());
+}
+
 /// A bounded simulation: 1,000 synthetic members × 10 services registered straight
 /// into etcd; a real node converges on the full table, then on one change. Prints the
 /// times and the node's memory for the table (docs/scaling.md quotes them).
@@ -162,14 +231,7 @@ fn a_node_converges_on_a_thousand_members() {
         hub.metric("fedport_registry_up ") == 1.0
     });
     let rss_before = rss_kib(hub.pid());
-    let endpoint = etcd.endpoints_toml();
-    let endpoint = endpoint
-        .trim_matches(|c| c == '[' || c == ']' || c == '"')
-        .to_owned();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, mut client) = etcd_client(&etcd);
     let member = |i: usize| {
         let svcs: Vec<String> = (0..10).map(|s| format!("\"svc{s}\"")).collect();
         format!(
@@ -178,9 +240,6 @@ fn a_node_converges_on_a_thousand_members() {
             svcs.join(",")
         )
     };
-    let mut client = rt
-        .block_on(etcd_client::Client::connect([endpoint.as_str()], None))
-        .unwrap();
     let t0 = Instant::now();
     rt.block_on(async {
         for i in 0..1000 {
@@ -222,6 +281,27 @@ fn a_node_converges_on_a_thousand_members() {
     for l in applied.iter().rev().take(3) {
         eprintln!("  {l}");
     }
+}
+
+/// A client of the test's etcd (its first member), with a runtime to drive it.
+fn etcd_client(etcd: &Etcd) -> (tokio::runtime::Runtime, etcd_client::Client) {
+    let endpoints = etcd.endpoints_toml();
+    let first = endpoints
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+        .to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(etcd_client::Client::connect([first], None))
+        .unwrap();
+    (rt, client)
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -275,6 +275,21 @@ def main():
     elif a == "empty_frames":
         c.send(HeadersFrame(1, c.request_block(), flags=["END_HEADERS"]).serialize())
         sent = repeated(c, DataFrame(1, b"").serialize(), n)
+    elif a == "ping_ack_flood":
+        # acknowledgements of PINGs the server never sent
+        sent = repeated(c, PingFrame(0, opaque_data=b"unasked!", flags=["ACK"]).serialize(), n)
+    elif a == "trickled_headers":
+        # a whole request in one HEADERS frame, its payload sent a byte every 0.3 s
+        frame = HeadersFrame(
+            1, c.request_block(), flags=["END_HEADERS", "END_STREAM"]
+        ).serialize()
+        sent = 0
+        if c.send(frame[:10]):
+            for b in frame[10:]:
+                c.drain(0.3)
+                if not c.send(bytes([b])):
+                    break
+                sent += 1
     elif a == "slow_headers":
         # a header block that starts and never ends
         c.send(HeadersFrame(1, c.request_block()).serialize())
