@@ -69,16 +69,23 @@ where
             }
             None => None,
         };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| CliError::Io("signal".into(), e))?;
+        // every signal is listened for before the node says it is ready, and by one
+        // stream kept for the whole loop: a stream made anew per loop turn (as
+        // `tokio::signal::ctrl_c()` is) misses a signal that lands between turns,
+        // and a SIGHUP before its handler exists would end the process
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind| signal(kind).map_err(|e| CliError::Io("signal".into(), e));
+        let (mut term, mut int, mut hup) = (
+            listen(SignalKind::terminate())?,
+            listen(SignalKind::interrupt())?,
+            listen(SignalKind::hangup())?,
+        );
         server.state.set_ready(true);
         on_ready(&server.bound(), admin)?;
         for (name, addr) in &server.bound() {
             tracing::info!(listener = %name, %addr, "listening");
         }
         tracing::info!(node = %cfg.node.name, workers = cfg.node.workers, admin = ?admin, "fedport ready");
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(|e| CliError::Io("signal".into(), e))?;
         // the config and certificate files are watched by polling: cheap, and it
         // survives editors' rename-and-replace and mounted-secret symlink swaps alike
         let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -111,7 +118,7 @@ where
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
-                _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration and TLS material");
                     if let Some(c) = reload(&server, &cfg.path, &mut watch, &members.borrow()) {
