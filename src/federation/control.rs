@@ -1,8 +1,9 @@
 //! The control thread: one more single-threaded runtime beside the workers, off the
-//! request path. It keeps a PING connection to every peer (liveness and round-trip
-//! time, reconnecting with jittered backoff), runs the active health checks of the
-//! services that ask for them, writing what it learns into the [`Fleet`], and ticks
-//! the traffic-spike detector once a second, and ships spans to the OTLP collector.
+//! request path. It keeps a PING connection to every peer that offers one of this
+//! node's services (liveness and round-trip time, reconnecting with jittered backoff),
+//! runs the active health checks of the services that ask for them, writing what it
+//! learns into the [`Fleet`], ticks the traffic-spike detector once a second, and
+//! ships spans to the OTLP collector.
 
 use super::Fleet;
 use crate::config::{Config, Endpoint, HealthCheck, Peer, Protocol, Scheme};
@@ -39,6 +40,11 @@ pub fn spawn(
         if let Some(tls) = &peer_tls {
             for i in 0..config.peers.len() {
                 let peer = config.peers[i].clone();
+                if peer.services.is_empty() {
+                    // nothing is routed to it: a member of the registry that hosts
+                    // none of this node's services costs no connection and no PINGs
+                    continue;
+                }
                 match tls.config(&peer.identity, &[b"h2"]) {
                     Ok(cfg) => {
                         tasks.spawn(probe_peer(config.clone(), peer, i, fleet.clone(), cfg));

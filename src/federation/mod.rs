@@ -111,7 +111,16 @@ impl Fleet {
                 let label = PeerLabels {
                     peer: p.name.clone(),
                 };
-                let up_gauge = metrics.peer_up.get_or_create(&label).clone();
+                // a peer offering none of this node's services is not probed (see
+                // control.rs): it gets no series, rather than one that says nothing
+                let (up_gauge, rtt_gauge) = if p.services.is_empty() {
+                    Default::default()
+                } else {
+                    (
+                        metrics.peer_up.get_or_create(&label).clone(),
+                        metrics.peer_rtt.get_or_create(&label).clone(),
+                    )
+                };
                 up_gauge.set(1);
                 Arc::new(PeerState {
                     // optimistic until the first PING says otherwise: a request to a
@@ -119,7 +128,7 @@ impl Fleet {
                     up: AtomicBool::new(true),
                     rtt_us: AtomicU64::new(0),
                     up_gauge,
-                    rtt_gauge: metrics.peer_rtt.get_or_create(&label).clone(),
+                    rtt_gauge,
                 })
             })
             .collect();
@@ -284,7 +293,7 @@ impl Fleet {
     }
 
     /// What `/readyz?verbose` shows: every local endpoint's health and every peer's
-    /// state and round-trip time.
+    /// state and round-trip time (`up` is null for a peer that is not probed).
     pub fn detail(&self, config: &Config) -> serde_json::Value {
         let now = self.now_ms();
         let services: Vec<serde_json::Value> = config
@@ -320,10 +329,12 @@ impl Fleet {
             .iter()
             .zip(&self.peers)
             .map(|(p, st)| {
+                let probed = !p.services.is_empty();
                 serde_json::json!({
                     "peer": p.name,
                     "region": p.region,
-                    "up": st.is_up(),
+                    "probed": probed,
+                    "up": probed.then(|| st.is_up()),
                     "rtt_ms": st.rtt().map(|r| r.as_secs_f64() * 1e3),
                 })
             })

@@ -205,7 +205,8 @@ fn a_node_that_shuts_down_leaves_the_registry_at_once() {
 
 /// A bounded simulation: 1,000 synthetic members × 10 services registered straight
 /// into etcd; a real node converges on the full table, then on one change. Prints the
-/// times and the node's memory for the table (docs/scaling.md quotes them).
+/// times and the node's memory for the table (docs/scaling.md quotes them). A member
+/// that hosts none of the node's services is known but not probed.
 #[test]
 fn a_node_converges_on_a_thousand_members() {
     let pki = Pki::new();
@@ -267,6 +268,36 @@ fn a_node_converges_on_a_thousand_members() {
         .unwrap();
     wait_until("n7 leaves", Duration::from_secs(30), || peers() == 1000);
     let removed = t2.elapsed();
+
+    // a member hosting none of the hub's services is known but costs no probe
+    let idle = r#"{"name":"idle","region":"r1","address":"127.0.0.1:9","identity":"spiffe://fed.test/node/idle","services":["elsewhere"]}"#;
+    rt.block_on(client.put("/fedport/nodes/idle", idle, None))
+        .unwrap();
+    wait_until("the hub knows idle", Duration::from_secs(30), || {
+        peers() == 1001
+    });
+    let detail: serde_json::Value =
+        serde_json::from_str(&hub.admin_get("/readyz?verbose")).unwrap();
+    let entry = |name: &str| {
+        detail["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(entry("idle")["probed"], false, "{}", entry("idle"));
+    assert!(entry("idle")["up"].is_null());
+    assert_eq!(entry("n0")["probed"], true, "{}", entry("n0"));
+    let metrics = hub.admin_get("/metrics");
+    assert!(metrics.contains(r#"fedport_peer_up{peer="n0"}"#));
+    for series in ["fedport_peer_up{", "fedport_peer_rtt_seconds{"] {
+        assert!(
+            !metrics.contains(&format!(r#"{series}peer="idle"}}"#)),
+            "no {series} series for idle"
+        );
+    }
     eprintln!(
         "1,000 members × 10 services: written in {written:.2?}, full table applied {full:.2?} after the first write; \
          one more member applied in {one:.2?}, one removal in {removed:.2?}; \
