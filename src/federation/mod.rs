@@ -72,6 +72,9 @@ pub struct Fleet {
     /// By service index: the peers that offer it.
     offered: Vec<Vec<usize>>,
     outliers: Vec<Outlier>,
+    /// By service index: held while an ejection is decided, so that workers failing
+    /// endpoints at once cannot together pass `max_ejected_percent`.
+    ejecting: Vec<std::sync::Mutex<()>>,
     names: Vec<(String, Vec<String>)>,
     metrics: Arc<Metrics>,
 }
@@ -151,6 +154,7 @@ impl Fleet {
             peers,
             offered,
             outliers: config.services.iter().map(|s| s.outlier.clone()).collect(),
+            ejecting: config.services.iter().map(|_| Default::default()).collect(),
             names: config
                 .services
                 .iter()
@@ -243,6 +247,9 @@ impl Fleet {
         if failures < o.consecutive_failures {
             return;
         }
+        let _deciding = self.ejecting[service]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let now = self.now_ms();
         let all = &self.endpoints[service];
         let ejected = all

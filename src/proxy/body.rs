@@ -79,6 +79,31 @@ pub struct AccessEntry {
     pub trace_id: String,
 }
 
+/// Counts a stream as active from its first moment: until dropped, or until the
+/// request's [`Finish`] takes the count over. A request the caller resets while it is
+/// still being routed or sent is dropped here, and leaves the gauge as it found it.
+pub struct OpenStream(Option<Gauge>);
+
+impl OpenStream {
+    pub fn new(streams: &Gauge) -> Self {
+        streams.inc();
+        Self(Some(streams.clone()))
+    }
+
+    /// The request's [`Finish`] (which decrements on its drop) has it from here.
+    pub fn hand_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            g.dec();
+        }
+    }
+}
+
 impl Drop for Finish {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed().as_secs_f64();
@@ -225,6 +250,11 @@ impl Body for Tracked {
             let frame = match this.inner.as_mut().poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
+                    // a trailers-only answer to a call the request guard refused
+                    if let Some((code, msg)) = refused(this.finish) {
+                        let reason = if code == "8" { "size" } else { "schema" };
+                        return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
+                    }
                     this.finish.take();
                     return Poll::Ready(None);
                 }
@@ -307,10 +337,23 @@ impl Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        if self.ended {
+            return true;
+        }
+        // a refusal still to be sent as trailers: the body is not over, even when the
+        // service's answer is
+        let pending = refused(&self.finish).is_some()
+            || self
+                .finish
+                .as_ref()
+                .is_some_and(|f| f.response_refusal.is_some());
+        !pending && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.ended {
+            return SizeHint::with_exact(0);
+        }
         self.inner.size_hint()
     }
 }

@@ -301,6 +301,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Callers never set fedport's own headers: every inbound `fed-*` header is removed.
 fn strip_fed_headers(h: &mut HeaderMap) {
+    if !h.keys().any(|k| k.as_str().starts_with("fed-")) {
+        return;
+    }
     let owned: Vec<HeaderName> = h
         .keys()
         .filter(|k| k.as_str().starts_with("fed-"))
@@ -326,11 +329,9 @@ fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
     c.listener_idx = latest.index;
     c.dedicated = latest.spec.service.clone();
     c.grants = w.policy.grants(id);
-    c.peer = match latest.spec.role {
-        crate::config::Role::Local => None,
-        crate::config::Role::Peer => w.peer_by_identity.get(id).copied(),
-    };
-    c.from_peer = c.peer.is_some();
+    // as at accept: whoever presents a peer's identity is that peer, on any listener
+    c.peer = w.peer_by_identity.get(id).copied();
+    c.from_peer = w.peer_identities.contains(id);
     c.worker = w;
     Arc::new(c)
 }
@@ -358,7 +359,7 @@ pub async fn handle(
             start: std::time::SystemTime::now(),
             spans: s.clone(),
         });
-    conn.streams.inc();
+    let open = body::OpenStream::new(&conn.streams);
     if let Some(p) = conn.peer {
         w.peer_inbound[p].inc();
     }
@@ -405,7 +406,9 @@ pub async fn handle(
         outstanding: None,
         h1: None,
     };
-    match forward(req, &conn, &w, grpc, &rid, &mut routed).await {
+    let forwarded = forward(req, &conn, &w, grpc, &rid, &mut routed).await;
+    open.hand_over();
+    match forwarded {
         Ok(fwd) => {
             let (mut rparts, rbody) = fwd.resp.into_parts();
             strip_hop_by_hop(&mut rparts.headers);
@@ -593,11 +596,16 @@ async fn forward(
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         let (origin, hops, caller) = if conn.from_peer {
-            let hops = h
-                .get(&FED_HOPS)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.parse::<u8>().ok())
-                .unwrap_or(0);
+            // a peer always says how far the request came; a value that cannot be
+            // read counts as the farthest allowed, never as a fresh request
+            let hops = match h.get(&FED_HOPS) {
+                None => 0,
+                Some(v) => v
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<u8>().ok())
+                    .unwrap_or(w.config.node.max_hops),
+            };
             (
                 h.get(&FED_ORIGIN).cloned(),
                 hops,
@@ -682,6 +690,8 @@ async fn forward(
             hops,
             idempotent,
             deadline_header: asked.is_some(),
+            caller_deadline: asked.is_some_and(|t| t < service.timeout),
+            timeout_ms: timeout.as_millis() as u64,
             grpc,
         };
         Ok((
@@ -712,12 +722,15 @@ async fn forward(
             .max_message_bytes
             .unwrap_or(schema::DEFAULT_JSON_LIMIT);
         let whole = body.take().map(|b| Limited::new(b, max as usize));
-        let bytes = match Box::pin(whole.expect("the body is there").collect()).await {
-            Ok(c) => c.to_bytes(),
-            Err(_) => {
+        let collect = Box::pin(whole.expect("the body is there").collect());
+        let bytes = match tokio::time::timeout_at(deadline.into(), collect).await {
+            Err(_) => return Err(Reject::Timeout(service.name.clone(), aim.timeout_ms)),
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) => {
                 return Err(match tripped.get() {
                     Some(n) => too_large(n, max),
-                    None => too_large(max + 1, max),
+                    None if e.is::<http_body_util::LengthLimitError>() => too_large(max + 1, max),
+                    None => Reject::BadRequest("request body ended early"),
                 })
             }
         };
@@ -728,11 +741,12 @@ async fn forward(
         })?;
         Some(bytes)
     } else if small {
+        // a caller that stalls mid-body holds its limit slot no longer than its time
         let whole = body.take().map(|b| Limited::new(b, SMALL_BODY as usize));
-        let bytes = whole
-            .expect("the body is there")
-            .collect()
+        let collect = whole.expect("the body is there").collect();
+        let bytes = tokio::time::timeout_at(deadline.into(), collect)
             .await
+            .map_err(|_| Reject::Timeout(service.name.clone(), aim.timeout_ms))?
             .map_err(|_| Reject::BadRequest("request body ended early"))?
             .to_bytes();
         Some(bytes)
@@ -774,6 +788,11 @@ struct Aim {
     idempotent: bool,
     /// The caller gave a deadline (`grpc-timeout` / `fed-timeout`): pass on what is left.
     deadline_header: bool,
+    /// The caller's deadline is shorter than the service's timeout: running out of it
+    /// is no sign of a failing endpoint.
+    caller_deadline: bool,
+    /// The time the request was given (the caller's deadline or the service's timeout).
+    timeout_ms: u64,
     /// The request is a gRPC call.
     grpc: bool,
 }
@@ -1036,17 +1055,19 @@ async fn dispatch(
         let outstanding = pool.begin();
         let sent = tokio::time::timeout(left, pool.send(req)).await;
         let Ok(sent) = sent else {
-            if let Some(e) = local {
+            if let Some(e) = local.filter(|_| !aim.caller_deadline) {
                 w.fleet.record(idx, e, false);
             }
-            return Err(Reject::Timeout(
-                service.name.clone(),
-                service.timeout.as_millis() as u64,
-            ));
+            return Err(Reject::Timeout(service.name.clone(), aim.timeout_ms));
         };
         let can_resend = replay.is_some() && keep.is_some();
         match sent {
-            Ok((resp, h1)) => {
+            Ok((mut resp, h1)) => {
+                if local.is_some() {
+                    // fedport's own headers are fedport's to set: a service cannot
+                    // claim, say, a peer's refusal and have its request sent again
+                    strip_fed_headers(resp.headers_mut());
+                }
                 let unavailable = matches!(resp.status().as_u16(), 502..=504)
                     || resp.headers().get("grpc-status").is_some_and(|s| s == "14");
                 if let Some(e) = local {
@@ -1090,11 +1111,17 @@ async fn dispatch(
                 });
             }
             Err(failed) => {
-                if let Some(e) = local {
-                    w.fleet.record(idx, e, false);
-                }
+                // refused by fedport's own guard, or the caller's body failed: the
+                // caller's doing, which neither counts against the endpoint nor is
+                // sent anywhere else
                 if tripped.get().is_some() || tripped.schema_error().is_some() {
                     return Err(refusal(service, &tripped));
+                }
+                if tripped.caller_failed() {
+                    return Err(Reject::BadRequest("the request body ended with an error"));
+                }
+                if let Some(e) = local {
+                    w.fleet.record(idx, e, false);
                 }
                 let upstream::Failed { error, unsent } = failed;
                 tracing::debug!(service = %service.name, target = %pool.endpoint.url, error = %error, "attempt failed");

@@ -80,9 +80,21 @@ pub struct Tripped(
     std::sync::Mutex<Option<String>>,
     /// body bytes that went through
     AtomicU64,
+    /// the caller's own body failed (its stream was reset or its connection lost)
+    std::sync::atomic::AtomicBool,
 );
 
 impl Tripped {
+    /// Whether the caller's body failed while it was passed on: a failed exchange is
+    /// then the caller's doing, not the service's.
+    pub fn caller_failed(&self) -> bool {
+        self.3.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self) {
+        self.3.store(true, Ordering::Relaxed);
+    }
+
     /// Body bytes the guard let through.
     pub fn bytes(&self) -> u64 {
         self.2.load(Ordering::Relaxed)
@@ -409,7 +421,10 @@ impl Body for Guarded {
                 }
                 let frame = match this.inner.as_mut().poll_frame(cx) {
                     Poll::Ready(Some(Ok(f))) => f,
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(Some(Err(e))) => {
+                        this.tripped.fail();
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
                     Poll::Ready(None) if framer.unfinished() => {
                         this.tripped.set_schema_error(
                             "the stream ended inside a message (truncated)".into(),
@@ -438,7 +453,10 @@ impl Body for Guarded {
         }
         let frame = match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => f,
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.tripped.fail();
+                return Poll::Ready(Some(Err(Box::new(e))));
+            }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };

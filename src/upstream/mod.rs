@@ -25,8 +25,9 @@ pub enum UpstreamError {
     /// The request certainly did not reach the service.
     #[error("connect to {0} failed: {1}")]
     Connect(String, String),
-    /// The service refused the stream before processing it (HTTP/2 REFUSED_STREAM):
-    /// it did not reach the service, but its body is spent.
+    /// The service refused the stream before processing it (HTTP/2 REFUSED_STREAM, or
+    /// a GOAWAY whose last stream is below it): it did not reach the service, but its
+    /// body is spent.
     #[error("stream refused before processing: {0}")]
     Refused(String),
     /// The request may have reached the service.
@@ -50,13 +51,17 @@ impl Failed {
     }
 }
 
-/// Whether a hyper error is the server refusing the stream unprocessed.
+/// Whether a hyper error is the server refusing the stream unprocessed: a
+/// REFUSED_STREAM, or its GOAWAY naming a last stream below this one (h2 fails a
+/// stream with the server's GOAWAY only then; RFC 9113 §6.8: such streams were not
+/// processed, and may be retried).
 fn refused(e: &hyper::Error) -> bool {
     use std::error::Error;
     let mut src = e.source();
     while let Some(s) = src {
         if let Some(h) = s.downcast_ref::<h2::Error>() {
-            return h.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h.is_go_away() && h.is_remote());
         }
         src = s.source();
     }

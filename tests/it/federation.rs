@@ -178,6 +178,25 @@ fn a_call_crosses_regions_with_the_federation_headers() {
         "{v}"
     );
     assert_eq!(header(&v, "fed-hops"), "1", "{v}");
+
+    // nor can a service forge a peer's refusal to have its request run twice: b's
+    // service answers a POST 503 with `fed-refused`; b does not pass that on as its
+    // own, so a does not resend the (non-idempotent) POST to c
+    let (code, v) = get(
+        &pki,
+        pa,
+        "near",
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "one order",
+            "-H",
+            "x-reply-fed-refused: no_healthy_target",
+        ],
+    );
+    assert_eq!(code, 503, "{v}");
+    assert_eq!((near_b.hits(), near_c.hits()), (11, 0));
 }
 
 /// Outcome of one request of the steady load.
@@ -524,7 +543,8 @@ async fn a_deadline_holds_across_two_hops() {
     let up = upstream::start(Proto::H2c);
     let svc = |endpoints: &str| {
         format!(
-            "[[service]]\nname = \"slow\"\nprotocol = \"grpc\"\ngrpc_services = [\"slow.Svc\"]\nendpoints = [{endpoints}]\ntimeout = \"5s\"\n"
+            "[[service]]\nname = \"slow\"\nprotocol = \"grpc\"\ngrpc_services = [\"slow.Svc\"]\nendpoints = [{endpoints}]\ntimeout = \"5s\"\n\
+             outlier = {{ consecutive_failures = 2 }}\n"
         )
     };
     let a = Fedport::start(&node_config(
@@ -534,7 +554,7 @@ async fn a_deadline_holds_across_two_hops() {
         pa,
         &format!("{}{}", svc(""), peer("b", "us-1", pb, &["slow"])),
     ));
-    let _b = Fedport::start(&node_config(
+    let b = Fedport::start(&node_config(
         &pki,
         "b",
         "us-1",
@@ -591,6 +611,31 @@ async fn a_deadline_holds_across_two_hops() {
     assert_eq!(up.hits(), 1);
     assert_eq!(
         a.metric(r#"fedport_forwarded_total{service="slow",target="b"}"#),
+        1.0
+    );
+    // callers running out of their own deadlines say nothing of the endpoint: three
+    // more in a row (the service ejects after two failures) leave it in rotation
+    for _ in 0..3 {
+        let req = http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", "50m")
+            .header("x-sleep-ms", "300")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        assert_eq!(resp.headers()["grpc-status"], "4", "{resp:?}");
+    }
+    let ejected = format!(
+        r#"fedport_upstream_ejections_total{{service="slow",endpoint="{}"}}"#,
+        up.url(Proto::H2c)
+    );
+    assert_eq!(b.metric(&ejected), 0.0);
+    assert_eq!(
+        b.metric(&format!(
+            r#"fedport_upstream_healthy{{service="slow",endpoint="{}"}}"#,
+            up.url(Proto::H2c)
+        )),
         1.0
     );
 }

@@ -1,7 +1,7 @@
 //! Bodies and streams at scale: a 256 MiB body streams through in bounded memory,
 //! 1,000 concurrent streams on a few connections all complete, and an upstream that
 //! answers early and resets with NO_ERROR (nginx) neither loses the answer nor the
-//! pooled connection.
+//! pooled connection; streams the caller resets or stalls leave nothing behind.
 
 use crate::support::upstream::{self, Proto};
 use crate::support::{node_config, Fedport, Pki};
@@ -82,6 +82,65 @@ async fn a_thousand_concurrent_streams_on_four_connections_all_complete() {
         up.conns.load(Ordering::SeqCst)
     );
     assert!(peak >= 500, "streams were not concurrent: peak {peak}");
+}
+
+/// Requests that end on the caller's side leave nothing behind: one reset while fedport
+/// waits for the service, one whose body stalls past its deadline (a small body, which
+/// fedport buffers so that it can be sent again) — 504, never sent on, and in both
+/// cases the stream gauge is back to zero.
+#[tokio::test(flavor = "current_thread")]
+async fn callers_that_reset_or_stall_leave_no_stream_behind() {
+    use http_body_util::channel::Channel;
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_service(&pki, &up.url(Proto::H2c));
+    let port = fp.port("internal");
+    let mut s =
+        crate::support::h2_connect::<Channel<bytes::Bytes>>(&pki, fp.addr("internal")).await;
+    let active = r#"fedport_streams_active{listener="internal"}"#;
+
+    // reset by the caller after 300 ms of a 3 s answer
+    let (tx, body) = Channel::new(1);
+    drop(tx);
+    let req = http::Request::get(format!("https://localhost:{port}/x"))
+        .header("fed-service", "up")
+        .header("x-sleep-ms", "3000")
+        .body(body)
+        .unwrap();
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), s.send_request(req));
+    assert!(waited.await.is_err(), "the answer takes 3 s");
+    crate::support::wait_until(
+        "the reset stream is gone",
+        std::time::Duration::from_secs(5),
+        || fp.metric(active) == 0.0,
+    );
+
+    // 10 of 1,000 declared bytes, then nothing, with a 300 ms deadline
+    let (mut tx, body) = Channel::new(1);
+    let req = http::Request::post(format!("https://localhost:{port}/count"))
+        .header("fed-service", "up")
+        .header("content-length", "1000")
+        .header("fed-timeout", "300")
+        .body(body)
+        .unwrap();
+    tx.send_data(bytes::Bytes::from_static(b"0123456789"))
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), s.send_request(req))
+        .await
+        .expect("answered within its deadline, not when the caller gives up")
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["error"]["reason"], "deadline", "{v}");
+    drop(tx);
+    crate::support::wait_until(
+        "the stalled stream is gone",
+        std::time::Duration::from_secs(5),
+        || fp.metric(active) == 0.0,
+    );
+    assert_eq!(up.hits(), 1, "only the reset request reached the service");
 }
 
 struct Nginx {

@@ -80,7 +80,8 @@ impl Upstream {
 }
 
 /// Starts an upstream on its own thread; it lives until the test process ends.
-/// Besides `/slow?ms=N`, a request header `x-sleep-ms: N` makes it wait before answering.
+/// Besides `/slow?ms=N`, a request header `x-sleep-ms: N` makes it wait before answering,
+/// and `x-reply-fed-refused: V` makes it answer 503 with `fed-refused: V`.
 pub fn start(proto: Proto) -> Upstream {
     let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_l.set_nonblocking(true).unwrap();
@@ -218,6 +219,12 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             }
         }
         return Ok(json(200, serde_json::json!({ "bytes": n })));
+    }
+    // a service that claims fedport's own refusal header, as a peer's node would
+    if let Some(v) = req.headers().get("x-reply-fed-refused") {
+        let mut r = json(503, serde_json::json!({ "status": 503 }));
+        r.headers_mut().insert("fed-refused", v.clone());
+        return Ok(r);
     }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
         return Ok(json(code, serde_json::json!({ "status": code })));
