@@ -567,13 +567,17 @@ async fn a_deadline_holds_across_two_hops() {
     ));
     let addr = format!("127.0.0.1:{pa}").parse().unwrap();
     let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, addr).await;
-    let req = http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "100m")
-        .header("x-sleep-ms", "500")
-        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
-        .unwrap();
+    // a call with the caller's deadline, to a service that takes `sleep_ms`
+    let call = |deadline: &str, sleep_ms: &str| {
+        http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", deadline)
+            .header("x-sleep-ms", sleep_ms)
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap()
+    };
+    let req = call("100m", "500");
     let t = Instant::now();
     let resp = s.send_request(req).await.unwrap();
     let took = t.elapsed();
@@ -595,13 +599,7 @@ async fn a_deadline_holds_across_two_hops() {
     let left: u64 = seen[0].trim_end_matches('m').parse().unwrap();
     assert!(left < 100 && left > 0, "reduced deadline: {}", seen[0]);
     // an already expired deadline is not started at all
-    let req = http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "0m")
-        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
-        .unwrap();
-    let resp = s.send_request(req).await.unwrap();
+    let resp = s.send_request(call("0m", "0")).await.unwrap();
     assert_eq!(
         resp.headers()
             .get("grpc-status")
@@ -616,14 +614,7 @@ async fn a_deadline_holds_across_two_hops() {
     // callers running out of their own deadlines say nothing of the endpoint: three
     // more in a row (the service ejects after two failures) leave it in rotation
     for _ in 0..3 {
-        let req = http::Request::post(format!("https://localhost:{pa}/slow.Svc/Call"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("grpc-timeout", "50m")
-            .header("x-sleep-ms", "300")
-            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
-            .unwrap();
-        let resp = s.send_request(req).await.unwrap();
+        let resp = s.send_request(call("50m", "300")).await.unwrap();
         assert_eq!(resp.headers()["grpc-status"], "4", "{resp:?}");
     }
     let ejected = format!(

@@ -274,11 +274,7 @@ impl Fedport {
 
     /// Peak resident memory of the process, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        status_kib(self.pid(), "VmHWM")
     }
 }
 
@@ -287,6 +283,16 @@ impl Drop for Fedport {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A size from a process's `/proc/PID/status` (`VmRSS`, `VmHWM`, ...), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// Runs curl; returns (http status, body, exit code). `-w` appends the status.
