@@ -199,6 +199,12 @@ fn refused(finish: &Option<Finish>) -> Option<(&'static str, String)> {
         .and_then(|t| t.grpc_refusal())
 }
 
+/// A gRPC call answered 200 whose status has not been seen, in the headers or in
+/// trailers.
+fn no_status(f: &Finish) -> bool {
+    f.http_status == 200 && f.grpc_status.as_deref() == Some("")
+}
+
 fn status_trailers(code: &'static str, message: &str) -> http::HeaderMap {
     let mut t = http::HeaderMap::new();
     t.insert("grpc-status", http::HeaderValue::from_static(code));
@@ -255,7 +261,17 @@ impl Body for Tracked {
                         let reason = if code == "8" { "size" } else { "schema" };
                         return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
                     }
-                    this.finish.take();
+                    // a call the service ended without a status is no success: say so
+                    // (INTERNAL, as gRPC's own clients would) rather than leave the
+                    // caller a stream that just stops
+                    if let Some(mut f) = this.finish.take().filter(no_status) {
+                        f.grpc_status = Some("13".into());
+                        *this.ended = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
+                            "13",
+                            "the service ended the call without a grpc-status",
+                        )))));
+                    }
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -346,7 +362,7 @@ impl Body for Tracked {
             || self
                 .finish
                 .as_ref()
-                .is_some_and(|f| f.response_refusal.is_some());
+                .is_some_and(|f| f.response_refusal.is_some() || no_status(f));
         !pending && self.inner.is_end_stream()
     }
 

@@ -622,6 +622,19 @@ async fn a_deadline_holds_across_two_hops() {
         up.url(Proto::H2c)
     );
     assert_eq!(b.metric(&ejected), 0.0);
+    // a service that answers a call 200 but never gives its status: the caller gets
+    // INTERNAL in trailers, not a stream that just stops
+    let resp = s.send_request(call("5S", "0")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let trailers = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .trailers()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(trailers["grpc-status"], "13", "{trailers:?}");
     assert_eq!(
         b.metric(&format!(
             r#"fedport_upstream_healthy{{service="slow",endpoint="{}"}}"#,
