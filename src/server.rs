@@ -312,11 +312,30 @@ impl Server {
 
     /// Reloads the TLS material if a file changed (or always, when `force`: SIGHUP).
     /// A failure is logged and counted; the old material keeps serving.
-    pub fn reload_tls(&self, force: bool) {
+    ///
+    /// The listeners' material swaps in place. The certificate this node presents to
+    /// its peers and `https://` endpoints, and the CA it checks them against, live in
+    /// the generation's pools and probes: with `clients`, a swap also rebuilds the
+    /// running configuration's generation (as a reload does), so that new connections
+    /// out present the new certificate too. A SIGHUP that has just reloaded the
+    /// configuration has rebuilt them already and passes `false`.
+    pub fn reload_tls(&self, force: bool, clients: bool) {
         let tls = self.tls.load_full();
         let Some(tls) = tls.as_ref() else { return };
         let result = match tls.reload(force) {
             Ok(identity::rotate::Reloaded::Unchanged) => return,
+            Ok(identity::rotate::Reloaded::Swapped) if clients => {
+                match self.reload(self.state.config.load_full()) {
+                    Ok(()) => {
+                        tracing::info!("TLS material reloaded: new handshakes and new connections to peers and endpoints use it");
+                        "ok"
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS material reloaded for handshakes, but connections out could not be rebuilt; they keep the previous certificate");
+                        "error"
+                    }
+                }
+            }
             Ok(identity::rotate::Reloaded::Swapped) => {
                 tracing::info!("TLS material reloaded: new handshakes use it");
                 "ok"

@@ -121,10 +121,12 @@ where
                 _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration and TLS material");
-                    if let Some(c) = reload(&server, &cfg.path, &mut watch, &members.borrow()) {
+                    let reloaded = reload(&server, &cfg.path, &mut watch, &members.borrow());
+                    let rebuilt = reloaded.is_some();
+                    if let Some(c) = reloaded {
                         file_cfg = c;
                     }
-                    server.reload_tls(true);
+                    server.reload_tls(true, !rebuilt);
                 }
                 r = members.changed(), if registry_on => {
                     if r.is_err() {
@@ -152,7 +154,7 @@ where
                     }
                     ticks += 1;
                     if ticks.is_multiple_of(4) {
-                        server.reload_tls(false);
+                        server.reload_tls(false, true);
                     }
                 }
             }

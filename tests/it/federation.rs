@@ -45,7 +45,7 @@ to = "*"
     )
 }
 
-fn peer(name: &str, region: &str, port: u16, services: &[&str]) -> String {
+pub(crate) fn peer(name: &str, region: &str, port: u16, services: &[&str]) -> String {
     let list: Vec<String> = services.iter().map(|s| format!("\"{s}\"")).collect();
     format!(
         "[[peer]]\nname = \"{name}\"\nregion = \"{region}\"\naddress = \"127.0.0.1:{port}\"\n\

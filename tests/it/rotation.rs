@@ -1,9 +1,11 @@
 //! Certificates change without a restart: a rotated node certificate is used by the
 //! next handshake while a long request finishes on the old one; a CRL revokes a client
-//! after reload; a broken new file is refused and the old material keeps serving.
+//! after reload; a broken new file is refused and the old material keeps serving; a
+//! certificate rotated on disk is what the node presents to its peers as well.
 
+use crate::federation;
 use crate::support::upstream::{self, Proto};
-use crate::support::{curl, node_config, wait_until, Fedport, Pki};
+use crate::support::{curl, free_port, node_config, wait_until, Fedport, Pki, DOMAIN};
 use fedport::identity::pki::LeafSpec;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -204,5 +206,94 @@ fn a_crl_revokes_a_client_after_reload_and_a_broken_file_changes_nothing() {
         fp.log_text().contains("TLS material refused"),
         "{}",
         fp.log_text()
+    );
+}
+
+#[test]
+fn a_certificate_rotated_on_disk_is_presented_to_peers_too() {
+    let pki = Pki::new();
+    let d = pki.path();
+    let (pa, pb) = (free_port(), free_port());
+    let up = upstream::start(Proto::H2c);
+    let node_a = |serial: u64| {
+        pki.authority
+            .issue(&LeafSpec {
+                common_name: "node-a".into(),
+                spiffe: Some(format!("spiffe://{DOMAIN}/node/a")),
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                serial: Some(serial),
+                ..Default::default()
+            })
+            .unwrap()
+    };
+    // a hosts nothing and forwards "far" to b; b checks a against its CRL
+    let a_config = federation::node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}",
+            federation::http_service("far", &[], ""),
+            federation::peer("b", "eu-1", pb, &["far"])
+        ),
+    );
+    // node_config wrote a's files; a known serial replaces them, for b to revoke
+    let first = node_a(3001);
+    std::fs::write(d.join("node-a.key"), &first.key_pem).unwrap();
+    std::fs::write(d.join("node-a.pem"), &first.cert_pem).unwrap();
+    let crl = d.join("b-crl.pem");
+    std::fs::write(&crl, pki.authority.crl(&[]).unwrap()).unwrap();
+    let b_config = federation::node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}",
+            federation::http_service("far", &[up.url(Proto::H2c)], ""),
+            federation::peer("a", "eu-1", pa, &[])
+        ),
+    )
+    .replace(
+        "[admin]",
+        &format!("crl = \"{}\"\n\n[admin]", crl.display()),
+    );
+    let b = Fedport::start(&b_config);
+    let a = Fedport::start(&a_config);
+    wait_until("a call through a to b", Duration::from_secs(10), || {
+        federation::get(&pki, pa, "far", &[]).0 == 200
+    });
+
+    // a's certificate is rotated on disk, with no SIGHUP: the file watch swaps it in
+    let second = node_a(3002);
+    std::fs::write(d.join("node-a.key"), &second.key_pem).unwrap();
+    std::fs::write(d.join("node-a.pem"), &second.cert_pem).unwrap();
+    wait_until("a's TLS reload", Duration::from_secs(10), || {
+        reloads(&a, "ok") >= 1.0
+    });
+
+    // b now revokes a's old certificate and restarts, so a must connect anew: the
+    // handshakes a makes to b (probe and data connections) must present the new one
+    std::fs::write(&crl, pki.authority.crl(&[3001]).unwrap()).unwrap();
+    drop(b);
+    let b = Fedport::start(&b_config);
+    wait_until(
+        "a call through a to the restarted b",
+        Duration::from_secs(20),
+        || federation::get(&pki, pa, "far", &[]).0 == 200,
+    );
+    assert_eq!(
+        b.metric(r#"fedport_tls_handshake_failures_total{listener="internal",reason="revoked"}"#),
+        0.0,
+        "a presented its old, revoked certificate to b:\n{}",
+        a.log_text()
+    );
+    assert!(
+        a.log_text()
+            .contains("new connections to peers and endpoints use it"),
+        "{}",
+        a.log_text()
     );
 }
