@@ -172,21 +172,54 @@ impl Drop for Finish {
 
 pin_project_lite::pin_project! {
     /// An upstream response body that records its [`Finish`] when done.
+    ///
+    /// An HTTP/2 service that resets its stream with NO_ERROR in the middle of an
+    /// answer ends hyper's body as if it were complete. When the answer declared its
+    /// length, the bytes still owed give it away: the caller's stream is then reset
+    /// (or its HTTP/1.1 connection closed) rather than ended as if whole.
     pub struct Tracked {
         #[pin]
         inner: Incoming,
         finish: Option<Finish>,
         ended: bool,
+        owes_length: bool,
     }
 }
 
 impl Tracked {
-    pub fn new(inner: Incoming, finish: Finish) -> Self {
+    /// `owes_length`: a declared content-length must be delivered (not a HEAD answer,
+    /// a 204 or a 304).
+    pub fn new(inner: Incoming, finish: Finish, owes_length: bool) -> Self {
         Self {
             inner,
             finish: Some(finish),
             ended: false,
+            owes_length,
         }
+    }
+}
+
+/// Bytes an answer declared and has not delivered yet.
+fn owed(inner: &Incoming) -> u64 {
+    inner.size_hint().exact().unwrap_or(0)
+}
+
+/// An answer the service stopped short of its declared length.
+#[derive(Debug, thiserror::Error)]
+#[error("the service ended its answer {owed} bytes short of its content-length")]
+pub struct Truncated {
+    owed: u64,
+}
+
+/// Records a failed answer: no gRPC success, the connection not reused, `reason` in
+/// the access log.
+fn failed(finish: &mut Option<Finish>, reason: &'static str) {
+    if let Some(mut f) = finish.take() {
+        if f.grpc_status.is_some() {
+            f.grpc_status = Some("14".into());
+        }
+        f.h1 = None;
+        f.reason.get_or_insert(reason);
     }
 }
 
@@ -224,7 +257,7 @@ impl Tracked {
         code: &'static str,
         message: &str,
         reason: &str,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(mut f) = finish.take() {
             f.grpc_status = Some(code.into());
             f.metrics
@@ -235,14 +268,16 @@ impl Tracked {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
             if *this.ended {
@@ -255,6 +290,12 @@ impl Body for Tracked {
             }
             let frame = match this.inner.as_mut().poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) if *this.owes_length && owed(&this.inner) > 0 => {
+                    let owed = owed(&this.inner);
+                    failed(this.finish, "truncated");
+                    *this.ended = true;
+                    return Poll::Ready(Some(Err(Box::new(Truncated { owed }))));
+                }
                 Poll::Ready(None) => {
                     // a trailers-only answer to a call the request guard refused
                     if let Some((code, msg)) = refused(this.finish) {
@@ -280,14 +321,8 @@ impl Body for Tracked {
                         let reason = if code == "8" { "size" } else { "schema" };
                         return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
                     }
-                    if let Some(f) = this.finish.as_mut() {
-                        if f.grpc_status.is_some() {
-                            f.grpc_status = Some("14".into());
-                        }
-                        f.h1 = None;
-                    }
-                    this.finish.take();
-                    return Poll::Ready(Some(Err(e)));
+                    failed(this.finish, "upstream_reset");
+                    return Poll::Ready(Some(Err(Box::new(e))));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
@@ -363,7 +398,9 @@ impl Body for Tracked {
                 .finish
                 .as_ref()
                 .is_some_and(|f| f.response_refusal.is_some() || no_status(f));
-        !pending && self.inner.is_end_stream()
+        // bytes still owed: the next poll ends the answer with an error, not here
+        let short = self.owes_length && owed(&self.inner) > 0;
+        !pending && !short && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -346,6 +346,7 @@ pub async fn handle(
     let w = conn.worker.clone();
     let mut req = req;
     let grpc = is_grpc(req.headers());
+    let head = req.method() == http::Method::HEAD;
     let rid = request_id(req.headers());
     // W3C trace context: the caller's trace goes on with a span of this hop
     let hop = trace::next_hop(req.headers_mut(), w.config.tracing.sample);
@@ -438,9 +439,13 @@ pub async fn handle(
             f.tripped = Some(fwd.tripped);
             f.busy = Some(busy);
             f.h1 = fwd.h1;
+            // an answer that declares its length owes that many bytes (RFC 9110 8.6),
+            // except to HEAD and in a 1xx, 204 or 304
+            let status = rparts.status.as_u16();
+            let owes_length = !head && status >= 200 && status != 204 && status != 304;
             Ok(Response::from_parts(
                 rparts,
-                Either::Left(Tracked::new(rbody, f)),
+                Either::Left(Tracked::new(rbody, f, owes_length)),
             ))
         }
         Err(reject) => {

@@ -1,7 +1,8 @@
 //! Bodies and streams at scale: a 256 MiB body streams through in bounded memory,
 //! 1,000 concurrent streams on a few connections all complete, and an upstream that
 //! answers early and resets with NO_ERROR (nginx) neither loses the answer nor the
-//! pooled connection; streams the caller resets or stalls leave nothing behind.
+//! pooled connection; streams the caller resets or stalls leave nothing behind; an
+//! answer the service cuts short of its declared length is never passed on as whole.
 
 use crate::support::upstream::{self, Proto};
 use crate::support::{node_config, Fedport, Pki};
@@ -229,4 +230,127 @@ async fn early_answer_with_no_error_reset_reaches_the_caller_and_keeps_the_conne
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="upstream_error"}"#),
         0.0
     );
+}
+
+/// An h2c service written with the `h2` crate: `/cut` answers 100 of 1,000 declared
+/// bytes and, 200 ms later, resets the stream with NO_ERROR (which hyper reads as a
+/// clean end);
+/// anything else gets all 1,000 bytes, or the headers alone to HEAD.
+fn cutting_upstream() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            while let Ok((tcp, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let head = req.method() == http::Method::HEAD;
+                        let resp = http::Response::builder()
+                            .status(200)
+                            .header("content-length", "1000")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(resp, head) else {
+                            continue;
+                        };
+                        if head {
+                            continue;
+                        }
+                        if req.uri().path() == "/cut" {
+                            let _ = send.send_data(bytes::Bytes::from(vec![b'a'; 100]), false);
+                            // the head and the first bytes go out (the connection is
+                            // polled meanwhile) before the reset does
+                            tokio::spawn(async move {
+                                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                                send.send_reset(h2::Reason::NO_ERROR);
+                            });
+                        } else {
+                            let _ = send.send_data(bytes::Bytes::from(vec![b'a'; 1000]), true);
+                        }
+                    }
+                });
+            }
+        });
+    });
+    port
+}
+
+/// curl through the node, with `extra` arguments: (status, body, curl's exit code).
+fn curl_up(pki: &Pki, port: u16, path: &str, extra: &[&str]) -> (u16, String, i32) {
+    let c = pki.curl_client();
+    let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+    let url = format!("https://localhost:{port}{path}");
+    a.extend(["-H", "fed-service: up"]);
+    a.extend(extra);
+    a.push(&url);
+    crate::support::curl(&a)
+}
+
+#[test]
+fn an_answer_cut_short_of_its_length_is_not_passed_on_as_whole() {
+    let pki = Pki::new();
+    let up = cutting_upstream();
+    let config = node_config(
+        &pki,
+        &format!("[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"h2c://127.0.0.1:{up}\"]\n"),
+    )
+    .replace(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"10s\"\naccess_log = true",
+    );
+    let fp = Fedport::start_with(None, &config, &["--log-format", "json"]);
+    let port = fp.port("internal");
+
+    let (code, body, exit) = curl_up(&pki, port, "/whole", &[]);
+    assert_eq!((code, body.len(), exit), (200, 1000, 0), "a whole answer");
+    let (code, _, exit) = curl_up(&pki, port, "/whole", &["-I"]);
+    assert_eq!(
+        (code, exit),
+        (200, 0),
+        "HEAD: a length declared, no body owed"
+    );
+
+    // over HTTP/2 the caller's stream is reset; over HTTP/1.1 its connection closes
+    // short of the length. Either way the caller cannot take the answer as whole.
+    for proto in ["--http2", "--http1.1"] {
+        let (_, body, exit) = curl_up(&pki, port, "/cut", &[proto]);
+        assert_ne!(
+            exit,
+            0,
+            "{proto}: curl saw a whole answer ({} bytes)\n{}",
+            body.len(),
+            fp.log_text()
+        );
+        assert!(body.len() < 1000, "{proto}: {} bytes", body.len());
+    }
+    let (code, body, exit) = curl_up(&pki, port, "/whole", &[]);
+    assert_eq!(
+        (code, body.len(), exit),
+        (200, 1000, 0),
+        "the next answer is whole"
+    );
+
+    crate::support::wait_until("access lines", std::time::Duration::from_secs(5), || {
+        fp.log_text().matches("fedport::access").count() >= 5
+    });
+    let cut: Vec<serde_json::Value> = fp
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "fedport::access" && l["fields"]["path"] == "/cut")
+        .collect();
+    assert_eq!(cut.len(), 2, "{cut:?}");
+    for l in &cut {
+        assert_eq!(l["fields"]["reason"], "truncated", "{l}");
+        assert_eq!(l["fields"]["bytes_out"], 100, "{l}");
+    }
 }
