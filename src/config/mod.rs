@@ -328,15 +328,27 @@ impl Segment {
 }
 
 impl JsonRoute {
+    /// Whether a request is for this route, with its path read the way servers route
+    /// it: empty segments (`//`, a trailing `/`) are skipped, `;params` are dropped and
+    /// percent-escapes decoded, so that `/v1/orders/`, `/v1/orders;x=1` and
+    /// `/v1/%6Frders` are validated as `/v1/orders` is.
     pub fn matches(&self, method: &str, path: &str) -> bool {
         if self.method != method {
             return false;
         }
-        let mut segs = path.split('/');
-        for t in &self.template {
+        let mut segs = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.split(';').next().unwrap_or(""))
+            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy());
+        let template = self
+            .template
+            .iter()
+            .filter(|t| !matches!(t, Segment::Literal(l) if l.is_empty()));
+        for t in template {
             match (t, segs.next()) {
-                (Segment::Literal(l), Some(s)) if l == s => {}
-                (Segment::Param, Some(s)) if !s.is_empty() => {}
+                (Segment::Literal(l), Some(s)) if *l == *s => {}
+                (Segment::Param, Some(_)) => {}
                 _ => return false,
             }
         }
@@ -1713,4 +1725,44 @@ pub fn text_hash(text: &str) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(key: &str) -> JsonRoute {
+        let (method, template) = key.split_once(' ').unwrap();
+        JsonRoute {
+            method: method.into(),
+            template: template.split('/').map(Segment::parse).collect(),
+            route: key.into(),
+            validator: Arc::new(jsonschema::validator_for(&serde_json::json!({})).unwrap()),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn json_routes_match_paths_as_servers_route_them() {
+        let orders = route("POST /v1/orders");
+        let one = route("POST /v1/orders/{id}");
+        for p in [
+            "/v1/orders",
+            "/v1/orders/",
+            "//v1//orders",
+            "/v1/orders;x=1",
+            "/v1/%6Frders",
+        ] {
+            assert!(orders.matches("POST", p), "{p}");
+            assert!(!one.matches("POST", p), "{p}");
+        }
+        for p in ["/v1/orders/42", "/v1/orders/42/", "/v1/orders/4%32;v=2"] {
+            assert!(one.matches("POST", p), "{p}");
+            assert!(!orders.matches("POST", p), "{p}");
+        }
+        assert!(!orders.matches("PUT", "/v1/orders"));
+        assert!(!orders.matches("POST", "/v1/orders/42/items"));
+        assert!(!orders.matches("POST", "/v1/order"));
+        assert!(!one.matches("POST", "/v1/orders/42/items"));
+    }
 }

@@ -254,10 +254,38 @@ pub struct ConnCtx {
     pub worker: Arc<Worker>,
 }
 
+/// `application/grpc`, `application/grpc+proto`, ...: media types are case-insensitive
+/// (RFC 9110 8.3.1), and a service that reads `Application/GRPC` as gRPC must not get it
+/// past the checks for gRPC.
 fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .get(..16)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+    })
+}
+
+/// Whether a request path is free of what servers resolve differently from a prefix
+/// check: dot segments (`/a/../b`, also percent-encoded or with `;params` as Tomcat
+/// reads them), encoded slashes or backslashes, a literal backslash, an encoded NUL.
+/// Clients normalise paths before sending (RFC 3986 5.2.4); one that did not would
+/// let `GET /public/../admin` pass a rule for `/public`, so it is refused instead.
+fn path_is_normal(path: &str) -> bool {
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true;
+    }
+    if path.contains('\\') {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    if ["%2f", "%5c", "%00"].iter().any(|e| lower.contains(e)) {
+        return false;
+    }
+    !lower.split('/').any(|seg| {
+        let seg = seg.split(';').next().unwrap_or("");
+        let dots = seg.replace("%2e", ".");
+        dots == "." || dots == ".."
+    })
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -529,6 +557,11 @@ async fn forward(
     // drops a small request body, so the caller gets a clean answer instead of a reset.
     let body_ref = &body;
     let checked = (move || -> Result<_, Reject> {
+        if !path_is_normal(parts.uri.path()) {
+            return Err(Reject::BadRequest(
+                "the path has dot segments or encoded separators; send it normalised (RFC 3986 section 5.2.4)",
+            ));
+        }
         let idx = match &conn.dedicated {
             Some(name) => w
                 .table
@@ -549,9 +582,9 @@ async fn forward(
             }
             _ => None,
         };
-        let json_route = if grpc {
-            None
-        } else {
+        // looked up whatever the content type says: a body for a JSON Schema route is
+        // validated as JSON even when it claims to be gRPC
+        let json_route = {
             let (m, p) = (parts.method.as_str(), parts.uri.path());
             service.json.iter().find(|r| r.matches(m, p))
         };
@@ -1168,4 +1201,56 @@ async fn dispatch(
         tracing::warn!(service = %service.name, "no target could take the request");
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types_are_case_insensitive() {
+        for (ct, grpc) in [
+            ("application/grpc", true),
+            ("Application/GRPC", true),
+            ("application/grpc+proto", true),
+            ("APPLICATION/GRPC+PROTO; charset=x", true),
+            ("application/json", false),
+            ("application/grp", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_grpc(&h), grpc, "{ct}");
+        }
+    }
+
+    #[test]
+    fn paths_that_resolve_elsewhere_are_not_normal() {
+        for p in [
+            "/",
+            "/v1/orders",
+            "/v1/orders/42",
+            "/pkg.Service/Method",
+            "/v1/file.json",
+            "/v1/a..b/.hidden",
+            "/v1/%41%42",
+            "/v1/orders;v=1",
+        ] {
+            assert!(path_is_normal(p), "{p}");
+        }
+        for p in [
+            "/public/../admin",
+            "/public/./x",
+            "/public/..",
+            "/public/%2e%2e/admin",
+            "/public/%2E./admin",
+            "/public/..;/admin",
+            "/public%2f..%2fadmin",
+            "/public%2Fx",
+            "/public\\..\\admin",
+            "/public%5cadmin",
+            "/a%00b",
+        ] {
+            assert!(!path_is_normal(p), "{p}");
+        }
+    }
 }

@@ -331,3 +331,99 @@ async fn an_oversized_length_prefix_is_refused_before_its_body_is_read() {
         1.0
     );
 }
+
+/// What servers read differently from a plain comparison cannot carry a request past
+/// validation: an upper-case gRPC content type is still gRPC; a JSON route is still
+/// validated behind a trailing slash, `;params` or percent-escapes, and for a body
+/// that claims to be gRPC; a path with dot segments is refused outright.
+#[test]
+fn other_spellings_of_a_request_do_not_get_it_past_validation() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"{0}\"]\n\
+             schema = {{ proto = [\"{1}\"] }}\n\
+             [[service]]\nname = \"inventory\"\nprotocol = \"http\"\nendpoints = [\"{0}\"]\n\
+             schema = {{ json = {{ \"POST /v1/reserve\" = \"{2}\" }} }}\n",
+            up.url(Proto::H2c),
+            root.join("tests/fixtures/proto/test.proto").display(),
+            root.join("examples/schemas/reserve.json").display(),
+        ),
+    ));
+    let c = pki.curl_client();
+    let port = fp.port("internal");
+    let dir = tempfile::tempdir().unwrap();
+    let post = |service: &str, ctype: &str, path: &str, data: &[u8], extra: &[&str]| {
+        let file = dir.path().join("body");
+        std::fs::write(&file, data).unwrap();
+        let at = format!("@{}", file.display());
+        let (s, t) = (
+            format!("fed-service: {service}"),
+            format!("content-type: {ctype}"),
+        );
+        let url = format!("https://localhost:{port}{path}");
+        let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+        a.extend(["-H", &s, "-H", &t, "-H", "te: trailers"]);
+        a.extend(extra);
+        a.extend(["--data-binary", &at, &url]);
+        curl(&a)
+    };
+    let bad_doc = br#"{"sku":5,"count":2}"#;
+    for path in [
+        "/v1/reserve/",
+        "/v1/reserve;x=1",
+        "/v1/%72eserve",
+        "//v1/reserve",
+    ] {
+        let (code, body, _) = post("inventory", "application/json", path, bad_doc, &[]);
+        assert_eq!(code, 400, "{path}: {body}");
+        assert!(body.contains(r#""reason":"schema""#), "{path}: {body}");
+    }
+    post("inventory", "application/grpc", "/v1/reserve", bad_doc, &[]);
+    crate::support::wait_until(
+        "the refusal counted",
+        std::time::Duration::from_secs(5),
+        || {
+            fp.metric(
+            r#"fedport_message_rejections_total{service="inventory",method="POST /v1/reserve",reason="schema"}"#,
+        ) >= 5.0
+        },
+    );
+    assert_eq!(
+        fp.metric(
+            r#"fedport_message_rejections_total{service="inventory",method="POST /v1/reserve",reason="schema"}"#
+        ),
+        5.0,
+        "a body claiming to be gRPC is still checked against its JSON route"
+    );
+
+    for path in ["/v1/x/../reserve", "/v1/x/%2e%2e/reserve", "/v1%2freserve"] {
+        let (code, body, _) = post(
+            "inventory",
+            "application/json",
+            path,
+            bad_doc,
+            &["--path-as-is"],
+        );
+        assert_eq!(code, 400, "{path}: {body}");
+        assert!(body.contains(r#""reason":"bad_request""#), "{path}: {body}");
+    }
+    assert_eq!(up.hits(), 0, "none of them reached a service");
+
+    // test.Msg.text (a string) holding invalid UTF-8, framed
+    let bad_msg = [0u8, 0, 0, 0, 4, 0x0a, 0x02, 0xff, 0xfe];
+    let (_, head, _) = post(
+        "echo",
+        "Application/GRPC",
+        "/test.Echo/Say",
+        &bad_msg,
+        &["-i"],
+    );
+    assert!(
+        head.contains("grpc-status: 3") && head.contains("invalid UTF-8"),
+        "Application/GRPC is gRPC and its message is checked: {head}"
+    );
+}
