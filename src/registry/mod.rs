@@ -44,6 +44,50 @@ pub struct Member {
     pub services: Vec<String>,
 }
 
+/// Reads a member from its key and value. A member describes itself at its own key
+/// (`PREFIX/nodes/NAME`), under a plain name that rules may use for it — never
+/// `local`, never a pattern — and with one concrete identity, never a pattern: a
+/// member named `local`, or with the identity `*`, would otherwise turn a rule's
+/// `from = "local"` into "every caller".
+pub fn decode(dir: &str, key: &str, value: &[u8]) -> Result<Member, String> {
+    let m: Member = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+    if key.strip_prefix(dir) != Some(m.name.as_str()) {
+        return Err(format!("its name {:?} is not its key's", m.name));
+    }
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if m.name.is_empty() || m.name.len() > 253 || !m.name.chars().all(plain) {
+        return Err(format!(
+            "name {:?}: letters, digits, '-', '_' and '.' only",
+            m.name
+        ));
+    }
+    if m.name == "local" {
+        return Err("the name \"local\" is reserved for the local listener's callers".into());
+    }
+    let dns = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+    };
+    let concrete = match m.identity.strip_prefix("spiffe://") {
+        Some(rest) => {
+            let mut parts = rest.splitn(2, '/');
+            dns(parts.next().unwrap_or(""))
+                && parts.next().is_some_and(|p| {
+                    !p.is_empty() && p.chars().all(|c| c.is_ascii_graphic() && c != '*')
+                })
+        }
+        None => dns(&m.identity),
+    };
+    if !concrete || m.identity == "local" {
+        return Err(format!(
+            "identity {:?}: a SPIFFE URI or a DNS name, without patterns",
+            m.identity
+        ));
+    }
+    Ok(m)
+}
+
 impl Member {
     fn peer(&self) -> Peer {
         Peer {
@@ -325,7 +369,7 @@ async fn session(
                     let Some(kv) = ev.kv() else { continue };
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
                     match ev.event_type() {
-                        EventType::Put => match serde_json::from_slice::<Member>(kv.value()) {
+                        EventType::Put => match decode(&dir, &key, kv.value()) {
                             Ok(m) => changed |= live.members.insert(key, m.clone()).as_ref() != Some(&m),
                             Err(e) => {
                                 tracing::warn!(%key, error = %e, "registry: a value that is not a member; ignored");
@@ -375,8 +419,14 @@ async fn register(
     let revision = all.header().map(|h| h.revision()).unwrap_or(0);
     let mut members: BTreeMap<String, Member> = BTreeMap::new();
     for kv in all.kvs() {
-        if let Ok(m) = serde_json::from_slice::<Member>(kv.value()) {
-            members.insert(String::from_utf8_lossy(kv.key()).into_owned(), m);
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match decode(&dir, &key, kv.value()) {
+            Ok(m) => {
+                members.insert(key, m);
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "registry: a value that is not a member; ignored")
+            }
         }
     }
     let stream = timed(
@@ -460,6 +510,33 @@ mod tests {
             identity: identity.into(),
             services: services.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn members_describe_themselves_with_plain_names_and_concrete_identities() {
+        let dir = "/fedport/nodes/";
+        let value =
+            |name: &str, identity: &str| serde_json::to_vec(&member(name, identity, &[])).unwrap();
+        let ok = |key: &str, name: &str, identity: &str| {
+            decode(dir, &format!("{dir}{key}"), &value(name, identity))
+        };
+        assert!(ok("eu-a", "eu-a", "spiffe://fed.test/node/eu-a").is_ok());
+        assert!(ok("eu-a.z1", "eu-a.z1", "node-a.fed.test").is_ok());
+        for (key, name, identity) in [
+            ("local", "local", "spiffe://fed.test/node/x"),
+            ("x", "x", "*"),
+            ("x", "x", "spiffe://fed.test/node/*"),
+            ("x", "x", "spiffe://fed.test/**"),
+            ("x", "x", "local"),
+            ("x", "x", "spiffe://fed.test"),
+            ("x", "x", ""),
+            ("x", "y", "spiffe://fed.test/node/y"),
+            ("a b", "a b", "spiffe://fed.test/node/a"),
+            ("sp*", "sp*", "spiffe://fed.test/node/a"),
+        ] {
+            assert!(ok(key, name, identity).is_err(), "{key} {name} {identity}");
+        }
+        assert!(decode(dir, "/fedport/nodes/x", b"not json").is_err());
     }
 
     #[test]

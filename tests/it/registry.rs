@@ -173,6 +173,10 @@ fn a_node_that_shuts_down_leaves_the_registry_at_once() {
     let (rt, mut client) = etcd_client(&etcd);
     rt.block_on(client.put("/fedport/nodes/junk", "not a member", None))
         .unwrap();
+    // nor is one that would rewrite rules: `from = "local"` must not become every caller
+    let hijack = r#"{"name":"local","region":"eu-1","address":"127.0.0.1:9","identity":"*","services":["orders"]}"#;
+    rt.block_on(client.put("/fedport/nodes/local", hijack, None))
+        .unwrap();
     rt.block_on(client.delete("/fedport/nodes/b", None))
         .unwrap();
     wait_until("b registers again", Duration::from_secs(10), || {
@@ -188,6 +192,11 @@ fn a_node_that_shuts_down_leaves_the_registry_at_once() {
     );
     assert_eq!(a.metric("fedport_registry_members "), 1.0);
     assert!(a.log_text().contains("not a member"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("reserved for the local listener"),
+        "{}",
+        a.log_text()
+    );
 
     b.signal("TERM");
     let t = Instant::now();
