@@ -135,6 +135,8 @@ pub enum CliError {
     Bench(crate::bench::BenchError),
     #[error(transparent)]
     Etcd(#[from] crate::sandbox::EtcdError),
+    #[error(transparent)]
+    Firewall(#[from] crate::firewall::FirewallError),
 }
 
 fn bench(a: BenchArgs) -> Result<i32, CliError> {
@@ -219,7 +221,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
                 "iptables" => crate::firewall::iptables(&cfg, false),
                 "ip6tables" => crate::firewall::iptables(&cfg, true),
                 _ => crate::firewall::nftables(&cfg),
-            };
+            }?;
             print!("{out}");
             Ok(0)
         }

@@ -4,17 +4,28 @@
 //! admin port to `[admin] allow` and loopback; everything else to those ports is
 //! dropped. The rules live in their own table (nftables `inet fedport`, iptables chain
 //! `FEDPORT-INPUT`) with an accepting policy: nothing else on the host is touched.
+//! A listener bound to one address gets rules for that destination address only, so
+//! two listeners on one port at different addresses keep their own sources.
 
 use crate::config::{Config, Role};
 use ipnet::IpNet;
 use std::fmt::Write;
 use std::net::IpAddr;
 
+/// Why no ruleset can be written for a config.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("{0} binds port 0 (chosen at start): a firewall needs its port fixed in the config")]
+    PortZero(String),
+}
+
 /// One port and who may reach it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Opening {
     pub what: String,
     pub port: u16,
+    /// The address it is bound to, unless that is the wildcard.
+    pub to: Option<IpAddr>,
     /// Sources admitted (loopback always is).
     pub from: Vec<IpNet>,
     /// Peer addresses that are names, not IPs: they cannot be written as rules.
@@ -57,6 +68,7 @@ pub fn openings(cfg: &Config) -> Vec<Opening> {
                 }
             ),
             port: l.bind.port(),
+            to: Some(l.bind.ip()).filter(|ip| !ip.is_unspecified()),
             from: dedup(from),
             unresolved,
         });
@@ -65,6 +77,7 @@ pub fn openings(cfg: &Config) -> Vec<Opening> {
         out.push(Opening {
             what: "admin".into(),
             port: a.port(),
+            to: Some(a.ip()).filter(|ip| !ip.is_unspecified()),
             from: dedup(cfg.admin_allow.clone()),
             unresolved: Vec::new(),
         });
@@ -86,8 +99,27 @@ fn host_ip(address: &str) -> Option<IpAddr> {
         .ok()
 }
 
+/// The openings, refused if a port is left to the kernel.
+fn fixed(cfg: &Config) -> Result<Vec<Opening>, FirewallError> {
+    let o = openings(cfg);
+    match o.iter().find(|op| op.port == 0) {
+        Some(op) => Err(FirewallError::PortZero(op.what.clone())),
+        None => Ok(o),
+    }
+}
+
+/// The nftables match on an opening's destination: its port, and its address when it
+/// is bound to one.
+fn nft_dest(op: &Opening) -> String {
+    match op.to {
+        Some(IpAddr::V4(a)) => format!("ip daddr {a} tcp dport {}", op.port),
+        Some(IpAddr::V6(a)) => format!("ip6 daddr {a} tcp dport {}", op.port),
+        None => format!("tcp dport {}", op.port),
+    }
+}
+
 /// The nftables ruleset (`nft -f`): re-applying it replaces the previous one.
-pub fn nftables(cfg: &Config) -> String {
+pub fn nftables(cfg: &Config) -> Result<String, FirewallError> {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -97,7 +129,7 @@ pub fn nftables(cfg: &Config) -> String {
         cfg.hash
     );
     s.push_str("table inet fedport\ndelete table inet fedport\ntable inet fedport {\n");
-    let o = openings(cfg);
+    let o = fixed(cfg)?;
     for (i, op) in o.iter().enumerate() {
         for (fam, ty, nets) in [
             (
@@ -139,23 +171,24 @@ pub fn nftables(cfg: &Config) -> String {
                 "    # peer {u} is a name: resolve it and add its address"
             );
         }
-        let _ = writeln!(s, "    iif \"lo\" tcp dport {} accept", op.port);
+        let dest = nft_dest(op);
+        let _ = writeln!(s, "    iif \"lo\" {dest} accept");
         if op.from.iter().any(|n| matches!(n, IpNet::V4(_))) {
-            let _ = writeln!(s, "    tcp dport {} ip saddr @allow{i}_v4 accept", op.port);
+            let _ = writeln!(s, "    {dest} ip saddr @allow{i}_v4 accept");
         }
         if op.from.iter().any(|n| matches!(n, IpNet::V6(_))) {
-            let _ = writeln!(s, "    tcp dport {} ip6 saddr @allow{i}_v6 accept", op.port);
+            let _ = writeln!(s, "    {dest} ip6 saddr @allow{i}_v6 accept");
         }
-        let _ = writeln!(s, "    tcp dport {} drop", op.port);
+        let _ = writeln!(s, "    {dest} drop");
     }
     s.push_str("  }\n}\n");
-    s
+    Ok(s)
 }
 
 /// The same as iptables-restore input (IPv4; `ip6tables` gets the IPv6 lines with
 /// `--family 6`). Apply with `iptables-restore --noflush FILE`, then hook the chain
 /// once: `iptables -I INPUT -j FEDPORT-INPUT`.
-pub fn iptables(cfg: &Config, v6: bool) -> String {
+pub fn iptables(cfg: &Config, v6: bool) -> Result<String, FirewallError> {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -165,23 +198,23 @@ pub fn iptables(cfg: &Config, v6: bool) -> String {
         if v6 { "ip6tables" } else { "iptables" }
     );
     s.push_str("*filter\n:FEDPORT-INPUT - [0:0]\n-F FEDPORT-INPUT\n");
-    for op in openings(cfg) {
-        let _ = writeln!(
-            s,
-            "-A FEDPORT-INPUT -i lo -p tcp --dport {} -j RETURN",
-            op.port
-        );
-        for n in op.from.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
-            let _ = writeln!(
-                s,
-                "-A FEDPORT-INPUT -p tcp --dport {} -s {n} -j RETURN",
-                op.port
-            );
+    for op in fixed(cfg)? {
+        // bound to an address of the other family: not reachable through this table
+        if op.to.is_some_and(|a| a.is_ipv6() != v6) {
+            continue;
         }
-        let _ = writeln!(s, "-A FEDPORT-INPUT -p tcp --dport {} -j DROP", op.port);
+        let dest = match op.to {
+            Some(a) => format!("-d {a} -p tcp --dport {}", op.port),
+            None => format!("-p tcp --dport {}", op.port),
+        };
+        let _ = writeln!(s, "-A FEDPORT-INPUT -i lo {dest} -j RETURN");
+        for n in op.from.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
+            let _ = writeln!(s, "-A FEDPORT-INPUT {dest} -s {n} -j RETURN");
+        }
+        let _ = writeln!(s, "-A FEDPORT-INPUT {dest} -j DROP");
     }
     s.push_str("COMMIT\n");
-    s
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -268,14 +301,38 @@ identity = "spiffe://t/node/d"
         assert!(o[2].from.is_empty(), "local: loopback only");
         assert_eq!(o[3].what, "admin");
         assert_eq!(o[3].from[0].to_string(), "10.9.0.0/24");
-        let nft = nftables(&cfg());
-        assert!(nft.contains("tcp dport 7443 ip saddr @allow0_v4 accept"));
-        assert!(nft.contains("tcp dport 7443 ip6 saddr @allow0_v6 accept"));
-        assert!(nft.contains("tcp dport 7400 drop"));
+        let nft = nftables(&cfg()).unwrap();
+        assert!(nft.contains("\n    tcp dport 7443 ip saddr @allow0_v4 accept"));
+        assert!(nft.contains("\n    tcp dport 7443 ip6 saddr @allow0_v6 accept"));
+        assert!(nft.contains("ip daddr 127.0.0.1 tcp dport 7400 drop"));
         assert!(nft.contains("policy accept"));
-        let ipt = iptables(&cfg(), false);
+        let ipt = iptables(&cfg(), false).unwrap();
         assert!(ipt.contains("-A FEDPORT-INPUT -p tcp --dport 7443 -s 10.1.0.7/32 -j RETURN"));
+        assert!(ipt.contains("-A FEDPORT-INPUT -d 127.0.0.1 -p tcp --dport 7400 -j DROP"));
         assert!(!ipt.contains("2001:db8"));
-        assert!(iptables(&cfg(), true).contains("-s 2001:db8::7/128"));
+        let ip6 = iptables(&cfg(), true).unwrap();
+        assert!(ip6.contains("-s 2001:db8::7/128"));
+        assert!(
+            !ip6.contains("7400"),
+            "a port bound to an IPv4 address: {ip6}"
+        );
+    }
+
+    #[test]
+    fn listeners_on_one_port_at_two_addresses_keep_their_own_sources() {
+        let mut c = cfg();
+        c.listeners[0].bind = "10.0.0.5:7443".parse().unwrap();
+        c.listeners[2].bind = "127.0.0.1:7443".parse().unwrap();
+        let nft = nftables(&c).unwrap();
+        // the loopback listener's drop does not cover the peer listener's address
+        assert!(
+            nft.contains("ip daddr 127.0.0.1 tcp dport 7443 drop"),
+            "{nft}"
+        );
+        assert!(!nft.contains("\n    tcp dport 7443 drop"), "{nft}");
+        assert!(nft.contains("ip daddr 10.0.0.5 tcp dport 7443 ip saddr @allow0_v4 accept"));
+        c.listeners[1].bind = "0.0.0.0:0".parse().unwrap();
+        assert!(matches!(nftables(&c), Err(FirewallError::PortZero(w)) if w.contains("behind-lb")));
+        assert!(iptables(&c, false).is_err());
     }
 }
