@@ -95,7 +95,13 @@ struct Prepared {
     exporter: Option<crate::telemetry::otlp::Exporter>,
 }
 
-fn prepare(config: &Arc<Config>, metrics: &Arc<Metrics>) -> Result<Prepared, ServerError> {
+/// Builds a generation for `config`. `running` is the current generation's shared
+/// state, whose health, peer, limit and spike state carries over where it still fits.
+fn prepare(
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    running: Option<&crate::proxy::Shared>,
+) -> Result<Prepared, ServerError> {
     let tls = match &config.tls {
         Some(t) if config.listeners.iter().any(|l| l.role == Role::Peer) => Some((
             Arc::new(identity::rotate::Rotating::new(
@@ -140,7 +146,7 @@ fn prepare(config: &Arc<Config>, metrics: &Arc<Metrics>) -> Result<Prepared, Ser
             ..settings.clone()
         });
     }
-    let fleet = crate::federation::Fleet::new(config, metrics.clone());
+    let fleet = crate::federation::Fleet::new(config, metrics.clone(), running.map(|r| &*r.fleet));
     let traffic = crate::telemetry::spike::Traffic::new(config);
     let detector = crate::telemetry::spike::Detector::new(config, traffic.clone(), metrics);
     crate::telemetry::record_certificates(config, metrics);
@@ -153,7 +159,7 @@ fn prepare(config: &Arc<Config>, metrics: &Arc<Metrics>) -> Result<Prepared, Ser
         settings,
         peer_settings,
         shared: crate::proxy::Shared {
-            limits: crate::limits::Limiter::new(config),
+            limits: crate::limits::Limiter::new(config, running.map(|r| &*r.limits)),
             fleet,
             traffic,
             spans,
@@ -177,12 +183,20 @@ pub struct Server {
     control: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
     opens: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     metrics: Arc<Metrics>,
+    /// The running generation's shared state and spike detector, for the next one to
+    /// carry on from.
+    running: Mutex<Option<Running>>,
 }
+
+type Running = (
+    crate::proxy::Shared,
+    Arc<Mutex<crate::telemetry::spike::Detector>>,
+);
 
 impl Server {
     /// Binds every listener and starts the workers. Not ready until [`State::set_ready`].
     pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
-        let p = prepare(&config, &metrics)?;
+        let p = prepare(&config, &metrics, None)?;
         let state = Arc::new(State {
             config: ArcSwap::new(config.clone()),
             metrics: metrics.clone(),
@@ -214,6 +228,7 @@ impl Server {
             control: Mutex::new(None),
             opens: Mutex::new(HashMap::new()),
             metrics,
+            running: Mutex::new(None),
         };
         server.install(config, None, p)?;
         Ok(server)
@@ -228,7 +243,8 @@ impl Server {
     /// error nothing has changed.
     pub fn reload(&self, config: Arc<Config>) -> Result<(), ServerError> {
         let old = self.state.config.load_full();
-        let p = prepare(&config, &self.metrics)?;
+        let running = self.running.lock().ok().and_then(|r| r.clone());
+        let p = prepare(&config, &self.metrics, running.as_ref().map(|r| &r.0))?;
         self.install(config, Some(&old), p)
     }
 
@@ -286,11 +302,12 @@ impl Server {
         }
         // the old control thread (health checks, PINGs, spike detection) gives way
         let (stop, rx) = watch::channel(false);
+        let detector = Arc::new(Mutex::new(p.detector));
         let handle = crate::federation::control::spawn(
             config.clone(),
             p.shared.fleet.clone(),
             p.settings.clone(),
-            (p.detector, p.exporter),
+            (detector.clone(), p.exporter),
             rx,
         )
         .map_err(ServerError::Worker)?;
@@ -298,6 +315,18 @@ impl Server {
             if let Some((old_stop, old_handle)) = c.replace((stop, handle)) {
                 let _ = old_stop.send(true);
                 let _ = old_handle.join();
+            }
+        }
+        // the old detector has stopped ticking: the new one carries on from it (its
+        // first tick is a second away)
+        let previous = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|mut r| r.replace((p.shared.clone(), detector.clone())));
+        if let Some((_, old)) = previous {
+            if let (Ok(mut new), Ok(mut old)) = (detector.lock(), old.lock()) {
+                new.inherit(&mut old);
             }
         }
         self.tls.store(Arc::new(p.tls.map(|(r, _)| r)));

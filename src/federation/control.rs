@@ -19,8 +19,8 @@ pub fn spawn(
     config: Arc<Config>,
     fleet: Arc<Fleet>,
     settings: Settings,
-    (mut spikes, exporter): (
-        crate::telemetry::spike::Detector,
+    (spikes, exporter): (
+        Arc<std::sync::Mutex<crate::telemetry::spike::Detector>>,
         Option<crate::telemetry::otlp::Exporter>,
     ),
     mut shutdown: watch::Receiver<bool>,
@@ -85,7 +85,9 @@ pub fn spawn(
             every.tick().await;
             loop {
                 every.tick().await;
-                spikes.tick();
+                if let Ok(mut d) = spikes.lock() {
+                    d.tick();
+                }
             }
         });
         let _ = shutdown.wait_for(|s| *s).await;

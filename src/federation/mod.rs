@@ -76,11 +76,31 @@ pub struct Fleet {
     /// endpoints at once cannot together pass `max_ejected_percent`.
     ejecting: Vec<std::sync::Mutex<()>>,
     names: Vec<(String, Vec<String>)>,
+    /// By peer index: what a peer's state belongs to (name, address, identity, probed).
+    peer_keys: Vec<(String, String, String, bool)>,
     metrics: Arc<Metrics>,
 }
 
 impl Fleet {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// The state for `config`. What `previous` (the running generation's) knows of an
+    /// endpoint (same service and URL) or a peer (same name, address and identity) is
+    /// kept: a reload, a certificate rotation or a registry change must not put an
+    /// endpoint that failed its checks or was ejected back into rotation, nor forget
+    /// which peers are down and how far away the others are.
+    pub fn new(config: &Config, metrics: Arc<Metrics>, previous: Option<&Fleet>) -> Arc<Self> {
+        let mut known: std::collections::HashMap<(&str, &str), &Arc<EndpointHealth>> =
+            Default::default();
+        let mut known_peers: std::collections::HashMap<_, &Arc<PeerState>> = Default::default();
+        if let Some(p) = previous {
+            for ((service, urls), healths) in p.names.iter().zip(&p.endpoints) {
+                for (url, h) in urls.iter().zip(healths) {
+                    known.insert((service.as_str(), url.as_str()), h);
+                }
+            }
+            for (key, st) in p.peer_keys.iter().zip(&p.peers) {
+                known_peers.insert(key.clone(), st);
+            }
+        }
         let endpoints = config
             .services
             .iter()
@@ -88,6 +108,13 @@ impl Fleet {
                 s.endpoints
                     .iter()
                     .map(|e| {
+                        if let Some(h) = known.get(&(s.name.as_str(), e.url.as_str())) {
+                            // checks no longer configured cannot keep it out
+                            if s.health.is_none() {
+                                h.active_ok.store(true, Ordering::Relaxed);
+                            }
+                            return Arc::clone(h);
+                        }
                         let gauge = metrics
                             .endpoint_healthy
                             .get_or_create(&EndpointLabels {
@@ -107,10 +134,26 @@ impl Fleet {
                     .collect()
             })
             .collect();
-        let peers = config
+        let peer_keys: Vec<(String, String, String, bool)> = config
             .peers
             .iter()
             .map(|p| {
+                (
+                    p.name.clone(),
+                    p.address.clone(),
+                    p.identity.clone(),
+                    !p.services.is_empty(),
+                )
+            })
+            .collect();
+        let peers = config
+            .peers
+            .iter()
+            .zip(&peer_keys)
+            .map(|(p, key)| {
+                if let Some(st) = known_peers.get(key) {
+                    return Arc::clone(st);
+                }
                 let label = PeerLabels {
                     peer: p.name.clone(),
                 };
@@ -149,7 +192,9 @@ impl Fleet {
             })
             .collect();
         Arc::new(Self {
-            epoch: Instant::now(),
+            // ejection deadlines are kept as times since the epoch: it is kept too
+            epoch: previous.map_or_else(Instant::now, |p| p.epoch),
+            peer_keys,
             endpoints,
             peers,
             offered,
@@ -419,7 +464,7 @@ mod tests {
     fn fleet(text: &str) -> (Config, Arc<Fleet>) {
         let (cfg, _) = crate::config::compile(std::path::Path::new("t.toml"), text)
             .unwrap_or_else(|r| panic!("{r:?}"));
-        let f = Fleet::new(&cfg, Metrics::new("t", "h"));
+        let f = Fleet::new(&cfg, Metrics::new("t", "h"), None);
         (cfg, f)
     }
 

@@ -2,7 +2,9 @@
 //! limits, for each service and for each caller identity a `[[limit]]` matches. A
 //! request over a rate is refused early with 429 / RESOURCE_EXHAUSTED; one over a
 //! concurrency limit with 503 / UNAVAILABLE — there is no queue, so memory stays
-//! bounded whatever the offered load. Shared by all workers; rebuilt on reload.
+//! bounded whatever the offered load. Shared by all workers. A reload builds a new
+//! one that keeps the running one's in-flight counts and token buckets where a limit
+//! is unchanged, so that a reload neither doubles what is let in nor refills buckets.
 
 use crate::config::{Config, Limits};
 use crate::policy::Pattern;
@@ -28,14 +30,19 @@ fn quota(l: &Limits) -> Option<Quota> {
 }
 
 struct ServiceLimit {
-    rate: Option<DefaultDirectRateLimiter>,
+    name: String,
+    limits: Limits,
+    rate: Option<Arc<DefaultDirectRateLimiter>>,
     concurrency: Option<(usize, Arc<AtomicUsize>)>,
 }
 
 struct IdentityRule {
+    /// The pattern as written, peer names resolved.
+    from: String,
+    limits: Limits,
     pattern: Pattern,
-    rate: Option<DefaultKeyedRateLimiter<String>>,
-    concurrency: Option<(usize, PerIdentity)>,
+    rate: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    concurrency: Option<(usize, Arc<PerIdentity>)>,
 }
 
 /// In-flight counts by identity.
@@ -68,25 +75,78 @@ fn take(count: &Arc<AtomicUsize>, max: usize, admit: &mut Admit) -> bool {
 }
 
 impl Limiter {
-    pub fn new(cfg: &Config) -> Arc<Self> {
+    /// The limits of `cfg`; where `previous` (the running generation's) has the same
+    /// limit for the same service or caller pattern, its buckets and counts go on.
+    /// `from` may name a peer, which stands for its identity (as in `[[allow]]`).
+    pub fn new(cfg: &Config, previous: Option<&Limiter>) -> Arc<Self> {
+        let old_service =
+            |name: &str| previous.and_then(|p| p.services.iter().find(|s| s.name == name));
+        let old_rule =
+            |from: &str| previous.and_then(|p| p.identities.iter().find(|r| r.from == from));
+        let services = cfg
+            .services
+            .iter()
+            .map(|s| {
+                let old = old_service(&s.name);
+                ServiceLimit {
+                    name: s.name.clone(),
+                    limits: s.limits.clone(),
+                    rate: match old {
+                        Some(o)
+                            if o.limits.rate == s.limits.rate
+                                && o.limits.burst == s.limits.burst =>
+                        {
+                            o.rate.clone()
+                        }
+                        _ => quota(&s.limits).map(|q| Arc::new(governor::RateLimiter::direct(q))),
+                    },
+                    // requests in flight stay counted, whatever the new maximum
+                    concurrency: s.limits.concurrency.map(|c| {
+                        let count = old
+                            .and_then(|o| o.concurrency.as_ref())
+                            .map(|(_, n)| n.clone())
+                            .unwrap_or_default();
+                        (c, count)
+                    }),
+                }
+            })
+            .collect();
+        let identities = cfg
+            .limits
+            .iter()
+            .map(|l| {
+                let from = cfg
+                    .peers
+                    .iter()
+                    .find(|p| p.name == l.from)
+                    .map_or(l.from.clone(), |p| p.identity.clone());
+                let old = old_rule(&from);
+                IdentityRule {
+                    pattern: Pattern::new(&from),
+                    rate: match old {
+                        Some(o)
+                            if o.limits.rate == l.limits.rate
+                                && o.limits.burst == l.limits.burst =>
+                        {
+                            o.rate.clone()
+                        }
+                        _ => quota(&l.limits).map(|q| Arc::new(governor::RateLimiter::keyed(q))),
+                    },
+                    concurrency: l.limits.concurrency.map(|c| {
+                        let counts = old
+                            .and_then(|o| o.concurrency.as_ref())
+                            .map(|(_, m)| m.clone())
+                            .unwrap_or_default();
+                        (c, counts)
+                    }),
+                    from,
+                    limits: l.limits.clone(),
+                }
+            })
+            .collect();
         Arc::new(Self {
-            services: cfg
-                .services
-                .iter()
-                .map(|s| ServiceLimit {
-                    rate: quota(&s.limits).map(governor::RateLimiter::direct),
-                    concurrency: s.limits.concurrency.map(|c| (c, Arc::default())),
-                })
-                .collect(),
-            identities: cfg
-                .limits
-                .iter()
-                .map(|l| IdentityRule {
-                    pattern: Pattern::new(&l.from),
-                    rate: quota(&l.limits).map(governor::RateLimiter::keyed),
-                    concurrency: l.limits.concurrency.map(|c| (c, Mutex::default())),
-                })
-                .collect(),
+            services,
+            identities,
         })
     }
 
@@ -131,5 +191,64 @@ impl Limiter {
             }
         }
         Ok(admit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(concurrency: u32) -> Config {
+        let text = format!(
+            r#"
+[node]
+name = "a"
+region = "r"
+[[service]]
+name = "s"
+protocol = "http"
+endpoints = ["http://127.0.0.1:1"]
+limits = {{ concurrency = {concurrency} }}
+[[peer]]
+name = "b"
+region = "r"
+address = "127.0.0.1:2"
+identity = "spiffe://t/node/b"
+services = ["s"]
+[[limit]]
+from = "b"
+concurrency = 1
+"#
+        );
+        crate::config::compile(std::path::Path::new("t.toml"), &text)
+            .unwrap_or_else(|r| panic!("{r:?}"))
+            .0
+    }
+
+    #[test]
+    fn a_reload_keeps_what_is_in_flight_counted() {
+        let old = Limiter::new(&config(2), None);
+        let held: Vec<Admit> = (0..2)
+            .map(|_| old.admit(0, "spiffe://t/client/x", "s").unwrap())
+            .collect();
+        assert!(old.admit(0, "spiffe://t/client/x", "s").is_err());
+        let new = Limiter::new(&config(2), Some(&old));
+        assert!(
+            new.admit(0, "spiffe://t/client/x", "s").is_err(),
+            "two still in flight from before the reload"
+        );
+        drop(held);
+        assert!(new.admit(0, "spiffe://t/client/x", "s").is_ok());
+    }
+
+    #[test]
+    fn a_limit_may_name_a_peer() {
+        let l = Limiter::new(&config(10), None);
+        let _one = l.admit(0, "spiffe://t/node/b", "s").unwrap();
+        assert_eq!(
+            l.admit(0, "spiffe://t/node/b", "s").err(),
+            Some(Over::Concurrency("identity spiffe://t/node/b".into()))
+        );
+        assert!(l.admit(0, "spiffe://t/node/c", "s").is_ok());
     }
 }

@@ -162,6 +162,40 @@ impl Detector {
         }
     }
 
+    /// Takes over what the running generation's detector has learnt: each series
+    /// still in the config keeps its baselines, its events in progress and the
+    /// warm-up already served (a reload, a rotation or a registry change would
+    /// otherwise blind detection for a warm-up each time); an event in progress on a
+    /// series the config no longer has ends, so that its gauge does not stay at 1.
+    pub fn inherit(&mut self, old: &mut Detector) {
+        self.ticks = self.ticks.max(old.ticks);
+        for o in &mut old.series {
+            match self
+                .series
+                .iter_mut()
+                .find(|n| n.what == o.what && n.name == o.name)
+            {
+                Some(n) => {
+                    std::mem::swap(&mut n.rate, &mut o.rate);
+                    std::mem::swap(&mut n.errors, &mut o.errors);
+                }
+                None => {
+                    for w in [&mut o.rate, &mut o.errors] {
+                        if w.active {
+                            w.active = false;
+                            w.gauge.set(0);
+                            tracing::warn!(
+                                target: "fedport::spike",
+                                what = o.what, name = %o.name,
+                                "traffic spike ended: no longer in the configuration"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// One second has passed: read the counts and judge them.
     pub fn tick(&mut self) {
         self.ticks += 1;
@@ -179,8 +213,9 @@ impl Detector {
             );
             s.last = now;
             judge(&self.cfg, warm, alpha, s.what, &s.name, &mut s.rate, r, r);
-            // the error ratio means something only with enough requests behind it
-            if r >= self.cfg.min_rate {
+            // the error ratio means something only with enough requests behind it; an
+            // error spike whose traffic has dwindled below that is over, not frozen
+            if r > 0.0 && r >= self.cfg.min_rate {
                 judge(
                     &self.cfg,
                     warm,
@@ -189,6 +224,17 @@ impl Detector {
                     &s.name,
                     &mut s.errors,
                     e / r,
+                    r,
+                );
+            } else if s.errors.active {
+                judge(
+                    &self.cfg,
+                    warm,
+                    alpha,
+                    s.what,
+                    &s.name,
+                    &mut s.errors,
+                    0.0,
                     r,
                 );
             }
@@ -267,8 +313,7 @@ fn judge(
 mod tests {
     use super::*;
 
-    fn detector(min_rate: f64) -> (Detector, Arc<Traffic>, Arc<Metrics>) {
-        let text = r#"
+    const CFG: &str = r#"
 [node]
 name = "a"
 region = "r"
@@ -279,7 +324,9 @@ endpoints = ["http://127.0.0.1:1"]
 [spikes]
 warmup = "10s"
 "#;
-        let (mut cfg, _) = crate::config::compile(std::path::Path::new("t.toml"), text)
+
+    fn detector(min_rate: f64) -> (Detector, Arc<Traffic>, Arc<Metrics>) {
+        let (mut cfg, _) = crate::config::compile(std::path::Path::new("t.toml"), CFG)
             .unwrap_or_else(|r| panic!("{r:?}"));
         cfg.spikes.min_rate = min_rate;
         let m = Metrics::new("a", "h");
@@ -342,5 +389,74 @@ warmup = "10s"
             second(&mut d, &t, 8, 0);
         }
         assert_eq!(d.series[0].rate.events.get(), 0);
+    }
+
+    #[test]
+    fn an_idle_second_with_no_minimum_rate_does_not_poison_the_baseline() {
+        let (mut d, t, _) = detector(0.0);
+        second(&mut d, &t, 0, 0);
+        assert!(!d.series[0].errors.baseline.mean.is_nan());
+        for _ in 0..40 {
+            second(&mut d, &t, 20, 0);
+        }
+        for _ in 0..4 {
+            second(&mut d, &t, 20, 10);
+        }
+        assert_eq!(d.series[0].errors.events.get(), 1);
+    }
+
+    #[test]
+    fn an_error_spike_whose_traffic_stops_ends() {
+        let (mut d, t, _) = detector(10.0);
+        for _ in 0..40 {
+            second(&mut d, &t, 20, 0);
+        }
+        for _ in 0..4 {
+            second(&mut d, &t, 20, 10);
+        }
+        assert_eq!(d.series[0].errors.gauge.get(), 1);
+        for _ in 0..5 {
+            second(&mut d, &t, 0, 0);
+        }
+        assert_eq!(d.series[0].errors.gauge.get(), 0, "callers gave up: over");
+    }
+
+    #[test]
+    fn a_new_generation_takes_over_baselines_and_events() {
+        let (mut d, t, m) = detector(10.0);
+        for _ in 0..40 {
+            second(&mut d, &t, 20, 0);
+        }
+        for _ in 0..3 {
+            second(&mut d, &t, 200, 0);
+        }
+        assert_eq!(d.series[0].rate.gauge.get(), 1);
+        // the same config again (a reload): the event goes on and ends as it should
+        let (mut cfg, _) = crate::config::compile(std::path::Path::new("t.toml"), CFG)
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        cfg.spikes.min_rate = 10.0;
+        let t2 = Traffic::new(&cfg);
+        let mut d2 = Detector::new(&cfg, t2.clone(), &m);
+        d2.inherit(&mut d);
+        assert_eq!(d2.series[0].rate.gauge.get(), 1, "still in progress");
+        for _ in 0..5 {
+            second(&mut d2, &t2, 20, 0);
+        }
+        assert_eq!(d2.series[0].rate.gauge.get(), 0, "and over");
+        // warm-up is not served again: a burst is an event at once
+        for _ in 0..3 {
+            second(&mut d2, &t2, 200, 0);
+        }
+        assert_eq!(d2.series[0].rate.events.get(), 2);
+        // a service removed while its event runs: the event ends
+        let empty = crate::config::compile(
+            std::path::Path::new("t.toml"),
+            "[node]\nname = \"a\"\nregion = \"r\"\n",
+        )
+        .unwrap_or_else(|r| panic!("{r:?}"))
+        .0;
+        let mut d3 = Detector::new(&empty, Traffic::new(&empty), &m);
+        d3.inherit(&mut d2);
+        assert_eq!(d2.series[0].rate.gauge.get(), 0);
     }
 }

@@ -204,3 +204,49 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     assert_eq!(f, 0, "no request failed during the reloads");
     assert!(took.len() >= 23, "{took:?}");
 }
+
+/// A reload (here the same file again, as a certificate rotation or a registry change
+/// also does) keeps what the node has learnt of its endpoints: an ejected endpoint
+/// stays out of rotation instead of being tried afresh.
+#[test]
+fn a_reload_keeps_an_ejected_endpoint_out() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let dead = format!("h2c://127.0.0.1:{}", free_port());
+    let fp = Fedport::start(&node_config_with_rules(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"{}\", \"{dead}\"]\n\
+             outlier = {{ consecutive_failures = 1, ejection = \"60s\", max_ejected_percent = 50 }}\n",
+            up.url(Proto::H2c)
+        ),
+        "[[allow]]\nfrom = \"*\"\nto = \"*\"\n",
+    ));
+    let port = fp.port("internal");
+    let get = || crate::federation::get(&pki, port, "orders", &[]).0;
+    let healthy = format!(r#"fedport_upstream_healthy{{service="orders",endpoint="{dead}"}}"#);
+    let failed_connects = r#"fedport_upstream_connects_total{service="orders",result="error"}"#;
+    crate::support::wait_until("the dead endpoint ejected", Duration::from_secs(10), || {
+        assert_eq!(
+            get(),
+            200,
+            "a refused connection goes to the other endpoint"
+        );
+        fp.metric(&healthy) == 0.0 && fp.metric(failed_connects) >= 1.0
+    });
+    let failed = fp.metric(failed_connects);
+
+    fp.signal("HUP");
+    crate::support::wait_until("the reload", Duration::from_secs(10), || {
+        fp.metric(r#"fedport_config_reloads_total{result="ok"}"#) >= 1.0
+    });
+    for _ in 0..20 {
+        assert_eq!(get(), 200);
+    }
+    assert_eq!(fp.metric(&healthy), 0.0, "still out after the reload");
+    assert_eq!(
+        fp.metric(failed_connects),
+        failed,
+        "nothing was sent to the ejected endpoint after the reload"
+    );
+}
