@@ -256,12 +256,15 @@ impl Tracked {
         ended: &mut bool,
         code: &'static str,
         message: &str,
-        reason: &str,
+        reason: &'static str,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(mut f) = finish.take() {
             f.grpc_status = Some(code.into());
             f.metrics
                 .message_rejected(f.method.as_deref().unwrap_or("other"), reason);
+            // a refusal like any other: counted by reason, in the access log, an error
+            f.metrics.rejected_late(reason);
+            f.reason.get_or_insert(reason);
         }
         *ended = true;
         Poll::Ready(Some(Ok(Frame::trailers(status_trailers(code, message)))))

@@ -518,6 +518,7 @@ type MethodCode = (Option<Arc<str>>, u32, Counter);
 pub struct ServiceMetrics {
     requests: Family<RequestLabels, Counter>,
     messages: Family<MessageLabels, Counter>,
+    rejections: Family<ReasonLabels, Counter>,
     listener: String,
     service: String,
     pub duration: Histogram,
@@ -537,6 +538,7 @@ impl ServiceMetrics {
         Self {
             requests: m.requests.clone(),
             messages: m.message_rejections.clone(),
+            rejections: m.rejections.clone(),
             listener: listener.to_owned(),
             service: service.to_owned(),
             duration: m.duration.get_or_create(&labels).clone(),
@@ -547,6 +549,17 @@ impl ServiceMetrics {
     }
 
     /// Counts a message refused by what the service accepts.
+    /// A refusal of fedport's own after the answer had begun (a streamed message):
+    /// counted in `fedport_rejections_total` like one before it.
+    pub fn rejected_late(&self, reason: &str) {
+        self.rejections
+            .get_or_create(&ReasonLabels {
+                listener: self.listener.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn message_rejected(&self, method: &str, reason: &str) {
         self.messages
             .get_or_create(&MessageLabels {
@@ -560,8 +573,9 @@ impl ServiceMetrics {
     /// Counts one answered request: by its gRPC status when it has one, else by HTTP
     /// status; by its declared method (`None`: `other`).
     pub fn count(&self, http_status: u16, grpc_status: Option<&str>, method: Option<&Arc<str>>) {
+        // keyed by the label it gets: "00" is INVALID, not OK, and must not share OK's
         let key = match grpc_status {
-            Some(g) => 1000 + g.parse::<u32>().map_or(999, |n| n.min(998)),
+            Some(g) => 1000 + grpc_code(g).0,
             None => u32::from(http_status),
         };
         let same = |m: &Option<Arc<str>>| match (m, method) {
@@ -577,7 +591,7 @@ impl ServiceMetrics {
             return;
         }
         let code = match grpc_status {
-            Some(g) => grpc_code_name(g).to_owned(),
+            Some(g) => grpc_code(g).1.to_owned(),
             None => http_status.to_string(),
         };
         let c = self
@@ -594,27 +608,72 @@ impl ServiceMetrics {
     }
 }
 
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A `grpc-status` as it arrived, read strictly: its index among the bounded label
+/// values, and the label (`NONE` when empty, `INVALID` for anything but a canonical
+/// number 0–16).
+fn grpc_code(s: &str) -> (u32, &'static str) {
+    let canonical = !s.is_empty() && (s == "0" || !s.starts_with('0'));
+    match s.parse::<usize>() {
+        Ok(n) if canonical && s.bytes().all(|b| b.is_ascii_digit()) && n < GRPC_CODES.len() => {
+            (n as u32, GRPC_CODES[n])
+        }
+        _ if s.is_empty() => (17, "NONE"),
+        _ => (18, "INVALID"),
+    }
+}
+
 /// The name of a numeric `grpc-status`; bounded, so it can be a label.
 pub fn grpc_code_name(s: &str) -> &'static str {
-    match s {
-        "0" => "OK",
-        "1" => "CANCELLED",
-        "2" => "UNKNOWN",
-        "3" => "INVALID_ARGUMENT",
-        "4" => "DEADLINE_EXCEEDED",
-        "5" => "NOT_FOUND",
-        "6" => "ALREADY_EXISTS",
-        "7" => "PERMISSION_DENIED",
-        "8" => "RESOURCE_EXHAUSTED",
-        "9" => "FAILED_PRECONDITION",
-        "10" => "ABORTED",
-        "11" => "OUT_OF_RANGE",
-        "12" => "UNIMPLEMENTED",
-        "13" => "INTERNAL",
-        "14" => "UNAVAILABLE",
-        "15" => "DATA_LOSS",
-        "16" => "UNAUTHENTICATED",
-        "" => "NONE",
-        _ => "INVALID",
+    grpc_code(s).1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_are_read_strictly_and_keyed_by_their_label() {
+        assert_eq!(grpc_code("0"), (0, "OK"));
+        assert_eq!(grpc_code("16"), (16, "UNAUTHENTICATED"));
+        for odd in ["00", "+0", "-1", "017", "17", "abc", " 0"] {
+            assert_eq!(grpc_code(odd).1, "INVALID", "{odd}");
+        }
+        assert_eq!(grpc_code("").1, "NONE");
+        let m = Metrics::new("a", "h");
+        let s = ServiceMetrics::new(&m, "internal", "svc");
+        s.count(200, Some("00"), None);
+        s.count(200, Some("0"), None);
+        s.count(200, Some(""), None);
+        s.count(200, Some("abc"), None);
+        let text = m.encode();
+        for code in ["OK", "INVALID", "NONE"] {
+            let series = format!(r#"code="{code}""#);
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("fedport_requests_total") && l.contains(&series))
+                .unwrap_or_else(|| panic!("no {code} series:\n{text}"));
+            let want = if code == "INVALID" { " 2" } else { " 1" };
+            assert!(line.ends_with(want), "{line}");
+        }
     }
 }

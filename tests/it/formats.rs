@@ -420,7 +420,7 @@ fn other_spellings_of_a_request_do_not_get_it_past_validation() {
         "Application/GRPC",
         "/test.Echo/Say",
         &bad_msg,
-        &["-i"],
+        &["-i", "-H", "x-read-body: 1"],
     );
     assert!(
         head.contains("grpc-status: 3") && head.contains("invalid UTF-8"),

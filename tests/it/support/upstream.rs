@@ -209,6 +209,25 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    // a service that reads the whole request before it answers, as a gRPC unary
+    // handler does (an error reading it is its answer)
+    if req.headers().contains_key("x-read-body") {
+        let (parts, body) = req.into_parts();
+        if let Err(e) = body.collect().await {
+            return Ok(json(500, serde_json::json!({ "error": e.to_string() })));
+        }
+        let mut headers = serde_json::Map::new();
+        for (k, v) in &parts.headers {
+            headers.insert(
+                k.as_str().to_owned(),
+                serde_json::json!([v.to_str().unwrap_or("?")]),
+            );
+        }
+        return Ok(json(
+            200,
+            serde_json::json!({ "path": path, "headers": headers }),
+        ));
+    }
     if path == "/count" {
         let mut body = req.into_body();
         let mut n: u64 = 0;
