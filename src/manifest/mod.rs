@@ -19,6 +19,7 @@ pub struct Port {
     pub proxy_protocol_from: Option<Vec<String>>,
     pub service: Option<String>,
     pub max_connections: usize,
+    pub max_streams: u32,
     pub idle_timeout_ms: u64,
     pub header_timeout_ms: u64,
 }
@@ -37,6 +38,25 @@ pub struct Service {
     pub methods: Vec<String>,
     /// Changes whenever a schema does.
     pub schema: Option<String>,
+    /// gRPC services (`pkg.Service`) it serves besides those in its schema.
+    pub grpc_services: Vec<String>,
+    /// Its rate and concurrency limits (`-` when none).
+    pub limits: String,
+}
+
+/// A file whose contents matter, not just its name.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FileRef {
+    pub path: String,
+    /// A hash of its contents when the manifest was made.
+    pub contents: String,
+}
+
+/// What callers' certificates are checked against.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Trust {
+    pub ca: FileRef,
+    pub crl: Option<FileRef>,
 }
 
 /// An identity pattern's access to a service.
@@ -60,6 +80,7 @@ pub struct Manifest {
     pub peers: Vec<String>,
     /// Node-wide limits: name → value.
     pub limits: BTreeMap<String, String>,
+    pub trust: Option<Trust>,
 }
 
 fn ms(d: std::time::Duration) -> u64 {
@@ -91,6 +112,7 @@ pub fn manifest(cfg: &Config) -> Manifest {
                 .map(|v| v.iter().map(|n| n.to_string()).collect()),
             service: l.service.clone(),
             max_connections: l.max_connections,
+            max_streams: l.max_streams,
             idle_timeout_ms: ms(l.idle_timeout),
             header_timeout_ms: ms(l.header_timeout),
         })
@@ -104,6 +126,7 @@ pub fn manifest(cfg: &Config) -> Manifest {
         proxy_protocol_from: None,
         service: None,
         max_connections: 0,
+        max_streams: 0,
         idle_timeout_ms: 0,
         header_timeout_ms: 0,
     });
@@ -156,6 +179,8 @@ pub fn manifest(cfg: &Config) -> Manifest {
                 timeout_ms: ms(s.timeout),
                 methods,
                 schema,
+                grpc_services: s.grpc_services.clone(),
+                limits: limits_text(&s.limits),
             }
         })
         .collect();
@@ -171,10 +196,16 @@ pub fn manifest(cfg: &Config) -> Manifest {
         } else {
             r.methods.clone()
         };
+        // a rule naming a peer is access for that peer's identity: a new identity
+        // behind the same name is access gained and lost
+        let from = match cfg.peers.iter().find(|p| p.name == r.from) {
+            Some(p) => format!("{} ({})", p.name, p.identity),
+            None => r.from.clone(),
+        };
         for t in targets {
             for m in &methods {
                 access.insert(Access {
-                    from: r.from.clone(),
+                    from: from.clone(),
                     service: t.to_owned(),
                     method: m.clone(),
                 });
@@ -194,7 +225,22 @@ pub fn manifest(cfg: &Config) -> Manifest {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
+    .chain(
+        cfg.limits
+            .iter()
+            .map(|l| (format!("limit for {}", l.from), limits_text(&l.limits))),
+    )
     .collect();
+    let file = |p: &std::path::Path| FileRef {
+        path: p.display().to_string(),
+        contents: std::fs::read(p)
+            .map(|b| crate::config::text_hash(&String::from_utf8_lossy(&b)))
+            .unwrap_or_else(|_| "unreadable".into()),
+    };
+    let trust = cfg.tls.as_ref().map(|t| Trust {
+        ca: file(&t.files.ca),
+        crl: t.crl.as_deref().map(file),
+    });
     Manifest {
         node: n.name.clone(),
         region: n.region.clone(),
@@ -209,6 +255,25 @@ pub fn manifest(cfg: &Config) -> Manifest {
             .map(|p| format!("{} ({}, {}, {})", p.name, p.region, p.address, p.identity))
             .collect(),
         limits,
+        trust,
+    }
+}
+
+fn limits_text(l: &crate::config::Limits) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = l.rate {
+        parts.push(format!("rate {r}/s"));
+    }
+    if let Some(b) = l.burst {
+        parts.push(format!("burst {b}"));
+    }
+    if let Some(c) = l.concurrency {
+        parts.push(format!("concurrency {c}"));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -299,13 +364,32 @@ pub fn markdown(m: &Manifest) -> String {
     for (k, v) in &m.limits {
         let _ = writeln!(s, "- {k}: {v}");
     }
+    for v in m.services.iter().filter(|v| v.limits != "-") {
+        let _ = writeln!(s, "- service {}: {}", v.name, v.limits);
+    }
+    for v in m.services.iter().filter(|v| !v.grpc_services.is_empty()) {
+        let _ = writeln!(
+            s,
+            "- service {} also serves: {}",
+            v.name,
+            v.grpc_services.join(", ")
+        );
+    }
+    if let Some(t) = &m.trust {
+        let _ = writeln!(
+            s,
+            "\n## Trust\n\n- client certificates must chain to: {}\n- revoked: {}",
+            t.ca.path,
+            t.crl.as_ref().map_or("no CRL", |c| c.path.as_str())
+        );
+    }
     s
 }
 
 /// One effect of a config change.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Change {
-    /// `port`, `access`, `allowlist`, `limit`, `schema`, `service`, `peer`.
+    /// `port`, `access`, `allowlist`, `limit`, `schema`, `service`, `peer`, `trust`.
     pub kind: &'static str,
     /// `+` gained/opened/added, `-` lost/closed/removed, `~` changed.
     pub sign: char,
@@ -319,8 +403,9 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
     let ports = |m: &Manifest| -> BTreeMap<String, Port> {
         m.ports
             .iter()
-            .chain(m.admin.iter())
             .map(|p| (p.name.clone(), p.clone()))
+            // the admin port by a key no listener can have
+            .chain(m.admin.iter().map(|p| ("[admin]".to_owned(), p.clone())))
             .collect()
     };
     let (po, pn) = (ports(old), ports(new));
@@ -361,7 +446,8 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
                 if o.allow.is_empty() != p.allow.is_empty() {
                     push(
                         "allowlist",
-                        '~',
+                        // no allowlist is every address: a widening
+                        if p.allow.is_empty() { '+' } else { '-' },
                         format!(
                             "port {name} admits {}",
                             if p.allow.is_empty() {
@@ -398,6 +484,7 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
                         o.max_connections as u64,
                         p.max_connections as u64,
                     ),
+                    ("max_streams", o.max_streams.into(), p.max_streams.into()),
                     ("idle_timeout_ms", o.idle_timeout_ms, p.idle_timeout_ms),
                     (
                         "header_timeout_ms",
@@ -483,6 +570,36 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
         if o.schema != s.schema {
             push("schema", '~', format!("service {name} schema changed"));
         }
+        if o.limits != s.limits {
+            push(
+                "limit",
+                '~',
+                format!("service {name} limits: {} → {}", o.limits, s.limits),
+            );
+        }
+        // a gRPC service served is every method of it, for whoever may call this one
+        for g in s
+            .grpc_services
+            .iter()
+            .filter(|g| !o.grpc_services.contains(g))
+        {
+            push(
+                "access",
+                '+',
+                format!("service {name} now serves {g}/* to those granted {name}"),
+            );
+        }
+        for g in o
+            .grpc_services
+            .iter()
+            .filter(|g| !s.grpc_services.contains(g))
+        {
+            push(
+                "access",
+                '-',
+                format!("service {name} no longer serves {g}/*"),
+            );
+        }
         if o.endpoints != s.endpoints {
             push(
                 "service",
@@ -520,9 +637,55 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
         push("peer", '-', format!("peer {p}"));
     }
     for (k, v) in &new.limits {
-        if let Some(o) = old.limits.get(k).filter(|o| *o != v) {
-            push("limit", '~', format!("node {k}: {o} → {v}"));
+        match old.limits.get(k) {
+            Some(o) if o != v => push("limit", '~', format!("node {k}: {o} → {v}")),
+            Some(_) => {}
+            None => push("limit", '+', format!("node {k}: {v}")),
         }
+    }
+    for (k, o) in &old.limits {
+        if !new.limits.contains_key(k) {
+            push("limit", '-', format!("node {k}: {o} (removed)"));
+        }
+    }
+    let (to, tn) = (old.trust.as_ref(), new.trust.as_ref());
+    if to.map(|t| &t.ca) != tn.map(|t| &t.ca) {
+        push(
+            "trust",
+            '~',
+            format!(
+                "CA bundle {} → {}: whose certificates are admitted changes",
+                to.map_or("none", |t| t.ca.path.as_str()),
+                tn.map_or("none", |t| t.ca.path.as_str())
+            ),
+        );
+    }
+    match (
+        to.and_then(|t| t.crl.as_ref()),
+        tn.and_then(|t| t.crl.as_ref()),
+    ) {
+        (Some(o), None) => push(
+            "trust",
+            '+',
+            format!(
+                "CRL {} removed: the certificates it revoked are admitted again",
+                o.path
+            ),
+        ),
+        (None, Some(n)) => push(
+            "trust",
+            '-',
+            format!(
+                "CRL {} added: the certificates it lists are refused",
+                n.path
+            ),
+        ),
+        (Some(o), Some(n)) if o != n => push(
+            "trust",
+            '~',
+            format!("CRL {} → {}: what is revoked changes", o.path, n.path),
+        ),
+        _ => {}
     }
     out
 }

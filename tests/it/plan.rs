@@ -1,6 +1,8 @@
 //! `fedport plan` and `fedport describe` as a reviewer runs them: fixture pairs under
 //! tests/fixtures/plan (a grant, a revoke, a port move, an allowlist narrowed with a
-//! timeout cut, and a text-only change) give their expected effect and exit code.
+//! timeout cut, a text-only change, and changes that grant without touching a rule: a
+//! CRL dropped, a gRPC service added, a peer's identity swapped, an allowlist removed)
+//! give their expected effect and exit code.
 
 use crate::support::Pki;
 use std::path::Path;
@@ -24,7 +26,16 @@ fn plans_state_the_effect_of_each_change() {
     let dir = pki.path().display().to_string();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plan");
     let mut seen = 0;
-    for case in ["grant", "revoke", "port_move", "allowlist", "same"] {
+    // the CRL the "hidden" case drops
+    std::fs::write(pki.path().join("crl.pem"), pki.authority.crl(&[7]).unwrap()).unwrap();
+    for case in [
+        "grant",
+        "revoke",
+        "port_move",
+        "allowlist",
+        "same",
+        "hidden",
+    ] {
         let place = |name: &str| {
             let text = std::fs::read_to_string(root.join(case).join(name))
                 .unwrap()
@@ -35,6 +46,7 @@ fn plans_state_the_effect_of_each_change() {
         };
         let (old, new) = (place("old.toml"), place("new.toml"));
         let (code, out, err) = fedport(&["plan", &old, &new]);
+        let out = out.replace(&dir, "{DIR}");
         let expected = std::fs::read_to_string(root.join(case).join("expected.txt"))
             .unwrap_or_else(|_| panic!("{case}: no expected.txt; got (exit {code}):\n{out}{err}"));
         assert_eq!(out, expected, "{case}");
@@ -50,7 +62,7 @@ fn plans_state_the_effect_of_each_change() {
         );
         seen += 1;
     }
-    assert_eq!(seen, 5);
+    assert_eq!(seen, 6);
 }
 
 #[test]
