@@ -121,6 +121,8 @@ where
                 _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration and TLS material");
+                    // asked for by hand: a refusal is reported again, even the same
+                    watch.refused = None;
                     let reloaded = reload(&server, &cfg.path, &mut watch, &members.borrow());
                     let rebuilt = reloaded.is_some();
                     if let Some(c) = reloaded {
@@ -175,15 +177,25 @@ where
 /// Notices that the config file changed, once it has stayed the same for 500 ms (an
 /// editor writing in steps is read once, whole).
 struct Watch {
+    /// Hash of the file text now running.
     applied: String,
+    /// A new text seen, and since when it has stayed the same.
     pending: Option<(String, std::time::Instant)>,
+    /// A text that was refused, why, and when it was last tried.
+    refused: Option<(String, String, std::time::Instant)>,
 }
+
+/// A refused file is tried again this often: what refused it may pass (a certificate
+/// and key caught mid-rotation, a port briefly busy). The same refusal is not logged
+/// or counted twice.
+const RETRY_REFUSED: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Watch {
     fn new(cfg: &Config) -> Self {
         Self {
             applied: cfg.hash.clone(),
             pending: None,
+            refused: None,
         }
     }
 
@@ -194,7 +206,13 @@ impl Watch {
         let hash = config::text_hash(&text);
         if hash == self.applied {
             self.pending = None;
+            self.refused = None;
             return false;
+        }
+        if let Some((h, _, tried)) = &self.refused {
+            if *h == hash {
+                return tried.elapsed() >= RETRY_REFUSED;
+            }
         }
         match &self.pending {
             Some((h, since)) if *h == hash => {
@@ -205,6 +223,15 @@ impl Watch {
                 false
             }
         }
+    }
+
+    /// Notes a refusal of the text with `hash`; whether it is news (a new text, or a
+    /// new reason), to be logged and counted.
+    fn refuse(&mut self, hash: String, why: &str) -> bool {
+        self.pending = None;
+        let news = !matches!(&self.refused, Some((h, w, _)) if *h == hash && w == why);
+        self.refused = Some((hash, why.to_owned(), std::time::Instant::now()));
+        news
     }
 }
 
@@ -228,14 +255,22 @@ fn reload(
             .inc();
     };
     let started = std::time::Instant::now();
-    match config::load(path) {
+    // the text checked is the text whose hash is noted, even if the file changes
+    // meanwhile
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            count("error");
+            tracing::error!(error = %e, path = %path.display(), "configuration cannot be read; the running one keeps serving");
+            return None;
+        }
+    };
+    let hash = config::text_hash(&text);
+    let why = match config::compile(path, &text) {
         Ok((cfg, report)) => {
             for w in &report.warnings {
                 tracing::warn!("{w}");
             }
-            let hash = cfg.hash.clone();
-            watch.applied = hash.clone();
-            watch.pending = None;
             let file = Arc::new(cfg);
             let merged = if file.registry.is_some() {
                 Arc::new(crate::registry::merge(&file, members))
@@ -244,36 +279,29 @@ fn reload(
             };
             match server.reload(merged) {
                 Ok(()) => {
+                    watch.applied = hash.clone();
+                    watch.pending = None;
+                    watch.refused = None;
                     count("ok");
                     tracing::info!(
-                        hash = %hash,
+                        hash = %file.hash,
                         took_ms = started.elapsed().as_secs_f64() * 1e3,
                         "configuration reloaded: new connections and requests use it"
                     );
                     return Some(file);
                 }
-                Err(e) => {
-                    count("error");
-                    tracing::error!(error = %e, "configuration refused; the running one keeps serving");
-                }
+                Err(e) => e.to_string(),
             }
         }
-        Err(e) => {
-            count("error");
-            if let Ok(text) = std::fs::read_to_string(path) {
-                // the same file is not refused again until it changes
-                watch.applied = config::text_hash(&text);
-                watch.pending = None;
-            }
-            let detail = match &e {
-                LoadError::Invalid(report) => report.to_string(),
-                other => other.to_string(),
-            };
-            tracing::error!(
-                "configuration refused; the running one keeps serving:\n{}",
-                detail.trim_end()
-            );
-        }
+        Err(report) => report.to_string(),
+    };
+    if watch.refuse(hash, &why) {
+        count("error");
+        tracing::error!(
+            "configuration refused; the running one keeps serving (tried again every {} s):\n{}",
+            RETRY_REFUSED.as_secs(),
+            why.trim_end()
+        );
     }
     None
 }

@@ -250,3 +250,42 @@ fn a_reload_keeps_an_ejected_endpoint_out() {
         "nothing was sent to the ejected endpoint after the reload"
     );
 }
+
+/// A file refused for a reason that passes — here a new listener's port briefly held by
+/// another process — is tried again without anyone touching it, and the refusal is
+/// logged and counted once, not on every try.
+#[test]
+fn a_refused_file_is_tried_again_once_what_refused_it_passes() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let url = up.url(Proto::H2c);
+    let fp = Fedport::start(&config(&pki, &url, "15s", "\"GET /\"", ""));
+    let port = free_port();
+    let held = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let with_extra = config(&pki, &url, "15s", "\"GET /\"", "")
+        + &format!("\n[[listener]]\nname = \"extra\"\nbind = \"127.0.0.1:{port}\"\n");
+    std::fs::write(&fp.config, with_extra).unwrap();
+    let count = |result: &str| {
+        fp.metric(&format!(
+            r#"fedport_config_reloads_total{{result="{result}"}}"#
+        ))
+    };
+    crate::support::wait_until("the refusal", Duration::from_secs(10), || {
+        count("error") >= 1.0
+    });
+    // at least one more try fails the same way while the port is held
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(count("ok"), 0.0);
+    drop(held);
+    crate::support::wait_until("the retried reload", Duration::from_secs(10), || {
+        count("ok") >= 1.0
+    });
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert_eq!(count("error"), 1.0, "the same refusal counted once");
+    assert_eq!(
+        fp.log_text().matches("configuration refused").count(),
+        1,
+        "{}",
+        fp.log_text()
+    );
+}
