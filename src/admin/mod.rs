@@ -21,10 +21,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         // `[admin] allow`: monitoring ranges (and loopback) only
         let config = state.config.load();
         let allow = &config.admin_allow;
-        if !allow.is_empty()
-            && !remote.ip().is_loopback()
-            && !allow.iter().any(|n| n.contains(&remote.ip()))
-        {
+        // on a dual-stack [::] socket an IPv4 caller is ::ffff:a.b.c.d
+        let ip = remote.ip().to_canonical();
+        if !allow.is_empty() && !ip.is_loopback() && !allow.iter().any(|n| n.contains(&ip)) {
             state.metrics.reject("admin", "address");
             continue;
         }

@@ -1167,9 +1167,15 @@ impl Checker<'_> {
             }
             for (other, who) in &binds {
                 let same_port = other.port() == bind.port() && bind.port() != 0;
-                let overlap = other.ip() == bind.ip()
-                    || other.ip().is_unspecified()
-                    || bind.ip().is_unspecified();
+                // listeners bind IPv6 addresses v6-only, so 0.0.0.0:P and [::]:P are
+                // two ports; the admin port on [::] is dual-stack and takes both
+                let admin = who == "the admin port";
+                let families = other.is_ipv4() == bind.is_ipv4()
+                    || (admin && other.ip().is_unspecified() && other.is_ipv6());
+                let overlap = families
+                    && (other.ip() == bind.ip()
+                        || other.ip().is_unspecified()
+                        || bind.ip().is_unspecified());
                 if same_port && overlap {
                     self.sink.error(
                         span(&r.bind),

@@ -383,3 +383,32 @@ async fn idle_connections_are_closed_but_busy_ones_are_not() {
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="idle_timeout"}"#) >= 1.0
     );
 }
+
+/// An admin port on `[::]` is dual-stack: an IPv4 caller arrives as `::ffff:a.b.c.d`
+/// and is judged by its IPv4 address — loopback is let in, like on `127.0.0.1`.
+#[test]
+fn an_admin_port_on_the_v6_wildcard_judges_ipv4_callers_by_their_address() {
+    let pki = Pki::new();
+    let config = crate::support::node_config(&pki, "").replace(
+        "[admin]\nbind = \"127.0.0.1:0\"",
+        "[admin]\nbind = \"[::]:0\"\nallow = [\"10.9.0.0/24\"]",
+    );
+    assert!(config.contains("[::]:0"), "{config}");
+    let fp = Fedport::start(&config);
+    let port = fp.admin.expect("admin").port();
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}/healthz"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loopback over IPv4 refused: {:?}\n{}",
+        out,
+        fp.log_text()
+    );
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="admin",reason="address"}"#),
+        0.0
+    );
+}
