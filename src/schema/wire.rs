@@ -1,7 +1,7 @@
 //! Protobuf validation on the wire: a message type is compiled once (at config load)
 //! into flat tables, and a message is checked by walking its bytes against them —
-//! wire types, lengths, UTF-8, nesting, proto2 `required`, unknown fields when
-//! strict — without building a decoded message. It accepts what prost-reflect's
+//! wire types, lengths, UTF-8, nesting, proto2 `required`, declared extensions,
+//! unknown fields when strict — without building a decoded message. It accepts what prost-reflect's
 //! decoder accepts and nothing more (a property test holds the two together), save a
 //! map field sent with a wire type that does not fit it, which prost-reflect lets
 //! through; at a fraction of the cost: nothing is allocated unless a message is refused.
@@ -81,41 +81,71 @@ impl Compiled {
                 required: Vec::new(),
                 map_entry: m.is_map_entry(),
             };
-            for f in m.fields() {
+            // its fields, and the extensions of it the files declare (prost-reflect
+            // decodes those against their types too): number, name, kind, group,
+            // repeated, cardinality
+            let fields = m
+                .fields()
+                .map(|f| {
+                    let repeated = f.is_list() || f.is_map();
+                    let name: Box<str> = f.name().into();
+                    (
+                        f.number(),
+                        name,
+                        f.kind(),
+                        f.is_group(),
+                        repeated,
+                        f.cardinality(),
+                    )
+                })
+                .chain(m.extensions().map(|x| {
+                    let repeated = x.is_list() || x.is_map();
+                    let name: Box<str> = format!("[{}]", x.full_name()).into();
+                    (
+                        x.number(),
+                        name,
+                        x.kind(),
+                        x.is_group(),
+                        repeated,
+                        x.cardinality(),
+                    )
+                }))
+                .collect::<Vec<_>>();
+            for (number, name, kind, group, repeated, cardinality) in fields {
                 let mut nested = |d: MessageDescriptor| {
                     *index.entry(d.full_name().to_owned()).or_insert_with(|| {
                         order.push(d);
                         order.len() - 1
                     })
                 };
-                let shape = match f.kind() {
+                let shape = match kind {
                     Kind::Double | Kind::Fixed64 | Kind::Sfixed64 => Shape::Fixed64,
                     Kind::Float | Kind::Fixed32 | Kind::Sfixed32 => Shape::Fixed32,
                     Kind::String => Shape::String,
                     Kind::Bytes => Shape::Bytes,
-                    Kind::Message(d) if f.is_group() => Shape::Group(nested(d)),
+                    Kind::Message(d) if group => Shape::Group(nested(d)),
                     Kind::Message(d) => Shape::Message(nested(d)),
                     _ => Shape::Varint,
                 };
-                let required = (f.cardinality() == Cardinality::Required && t.required.len() < 64)
+                let required = (cardinality == Cardinality::Required && t.required.len() < 64)
                     .then(|| {
-                        t.required.push(f.number());
+                        t.required.push(number);
                         (t.required.len() - 1) as u8
                     });
                 let field = Field {
-                    name: f.name().into(),
+                    name,
                     shape,
-                    repeated: f.is_list() || f.is_map(),
+                    repeated,
                     required,
                 };
-                if f.number() < NEAR {
-                    let n = f.number() as usize;
+                if number < NEAR {
+                    let n = number as usize;
                     if t.near.len() <= n {
                         t.near.resize_with(n + 1, || None);
                     }
                     t.near[n] = Some(field);
                 } else {
-                    t.far.insert(f.number(), field);
+                    t.far.insert(number, field);
                 }
             }
             types.push(t);
@@ -327,7 +357,13 @@ impl Walk<'_> {
             (Shape::Bytes, 2) => delimited(b, at).map(drop),
             (Shape::Message(i), 2) => {
                 let m = delimited(b, at)?;
-                self.message(m, i, None, depth + 1).map(drop)
+                // a map entry is no level of its own to prost-reflect: its value is
+                let level = if self.types[i].map_entry {
+                    depth
+                } else {
+                    depth + 1
+                };
+                self.message(m, i, None, level).map(drop)
             }
             (Shape::Group(i), 3) => {
                 let n = self.message(&b[*at..], i, Some(number), depth + 1)?;
@@ -372,12 +408,16 @@ impl Walk<'_> {
             2 => delimited(b, at).map(drop),
             5 => take(b, at, 4).map(drop),
             3 => {
-                if depth > MAX_DEPTH {
+                // a level of nesting, as a known group is
+                if depth + 1 > MAX_DEPTH {
                     return Err(Error::new("nested too deeply"));
                 }
                 // an unknown group: walk to its end tag
                 loop {
                     let key = varint(b, at)?;
+                    if key > u64::from(u32::MAX) {
+                        break Err(Error::new("invalid key value"));
+                    }
                     let (n, w) = ((key >> 3) as u32, (key & 7) as u8);
                     if w == 4 {
                         if n == number {

@@ -28,7 +28,8 @@ fn seeds() -> Vec<Vec<u8>> {
             "flag": true, "e": "B", "f64": "1", "sf64": "-1", "d": 1.5, "f32": 9, "sf32": -9, "fl": 0.25,
             "s": "héllo", "b": "AAEC", "inner": {"s": "x", "nums": [1, -2, 300], "next": {"b": "/w=="}},
             "inners": [{"s": "a"}, {"nums": [5]}], "packed": ["1", "-1", "99999999999"], "fx": [1, 2],
-            "m": {"k": {"s": "v"}, "": {}}, "g": {"a": 3}, "far": 12, "ds": [0.5, -2]}"#,
+            "m": {"k": {"s": "v"}, "": {}}, "g": {"a": 3}, "far": 12, "ds": [0.5, -2],
+            "[all.note]": "ext", "[all.item]": {"s": "i", "next": {"b": "AA=="}}}"#,
         r#"{"s": "", "inner": {}, "m": {"z": {"next": {"next": {"s": "deep"}}}}}"#,
         r#"{}"#,
     ];
@@ -139,4 +140,50 @@ proptest! {
         let theirs = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice());
         prop_assert_eq!(ours.is_ok(), theirs.is_ok(), "ours {:?}, prost-reflect {:?}", ours, theirs.err());
     }
+}
+
+/// Encodings where a hand-written walker and prost-reflect could part ways: extensions
+/// (checked against their types, known in strict mode), keys past u32 inside an
+/// unknown group, unknown groups nested past the depth limit, and map values whose
+/// entries are no level of their own.
+fn edge_cases_agree() {
+    let desc = all_type();
+    let wire = fedport::schema::wire::Compiled::new(&desc);
+    let mut deep_groups = vec![0x9b_u8, 0x06]; // field 99 (unknown), group
+    deep_groups = [deep_groups.repeat(101), [0x9c_u8, 0x06].repeat(101)].concat();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "extension note, invalid UTF-8",
+            vec![0xa2, 0x06, 0x02, 0xff, 0xfe],
+        ),
+        ("extension note, valid", vec![0xa2, 0x06, 0x02, b'h', b'i']),
+        (
+            "extension item, nested string broken",
+            vec![0xaa, 0x06, 0x03, 0x0a, 0x01, 0xff],
+        ),
+        (
+            "unknown group with a key past u32",
+            vec![0x9b, 0x06, 0x80, 0x80, 0x80, 0x80, 0x10, 0x00, 0x9c, 0x06],
+        ),
+        ("unknown groups 101 deep", deep_groups),
+    ];
+    for (what, bytes) in cases {
+        let ours = wire.check(&bytes, false);
+        let theirs = prost_reflect::DynamicMessage::decode(desc.clone(), bytes.as_slice());
+        assert_eq!(
+            ours.is_ok(),
+            theirs.is_ok(),
+            "{what}: ours {ours:?}, prost-reflect {:?}",
+            theirs.err()
+        );
+    }
+    assert!(
+        wire.check(&[0xa2, 0x06, 0x02, b'h', b'i'], true).is_ok(),
+        "a declared extension is a known field in strict mode"
+    );
+}
+
+#[test]
+fn the_wire_validator_agrees_on_edge_cases() {
+    edge_cases_agree();
 }
