@@ -267,15 +267,6 @@ impl<T: Io> Guarded<T> {
         }
     }
 
-    /// A passthrough guard, for connections that cannot be HTTP/2 (TLS with ALPN
-    /// http/1.1 or none).
-    pub fn passthrough(io: T, limits: Limits) -> Self {
-        let mut g = Self::new(io, limits, false);
-        g.mode = Mode::Pass;
-        g.trip.open_since.store(0, Ordering::Relaxed);
-        g
-    }
-
     pub fn trip(&self) -> Arc<Trip> {
         self.trip.clone()
     }

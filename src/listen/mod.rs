@@ -308,11 +308,10 @@ async fn serve(
                 identity,
                 worker: acc.worker.clone(),
             });
-            let io = if h2 {
-                h2guard::Guarded::new(tls_stream, guard_limits(&acc.spec), true)
-            } else {
-                h2guard::Guarded::passthrough(tls_stream, guard_limits(&acc.spec))
-            };
+            // without ALPN h2 a client may still speak HTTP/2 (hyper's auto builder
+            // follows the preface): the guard then decides from the preface, as on a
+            // cleartext port, so no connection speaks HTTP/2 unguarded
+            let io = h2guard::Guarded::new(tls_stream, guard_limits(&acc.spec), h2);
             run_http(io, ctx, &acc, watcher, h2).await;
         }
     }

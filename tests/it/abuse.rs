@@ -138,6 +138,20 @@ fn hostile_http2_clients_are_cut_while_others_are_served() {
     let v = attack(&pki, port, "continuation_flood", &["--count", "10000"]);
     cut(&fp, &v, 0xb, "h2_continuation_flood");
     assert!(v["sent"].as_u64().unwrap() < 10000, "{v}");
+    // the same with no ALPN: HTTP/2 by its preface alone is guarded too
+    let sample = r#"fedport_rejections_total{listener="internal",reason="h2_continuation_flood"}"#;
+    let before = fp.metric(sample);
+    let v = attack(
+        &pki,
+        port,
+        "continuation_flood",
+        &["--count", "10000", "--no-alpn"],
+    );
+    cut(&fp, &v, 0xb, "h2_continuation_flood");
+    assert!(v["sent"].as_u64().unwrap() < 10000, "{v}");
+    crate::support::wait_until("the second cut counted", Duration::from_secs(3), || {
+        fp.metric(sample) > before
+    });
 
     let v = attack(&pki, port, "oversized_headers", &["--count", "100"]);
     cut(&fp, &v, 0xb, "h2_oversized_headers");

@@ -35,10 +35,12 @@ class Conn:
     def __init__(self, args):
         ctx = ssl.create_default_context(cafile=args.ca)
         ctx.load_cert_chain(args.cert, args.key)
-        ctx.set_alpn_protocols(["h2"])
+        if not args.no_alpn:
+            ctx.set_alpn_protocols(["h2"])
         raw = socket.create_connection(("127.0.0.1", args.port), timeout=5)
         self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
-        assert self.sock.selected_alpn_protocol() == "h2"
+        if not args.no_alpn:
+            assert self.sock.selected_alpn_protocol() == "h2"
         self.buf = b""
         self.goaway = None
         self.closed = False
@@ -247,6 +249,8 @@ def main():
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--wait", type=float, default=5)
+    # HTTP/2 by its preface alone, with no ALPN in the handshake
+    p.add_argument("--no-alpn", action="store_true")
     args = p.parse_args()
     if args.attack == "slowloris":
         print(json.dumps(slowloris(args)))
