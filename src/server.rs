@@ -129,7 +129,9 @@ fn prepare(
     // peer probes do, so a blackholed link is noticed on them as well
     let mut peer_settings = Vec::new();
     let peer_tls = match &config.tls {
-        Some(t) if !config.peers.is_empty() => Some(identity::PeerTls::load(&t.files)?),
+        Some(t) if !config.peers.is_empty() => {
+            Some(identity::PeerTls::load(&t.files, t.crl.as_deref())?)
+        }
         _ => None,
     };
     for p in &config.peers {

@@ -28,13 +28,15 @@ pub fn spawn(
     crate::server::runtime_thread("fedport-control".into(), move || async move {
         let mut tasks = tokio::task::JoinSet::new();
         let peer_tls = match &config.tls {
-            Some(t) if !config.peers.is_empty() => match crate::identity::PeerTls::load(&t.files) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot load TLS for peers");
-                    None
+            Some(t) if !config.peers.is_empty() => {
+                match crate::identity::PeerTls::load(&t.files, t.crl.as_deref()) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot load TLS for peers");
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         if let Some(tls) = &peer_tls {

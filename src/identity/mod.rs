@@ -176,9 +176,13 @@ pub fn server_config(
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
     if let Some(path) = crl {
+        // a leaf whose issuer has no CRL here is not refused for that: with two CAs in
+        // the bundle (a rotation) or leaves from an intermediate, a CRL of one issuer
+        // must not lock out every certificate of the other
         builder = builder
             .with_crls(load_crls(path)?)
-            .only_check_end_entity_revocation();
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
     }
     let verifier = builder
         .build()
@@ -216,7 +220,7 @@ pub fn peer_client_config(
     identity: &str,
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, IdentityError> {
-    PeerTls::load(files)?.config(identity, alpn)
+    PeerTls::load(files, None)?.config(identity, alpn)
 }
 
 /// What every connection to a peer shares: this node's certificate and key, and the
@@ -226,6 +230,9 @@ pub fn peer_client_config(
 pub struct PeerTls {
     key: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
+    /// With `[tls] crl`: the federation CA's checks, revocation included, that a
+    /// peer's certificate must pass as a caller's does.
+    revocation: Option<Arc<rustls::client::WebPkiServerVerifier>>,
     /// One TLS session cache for every peer (each config would otherwise allocate its
     /// own 256 entries up front).
     sessions: Arc<rustls::client::ClientSessionMemoryCache>,
@@ -249,10 +256,26 @@ impl rustls::client::ResolvesClientCert for OwnCert {
 }
 
 impl PeerTls {
-    pub fn load(files: &TlsFiles) -> Result<Self, IdentityError> {
+    pub fn load(files: &TlsFiles, crl: Option<&Path>) -> Result<Self, IdentityError> {
+        let roots = roots(&files.ca)?;
+        let revocation = match crl {
+            Some(path) => Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    roots.clone(),
+                    provider(),
+                )
+                .with_crls(load_crls(path)?)
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status()
+                .build()
+                .map_err(|e| IdentityError::Tls(e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             key: load_certified_key(files)?,
-            roots: roots(&files.ca)?,
+            roots,
+            revocation,
             sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(1024)),
         })
     }
@@ -265,6 +288,7 @@ impl PeerTls {
     ) -> Result<Arc<ClientConfig>, IdentityError> {
         let verifier = Arc::new(PeerVerifier {
             roots: self.roots.clone(),
+            revocation: self.revocation.clone(),
             identity: identity.to_owned(),
             algs: provider().signature_verification_algorithms,
         });
@@ -285,6 +309,7 @@ impl PeerTls {
 #[derive(Debug)]
 struct PeerVerifier {
     roots: Arc<RootCertStore>,
+    revocation: Option<Arc<rustls::client::WebPkiServerVerifier>>,
     identity: String,
     algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
@@ -294,18 +319,34 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls_pki_types::ServerName<'_>,
-        _ocsp: &[u8],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp: &[u8],
         now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        match &self.revocation {
+            // chain and CRL; the name dialled is not what a peer is checked by (its
+            // identity is, below), so only a name mismatch is let pass
+            Some(v) => {
+                match v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+                    Ok(_)
+                    | Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::NotValidForName
+                        | rustls::CertificateError::NotValidForNameContext { .. },
+                    )) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &cert,
+                    &self.roots,
+                    intermediates,
+                    now,
+                    self.algs.all,
+                )?;
+            }
+        }
         match identity_of(end_entity) {
             Some(id) if id == self.identity => {
                 Ok(rustls::client::danger::ServerCertVerified::assertion())

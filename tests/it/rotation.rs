@@ -297,3 +297,81 @@ fn a_certificate_rotated_on_disk_is_presented_to_peers_too() {
         a.log_text()
     );
 }
+
+/// A node checks the peers it dials against its CRL as it checks callers: a peer whose
+/// certificate the CRL lists is refused, and nothing is sent to it. A CRL from another
+/// issuer (a second CA during a rotation) refuses nobody the federation CA issued.
+#[test]
+fn a_peer_whose_certificate_is_revoked_is_not_dialled() {
+    let pki = Pki::new();
+    let d = pki.path();
+    let (pa, pb) = (free_port(), free_port());
+    let up = upstream::start(Proto::H2c);
+    let b_config = federation::node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}",
+            federation::http_service("far", &[up.url(Proto::H2c)], ""),
+            federation::peer("a", "eu-1", pa, &[])
+        ),
+    );
+    // b's certificate with a known serial
+    let b_cert = pki
+        .authority
+        .issue(&LeafSpec {
+            common_name: "node-b".into(),
+            spiffe: Some(format!("spiffe://{DOMAIN}/node/b")),
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            serial: Some(5001),
+            ..Default::default()
+        })
+        .unwrap();
+    std::fs::write(d.join("node-b.key"), &b_cert.key_pem).unwrap();
+    std::fs::write(d.join("node-b.pem"), &b_cert.cert_pem).unwrap();
+    let _b = Fedport::start(&b_config);
+    let crl = d.join("a-crl.pem");
+    let a_config = federation::node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}",
+            federation::http_service("far", &[], ""),
+            federation::peer("b", "eu-1", pb, &["far"])
+        ),
+    )
+    .replace(
+        "[admin]",
+        &format!("crl = \"{}\"\n\n[admin]", crl.display()),
+    );
+
+    // a CRL of another CA: unknown to these certificates, it refuses none of them
+    let other = fedport::identity::pki::Authority::new("other.test").unwrap();
+    std::fs::write(&crl, other.crl(&[5001]).unwrap()).unwrap();
+    let a = Fedport::start(&a_config);
+    wait_until("a call through a to b", Duration::from_secs(10), || {
+        federation::get(&pki, pa, "far", &[]).0 == 200
+    });
+    drop(a);
+
+    // the federation CA's CRL listing b: a refuses b's certificate when it dials b
+    std::fs::write(&crl, pki.authority.crl(&[5001]).unwrap()).unwrap();
+    let hits = up.hits();
+    let a = Fedport::start(&a_config);
+    for _ in 0..5 {
+        assert_eq!(federation::get(&pki, pa, "far", &[]).0, 503);
+    }
+    assert_eq!(
+        up.hits(),
+        hits,
+        "nothing reached the revoked peer's service"
+    );
+    wait_until("b down at a", Duration::from_secs(5), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 0.0
+    });
+}
