@@ -386,25 +386,34 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
     }
 }
 
-/// The identity a verified certificate carries: its first `spiffe://` URI SAN, else
-/// its first DNS SAN. `None` when it has neither.
+/// The identity a verified certificate carries: its `spiffe://` URI SAN (scheme in
+/// any case, written lower-case), else its first DNS SAN (lower-case, without a
+/// trailing dot). `None` — no identity, refused — when it has neither, when it has
+/// more than one SPIFFE ID (SPIFFE allows exactly one; which would be meant?), or when
+/// the name is `local`, which stands for the local listener's callers in rules.
 pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     let names = &san.value.general_names;
-    names
-        .iter()
-        .find_map(|n| match n {
-            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+    let mut spiffe = names.iter().filter_map(|n| match n {
+        GeneralName::URI(u)
+            if u.get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://")) =>
+        {
+            Some(format!("spiffe://{}", &u[9..]))
+        }
+        _ => None,
+    });
+    let id = match (spiffe.next(), spiffe.next()) {
+        (Some(_), Some(_)) => return None,
+        (Some(one), None) => one,
+        (None, _) => names.iter().find_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.trim_end_matches('.').to_ascii_lowercase()),
             _ => None,
-        })
-        .or_else(|| {
-            names.iter().find_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_string()),
-                _ => None,
-            })
-        })
+        })?,
+    };
+    (!id.eq_ignore_ascii_case("local") && !id.is_empty()).then_some(id)
 }
 
 /// The earliest `notAfter` (Unix seconds) among the certificates of a PEM file.
@@ -420,4 +429,58 @@ pub fn earliest_expiry(path: &Path) -> Option<i64> {
 /// The identity as the `fed-peer` header value; `None` if it is not a valid header value.
 pub fn identity_header(der: &CertificateDer<'_>) -> Option<HeaderValue> {
     identity_of(der).and_then(|s| HeaderValue::from_str(&s).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert(sans: Vec<SanType>) -> CertificateDer<'static> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn uri(u: &str) -> SanType {
+        SanType::URI(u.try_into().unwrap())
+    }
+
+    fn dns(d: &str) -> SanType {
+        SanType::DnsName(d.try_into().unwrap())
+    }
+
+    #[test]
+    fn one_identity_or_none() {
+        let id = |sans| identity_of(&cert(sans));
+        assert_eq!(
+            id(vec![dns("n.example"), uri("spiffe://fed/node/a")]).as_deref(),
+            Some("spiffe://fed/node/a"),
+            "the SPIFFE ID wins over a DNS name"
+        );
+        assert_eq!(
+            id(vec![uri("SPIFFE://fed/node/a")]).as_deref(),
+            Some("spiffe://fed/node/a")
+        );
+        assert_eq!(
+            id(vec![
+                uri("spiffe://fed/node/a"),
+                uri("spiffe://fed/tenant/x")
+            ]),
+            None,
+            "two SPIFFE IDs: which would be meant?"
+        );
+        assert_eq!(
+            id(vec![dns("local")]),
+            None,
+            "local is the local listener's"
+        );
+        assert_eq!(id(vec![dns("LOCAL.")]), None);
+        assert_eq!(
+            id(vec![dns("Node.Example.")]).as_deref(),
+            Some("node.example")
+        );
+        assert_eq!(id(vec![uri("https://x")]), None);
+    }
 }

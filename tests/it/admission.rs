@@ -412,3 +412,56 @@ fn an_admin_port_on_the_v6_wildcard_judges_ipv4_callers_by_their_address() {
         0.0
     );
 }
+
+/// A certificate whose only name is `local` carries no identity: `local` stands for
+/// the local listener's callers in rules, and no certificate may take their grants.
+#[test]
+fn a_certificate_named_local_is_no_identity() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = Fedport::start(&crate::support::node_config_with_rules(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+        "[[allow]]\nfrom = \"local\"\nto = \"*\"\n",
+    ));
+    let local = pki
+        .authority
+        .issue(&fedport::identity::pki::LeafSpec {
+            common_name: "local".into(),
+            dns: vec!["local".into()],
+            ..Default::default()
+        })
+        .unwrap()
+        .write(pki.path(), "local-name")
+        .unwrap();
+    let url = format!("https://localhost:{}/x", fp.port("internal"));
+    let (ca, c, k) = (
+        pki.ca.display().to_string(),
+        local.cert.display().to_string(),
+        local.key.display().to_string(),
+    );
+    let (code, _, exit) = curl(&[
+        "--cacert",
+        &ca,
+        "--cert",
+        &c,
+        "--key",
+        &k,
+        "-H",
+        "fed-service: up",
+        &url,
+    ]);
+    assert!(
+        code != 200 && exit != 0,
+        "refused in the handshake: {code} {exit}"
+    );
+    assert_eq!(up.hits(), 0);
+    crate::support::wait_until("counted", Duration::from_secs(5), || {
+        fp.metric(
+            r#"fedport_tls_handshake_failures_total{listener="internal",reason="no_identity"}"#,
+        ) >= 1.0
+    });
+}
