@@ -327,16 +327,17 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Callers never set fedport's own headers: every inbound `fed-*` header is removed.
-fn strip_fed_headers(h: &mut HeaderMap) {
-    if !h.keys().any(|k| k.as_str().starts_with("fed-")) {
+/// Callers never set fedport's own headers: every inbound `fed-*` header is removed,
+/// and `fed_*` too, which CGI-style servers (WSGI, Rack) read as the same name.
+pub(crate) fn strip_fed_headers(h: &mut HeaderMap) {
+    let fed = |k: &HeaderName| {
+        let b = k.as_str().as_bytes();
+        b.len() >= 4 && &b[..3] == b"fed" && matches!(b[3], b'-' | b'_')
+    };
+    if !h.keys().any(fed) {
         return;
     }
-    let owned: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("fed-"))
-        .cloned()
-        .collect();
+    let owned: Vec<HeaderName> = h.keys().filter(|k| fed(k)).cloned().collect();
     for k in owned {
         h.remove(k);
     }

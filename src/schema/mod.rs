@@ -436,7 +436,7 @@ impl Body for Guarded {
                 };
                 let data = match frame.into_data() {
                     Ok(d) => d,
-                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                    Err(other) => return Poll::Ready(Some(Ok(without_fed(other)))),
                 };
                 let (out, refusal) = framer.push(data);
                 match refusal {
@@ -474,7 +474,7 @@ impl Body for Guarded {
                 return Poll::Ready(Some(Err(Box::new(TooLarge(n)))));
             }
         }
-        Poll::Ready(Some(Ok(frame)))
+        Poll::Ready(Some(Ok(without_fed(frame))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -483,6 +483,18 @@ impl Body for Guarded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Request trailers lose fedport's own headers as the request's headers do: a caller
+/// cannot pass a `fed-peer` to the service at the end of its body.
+fn without_fed(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.into_trailers() {
+        Ok(mut t) => {
+            crate::proxy::strip_fed_headers(&mut t);
+            Frame::trailers(t)
+        }
+        Err(other) => other,
     }
 }
 

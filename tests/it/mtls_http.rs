@@ -53,6 +53,9 @@ fn client_cert_reaches_http1_and_h2c_upstreams_with_its_identity() {
             "fed-peer: spiffe://fed.test/admin".into(),
             "-H".into(),
             "fed-hops: 9".into(),
+            // read as HTTP_FED_PEER by CGI-style servers, like fed-peer
+            "-H".into(),
+            "fed_peer: spiffe://fed.test/admin".into(),
         ]);
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, body, _) = curl(&a);
@@ -66,6 +69,7 @@ fn client_cert_reaches_http1_and_h2c_upstreams_with_its_identity() {
             "{svc}: {body}"
         );
         assert!(v["headers"].get("fed-hops").is_none(), "{body}");
+        assert!(v["headers"].get("fed_peer").is_none(), "{body}");
         assert!(v["headers"]["x-request-id"][0]
             .as_str()
             .is_some_and(|s| !s.is_empty()));
@@ -355,4 +359,53 @@ fn rules_deny_by_default_with_403_and_no_upstream_contact() {
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="denied"}"#),
         3.0
     );
+}
+
+/// A body ending in trailers that claim fedport's headers: the service gets the body
+/// and the caller's other trailers, never a `fed-*` one.
+#[tokio::test(flavor = "current_thread")]
+async fn request_trailers_cannot_carry_fedports_headers() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    let pki = Pki::new();
+    let (h1, h2) = (upstream::start(Proto::Http1), upstream::start(Proto::H2c));
+    let fp = start(&pki, &h1, &h2);
+    let port = fp.port("internal");
+    let mut s = crate::support::h2_connect::<Frames>(&pki, fp.addr("internal")).await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("fed-peer", "spiffe://fed.test/admin".parse().unwrap());
+    trailers.insert("fed_caller", "spiffe://fed.test/admin".parse().unwrap());
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    let frames = Frames(
+        vec![
+            http_body::Frame::data(Bytes::from_static(b"payload")),
+            http_body::Frame::trailers(trailers),
+        ]
+        .into(),
+    );
+    let req = http::Request::post(format!("https://multi.fed.test:{port}/t"))
+        .header("x-read-body", "1")
+        .body(frames)
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["trailers"]["x-checksum"], "abc", "{v}");
+    assert!(v["trailers"].get("fed-peer").is_none(), "{v}");
+    assert!(v["trailers"].get("fed_caller").is_none(), "{v}");
+}
+
+/// A request body of given frames, trailers included.
+struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
 }

@@ -213,9 +213,10 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     // handler does (an error reading it is its answer)
     if req.headers().contains_key("x-read-body") {
         let (parts, body) = req.into_parts();
-        if let Err(e) = body.collect().await {
-            return Ok(json(500, serde_json::json!({ "error": e.to_string() })));
-        }
+        let collected = match body.collect().await {
+            Ok(c) => c,
+            Err(e) => return Ok(json(500, serde_json::json!({ "error": e.to_string() }))),
+        };
         let mut headers = serde_json::Map::new();
         for (k, v) in &parts.headers {
             headers.insert(
@@ -223,9 +224,16 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
                 serde_json::json!([v.to_str().unwrap_or("?")]),
             );
         }
+        let mut trailers = serde_json::Map::new();
+        for (k, v) in collected.trailers().into_iter().flatten() {
+            trailers.insert(
+                k.as_str().to_owned(),
+                serde_json::json!(v.to_str().unwrap_or("?")),
+            );
+        }
         return Ok(json(
             200,
-            serde_json::json!({ "path": path, "headers": headers }),
+            serde_json::json!({ "path": path, "headers": headers, "trailers": trailers }),
         ));
     }
     if path == "/count" {
