@@ -200,6 +200,18 @@ async fn metrics_are_valid_and_bounded_under_a_scan() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // and they fire when they should: promtool's unit tests for the rules
+    let cases = root.join("deploy/prometheus/fedport-alerts.test.yml");
+    let out = Command::new("promtool")
+        .args(["test", "rules", cases.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dashboard = std::fs::read_to_string(root.join("deploy/grafana/fedport.json")).unwrap();
     let _: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
     let text = std::fs::read_to_string(&rules).unwrap() + &dashboard;
