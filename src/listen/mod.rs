@@ -115,11 +115,15 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if acc.open.load(std::sync::atomic::Ordering::Relaxed) >= acc.max_connections {
+        // the place is taken here, before anything is spawned: a burst of accepts in one
+        // turn of the loop cannot pass the limit together
+        if acc.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= acc.max_connections {
+            acc.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(stream);
             acc.metrics.reject(&acc.name, "max_connections");
             continue;
         }
+        let open = OpenGuard(acc.open.clone());
         if let Some(trusted) = &acc.spec.proxy_trusted {
             // The header is believed only from a balancer; it is read off the accept loop.
             if !trusted.iter().any(|n| n.contains(&canonical(remote.ip()))) {
@@ -141,7 +145,7 @@ pub async fn accept_loop(
                 match proxy_protocol::read(&mut stream, remote, acc2.spec.proxy_timeout).await {
                     Ok(client) if admitted(&acc2.spec, client) => {
                         let _ = stream.set_nodelay(true);
-                        serve(stream, client, acc2, w, cur).await
+                        serve(stream, client, acc2, w, cur, open).await
                     }
                     Ok(client) => {
                         acc2.metrics.reject(&acc2.name, "address");
@@ -165,7 +169,7 @@ pub async fn accept_loop(
         let acc2 = acc.clone();
         let w = drain.clone();
         let cur = current.clone();
-        tokio::spawn(async move { serve(stream, remote, acc2, w, cur).await });
+        tokio::spawn(async move { serve(stream, remote, acc2, w, cur, open).await });
     }
     drop(listener);
 }
@@ -223,10 +227,9 @@ async fn serve(
     acc: Arc<Accepting>,
     watcher: Drain,
     current: Arc<arc_swap::ArcSwap<Accepting>>,
+    _open: OpenGuard,
 ) {
     acc.connections_total.inc();
-    acc.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let _open = OpenGuard(acc.open.clone());
     let active = &acc.connections_active;
     let streams = &acc.streams;
     active.inc();

@@ -113,6 +113,38 @@ fn connections_past_the_listener_limit_are_closed() {
     assert_eq!(curl(&a).0, 200, "room again once they close");
 }
 
+/// A burst of connections, accepted in one turn of the accept loop, cannot pass the
+/// limit together: at most `max_connections` stay open.
+#[test]
+fn a_burst_of_connections_does_not_pass_the_listener_limit() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = one_listener(&pki, "max_connections = 5", &up);
+    let addr = fp.addr("internal");
+    let burst: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    crate::support::wait_until("the burst judged", Duration::from_secs(10), || {
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="max_connections"}"#)
+            >= 295.0
+    });
+    let open = burst
+        .into_iter()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut buf = [0u8; 1];
+            matches!((&*s).read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut)
+        })
+        .count();
+    assert!(open <= 5, "{open} connections held open past a limit of 5");
+    assert_eq!(
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="max_connections"}"#),
+        295.0
+    );
+}
+
 /// Runs `openssl s_client` with the test client certificate and extra flags; returns
 /// whether a session was established, and what it printed.
 fn s_client(pki: &Pki, addr: SocketAddr, flags: &[&str]) -> (bool, String) {
