@@ -37,6 +37,8 @@ pub struct Plan {
     /// Open loop: total requests per second. `None`: closed loop.
     pub rate: Option<f64>,
     pub warmup: Duration,
+    /// How long one request may take (`error:timeout` past it).
+    pub timeout: Duration,
     pub method: http::Method,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
@@ -93,6 +95,12 @@ struct Tally {
 impl Tally {
     fn record(&mut self, micros: u64, outcome: String, error: bool) {
         let _ = self.hist.record(micros.max(1));
+        self.count(outcome, error);
+    }
+
+    /// An outcome with no latency to speak of (the connection was gone before the
+    /// request could be sent): counted, kept out of the percentiles.
+    fn count(&mut self, outcome: String, error: bool) {
         *self.outcomes.entry(outcome).or_default() += 1;
         self.requests += 1;
         if error {
@@ -100,6 +108,9 @@ impl Tally {
         }
     }
 }
+
+/// The outcome of a request that never left: its connection is closed.
+const NO_CONNECTION: &str = "error:connection";
 
 async fn connect(
     t: &Target,
@@ -167,27 +178,32 @@ async fn one(
         return ("error:request".into(), true);
     };
     if s.ready().await.is_err() {
-        return ("error:connection".into(), true);
+        return (NO_CONNECTION.into(), true);
     }
-    let resp = match s.send_request(req).await {
-        Ok(r) => r,
-        Err(_) => return ("error:reset".into(), true),
+    let exchange = async {
+        let resp = s.send_request(req).await.map_err(|_| "error:reset")?;
+        let status = resp.status().as_u16();
+        let head = resp.headers().clone();
+        let done = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| "error:reset")?;
+        Ok::<_, &'static str>((status, head, done))
     };
-    let status = resp.status().as_u16();
-    let refused = resp
-        .headers()
+    let (status, head, done) = match tokio::time::timeout(plan.timeout, exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return (e.into(), true),
+        Err(_) => return ("error:timeout".into(), true),
+    };
+    let refused = head
         .get(crate::errors::FED_REFUSED)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let head_grpc = resp
-        .headers()
+    let head_grpc = head
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let done = match resp.into_body().collect().await {
-        Ok(d) => d,
-        Err(_) => return ("error:reset".into(), true),
-    };
     let grpc = head_grpc.or_else(|| {
         done.trailers()
             .and_then(|t| t.get("grpc-status"))
@@ -202,6 +218,8 @@ async fn one(
             format!("grpc {}", crate::telemetry::grpc_code_name(&g)),
             g != "0",
         ),
+        // a gRPC call answered 200 without a status failed (INTERNAL, to gRPC clients)
+        None if plan.grpc && status == 200 => ("grpc NONE".into(), true),
         None => (status.to_string(), status >= 400),
     }
 }
@@ -275,14 +293,20 @@ async fn run_async(plan: Plan) -> Result<Summary, BenchError> {
             // closed loop: `streams` requests in flight per connection
             for s in &conns {
                 for _ in 0..plan.streams.max(1) {
-                    let (mut s, plan, uri, body, tally, budget) = (
+                    let (mut s, plan, uri, body, tally, budget, tls) = (
                         s.clone(),
                         plan.clone(),
                         uri.clone(),
                         body.clone(),
                         tally.clone(),
                         budget.clone(),
+                        tls.clone(),
                     );
+                    let target = Target {
+                        scheme: t.scheme.clone(),
+                        host: t.host.clone(),
+                        port: t.port,
+                    };
                     tasks.spawn(async move {
                         loop {
                             if end.is_some_and(|e| Instant::now() >= e) || !take(&budget) {
@@ -290,9 +314,22 @@ async fn run_async(plan: Plan) -> Result<Summary, BenchError> {
                             }
                             let sent = Instant::now();
                             let (outcome, error) = one(&mut s, &plan, &uri, &body).await;
+                            let gone = outcome == NO_CONNECTION;
                             if sent >= measure_from {
                                 if let Ok(mut t) = tally.lock() {
-                                    t.record(sent.elapsed().as_micros() as u64, outcome, error);
+                                    if gone {
+                                        t.count(outcome, error);
+                                    } else {
+                                        t.record(sent.elapsed().as_micros() as u64, outcome, error);
+                                    }
+                                }
+                            }
+                            if gone {
+                                // the server closed it (GOAWAY, a drain): a new one, not a
+                                // spin on a dead one
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                if let Ok(new) = connect(&target, tls.clone()).await {
+                                    s = new;
                                 }
                             }
                         }
@@ -304,7 +341,7 @@ async fn run_async(plan: Plan) -> Result<Summary, BenchError> {
             // open loop: request i is due at start + i / rate, whatever happened before;
             // its latency counts from then
             let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
-            let cap = plan.connections * plan.streams.max(1) * 64;
+            let cap = plan.connections.max(1) * plan.streams.max(1) * 64;
             let mut i: u64 = 0;
             loop {
                 let due = start + interval.mul_f64(i as f64);
@@ -322,7 +359,11 @@ async fn run_async(plan: Plan) -> Result<Summary, BenchError> {
                     let (outcome, error) = one(&mut s, &plan, &uri, &body).await;
                     if due >= measure_from {
                         if let Ok(mut t) = tally.lock() {
-                            t.record(due.elapsed().as_micros() as u64, outcome, error);
+                            if outcome == NO_CONNECTION {
+                                t.count(outcome, error);
+                            } else {
+                                t.record(due.elapsed().as_micros() as u64, outcome, error);
+                            }
                         }
                     }
                 });

@@ -79,6 +79,9 @@ pub struct BenchArgs {
     /// Seconds of traffic not measured first.
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
+    /// Seconds a request may take before it counts as `error:timeout`.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
     #[arg(long, default_value = "GET")]
     pub method: String,
     /// A request header, `name: value` (repeatable).
@@ -167,6 +170,7 @@ fn bench(a: BenchArgs) -> Result<i32, CliError> {
         }),
         rate: a.rate,
         warmup: std::time::Duration::from_secs_f64(a.warmup),
+        timeout: std::time::Duration::from_secs_f64(a.timeout.max(0.001)),
         method: method.parse().unwrap_or(http::Method::GET),
         headers,
         body: body.into(),

@@ -150,13 +150,22 @@ struct Nginx {
 }
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // TERM, so that the master takes its workers along (a killed master leaves
+        // them running)
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
 
 /// nginx as an h2c upstream that answers `/early` without reading the request body.
 fn nginx_early() -> (Nginx, u16) {
+    nginx_h2c(100_000)
+}
+
+/// nginx as an h2c upstream that closes each connection (GOAWAY) after `requests`.
+fn nginx_h2c(requests: u32) -> (Nginx, u16) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     let port = crate::support::free_port();
@@ -166,7 +175,7 @@ events {{ worker_connections 1024; }}
 http {{
   access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  keepalive_requests 100000; client_max_body_size 0;
+  keepalive_requests {requests}; client_max_body_size 0;
   server {{
     listen 127.0.0.1:{port} http2;
     location /early {{ return 200 \"early-answer\\n\"; }}
@@ -353,4 +362,37 @@ fn an_answer_cut_short_of_its_length_is_not_passed_on_as_whole() {
         assert_eq!(l["fields"]["reason"], "truncated", "{l}");
         assert_eq!(l["fields"]["bytes_out"], 100, "{l}");
     }
+}
+
+/// `fedport bench` against a server that ends each connection with GOAWAY after 50
+/// requests (nginx's keepalive_requests): it connects again and goes on, rather than
+/// spinning on the closed connection and counting the rest of its budget as errors.
+#[test]
+fn bench_goes_on_when_the_server_closes_its_connection() {
+    let (_nginx, port) = nginx_h2c(50);
+    let out = Command::new(crate::support::bin())
+        .args([
+            "bench",
+            &format!("http://127.0.0.1:{port}/"),
+            "-c",
+            "1",
+            "-m",
+            "4",
+        ])
+        .args(["-n", "400", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 400, "{v}");
+    let ok = v["outcomes"]["200"].as_u64().unwrap_or(0);
+    assert!(
+        ok >= 390,
+        "at most a few requests lost per closed connection: {v}"
+    );
+    assert_eq!(v["errors"].as_u64().unwrap() + ok, 400, "{v}");
 }
