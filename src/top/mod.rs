@@ -105,7 +105,8 @@ struct ServiceCounts {
 /// Cumulative counts of one peer at one scrape.
 #[derive(Debug, Default, Clone)]
 struct PeerCounts {
-    up: bool,
+    /// `None`: the node does not probe it (it offers none of this node's services).
+    up: Option<bool>,
     rtt: Option<f64>,
     out: f64,
     inbound: f64,
@@ -168,7 +169,7 @@ impl Snapshot {
                     }
                 }
                 "fedport_peer_up" => {
-                    s.peers.entry(label(x, "peer")).or_default().up = x.value == 1.0
+                    s.peers.entry(label(x, "peer")).or_default().up = Some(x.value == 1.0)
                 }
                 "fedport_peer_rtt_seconds" if x.value > 0.0 => {
                     s.peers.entry(label(x, "peer")).or_default().rtt = Some(x.value)
@@ -211,7 +212,8 @@ pub struct ServiceRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerRow {
     pub name: String,
-    pub up: bool,
+    /// `None`: not probed, so neither up nor down.
+    pub up: Option<bool>,
     pub rtt: Option<f64>,
     pub out_rate: f64,
     pub in_rate: f64,
@@ -301,6 +303,7 @@ pub fn run(admin: SocketAddr, every: Duration) -> Result<(), TopError> {
 
     let mut before = Snapshot::from_samples(&parse(&scrape(admin)?));
     let mut at = Instant::now();
+    let mut taken = at;
     let mut shown: (Vec<ServiceRow>, Vec<PeerRow>, String) =
         (Vec::new(), Vec::new(), String::new());
     let mut terminal = ratatui::init();
@@ -310,9 +313,12 @@ pub fn run(admin: SocketAddr, every: Duration) -> Result<(), TopError> {
                 match scrape(admin) {
                     Ok(text) => {
                         let now = Snapshot::from_samples(&parse(&text));
-                        let (s, p) = rows(&before, &now, at.elapsed().as_secs_f64());
+                        // over the time since the snapshot they are compared with, even
+                        // when scrapes failed in between
+                        let (s, p) = rows(&before, &now, taken.elapsed().as_secs_f64());
                         shown = (s, p, String::new());
                         before = now;
+                        taken = Instant::now();
                     }
                     Err(e) => shown.2 = e.to_string(),
                 }
@@ -374,7 +380,11 @@ pub fn run(admin: SocketAddr, every: Duration) -> Result<(), TopError> {
                     let prows = peers.iter().map(|r| {
                         let row = Row::new(vec![
                             r.name.clone(),
-                            if r.up { "up".into() } else { "DOWN".into() },
+                            match r.up {
+                                Some(true) => "up".into(),
+                                Some(false) => "DOWN".into(),
+                                None => "-".into(),
+                            },
                             r.rtt.map_or("-".into(), |x| format!("{:.1}ms", x * 1e3)),
                             format!("{:.1}", r.out_rate),
                             format!("{:.1}", r.in_rate),
@@ -382,7 +392,7 @@ pub fn run(admin: SocketAddr, every: Duration) -> Result<(), TopError> {
                                 .clone()
                                 .map_or(String::new(), |k| format!("SPIKE {k}")),
                         ]);
-                        if r.spike.is_some() || !r.up {
+                        if r.spike.is_some() || r.up == Some(false) {
                             row.style(hot)
                         } else {
                             row
@@ -435,6 +445,7 @@ fedport_request_duration_seconds_bucket{le="+Inf",listener="internal",service="o
 fedport_peer_up{peer="b"} 0
 fedport_peer_rtt_seconds{peer="b"} 0.08
 fedport_forwarded_total{service="orders",target="b"} 10
+fedport_forwarded_total{service="orders",target="c"} 0
 fedport_traffic_spike{service="orders",peer="",kind="rate"} 1
 "#;
 
@@ -451,9 +462,12 @@ fedport_traffic_spike{service="orders",peer="",kind="rate"} 1
         assert_eq!(s[0].p99, Some(0.01));
         assert_eq!(s[0].spike.as_deref(), Some("rate"));
         assert_eq!(p[0].name, "b");
-        assert!(!p[0].up);
+        assert_eq!(p[0].up, Some(false));
         assert_eq!(p[0].rtt, Some(0.08));
         assert_eq!(p[0].out_rate, 5.0);
+        // c has traffic counters but no peer_up series (it is not probed): not DOWN
+        assert_eq!(p[1].name, "c");
+        assert_eq!(p[1].up, None);
     }
 
     #[test]
