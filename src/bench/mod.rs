@@ -342,21 +342,45 @@ async fn run_async(plan: Plan) -> Result<Summary, BenchError> {
             // its latency counts from then
             let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
             let cap = plan.connections.max(1) * plan.streams.max(1) * 64;
+            let dead: Vec<Arc<std::sync::atomic::AtomicBool>> =
+                conns.iter().map(|_| Arc::default()).collect();
             let mut i: u64 = 0;
             loop {
                 let due = start + interval.mul_f64(i as f64);
                 if end.is_some_and(|e| due >= e) || !take(&budget) {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
+                // tokio's timer has whole milliseconds and rounds up: sleeping to
+                // `due` itself would send up to 1 ms late, and that lateness, the load
+                // generator's own, would count as latency. Sleep to a millisecond
+                // before, then yield until it is time.
+                if let Some(early) = due.checked_sub(Duration::from_millis(1)) {
+                    if early > Instant::now() {
+                        tokio::time::sleep_until(early.into()).await;
+                    }
+                }
+                while Instant::now() < due {
+                    tokio::task::yield_now().await;
+                }
                 while tasks.len() >= cap {
                     tasks.join_next().await;
                 }
-                let mut s = conns[(i as usize) % conns.len()].clone();
+                let k = (i as usize) % conns.len();
+                // a connection the server closed (GOAWAY) is replaced before it is used
+                if dead[k].swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(new) = connect(&t, tls.clone()).await {
+                        conns[k] = new;
+                    }
+                }
+                let mut s = conns[k].clone();
+                let dead_k = dead[k].clone();
                 let (plan, uri, body, tally) =
                     (plan.clone(), uri.clone(), body.clone(), tally.clone());
                 tasks.spawn(async move {
                     let (outcome, error) = one(&mut s, &plan, &uri, &body).await;
+                    if outcome == NO_CONNECTION {
+                        dead_k.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if due >= measure_from {
                         if let Ok(mut t) = tally.lock() {
                             if outcome == NO_CONNECTION {

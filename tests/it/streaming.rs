@@ -365,34 +365,29 @@ fn an_answer_cut_short_of_its_length_is_not_passed_on_as_whole() {
 }
 
 /// `fedport bench` against a server that ends each connection with GOAWAY after 50
-/// requests (nginx's keepalive_requests): it connects again and goes on, rather than
-/// spinning on the closed connection and counting the rest of its budget as errors.
+/// requests (nginx's keepalive_requests): it connects again and goes on, in closed and
+/// open loop, rather than spinning on (or sending to) the closed connection and
+/// counting the rest of its budget as errors.
 #[test]
 fn bench_goes_on_when_the_server_closes_its_connection() {
     let (_nginx, port) = nginx_h2c(50);
-    let out = Command::new(crate::support::bin())
-        .args([
-            "bench",
-            &format!("http://127.0.0.1:{port}/"),
-            "-c",
-            "1",
-            "-m",
-            "4",
-        ])
-        .args(["-n", "400", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["requests"], 400, "{v}");
-    let ok = v["outcomes"]["200"].as_u64().unwrap_or(0);
-    assert!(
-        ok >= 390,
-        "at most a few requests lost per closed connection: {v}"
-    );
-    assert_eq!(v["errors"].as_u64().unwrap() + ok, 400, "{v}");
+    let url = format!("http://127.0.0.1:{port}/");
+    for args in [["-m", "4"], ["--rate", "2000"]] {
+        let out = Command::new(crate::support::bin())
+            .args(["bench", &url, "-c", "1", "-n", "400", "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["requests"], 400, "{args:?}: {v}");
+        let ok = v["outcomes"]["200"].as_u64().unwrap_or(0);
+        // eight closes, each losing at most the requests in flight on it
+        assert!(ok >= 300, "{args:?}: {v}");
+        assert_eq!(v["errors"].as_u64().unwrap() + ok, 400, "{args:?}: {v}");
+    }
 }
