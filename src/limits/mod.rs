@@ -23,6 +23,11 @@ pub enum Over {
     Concurrency(String),
 }
 
+/// Whether two limits have the same token bucket, so the running one may go on.
+fn same_bucket(a: &Limits, b: &Limits) -> bool {
+    (a.rate, a.burst) == (b.rate, b.burst)
+}
+
 fn quota(l: &Limits) -> Option<Quota> {
     let rate = NonZeroU32::new(l.rate?)?;
     let burst = l.burst.and_then(NonZeroU32::new).unwrap_or(rate);
@@ -92,12 +97,7 @@ impl Limiter {
                     name: s.name.clone(),
                     limits: s.limits.clone(),
                     rate: match old {
-                        Some(o)
-                            if o.limits.rate == s.limits.rate
-                                && o.limits.burst == s.limits.burst =>
-                        {
-                            o.rate.clone()
-                        }
+                        Some(o) if same_bucket(&o.limits, &s.limits) => o.rate.clone(),
                         _ => quota(&s.limits).map(|q| Arc::new(governor::RateLimiter::direct(q))),
                     },
                     // requests in flight stay counted, whatever the new maximum
@@ -124,12 +124,7 @@ impl Limiter {
                 IdentityRule {
                     pattern: Pattern::new(&from),
                     rate: match old {
-                        Some(o)
-                            if o.limits.rate == l.limits.rate
-                                && o.limits.burst == l.limits.burst =>
-                        {
-                            o.rate.clone()
-                        }
+                        Some(o) if same_bucket(&o.limits, &l.limits) => o.rate.clone(),
                         _ => quota(&l.limits).map(|q| Arc::new(governor::RateLimiter::keyed(q))),
                     },
                     concurrency: l.limits.concurrency.map(|c| {

@@ -215,28 +215,13 @@ impl Detector {
             judge(&self.cfg, warm, alpha, s.what, &s.name, &mut s.rate, r, r);
             // the error ratio means something only with enough requests behind it; an
             // error spike whose traffic has dwindled below that is over, not frozen
-            if r > 0.0 && r >= self.cfg.min_rate {
-                judge(
-                    &self.cfg,
-                    warm,
-                    alpha,
-                    s.what,
-                    &s.name,
-                    &mut s.errors,
-                    e / r,
-                    r,
-                );
-            } else if s.errors.active {
-                judge(
-                    &self.cfg,
-                    warm,
-                    alpha,
-                    s.what,
-                    &s.name,
-                    &mut s.errors,
-                    0.0,
-                    r,
-                );
+            let ratio = if r > 0.0 && r >= self.cfg.min_rate {
+                Some(e / r)
+            } else {
+                s.errors.active.then_some(0.0)
+            };
+            if let Some(x) = ratio {
+                judge(&self.cfg, warm, alpha, s.what, &s.name, &mut s.errors, x, r);
             }
         }
     }
@@ -341,6 +326,16 @@ warmup = "10s"
         d.tick();
     }
 
+    /// 40 s of 20 req/s without errors, then 4 s with half of them failing.
+    fn steady_then_errors(d: &mut Detector, t: &Traffic) {
+        for _ in 0..40 {
+            second(d, t, 20, 0);
+        }
+        for _ in 0..4 {
+            second(d, t, 20, 10);
+        }
+    }
+
     #[test]
     fn a_sustained_burst_is_one_event_and_it_ends() {
         let (mut d, t, m) = detector(10.0);
@@ -372,12 +367,7 @@ warmup = "10s"
     #[test]
     fn error_rate_spikes_and_quiet_services_do_not() {
         let (mut d, t, _) = detector(10.0);
-        for _ in 0..40 {
-            second(&mut d, &t, 20, 0);
-        }
-        for _ in 0..4 {
-            second(&mut d, &t, 20, 10);
-        }
+        steady_then_errors(&mut d, &t);
         assert_eq!(d.series[0].errors.events.get(), 1);
         assert_eq!(d.series[0].rate.events.get(), 0);
         // below the minimum rate nothing is judged
@@ -396,24 +386,14 @@ warmup = "10s"
         let (mut d, t, _) = detector(0.0);
         second(&mut d, &t, 0, 0);
         assert!(!d.series[0].errors.baseline.mean.is_nan());
-        for _ in 0..40 {
-            second(&mut d, &t, 20, 0);
-        }
-        for _ in 0..4 {
-            second(&mut d, &t, 20, 10);
-        }
+        steady_then_errors(&mut d, &t);
         assert_eq!(d.series[0].errors.events.get(), 1);
     }
 
     #[test]
     fn an_error_spike_whose_traffic_stops_ends() {
         let (mut d, t, _) = detector(10.0);
-        for _ in 0..40 {
-            second(&mut d, &t, 20, 0);
-        }
-        for _ in 0..4 {
-            second(&mut d, &t, 20, 10);
-        }
+        steady_then_errors(&mut d, &t);
         assert_eq!(d.series[0].errors.gauge.get(), 1);
         for _ in 0..5 {
             second(&mut d, &t, 0, 0);

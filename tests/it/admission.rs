@@ -469,23 +469,8 @@ fn a_certificate_named_local_is_no_identity() {
         .unwrap()
         .write(pki.path(), "local-name")
         .unwrap();
-    let url = format!("https://localhost:{}/x", fp.port("internal"));
-    let (ca, c, k) = (
-        pki.ca.display().to_string(),
-        local.cert.display().to_string(),
-        local.key.display().to_string(),
-    );
-    let (code, _, exit) = curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &c,
-        "--key",
-        &k,
-        "-H",
-        "fed-service: up",
-        &url,
-    ]);
+    let (code, _, exit) =
+        crate::support::curl_as(&pki, &local.cert, &local.key, fp.port("internal"));
     assert!(
         code != 200 && exit != 0,
         "refused in the handshake: {code} {exit}"

@@ -5,7 +5,7 @@
 
 use crate::federation;
 use crate::support::upstream::{self, Proto};
-use crate::support::{curl, free_port, node_config, wait_until, Fedport, Pki, DOMAIN};
+use crate::support::{free_port, node_config, wait_until, Fedport, Pki};
 use fedport::identity::pki::LeafSpec;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -18,24 +18,7 @@ fn reloads(fp: &Fedport, result: &str) -> f64 {
 }
 
 fn get(pki: &Pki, cert: &std::path::Path, key: &std::path::Path, port: u16) -> u16 {
-    let (c, k, ca) = (
-        cert.display().to_string(),
-        key.display().to_string(),
-        pki.ca.display().to_string(),
-    );
-    let url = format!("https://localhost:{port}/x");
-    curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &c,
-        "--key",
-        &k,
-        "-H",
-        "fed-service: up",
-        &url,
-    ])
-    .0
+    crate::support::curl_as(pki, cert, key, port).0
 }
 
 fn presented_subject(pki: &Pki, port: u16) -> String {
@@ -215,18 +198,6 @@ fn a_certificate_rotated_on_disk_is_presented_to_peers_too() {
     let d = pki.path();
     let (pa, pb) = (free_port(), free_port());
     let up = upstream::start(Proto::H2c);
-    let node_a = |serial: u64| {
-        pki.authority
-            .issue(&LeafSpec {
-                common_name: "node-a".into(),
-                spiffe: Some(format!("spiffe://{DOMAIN}/node/a")),
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse().unwrap()],
-                serial: Some(serial),
-                ..Default::default()
-            })
-            .unwrap()
-    };
     // a hosts nothing and forwards "far" to b; b checks a against its CRL
     let a_config = federation::node_config(
         &pki,
@@ -240,9 +211,7 @@ fn a_certificate_rotated_on_disk_is_presented_to_peers_too() {
         ),
     );
     // node_config wrote a's files; a known serial replaces them, for b to revoke
-    let first = node_a(3001);
-    std::fs::write(d.join("node-a.key"), &first.key_pem).unwrap();
-    std::fs::write(d.join("node-a.pem"), &first.cert_pem).unwrap();
+    pki.rotate_node_cert("a", 3001);
     let crl = d.join("b-crl.pem");
     std::fs::write(&crl, pki.authority.crl(&[]).unwrap()).unwrap();
     let b_config = federation::node_config(
@@ -267,9 +236,7 @@ fn a_certificate_rotated_on_disk_is_presented_to_peers_too() {
     });
 
     // a's certificate is rotated on disk, with no SIGHUP: the file watch swaps it in
-    let second = node_a(3002);
-    std::fs::write(d.join("node-a.key"), &second.key_pem).unwrap();
-    std::fs::write(d.join("node-a.pem"), &second.cert_pem).unwrap();
+    pki.rotate_node_cert("a", 3002);
     wait_until("a's TLS reload", Duration::from_secs(10), || {
         reloads(&a, "ok") >= 1.0
     });
@@ -319,19 +286,7 @@ fn a_peer_whose_certificate_is_revoked_is_not_dialled() {
         ),
     );
     // b's certificate with a known serial
-    let b_cert = pki
-        .authority
-        .issue(&LeafSpec {
-            common_name: "node-b".into(),
-            spiffe: Some(format!("spiffe://{DOMAIN}/node/b")),
-            dns: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            serial: Some(5001),
-            ..Default::default()
-        })
-        .unwrap();
-    std::fs::write(d.join("node-b.key"), &b_cert.key_pem).unwrap();
-    std::fs::write(d.join("node-b.pem"), &b_cert.cert_pem).unwrap();
+    pki.rotate_node_cert("b", 5001);
     let _b = Fedport::start(&b_config);
     let crl = d.join("a-crl.pem");
     let a_config = federation::node_config(

@@ -95,17 +95,21 @@ impl Pki {
     /// 127.0.0.1 (and any address: peers are verified by identity, not by name).
     pub fn node_cert(&self, name: &str) -> IssuedFiles {
         self.authority
-            .issue(&LeafSpec {
-                common_name: format!("node-{name}"),
-                spiffe: Some(format!("spiffe://{DOMAIN}/node/{name}")),
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse().unwrap()],
-                valid: None,
-                serial: None,
-            })
+            .issue(&node_spec(name, None))
             .unwrap()
             .write(self.path(), &format!("node-{name}"))
             .unwrap()
+    }
+
+    /// Replaces node NAME's certificate files with a new certificate of `serial`: the
+    /// key first, then the certificate, as a rotation writes them.
+    pub fn rotate_node_cert(&self, name: &str, serial: u64) {
+        let new = self
+            .authority
+            .issue(&node_spec(name, Some(serial)))
+            .unwrap();
+        std::fs::write(self.path().join(format!("node-{name}.key")), &new.key_pem).unwrap();
+        std::fs::write(self.path().join(format!("node-{name}.pem")), &new.cert_pem).unwrap();
     }
 
     /// The `[tls]` section for a node using these files.
@@ -293,6 +297,39 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// What node NAME's certificate says (see [`Pki::node_cert`]).
+fn node_spec(name: &str, serial: Option<u64>) -> LeafSpec {
+    LeafSpec {
+        common_name: format!("node-{name}"),
+        spiffe: Some(format!("spiffe://{DOMAIN}/node/{name}")),
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().unwrap()],
+        valid: None,
+        serial,
+    }
+}
+
+/// curl to `https://localhost:PORT/x` for service `up`, presenting `cert` and `key`.
+pub fn curl_as(pki: &Pki, cert: &Path, key: &Path, port: u16) -> (u16, String, i32) {
+    let (c, k, ca) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let url = format!("https://localhost:{port}/x");
+    curl(&[
+        "--cacert",
+        &ca,
+        "--cert",
+        &c,
+        "--key",
+        &k,
+        "-H",
+        "fed-service: up",
+        &url,
+    ])
 }
 
 /// Runs curl; returns (http status, body, exit code). `-w` appends the status.
