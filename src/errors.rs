@@ -55,6 +55,10 @@ pub enum Reject {
     /// Over a concurrency limit: refused rather than queued.
     #[error("too many requests in flight for {0}")]
     Overloaded(String),
+    /// The request's host names another service than the one it was routed to (by
+    /// `fed-service`, its gRPC path or a dedicated listener).
+    #[error("the request is for service {service} but its host {host:?} names another service")]
+    Misdirected { service: String, host: String },
     /// Default deny: no `[[allow]]` rule grants this identity this call.
     #[error("{identity} may not call {call} on service {service}: no [[allow]] rule of node {node} grants it")]
     Denied {
@@ -108,6 +112,7 @@ impl Reject {
             Reject::Overloaded(_) => "overloaded",
             Reject::Schema { .. } => "schema",
             Reject::Denied { .. } => "denied",
+            Reject::Misdirected { .. } => "misdirected",
         }
     }
 
@@ -126,6 +131,7 @@ impl Reject {
             Reject::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Reject::Schema { .. } => StatusCode::BAD_REQUEST,
+            Reject::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -146,6 +152,7 @@ impl Reject {
             Reject::RateLimited(_) => GrpcCode::ResourceExhausted,
             Reject::Overloaded(_) => GrpcCode::Unavailable,
             Reject::Schema { .. } => GrpcCode::InvalidArgument,
+            Reject::Misdirected { .. } => GrpcCode::InvalidArgument,
         }
     }
 

@@ -5,6 +5,7 @@
 //! Module map, in the order a request meets them:
 //! - [`listen`]: sockets, accept, allowlist, TLS, serving connections
 //! - [`identity`]: certificates → identity; the sandbox CA
+//! - [`request`]: the one reading of a request's method, path, content type and authority
 //! - [`route`]: request → service
 //! - [`policy`]: identity × service × method, default deny
 //! - [`limits`]: rate and concurrency limits per service and per identity
@@ -30,6 +31,7 @@ pub mod manifest;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
+pub mod request;
 pub mod route;
 pub mod sandbox;
 pub mod schema;

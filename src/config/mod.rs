@@ -249,6 +249,9 @@ pub struct Service {
     pub outlier: Outlier,
     /// Rate and concurrency for the whole service.
     pub limits: Limits,
+    /// What its endpoints are told as `Host` / `:authority`: always this, never what
+    /// the caller sent.
+    pub authority: String,
 }
 
 /// The message types of every method of a service's proto files.
@@ -336,11 +339,7 @@ impl JsonRoute {
         if self.method != method {
             return false;
         }
-        let mut segs = path
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.split(';').next().unwrap_or(""))
-            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy());
+        let mut segs = crate::request::segments(path).map(|s| s.name);
         let template = self
             .template
             .iter()
@@ -506,6 +505,13 @@ impl Checker<'_> {
             .iter()
             .map(|l| {
                 let r = l.get_ref();
+                if !raw
+                    .peer
+                    .iter()
+                    .any(|p| p.get_ref().name.get_ref() == r.from.get_ref())
+                {
+                    self.identity_pattern(&r.from);
+                }
                 IdentityLimit {
                     from: r.from.get_ref().clone(),
                     limits: self.limits(r.rate.as_ref(), r.burst.as_ref(), r.concurrency.as_ref()),
@@ -1359,12 +1365,19 @@ impl Checker<'_> {
             if r.encodings.is_none() {
                 encodings.push("gzip".to_owned());
             }
-            let mut idempotent: Vec<String> = if protocol == Protocol::Http {
-                vec!["GET /".into(), "HEAD /".into(), "OPTIONS /".into()]
+            let mut idempotent: Vec<crate::policy::MethodRule> = if protocol == Protocol::Http {
+                ["GET /", "HEAD /", "OPTIONS /"]
+                    .iter()
+                    .filter_map(|m| crate::policy::MethodRule::parse(m).ok())
+                    .collect()
             } else {
                 Vec::new()
             };
-            idempotent.extend(r.idempotent.iter().flatten().map(|m| m.get_ref().clone()));
+            for m in r.idempotent.iter().flatten() {
+                if let Some(rule) = self.method_rule(m, "idempotent") {
+                    idempotent.push(rule);
+                }
+            }
             let health = r.health.as_ref().map(|h| self.health(h));
             let outlier = match &r.outlier {
                 Some(o) => self.outlier(o),
@@ -1378,7 +1391,25 @@ impl Checker<'_> {
                     self.limits(l.rate.as_ref(), l.burst.as_ref(), l.concurrency.as_ref())
                 })
                 .unwrap_or_default();
+            let authority = match &r.authority {
+                None => r.name.get_ref().clone(),
+                Some(a) => {
+                    let v = a.get_ref();
+                    let ok = v.parse::<http::uri::Authority>().is_ok()
+                        && !v.contains('@')
+                        && !v.is_empty();
+                    if !ok {
+                        self.sink.error(
+                            span(a),
+                            format!("authority {v:?} is not host[:port]"),
+                            "e.g. authority = \"inventory.internal.example\" (what the service's endpoints are told as Host)",
+                        );
+                    }
+                    v.clone()
+                }
+            };
             out.push(Service {
+                authority,
                 limits,
                 idempotent: crate::policy::Methods::Some(idempotent),
                 failover: r
@@ -1629,11 +1660,11 @@ impl Checker<'_> {
                 );
             }
             let id = r.identity.get_ref();
-            if !(id.starts_with("spiffe://") || (id.contains('.') && !id.contains('/'))) {
+            if !crate::policy::pattern::is_identity(id) {
                 self.sink.error(
                     span(&r.identity),
-                    format!("peer identity {id:?} is neither a SPIFFE URI nor a DNS name"),
-                    "write the SAN the peer's certificate carries: \"spiffe://domain/node/NAME\"",
+                    format!("peer identity {id:?} is neither a SPIFFE ID nor a DNS name"),
+                    "write the SAN the peer's certificate carries: \"spiffe://domain/node/NAME\" (a lower-case trust domain; segments of letters, digits, '.', '-', '_') or a lower-case DNS name",
                 );
             }
             out.push(Peer {
@@ -1681,6 +1712,9 @@ impl Checker<'_> {
                     ),
                 );
             }
+            if !bare || !peers.contains_key(from.as_str()) {
+                self.identity_pattern(&r.from);
+            }
             let methods: Vec<String> = r
                 .methods
                 .iter()
@@ -1688,13 +1722,7 @@ impl Checker<'_> {
                 .map(|m| m.get_ref().clone())
                 .collect();
             for m in r.methods.iter().flatten() {
-                if m.get_ref().trim().is_empty() {
-                    self.sink.error(
-                        span(m),
-                        "empty method",
-                        "write \"pkg.Service/Method\" or \"GET /path\"",
-                    );
-                }
+                self.method_rule(m, "rule");
             }
             out.push(Rule {
                 from: from.clone(),
@@ -1703,6 +1731,50 @@ impl Checker<'_> {
             });
         }
         out
+    }
+}
+
+impl Checker<'_> {
+    /// Checks an identity pattern (`[[allow]] from`, `[[limit]] from`).
+    fn identity_pattern(&mut self, p: &S<String>) {
+        match crate::policy::Pattern::parse(p.get_ref()) {
+            Err(e) => self.sink.error(
+                span(p),
+                e.to_string(),
+                "a SPIFFE pattern is spiffe://DOMAIN/seg/… with * for one whole segment and a final ** for more; a DNS pattern is labels with * for one whole label and a leading ** for more; * alone is every identity",
+            ),
+            Ok(pat) if pat.any_trust_domain() => self.sink.warn(
+                span(p),
+                format!("{:?} matches every trust domain", p.get_ref()),
+                "name the trust domain: any CA the node trusts could otherwise issue a certificate this rule admits",
+            ),
+            Ok(_) => {}
+        }
+    }
+
+    /// Compiles a method entry of a rule or of `idempotent`, reporting what is wrong.
+    fn method_rule(&mut self, m: &S<String>, what: &str) -> Option<crate::policy::MethodRule> {
+        match crate::policy::MethodRule::parse(m.get_ref()) {
+            Err(e) => {
+                self.sink.error(
+                    span(m),
+                    e.to_string(),
+                    "write \"pkg.Service/Method\", \"pkg.Service/*\" or \"VERB /path\" (the path and the paths below it; * for one whole segment)",
+                );
+                None
+            }
+            Ok(rule) => {
+                if rule.verb_is_miscased() {
+                    let verb = m.get_ref().split(' ').next().unwrap_or("").to_owned();
+                    self.sink.warn(
+                        span(m),
+                        format!("this {what} entry matches nothing: methods are case-sensitive, and a request with method {verb:?} is refused as a misspelling of {:?}", verb.to_ascii_uppercase()),
+                        "write the verb in upper case",
+                    );
+                }
+                Some(rule)
+            }
+        }
     }
 }
 

@@ -236,6 +236,8 @@ pub struct RawService {
     pub outlier: Option<S<RawOutlier>>,
     /// Rate and concurrency for the whole service.
     pub limits: Option<S<RawLimits>>,
+    /// The authority (`Host` / `:authority`) its endpoints are told; default its name.
+    pub authority: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

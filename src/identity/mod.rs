@@ -387,10 +387,11 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
 }
 
 /// The identity a verified certificate carries: its `spiffe://` URI SAN (scheme in
-/// any case, written lower-case), else its first DNS SAN (lower-case, without a
-/// trailing dot). `None` — no identity, refused — when it has neither, when it has
-/// more than one SPIFFE ID (SPIFFE allows exactly one; which would be meant?), or when
-/// the name is `local`, which stands for the local listener's callers in rules.
+/// any case, written lower-case), else its first DNS SAN that is a host name
+/// (lower-case, without a trailing dot). `None` — no identity, refused — when it has
+/// neither, when it has more than one SPIFFE ID (SPIFFE allows exactly one; which would
+/// be meant?), when its SPIFFE ID is outside the SPIFFE grammar, or when the name is
+/// `local`, which stands for the local listener's callers in rules.
 pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
@@ -407,13 +408,22 @@ pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {
     });
     let id = match (spiffe.next(), spiffe.next()) {
         (Some(_), Some(_)) => return None,
+        // a SPIFFE ID outside the SPIFFE grammar (upper case in the trust domain, empty
+        // or dot segments, a query) is no identity: patterns could not read it as meant
         (Some(one), None) => one,
+        // a DNS name that is not a host name (a wildcard, a URI spelled as a DNS SAN)
+        // is skipped: `spiffe://…` in a DNS SAN must never pass for a SPIFFE ID
         (None, _) => names.iter().find_map(|n| match n {
-            GeneralName::DNSName(d) => Some(d.trim_end_matches('.').to_ascii_lowercase()),
+            GeneralName::DNSName(d) => {
+                let d = d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase();
+                crate::policy::pattern::is_identity(&d)
+                    .then_some(d)
+                    .filter(|d| !d.starts_with("spiffe://"))
+            }
             _ => None,
         })?,
     };
-    (!id.eq_ignore_ascii_case("local") && !id.is_empty()).then_some(id)
+    crate::policy::pattern::is_identity(&id).then_some(id)
 }
 
 /// The earliest `notAfter` (Unix seconds) among the certificates of a PEM file.
@@ -482,5 +492,19 @@ mod tests {
             Some("node.example")
         );
         assert_eq!(id(vec![uri("https://x")]), None);
+        // each kind by its own grammar
+        assert_eq!(
+            id(vec![dns("spiffe://fed/node/b")]),
+            None,
+            "a URI in a DNS SAN"
+        );
+        assert_eq!(
+            id(vec![dns("*.fed.example"), dns("b.fed.example")]).as_deref(),
+            Some("b.fed.example"),
+            "a wildcard is no identity; the next DNS name is"
+        );
+        assert_eq!(id(vec![uri("spiffe://Fed/node/a")]), None);
+        assert_eq!(id(vec![uri("spiffe://fed/node/../admin")]), None);
+        assert_eq!(id(vec![uri("spiffe://fed//admin")]), None);
     }
 }

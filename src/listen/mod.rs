@@ -247,6 +247,7 @@ async fn serve(
                 current: current.clone(),
                 activity: Arc::default(),
                 remote,
+                tls: false,
                 worker: acc.worker.clone(),
             });
             let io = h2guard::Guarded::new(stream, guard_limits(&acc.spec), false);
@@ -308,6 +309,7 @@ async fn serve(
                     .contains(identity.to_str().unwrap_or_default()),
                 activity: Arc::default(),
                 remote,
+                tls: true,
                 identity,
                 worker: acc.worker.clone(),
             });

@@ -42,6 +42,10 @@ pub struct Service {
     pub grpc_services: Vec<String>,
     /// Its rate and concurrency limits (`-` when none).
     pub limits: String,
+    /// What may be sent twice (`idempotent`), as matched.
+    pub idempotent: Vec<String>,
+    /// What its endpoints are told as `Host` / `:authority`.
+    pub authority: String,
 }
 
 /// A file whose contents matter, not just its name.
@@ -181,6 +185,11 @@ pub fn manifest(cfg: &Config) -> Manifest {
                 schema,
                 grpc_services: s.grpc_services.clone(),
                 limits: limits_text(&s.limits),
+                idempotent: match &s.idempotent {
+                    crate::policy::Methods::All => vec!["* (every method)".into()],
+                    crate::policy::Methods::Some(l) => l.iter().map(|m| m.to_string()).collect(),
+                },
+                authority: s.authority.clone(),
             }
         })
         .collect();
@@ -191,16 +200,22 @@ pub fn manifest(cfg: &Config) -> Manifest {
         } else {
             vec![r.to.as_str()]
         };
+        // what each entry matches, not only how it is written
         let methods: Vec<String> = if r.methods.is_empty() {
             vec!["*".into()]
         } else {
-            r.methods.clone()
+            r.methods
+                .iter()
+                .map(|m| crate::policy::MethodRule::parse(m).map_or(m.clone(), |m| m.to_string()))
+                .collect()
         };
         // a rule naming a peer is access for that peer's identity: a new identity
         // behind the same name is access gained and lost
         let from = match cfg.peers.iter().find(|p| p.name == r.from) {
             Some(p) => format!("{} ({})", p.name, p.identity),
-            None => r.from.clone(),
+            None => {
+                crate::policy::Pattern::parse(&r.from).map_or(r.from.clone(), |p| p.to_string())
+            }
         };
         for t in targets {
             for m in &methods {
@@ -285,6 +300,14 @@ fn list(v: &[String]) -> String {
     }
 }
 
+fn none_or(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
 /// The manifest as Markdown.
 pub fn markdown(m: &Manifest) -> String {
     let mut s = String::new();
@@ -325,7 +348,7 @@ pub fn markdown(m: &Manifest) -> String {
     }
     s.push_str("\n## Who may reach what (default deny)\n\n| identity | service | method |\n|---|---|---|\n");
     for a in &m.access {
-        let _ = writeln!(s, "| `{}` | {} | {} |", a.from, a.service, a.method);
+        let _ = writeln!(s, "| {} | {} | {} |", a.from, a.service, a.method);
     }
     s.push_str("\n## Services\n\n| service | protocol | endpoints | peers | declared methods | formats | max message | timeout |\n|---|---|---|---|---|---|---:|---:|\n");
     for v in &m.services {
@@ -352,6 +375,16 @@ pub fn markdown(m: &Manifest) -> String {
             list(&v.formats),
             v.max_message_bytes.map_or("-".into(), |b| format!("{b} B")),
             v.timeout_ms
+        );
+    }
+    s.push_str("\n## Retries and authority\n\n| service | sent again after a failure (idempotent) | endpoints are told |\n|---|---|---|\n");
+    for v in &m.services {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            v.name,
+            none_or(&v.idempotent),
+            v.authority
         );
     }
     if !m.peers.is_empty() {
@@ -575,6 +608,27 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
                 "limit",
                 '~',
                 format!("service {name} limits: {} → {}", o.limits, s.limits),
+            );
+        }
+        if o.idempotent != s.idempotent {
+            push(
+                "limit",
+                '~',
+                format!(
+                    "service {name} idempotent (sent again after a failure): {} → {}",
+                    none_or(&o.idempotent),
+                    none_or(&s.idempotent)
+                ),
+            );
+        }
+        if o.authority != s.authority {
+            push(
+                "service",
+                '~',
+                format!(
+                    "service {name} authority: {} → {}",
+                    o.authority, s.authority
+                ),
             );
         }
         // a gRPC service served is every method of it, for whoever may call this one

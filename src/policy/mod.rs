@@ -6,53 +6,33 @@ use crate::config::Config;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// An identity pattern: `*` is one path segment (SPIFFE) or one label (DNS), a final
-/// `**` is any rest, and the pattern `*` alone is every identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern {
-    text: String,
-}
+pub mod methods;
+pub mod pattern;
 
-impl Pattern {
-    pub fn new(text: &str) -> Self {
-        Self {
-            text: text.to_owned(),
-        }
-    }
-
-    pub fn matches(&self, identity: &str) -> bool {
-        let p = self.text.as_str();
-        if p == "*" || p == identity {
-            return true;
-        }
-        if !p.contains('*') {
-            return false;
-        }
-        let sep = if p.contains('/') { '/' } else { '.' };
-        let mut pi = p.split(sep);
-        let mut ii = identity.split(sep);
-        loop {
-            match (pi.next(), ii.next()) {
-                (Some("**"), Some(_)) => return pi.next().is_none(),
-                (Some("*"), Some(seg)) if !seg.is_empty() => {}
-                (Some(a), Some(b)) if a == b => {}
-                (None, None) => return true,
-                _ => return false,
-            }
-        }
-    }
-}
+pub use methods::{Call, MethodRule};
+pub use pattern::Pattern;
 
 /// What a rule allows of one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Methods {
     All,
-    /// `pkg.Service/Method` (exact), `pkg.Service/*` (any method of it), or
-    /// `VERB /path` prefixes (`*` as the verb: any).
-    Some(Vec<String>),
+    Some(Vec<MethodRule>),
 }
 
 impl Methods {
+    /// Compiles method entries (checked by `config`); an empty list is every method.
+    /// An entry that does not compile allows nothing.
+    pub fn compile(list: &[String]) -> Self {
+        if list.is_empty() {
+            return Methods::All;
+        }
+        Methods::Some(
+            list.iter()
+                .filter_map(|m| MethodRule::parse(m).ok())
+                .collect(),
+        )
+    }
+
     fn merge(&mut self, other: &Methods) {
         match (self as &mut Methods, other) {
             (Methods::All, _) => {}
@@ -65,38 +45,8 @@ impl Methods {
     pub fn allows(&self, call: Call<'_>) -> bool {
         match self {
             Methods::All => true,
-            Methods::Some(list) => list.iter().any(|m| method_matches(m, call)),
+            Methods::Some(list) => list.iter().any(|m| m.allows(call)),
         }
-    }
-}
-
-/// What a request asks of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Call<'a> {
-    /// `pkg.Service/Method`
-    Grpc(&'a str),
-    /// verb and path
-    Http(&'a str, &'a str),
-}
-
-impl std::fmt::Display for Call<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Call::Grpc(m) => f.write_str(m),
-            Call::Http(v, p) => write!(f, "{v} {p}"),
-        }
-    }
-}
-
-fn method_matches(rule: &str, call: Call<'_>) -> bool {
-    match call {
-        Call::Http(cverb, cpath) => rule.split_once(' ').is_some_and(|(verb, path)| {
-            (verb == "*" || verb.eq_ignore_ascii_case(cverb)) && cpath.starts_with(path)
-        }),
-        Call::Grpc(m) => match rule.strip_suffix("/*") {
-            Some(svc) => m.split_once('/').is_some_and(|(s, _)| s == svc),
-            None => rule == m,
-        },
     }
 }
 
@@ -157,11 +107,7 @@ impl Policy {
                 Some(CompiledRule {
                     from: Pattern::new(from),
                     to,
-                    methods: if r.methods.is_empty() {
-                        Methods::All
-                    } else {
-                        Methods::Some(r.methods.clone())
-                    },
+                    methods: Methods::compile(&r.methods),
                 })
             })
             .collect();
@@ -183,7 +129,8 @@ impl Policy {
             return g;
         }
         let mut g = Grants::default();
-        for r in self.rules.iter().filter(|r| r.from.matches(identity)) {
+        let id = pattern::identity(identity);
+        for r in self.rules.iter().filter(|r| r.from.matches_identity(&id)) {
             let targets: Box<dyn Iterator<Item = usize>> = match r.to {
                 Some(i) => Box::new(std::iter::once(i)),
                 None => Box::new(0..self.services),

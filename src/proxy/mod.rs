@@ -4,17 +4,21 @@
 
 pub mod body;
 pub mod deadline;
+pub mod headers;
 pub mod trace;
 
 use crate::config::{Config, Protocol};
 use crate::errors::Reject;
 use crate::policy::Call;
+use crate::request::{self, ContentType};
 use crate::route;
 use crate::schema;
 use crate::telemetry::{Metrics, ServiceMetrics};
 use crate::upstream::{self, EndpointPool, ProxyBody};
 use body::{Finish, Tracked};
 use bytes::Bytes;
+pub(crate) use headers::strip_fed_headers;
+use headers::strip_hop_by_hop;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -247,45 +251,13 @@ pub struct ConnCtx {
     pub peer: Option<usize>,
     /// The caller's address: the TCP peer, or what a trusted PROXY header carried.
     pub remote: std::net::SocketAddr,
+    /// The connection is TLS (a peer listener), not a local listener's cleartext.
+    pub tls: bool,
     /// Requests in flight on the connection, for its idle timeout.
     pub activity: Arc<crate::listen::Activity>,
     /// What the `[[allow]]` rules grant this identity.
     pub grants: Arc<crate::policy::Grants>,
     pub worker: Arc<Worker>,
-}
-
-/// `application/grpc`, `application/grpc+proto`, ...: media types are case-insensitive
-/// (RFC 9110 8.3.1), and a service that reads `Application/GRPC` as gRPC must not get it
-/// past the checks for gRPC.
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .get(..16)
-            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
-    })
-}
-
-/// Whether a request path is free of what servers resolve differently from a prefix
-/// check: dot segments (`/a/../b`, also percent-encoded or with `;params` as Tomcat
-/// reads them), encoded slashes or backslashes, a literal backslash, an encoded NUL.
-/// Clients normalise paths before sending (RFC 3986 5.2.4); one that did not would
-/// let `GET /public/../admin` pass a rule for `/public`, so it is refused instead.
-fn path_is_normal(path: &str) -> bool {
-    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
-        return true;
-    }
-    if path.contains('\\') {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if ["%2f", "%5c", "%00"].iter().any(|e| lower.contains(e)) {
-        return false;
-    }
-    !lower.split('/').any(|seg| {
-        let seg = seg.split(';').next().unwrap_or("");
-        let dots = seg.replace("%2e", ".");
-        dots == "." || dots == ".."
-    })
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -295,51 +267,6 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
         }
-    }
-}
-
-/// Removes connection-specific headers (RFC 9110 §7.6.1), which must not cross a hop
-/// and which HTTP/2 forbids.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
-    if h.get(header::TE).is_some_and(|v| v != "trailers") {
-        h.remove(header::TE);
-    }
-}
-
-/// Callers never set fedport's own headers: every inbound `fed-*` header is removed,
-/// and `fed_*` too, which CGI-style servers (WSGI, Rack) read as the same name.
-pub(crate) fn strip_fed_headers(h: &mut HeaderMap) {
-    let fed = |k: &HeaderName| {
-        let b = k.as_str().as_bytes();
-        b.len() >= 4 && &b[..3] == b"fed" && matches!(b[3], b'-' | b'_')
-    };
-    if !h.keys().any(fed) {
-        return;
-    }
-    let owned: Vec<HeaderName> = h.keys().filter(|k| fed(k)).cloned().collect();
-    for k in owned {
-        h.remove(k);
     }
 }
 
@@ -374,7 +301,7 @@ pub async fn handle(
     let conn = current(conn);
     let w = conn.worker.clone();
     let mut req = req;
-    let grpc = is_grpc(req.headers());
+    let grpc = ContentType::claims_grpc(req.headers());
     let head = req.method() == http::Method::HEAD;
     let rid = request_id(req.headers());
     // W3C trace context: the caller's trace goes on with a span of this hop
@@ -558,20 +485,50 @@ async fn forward(
     // drops a small request body, so the caller gets a clean answer instead of a reset.
     let body_ref = &body;
     let checked = (move || -> Result<_, Reject> {
-        if !path_is_normal(parts.uri.path()) {
+        if !request::path_is_normal(parts.uri.path()) {
             return Err(Reject::BadRequest(
                 "the path has dot segments or encoded separators; send it normalised (RFC 3986 section 5.2.4)",
             ));
         }
+        if !request::method_is_canonical(parts.method.as_str()) {
+            return Err(Reject::BadRequest(
+                "the method is a standard method in another case; methods are case-sensitive (RFC 9110 section 9.1): send it in upper case",
+            ));
+        }
+        let host = request::host(&parts.uri, &parts.headers)
+            .map_err(|e| Reject::BadRequest(e.message()))?;
         let idx = match &conn.dedicated {
             Some(name) => w
                 .table
                 .by_name(name)
                 .ok_or_else(|| Reject::UnknownService(name.clone()))?,
-            None => w.table.route(&parts, grpc)?,
+            None => w
+                .table
+                .route(parts.uri.path(), &parts.headers, host.as_ref(), grpc)?,
         };
         let service = &w.config.services[idx];
         routed.service = Some(idx);
+        // which of two content types would the service read? and what is not a media
+        // type is none: refused by a service that checks formats, before anything else
+        let ct = ContentType::of(&parts.headers);
+        let checks_formats = !service.formats.is_empty()
+            || service.protocol == Protocol::Grpc
+            || service.proto.is_some()
+            || !service.json.is_empty();
+        if checks_formats && ct.is_ambiguous() {
+            return Err(Reject::Format(service.name.clone(), ct.essence()));
+        }
+        let grpc = grpc && ct.is_grpc();
+        // a host naming another service than the one the request is for: the service
+        // would be told one name and fedport have checked another
+        if let Some(h) = &host {
+            if w.table.by_name(h.first_label()).is_some_and(|o| o != idx) {
+                return Err(Reject::Misdirected {
+                    service: service.name.clone(),
+                    host: h.0.clone(),
+                });
+            }
+        }
         let method = match (&service.proto, grpc) {
             (Some(p), true) => {
                 let m = parts.uri.path().trim_start_matches('/');
@@ -592,8 +549,12 @@ async fn forward(
         if let Some(r) = json_route {
             routed.method = Some(r.route.clone());
         }
+        // a call is read as its service's protocol reads it: a gRPC content type makes a
+        // gRPC call of a gRPC service only, never of an HTTP service's route
         let call = match route::grpc_path(parts.uri.path()) {
-            Some(_) if grpc => Call::Grpc(&parts.uri.path()[1..]),
+            Some(_) if grpc && service.protocol == Protocol::Grpc => {
+                Call::Grpc(&parts.uri.path()[1..])
+            }
             _ => Call::Http(parts.method.as_str(), parts.uri.path()),
         };
         if !conn.grants.allows(idx, call) {
@@ -620,18 +581,6 @@ async fn forward(
             )
         };
         let idempotent = service.idempotent.allows(call);
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| service.name.clone());
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         let (origin, hops, caller) = if conn.from_peer {
@@ -655,7 +604,13 @@ async fn forward(
         };
         // the caller's deadline, if it set one, within the service's timeout
         let asked = deadline::asked(h, grpc).map_err(Reject::BadRequest)?;
-        strip_fed_headers(h);
+        let carried = if conn.from_peer {
+            headers::Carried::from_peer(h)
+        } else {
+            headers::Carried::default()
+        };
+        headers::strip_claims(h);
+        headers::set_forwarded(h, carried, conn.remote.ip(), conn.tls);
         h.insert(FED_PEER, conn.identity.clone());
         h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
         h.insert(FED_CALLER, caller.unwrap_or_else(|| conn.identity.clone()));
@@ -666,24 +621,18 @@ async fn forward(
         }
 
         // what the service accepts: its content types, and its message size
-        let content_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let carries_body = !body_ref.is_end_stream() || !content_type.is_empty();
-        let accepted = if service.formats.is_empty() && service.protocol == Protocol::Grpc {
-            schema::GRPC_FORMATS
-                .iter()
-                .any(|f| schema::essence(content_type) == *f)
-        } else {
-            schema::format_accepted(&service.formats, content_type)
+        let ct = ContentType::of(&parts.headers);
+        let carries_body = !body_ref.is_end_stream() || ct != ContentType::Absent;
+        let accepted = match ct {
+            ContentType::Many | ContentType::Invalid => !checks_formats,
+            _ if service.formats.is_empty() && service.protocol == Protocol::Grpc => {
+                matches!(ct, ContentType::One(m) if schema::GRPC_FORMATS.iter().any(|f| m.is(f)))
+            }
+            ContentType::One(m) => schema::format_accepted(&service.formats, m),
+            ContentType::Absent => service.formats.is_empty(),
         };
         if carries_body && !accepted {
-            return Err(Reject::Format(
-                service.name.clone(),
-                schema::essence(content_type),
-            ));
+            return Err(Reject::Format(service.name.clone(), ct.essence()));
         }
         let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
         let limit = match service.max_message_bytes {
@@ -725,7 +674,7 @@ async fn forward(
             .filter(|(p, _)| p.validate_responses)
             .map(|(p, m)| (check(&m.output, p.strict), max));
         let aim = Aim {
-            authority,
+            authority: service.authority.clone(),
             hops,
             idempotent,
             deadline_header: asked.is_some(),
@@ -819,7 +768,8 @@ async fn forward(
 
 /// How a request is aimed at each target, decided once.
 struct Aim {
-    /// The caller's `:authority` (or Host), kept for every target.
+    /// The authority the service's endpoints are told (`authority`, by default the
+    /// service's name).
     authority: String,
     /// `fed-hops` as it arrived (0 unless from a peer).
     hops: u8,
@@ -983,6 +933,14 @@ fn aim_at(
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
+    // the service is told the name of the service the request was routed and
+    // authorized for, never the caller's: a peer routes it by fed-service and names it
+    // to its own endpoints the same way
+    let authority = if to_peer {
+        service
+    } else {
+        aim.authority.as_str()
+    };
     let h2 = pool.speaks_h2();
     if h2 {
         let scheme = if pool.endpoint.scheme == crate::config::Scheme::Https {
@@ -992,7 +950,7 @@ fn aim_at(
         };
         *req.uri_mut() = Uri::builder()
             .scheme(scheme)
-            .authority(aim.authority.as_str())
+            .authority(authority)
             .path_and_query(pq)
             .build()
             .map_err(|_| Reject::BadRequest("request target cannot be forwarded"))?;
@@ -1001,10 +959,11 @@ fn aim_at(
     } else {
         *req.uri_mut() = Uri::try_from(pq).map_err(|_| Reject::BadRequest("bad request target"))?;
         *req.version_mut() = Version::HTTP_11;
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(&aim.authority) {
+        match HeaderValue::from_str(authority) {
+            Ok(v) => {
                 req.headers_mut().insert(header::HOST, v);
             }
+            Err(_) => return Err(Reject::BadRequest("request target cannot be forwarded")),
         }
     }
     let h = req.headers_mut();
@@ -1209,22 +1168,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_content_types_are_case_insensitive() {
-        for (ct, grpc) in [
-            ("application/grpc", true),
-            ("Application/GRPC", true),
-            ("application/grpc+proto", true),
-            ("APPLICATION/GRPC+PROTO; charset=x", true),
-            ("application/json", false),
-            ("application/grp", false),
-        ] {
-            let mut h = HeaderMap::new();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-            assert_eq!(is_grpc(&h), grpc, "{ct}");
-        }
-    }
-
-    #[test]
     fn paths_that_resolve_elsewhere_are_not_normal() {
         for p in [
             "/",
@@ -1236,7 +1179,7 @@ mod tests {
             "/v1/%41%42",
             "/v1/orders;v=1",
         ] {
-            assert!(path_is_normal(p), "{p}");
+            assert!(request::path_is_normal(p), "{p}");
         }
         for p in [
             "/public/../admin",
@@ -1251,7 +1194,7 @@ mod tests {
             "/public%5cadmin",
             "/a%00b",
         ] {
-            assert!(!path_is_normal(p), "{p}");
+            assert!(!request::path_is_normal(p), "{p}");
         }
     }
 }

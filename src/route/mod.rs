@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::errors::Reject;
-use http::request::Parts;
+use crate::request::Host;
 use std::collections::HashMap;
 
 pub const FED_SERVICE: &str = "fed-service";
@@ -19,14 +19,6 @@ pub fn grpc_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix('/')?;
     let (svc, method) = rest.split_once('/')?;
     (!svc.is_empty() && !method.is_empty() && !method.contains('/')).then_some((svc, method))
-}
-
-/// The host of an authority or Host header, without port or brackets.
-fn host_of(authority: &str) -> &str {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
 impl Table {
@@ -46,39 +38,38 @@ impl Table {
         self.by_name.get(name).copied()
     }
 
-    /// The service index for a request, given whether it is gRPC.
-    pub fn route(&self, parts: &Parts, grpc: bool) -> Result<usize, Reject> {
+    /// The service index for a request: a gRPC call by its path, else by `fed-service`,
+    /// else by the first label of its one host (see [`crate::request::host`]).
+    pub fn route(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        host: Option<&Host>,
+        grpc: bool,
+    ) -> Result<usize, Reject> {
         if grpc {
-            if let Some((svc, _)) = grpc_path(parts.uri.path()) {
+            if let Some((svc, _)) = grpc_path(path) {
                 if let Some(&i) = self.by_grpc.get(svc) {
                     return Ok(i);
                 }
-                if parts.headers.get(FED_SERVICE).is_none() {
+                if headers.get(FED_SERVICE).is_none() {
                     return Err(Reject::UnknownService(format!("gRPC service {svc}")));
                 }
             }
         }
-        if let Some(v) = parts.headers.get(FED_SERVICE) {
+        let mut named = headers.get_all(FED_SERVICE).iter();
+        if let Some(v) = named.next() {
+            if named.next().is_some() {
+                return Err(Reject::BadRequest("more than one fed-service header"));
+            }
             let name = v.to_str().unwrap_or("");
             return self
                 .by_name(name)
                 .ok_or_else(|| Reject::UnknownService(format!("fed-service {name:?}")));
         }
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .ok_or(Reject::BadRequest("no :authority or Host header"))?;
-        let host = host_of(authority);
-        let label = host.split('.').next().unwrap_or(host);
-        self.by_name(label)
-            .ok_or_else(|| Reject::UnknownService(format!("host {host:?}")))
+        let host = host.ok_or(Reject::BadRequest("no :authority or Host header"))?;
+        self.by_name(host.first_label())
+            .ok_or_else(|| Reject::UnknownService(format!("host {:?}", host.0)))
     }
 }
 
@@ -105,23 +96,25 @@ endpoints = ["http://127.0.0.1:2"]
         Table::new(&cfg)
     }
 
-    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+    fn route(t: &Table, uri: &str, headers: &[(&str, &str)], grpc: bool) -> Result<usize, Reject> {
         let mut b = http::Request::builder().uri(uri);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(()).unwrap().into_parts().0
+        let r = b.body(()).unwrap();
+        let host = crate::request::host(r.uri(), r.headers()).unwrap();
+        t.route(r.uri().path(), r.headers(), host.as_ref(), grpc)
     }
 
     #[test]
     fn grpc_routes_by_path() {
         let t = table();
         assert_eq!(
-            t.route(&parts("http://x:1/orders.v1.Orders/Get", &[]), true),
+            route(&t, "http://x:1/orders.v1.Orders/Get", &[], true),
             Ok(0)
         );
         assert!(matches!(
-            t.route(&parts("http://x:1/other.Svc/Get", &[]), true),
+            route(&t, "http://x:1/other.Svc/Get", &[], true),
             Err(Reject::UnknownService(_))
         ));
     }
@@ -130,26 +123,38 @@ endpoints = ["http://127.0.0.1:2"]
     fn http_routes_by_authority_label_or_header() {
         let t = table();
         assert_eq!(
-            t.route(&parts("http://inventory.fed.internal:7443/v1", &[]), false),
+            route(&t, "http://inventory.fed.internal:7443/v1", &[], false),
             Ok(1)
         );
         assert_eq!(
-            t.route(&parts("/v1", &[("host", "inventory:80")]), false),
+            route(&t, "http://INVENTORY.fed.internal./v1", &[], false),
             Ok(1)
         );
+        assert_eq!(route(&t, "/v1", &[("host", "inventory:80")], false), Ok(1));
         assert_eq!(
-            t.route(
-                &parts("http://127.0.0.1:7443/v1", &[("fed-service", "orders")]),
+            route(
+                &t,
+                "http://127.0.0.1:7443/v1",
+                &[("fed-service", "orders")],
                 false
             ),
             Ok(0)
         );
         assert!(matches!(
-            t.route(&parts("http://127.0.0.1:7443/v1", &[]), false),
+            route(
+                &t,
+                "/v1",
+                &[("fed-service", "orders"), ("fed-service", "inventory")],
+                false
+            ),
+            Err(Reject::BadRequest(_))
+        ));
+        assert!(matches!(
+            route(&t, "http://127.0.0.1:7443/v1", &[], false),
             Err(Reject::UnknownService(_))
         ));
         assert!(matches!(
-            t.route(&parts("/v1", &[]), false),
+            route(&t, "/v1", &[], false),
             Err(Reject::BadRequest(_))
         ));
     }
@@ -159,6 +164,5 @@ endpoints = ["http://127.0.0.1:2"]
         assert_eq!(grpc_path("/a.B/C"), Some(("a.B", "C")));
         assert_eq!(grpc_path("/a.B/"), None);
         assert_eq!(grpc_path("/a.B/C/D"), None);
-        assert_eq!(host_of("[::1]:80"), "::1");
     }
 }

@@ -54,22 +54,9 @@ pub fn validate_json(
 /// The content types a gRPC service accepts when it lists none.
 pub const GRPC_FORMATS: &[&str] = &["application/grpc", "application/grpc+proto"];
 
-/// The media type of a `content-type` value, lower-cased, without parameters.
-pub fn essence(content_type: &str) -> String {
-    content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
-}
-
 /// Whether a content type is one the service accepts. An empty list accepts anything.
-pub fn format_accepted(formats: &[String], content_type: &str) -> bool {
-    formats.is_empty() || {
-        let e = essence(content_type);
-        formats.iter().any(|f| f.eq_ignore_ascii_case(&e))
-    }
+pub fn format_accepted(formats: &[String], m: crate::request::MediaType<'_>) -> bool {
+    formats.is_empty() || formats.iter().any(|f| m.is(f))
 }
 
 /// Set by a [`Guarded`] body when it refuses what it carries: the size that was over
@@ -486,12 +473,12 @@ impl Body for Guarded {
     }
 }
 
-/// Request trailers lose fedport's own headers as the request's headers do: a caller
-/// cannot pass a `fed-peer` to the service at the end of its body.
+/// Request trailers lose the headers only fedport sets, as the request's headers do: a
+/// caller cannot pass a `fed-peer` or an `x-forwarded-for` at the end of its body.
 fn without_fed(frame: Frame<Bytes>) -> Frame<Bytes> {
     match frame.into_trailers() {
         Ok(mut t) => {
-            crate::proxy::strip_fed_headers(&mut t);
+            crate::proxy::headers::strip_claims(&mut t);
             Frame::trailers(t)
         }
         Err(other) => other,
@@ -615,9 +602,10 @@ mod tests {
     #[test]
     fn formats() {
         let f = vec!["application/json".to_owned()];
-        assert!(format_accepted(&f, "application/json; charset=utf-8"));
-        assert!(format_accepted(&f, "Application/JSON"));
-        assert!(!format_accepted(&f, "text/plain"));
-        assert!(format_accepted(&[], "anything/at-all"));
+        let m = |v| crate::request::parse_media_type(v).unwrap();
+        assert!(format_accepted(&f, m("application/json; charset=utf-8")));
+        assert!(format_accepted(&f, m("Application/JSON")));
+        assert!(!format_accepted(&f, m("text/plain")));
+        assert!(format_accepted(&[], m("anything/at-all")));
     }
 }

@@ -643,3 +643,102 @@ async fn a_deadline_holds_across_two_hops() {
         1.0
     );
 }
+
+/// Headers with which meshes and balancers tell a service who calls and from where
+/// (x-forwarded-*, forwarded, x-real-ip, x-envoy-*, l5d-*, …, in any spelling): a
+/// caller's own copies never reach the service. fedport sets `x-forwarded-for` (the
+/// address it saw, appended to what a peer node carried) and `x-forwarded-proto`.
+#[test]
+fn headers_naming_the_caller_are_set_by_fedport_never_by_the_caller() {
+    let pki = Pki::new();
+    let (pa, pb) = (free_port(), free_port());
+    let up = upstream::start(Proto::Http1);
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}",
+            http_service("who", &[], ""),
+            peer("b", "eu-1", pb, &["who"])
+        ),
+    ));
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}",
+            http_service("who", &[up.url(Proto::Http1)], ""),
+            peer("a", "eu-1", pa, &[])
+        ),
+    ));
+    crate::support::wait_until("peer up", Duration::from_secs(10), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
+    });
+    let forged = [
+        "X-Forwarded-For: 6.6.6.6",
+        "X_Forwarded_For: 6.6.6.6",
+        "x-forwarded-proto: http",
+        "Forwarded: for=6.6.6.6;proto=https",
+        "X-Real-IP: 6.6.6.6",
+        "x-forwarded-client-cert: URI=spiffe://fed.test/admin",
+        "x-envoy-retry-on: 5xx",
+        "x-envoy-upstream-rq-timeout-ms: 1",
+        "l5d-dst-override: admin.svc:80",
+        "x-remote-user: root",
+        "X-Auth-Request-User: root",
+        "x-forwarded-user: root",
+        "x-ssl-client-s-dn: CN=admin",
+        "true-client-ip: 6.6.6.6",
+    ];
+    let mut extra = Vec::new();
+    for f in &forged {
+        extra.extend(["-H", *f]);
+    }
+    for (port, http, want_xff) in [
+        (pb, "--http1.1", "127.0.0.1"),
+        (pb, "--http2", "127.0.0.1"),
+        // through a: the client's address as a saw it, then a's as b saw it
+        (pa, "--http2", "127.0.0.1, 127.0.0.1"),
+    ] {
+        let mut args = extra.clone();
+        args.push(http);
+        let (code, v) = get(&pki, port, "who", &args);
+        assert_eq!(code, 200, "{v}");
+        let headers = v["headers"].as_object().unwrap();
+        for (name, values) in headers {
+            let n = name.replace('_', "-");
+            let joined = values.to_string();
+            assert!(
+                !joined.contains("6.6.6.6")
+                    && !joined.contains("root")
+                    && !joined.contains("admin"),
+                "{port} {http}: {name}: {joined} reached the service"
+            );
+            assert!(
+                !(n.starts_with("x-envoy-") || n.starts_with("l5d-") || n == "forwarded"),
+                "{port} {http}: {name} reached the service"
+            );
+        }
+        assert_eq!(
+            header(&v, "x-forwarded-for"),
+            want_xff,
+            "{port} {http}: {v}"
+        );
+        assert_eq!(
+            header(&v, "x-forwarded-proto"),
+            "https",
+            "{port} {http}: {v}"
+        );
+        assert_eq!(
+            headers
+                .get("x-forwarded-for")
+                .map(|v| v.as_array().unwrap().len()),
+            Some(1),
+            "{v}"
+        );
+    }
+}

@@ -22,6 +22,7 @@ mod registry;
 mod reload;
 mod rotation;
 mod sandbox;
+mod spelling;
 mod spikes;
 mod streaming;
 mod top;

@@ -87,7 +87,8 @@ fn describe_is_the_port_manifest() {
         "| orders-port | 127.0.0.1:7444 |",
         "| orders |",
         "| admin | 127.0.0.1:9901 |",
-        "| `spiffe://fed.test/node/*` | orders | GET /v1/orders |",
+        // what each rule matches, not only how it is written
+        "| spiffe://fed.test/node/* (SPIFFE IDs; * one segment) | orders | GET /v1/orders (and every path below it) |",
         "| orders | http | http://127.0.0.1:8080 | - | - | any | - | 2000 ms |",
     ] {
         assert!(md.contains(needle), "missing {needle:?} in:\n{md}");
@@ -96,6 +97,15 @@ fn describe_is_the_port_manifest() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["ports"][1]["service"], "orders");
-    assert_eq!(v["access"][0]["from"], "spiffe://fed.test/node/*");
+    assert_eq!(
+        v["access"][0]["from"],
+        "spiffe://fed.test/node/* (SPIFFE IDs; * one segment)"
+    );
+    assert!(
+        md.contains(
+            "| orders | GET / (every path), HEAD / (every path), OPTIONS / (every path) | orders |"
+        ),
+        "{md}"
+    );
     assert_eq!(v["admin"]["bind"], "127.0.0.1:9901");
 }

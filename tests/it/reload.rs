@@ -192,7 +192,7 @@ async fn reloads_under_load_lose_nothing_and_take_effect() {
     assert_eq!(shown["hash"], hash.as_str());
     assert_eq!(shown["tls"]["key"], pki.node.key.display().to_string());
     assert!(!fp.admin_get("/config").contains("PRIVATE KEY"));
-    assert_eq!(shown["access"][1]["method"], "POST /");
+    assert_eq!(shown["access"][1]["method"], "POST / (every path)");
     let metrics = fp.admin_get("/metrics");
     let info: Vec<&str> = metrics
         .lines()

@@ -1,0 +1,231 @@
+//! The headers a request crosses fedport with: connection-specific ones dropped, and
+//! every header that tells a service who its caller is or where it came from set by
+//! fedport from what it verified — never a caller's own copy, under any spelling.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Removes connection-specific headers (RFC 9110 §7.6.1), which must not cross a hop
+/// and which HTTP/2 forbids.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// Headers with which meshes, load balancers and authenticating proxies tell a service
+/// who is calling, from where, or how to route it on. Services trust them because a
+/// proxy in front of them is supposed to have set them.
+const CLAIMS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-uri",
+    "x-forwarded-client-cert",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
+    "x-original-forwarded-for",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-real-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-proxyuser-ip",
+    "x-client-cert",
+    "x-client-verify",
+    "x-client-dn",
+    "ssl-client-cert",
+    "ssl-client-verify",
+    "x-remote-user",
+    "remote-user",
+    "x-remote-addr",
+    "x-authenticated-user",
+    "x-authenticated-userid",
+    "x-user",
+    "x-user-id",
+    "x-spiffe-id",
+    "x-istio-attributes",
+    "x-goog-authenticated-user-email",
+    "x-goog-authenticated-user-id",
+    "x-goog-iap-jwt-assertion",
+];
+
+/// Families of such headers, by prefix: Envoy's (`x-envoy-*`, which an Envoy sidecar
+/// obeys, e.g. to retry or time out), linkerd's (`l5d-*`, `l5d-dst-override` reroutes),
+/// TLS-terminating proxies' (`x-ssl-*`), oauth2-proxy's, AWS ALB's and Azure's.
+const CLAIM_PREFIXES: &[&str] = &[
+    "fed-",
+    "x-envoy-",
+    "l5d-",
+    "x-ssl-",
+    "x-auth-request-",
+    "x-amzn-oidc-",
+    "x-ms-client-principal",
+];
+
+/// Whether a header is one only fedport may set. `_` counts as `-`: CGI-style servers
+/// (WSGI, Rack, PHP) read `X_Forwarded_For` as `X-Forwarded-For`.
+pub fn is_claim(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    // fast path: every claim starts with one of these letters
+    if !matches!(
+        n.as_bytes().first(),
+        Some(b'f' | b'x' | b'l' | b'c' | b't' | b's' | b'r')
+    ) {
+        return false;
+    }
+    let dashed;
+    let n = if n.contains('_') {
+        dashed = n.replace('_', "-");
+        dashed.as_str()
+    } else {
+        n
+    };
+    CLAIMS.contains(&n) || CLAIM_PREFIXES.iter().any(|p| n.starts_with(p))
+}
+
+/// Removes every header only fedport may set (see [`is_claim`]).
+pub fn strip_claims(h: &mut HeaderMap) {
+    if !h.keys().any(is_claim) {
+        return;
+    }
+    let owned: Vec<HeaderName> = h.keys().filter(|k| is_claim(k)).cloned().collect();
+    for k in owned {
+        h.remove(k);
+    }
+}
+
+/// Callers never set fedport's own headers: every inbound `fed-*` header is removed,
+/// and `fed_*` too, which CGI-style servers read as the same name.
+pub fn strip_fed_headers(h: &mut HeaderMap) {
+    let fed = |k: &HeaderName| {
+        let b = k.as_str().as_bytes();
+        b.len() >= 4 && &b[..3] == b"fed" && matches!(b[3], b'-' | b'_')
+    };
+    if !h.keys().any(fed) {
+        return;
+    }
+    let owned: Vec<HeaderName> = h.keys().filter(|k| fed(k)).cloned().collect();
+    for k in owned {
+        h.remove(k);
+    }
+}
+
+/// What a peer node says of the request's first hop, believed from peers only.
+#[derive(Default)]
+pub struct Carried {
+    pub forwarded_for: Option<HeaderValue>,
+    pub forwarded_proto: Option<HeaderValue>,
+}
+
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+impl Carried {
+    /// Takes what a peer carried (before [`strip_claims`] removes it).
+    pub fn from_peer(h: &HeaderMap) -> Self {
+        let one = |n: &HeaderName| {
+            let mut all = h.get_all(n).iter();
+            match (all.next(), all.next()) {
+                (Some(v), None) => Some(v.clone()),
+                _ => None,
+            }
+        };
+        Self {
+            forwarded_for: one(&XFF),
+            forwarded_proto: one(&XFP),
+        }
+    }
+}
+
+/// Sets `x-forwarded-for` and `x-forwarded-proto` from what fedport verified: the
+/// caller's address (the TCP peer, or what a trusted PROXY header carried), appended to
+/// what a peer node carried; the first hop's scheme.
+pub fn set_forwarded(h: &mut HeaderMap, carried: Carried, remote: std::net::IpAddr, tls: bool) {
+    let ip = match remote {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(remote),
+        v4 => v4,
+    };
+    let xff = match carried.forwarded_for.as_ref().and_then(|v| v.to_str().ok()) {
+        Some(before) => HeaderValue::from_str(&format!("{before}, {ip}")),
+        None => HeaderValue::from_str(&ip.to_string()),
+    };
+    if let Ok(v) = xff {
+        h.insert(XFF, v);
+    }
+    let proto = carried
+        .forwarded_proto
+        .unwrap_or(HeaderValue::from_static(if tls { "https" } else { "http" }));
+    h.insert(XFP, proto);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_are_known_in_every_spelling() {
+        for n in [
+            "x-forwarded-for",
+            "x_forwarded_for",
+            "x-forwarded_for",
+            "forwarded",
+            "x-real-ip",
+            "x-envoy-retry-on",
+            "x_envoy_max_retries",
+            "l5d-dst-override",
+            "x-forwarded-client-cert",
+            "fed-peer",
+            "fed_caller",
+            "x-ssl-client-s-dn",
+        ] {
+            assert!(is_claim(&HeaderName::from_static(n)), "{n}");
+        }
+        for n in [
+            "content-type",
+            "x-request-id",
+            "traceparent",
+            "authorization",
+            "x-forwarded",
+        ] {
+            assert!(!is_claim(&HeaderName::from_static(n)), "{n}");
+        }
+    }
+}
