@@ -59,6 +59,9 @@ pub enum Reject {
     /// `fed-service`, its gRPC path or a dedicated listener).
     #[error("the request is for service {service} but its host {host:?} names another service")]
     Misdirected { service: String, host: String },
+    /// No body bytes moved either way for the stream's `stream_idle_timeout` (ms).
+    #[error("the stream moved no bytes for {0} ms (stream_idle_timeout)")]
+    StreamIdle(u64),
     /// Default deny: no `[[allow]]` rule grants this identity this call.
     #[error("{identity} may not call {call} on service {service}: no [[allow]] rule of node {node} grants it")]
     Denied {
@@ -113,6 +116,7 @@ impl Reject {
             Reject::Schema { .. } => "schema",
             Reject::Denied { .. } => "denied",
             Reject::Misdirected { .. } => "misdirected",
+            Reject::StreamIdle(_) => "stream_idle_timeout",
         }
     }
 
@@ -132,6 +136,7 @@ impl Reject {
             Reject::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Reject::Schema { .. } => StatusCode::BAD_REQUEST,
             Reject::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Reject::StreamIdle(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -153,6 +158,7 @@ impl Reject {
             Reject::Overloaded(_) => GrpcCode::Unavailable,
             Reject::Schema { .. } => GrpcCode::InvalidArgument,
             Reject::Misdirected { .. } => GrpcCode::InvalidArgument,
+            Reject::StreamIdle(_) => GrpcCode::DeadlineExceeded,
         }
     }
 

@@ -124,6 +124,7 @@ fn prepare(
         tls: client_tls,
         metrics: Some(metrics.clone()),
         keepalive: upstream::KEEPALIVE,
+        stream_window: upstream::STREAM_WINDOW,
     };
     // connections to peers verify the peer's own identity, and PING as often as the
     // peer probes do, so a blackholed link is noticed on them as well
@@ -145,6 +146,7 @@ fn prepare(
                 config.node.peer_ping_interval,
                 config.node.peer_ping_timeout,
             ),
+            stream_window: upstream::PEER_STREAM_WINDOW,
             ..settings.clone()
         });
     }
@@ -463,7 +465,7 @@ async fn worker_main(
                 },
                 worker: worker.clone(),
                 metrics: metrics.clone(),
-                builder: listen::http_builder(spec.max_streams, spec.header_timeout),
+                builder: listen::http_builder(spec.header_timeout),
             });
             match sockets.remove(&spec.name) {
                 None => {

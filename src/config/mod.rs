@@ -183,6 +183,9 @@ pub struct Listener {
     pub max_streams: u32,
     /// How long request headers may take to arrive once started (slowloris).
     pub header_timeout: Duration,
+    /// A stream (an HTTP/1.1 connection with a request in flight) with no body bytes
+    /// moving either way for this long is reset (closed).
+    pub stream_idle_timeout: Duration,
 }
 
 /// A rate limit (token bucket: `rate` per second, `burst` at once) and a concurrency
@@ -252,6 +255,8 @@ pub struct Service {
     /// What its endpoints are told as `Host` / `:authority`: always this, never what
     /// the caller sent.
     pub authority: String,
+    /// Overrides the listener's `stream_idle_timeout` for streams to this service.
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 /// The message types of every method of a service's proto files.
@@ -373,6 +378,14 @@ pub struct Rule {
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a stream may sit with no body bytes moving before it is reset. Envoy's
+/// default is 5 minutes; nginx gives a stalled peer 60 s (`proxy_read_timeout`,
+/// `send_timeout`). A stalled stream holds a stream window of memory and a stream of
+/// a connection to its service that other callers share, so fedport holds it no
+/// longer than nginx would; a service whose streams are silent for longer (long
+/// polls, sparse server streams) sets its own.
+pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -996,6 +1009,19 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration that must not be zero.
+    fn nonzero_duration(&mut self, v: Option<&S<String>>, default: Duration) -> Duration {
+        let d = self.duration(v, default);
+        if d.is_zero() {
+            if let Some(s) = v {
+                self.sink
+                    .error(span(s), "this timeout must be more than 0", "e.g. \"60s\"");
+            }
+            return default;
+        }
+        d
+    }
+
     fn socket_addr(&mut self, s: &S<String>) -> Option<SocketAddr> {
         match s.get_ref().parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -1206,6 +1232,8 @@ impl Checker<'_> {
             );
             let idle_timeout = self.duration(r.idle_timeout.as_ref(), Duration::from_secs(300));
             let header_timeout = self.duration(r.header_timeout.as_ref(), Duration::from_secs(10));
+            let stream_idle_timeout =
+                self.nonzero_duration(r.stream_idle_timeout.as_ref(), DEFAULT_STREAM_IDLE);
             let max_connections = match &r.max_connections {
                 Some(m) if *m.get_ref() < 1 => {
                     self.sink.error(
@@ -1255,6 +1283,7 @@ impl Checker<'_> {
                 proxy_timeout,
                 idle_timeout,
                 header_timeout,
+                stream_idle_timeout,
             });
         }
         out
@@ -1408,7 +1437,12 @@ impl Checker<'_> {
                     v.clone()
                 }
             };
+            let stream_idle_timeout = r
+                .stream_idle_timeout
+                .as_ref()
+                .map(|t| self.nonzero_duration(Some(t), DEFAULT_STREAM_IDLE));
             out.push(Service {
+                stream_idle_timeout,
                 authority,
                 limits,
                 idempotent: crate::policy::Methods::Some(idempotent),

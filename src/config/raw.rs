@@ -184,6 +184,8 @@ pub struct RawListener {
     /// How long request headers (an HTTP/2 header block, the HTTP/2 preface, HTTP/1.1
     /// request headers) may take to arrive; default 10s.
     pub header_timeout: Option<S<String>>,
+    /// A stream with no bytes moving either way for this long is reset; default 60s.
+    pub stream_idle_timeout: Option<S<String>>,
 }
 
 /// A rate (requests per second, with a burst) and a concurrency limit.
@@ -238,6 +240,8 @@ pub struct RawService {
     pub limits: Option<S<RawLimits>>,
     /// The authority (`Host` / `:authority`) its endpoints are told; default its name.
     pub authority: Option<S<String>>,
+    /// A stream to this service with no bytes moving either way for this long is reset.
+    pub stream_idle_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

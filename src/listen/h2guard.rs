@@ -80,6 +80,9 @@ pub struct Trip {
     /// started; 0 when none is open.
     open_since: AtomicU64,
     limits: Limits,
+    /// Bumped whenever bytes pass either way: an HTTP/1.1 connection with a request in
+    /// flight and nothing moving is a stalled stream.
+    moved: AtomicU64,
 }
 
 impl Trip {
@@ -92,13 +95,19 @@ impl Trip {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    fn trip(&self, why: &'static str) {
+    /// Cuts the connection for `why` (the first reason given wins).
+    pub fn trip(&self, why: &'static str) {
         if self.reason.set(why).is_ok() {
             self.notify.notify_one();
             if let Some(w) = self.reader.lock().ok().and_then(|mut g| g.take()) {
                 w.wake();
             }
         }
+    }
+
+    /// The count of reads and writes that moved bytes.
+    pub fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
     }
 
     /// Called by the connection's timer: cuts a header block (or preface) left open
@@ -246,6 +255,7 @@ impl<T: Io> Guarded<T> {
             epoch: Instant::now(),
             open_since: AtomicU64::new(1),
             limits,
+            moved: AtomicU64::new(0),
         });
         Self {
             io: Some(io),
@@ -519,6 +529,9 @@ impl<T: Io> AsyncRead for Guarded<T> {
                 }
                 other => return other,
             }
+            if buf.filled().len() > before {
+                this.trip.moved.fetch_add(1, Ordering::Relaxed);
+            }
             if this.trip.reason().is_none() {
                 let keep = this.inspect(&buf.filled()[before..]);
                 buf.set_filled(before + keep);
@@ -569,6 +582,7 @@ impl<T: Io> AsyncWrite for Guarded<T> {
             return Poll::Ready(Ok(n));
         }
         let n = std::task::ready!(Pin::new(this.io.as_mut().expect(IO)).poll_write(cx, buf))?;
+        this.trip.moved.fetch_add(1, Ordering::Relaxed);
         this.note_written(&buf[..n]);
         Poll::Ready(Ok(n))
     }
@@ -585,6 +599,7 @@ impl<T: Io> AsyncWrite for Guarded<T> {
         }
         let n =
             std::task::ready!(Pin::new(this.io.as_mut().expect(IO)).poll_write_vectored(cx, bufs))?;
+        this.trip.moved.fetch_add(1, Ordering::Relaxed);
         let mut left = n;
         for b in bufs {
             if left == 0 {

@@ -2,6 +2,7 @@
 //! address check, the TLS 1.3 handshake that yields the caller's identity, and serving
 //! HTTP/1.1 and HTTP/2 on the connection until it ends or the node drains.
 
+pub mod h2conn;
 pub mod h2guard;
 pub mod proxy_protocol;
 
@@ -11,8 +12,7 @@ use crate::proxy::{self, ConnCtx, Worker};
 use crate::telemetry::{Metrics, ReasonLabels};
 use http::HeaderValue;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
@@ -60,31 +60,20 @@ pub struct Accepting {
     pub tls: Option<(Arc<identity::rotate::Rotating>, Duration)>,
     pub worker: Arc<Worker>,
     pub metrics: Arc<Metrics>,
-    pub builder: auto::Builder<TokioExecutor>,
+    pub builder: hyper::server::conn::http1::Builder,
 }
 
-/// Decoded request headers allowed (SETTINGS_MAX_HEADER_LIST_SIZE); an encoded header
-/// block larger than this cuts the connection (`h2guard`).
-const MAX_HEADER_LIST: usize = 64 * 1024;
+/// An encoded header block larger than the decoded limit cuts the connection
+/// (`h2guard`).
+const MAX_HEADER_LIST: usize = h2conn::MAX_HEADER_LIST as usize;
 
-/// The HTTP server settings every listener uses.
-pub fn http_builder(max_streams: u32, header_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1.1 server settings every listener uses (HTTP/2 is served by [`h2conn`]).
+pub fn http_builder(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_headers(100)
         .max_buf_size(64 * 1024);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(max_streams)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_header_list_size(MAX_HEADER_LIST as u32)
-        // streams fedport itself resets for a client's protocol errors, before GOAWAY
-        .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
     b
 }
 
@@ -355,73 +344,114 @@ fn classify(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// Serves HTTP on a connection until it ends; asks it to finish gracefully (GOAWAY, or
-/// close when idle for HTTP/1.1) when the node drains or when it has carried no request
-/// for the listener's idle timeout.
+/// Serves HTTP on a connection until it ends: HTTP/2 (by ALPN, or by its preface on a
+/// connection that offered none) through [`h2conn`], HTTP/1.1 through hyper. Counts and
+/// logs the reason when fedport cut it for the client's fault.
 async fn run_http<I>(
-    io: h2guard::Guarded<I>,
+    mut io: h2guard::Guarded<I>,
     ctx: Arc<ConnCtx>,
     acc: &Accepting,
     drain: Drain,
-    h2_only: bool,
+    alpn_h2: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let trip = io.trip();
-    let io = TokioIo::new(io);
-    let activity = ctx.activity.clone();
     let remote = ctx.remote;
-    // Boxed: the request's state machine is several KiB, and hyper moves the future it
-    // spawns per stream (into the task, and out again for the output); a box moves as a
-    // pointer. Measured: memmove fell from 23% of fedport's CPU (docs/performance.md).
-    let svc = service_fn(move |req| Box::pin(proxy::handle(req, ctx.clone())));
-    let builder = if h2_only {
-        acc.builder.clone().http2_only()
+    let (h2, prefix) = if alpn_h2 {
+        (true, bytes::Bytes::new())
     } else {
-        acc.builder.clone()
-    };
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    let mut signal = drain.signal.clone();
-    let idle = acc.spec.idle_timeout;
-    let period = (idle / 4).min(acc.spec.header_timeout / 2);
-    let mut tick = tokio::time::interval(period.max(Duration::from_millis(50)));
-    let mut closing = false;
-    // after a cut, the GOAWAY gets this long to go out before the socket is dropped
-    let mut cut: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let mut refused = None;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    refused = refusal(&*e);
-                    tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");
-                }
-                break;
-            }
-            _ = trip.notify.notified(), if cut.is_none() => {
-                cut = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
-            }
-            _ = async { cut.as_mut().expect("guarded by is_some").await }, if cut.is_some() => break,
-            _ = signal.wait_for(|s| *s), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = tick.tick(), if !closing => {
-                trip.check_slow();
-                if activity.idle_for() >= idle {
-                    closing = true;
-                    acc.metrics.reject(&acc.name, "idle_timeout");
-                    conn.as_mut().graceful_shutdown();
-                }
+        match tokio::time::timeout(acc.spec.header_timeout, h2conn::sniff(&mut io)).await {
+            Ok(Ok(seen)) => seen,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                acc.metrics.reject(&acc.name, "slow_headers");
+                return;
             }
         }
-    }
+    };
+    let io = h2conn::Rewind::new(io, prefix);
+    let refused = if h2 {
+        h2conn::serve(io, ctx, acc, &drain, trip.clone()).await
+    } else {
+        serve_h1(io, ctx, acc, &drain, &trip).await
+    };
     if let Some(why) = trip.reason().or(refused) {
         acc.metrics.reject(&acc.name, why);
         log_cut(&acc.name, remote, why);
     }
     drop(drain);
+}
+
+/// Serves HTTP/1.1 until the connection ends; asks it to finish (close when idle) when
+/// the node drains or when it has carried no request for the listener's idle timeout,
+/// and closes it when a request is in flight but no bytes have moved either way for
+/// the stream idle timeout.
+async fn serve_h1<I>(
+    io: I,
+    ctx: Arc<ConnCtx>,
+    acc: &Accepting,
+    drain: &Drain,
+    trip: &h2guard::Trip,
+) -> Option<&'static str>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let activity = ctx.activity.clone();
+    let remote = ctx.remote;
+    // Boxed: the request's state machine is several KiB, and hyper moves the future it
+    // runs (into the connection, and out again for the output); a box moves as a
+    // pointer. Measured: memmove fell from 23% of fedport's CPU (docs/performance.md).
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        Box::pin(proxy::handle(
+            req.map(proxy::caller::CallerBody::H1),
+            ctx.clone(),
+            None,
+        ))
+    });
+    let conn = acc.builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let mut signal = drain.signal.clone();
+    let idle = acc.spec.idle_timeout;
+    let stall = acc.spec.stream_idle_timeout;
+    let period = (idle / 4).min(acc.spec.header_timeout / 2).min(stall / 4);
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(50)));
+    let mut closing = false;
+    let mut refused = None;
+    let (mut moved, mut still_since) = (trip.moved(), std::time::Instant::now());
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    refused = refusal(&e);
+                    tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = signal.wait_for(|s| *s), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick() => {
+                if !closing && activity.idle_for() >= idle {
+                    closing = true;
+                    acc.metrics.reject(&acc.name, "idle_timeout");
+                    conn.as_mut().graceful_shutdown();
+                }
+                let now = trip.moved();
+                if now != moved || !activity.in_flight() {
+                    (moved, still_since) = (now, std::time::Instant::now());
+                } else if still_since.elapsed() >= stall {
+                    // a request in flight and nothing moving: the connection is its stream
+                    acc.metrics.reject(&acc.name, "stream_idle_timeout");
+                    h2conn::log_idle(&acc.name, remote, stall);
+                    break;
+                }
+            }
+        }
+    }
+    refused
 }
 
 fn guard_limits(l: &Listener) -> h2guard::Limits {
@@ -512,6 +542,11 @@ impl Activity {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.touch();
         Busy(self.clone())
+    }
+
+    /// Whether a request is in flight.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// How long the connection has had nothing in flight.

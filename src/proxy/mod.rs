@@ -3,6 +3,7 @@
 //! through [`crate::errors::Reject`], counted and logged once.
 
 pub mod body;
+pub mod caller;
 pub mod deadline;
 pub mod headers;
 pub mod trace;
@@ -17,6 +18,7 @@ use crate::telemetry::{Metrics, ServiceMetrics};
 use crate::upstream::{self, EndpointPool, ProxyBody};
 use body::{Finish, Tracked};
 use bytes::Bytes;
+use caller::{CallerBody, StreamState};
 pub(crate) use headers::strip_fed_headers;
 use headers::strip_hop_by_hop;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -293,9 +295,12 @@ fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
 }
 
 /// Serves one request on a connection.
+///
+/// `stream`: what an HTTP/2 stream's task shares with its request (`None` on HTTP/1.1).
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<CallerBody>,
     conn: Arc<ConnCtx>,
+    stream: Option<Arc<StreamState>>,
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     let conn = current(conn);
@@ -363,7 +368,7 @@ pub async fn handle(
         outstanding: None,
         h1: None,
     };
-    let forwarded = forward(req, &conn, &w, grpc, &rid, &mut routed).await;
+    let forwarded = forward(req, &conn, &w, grpc, &rid, &mut routed, stream.as_deref()).await;
     open.hand_over();
     match forwarded {
         Ok(fwd) => {
@@ -458,7 +463,7 @@ struct Forwarded {
 /// Reads and drops what is left of a refused request's body — at most 64 KiB, for at
 /// most 100 ms — so that HTTP/1.1 keeps the connection and HTTP/2 ends the stream
 /// cleanly instead of resetting it under a client still sending.
-async fn discard(mut body: Incoming) {
+async fn discard(mut body: CallerBody) {
     let _ = tokio::time::timeout(std::time::Duration::from_millis(100), async {
         let mut read = 0usize;
         while read < 64 * 1024 {
@@ -472,12 +477,13 @@ async fn discard(mut body: Incoming) {
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<CallerBody>,
     conn: &ConnCtx,
     w: &Worker,
     grpc: bool,
     rid: &HeaderValue,
     routed: &mut Routed,
+    stream: Option<&StreamState>,
 ) -> Result<Forwarded, Reject> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -564,6 +570,13 @@ async fn forward(
                 call: call.to_string(),
                 node: w.config.node.name.clone(),
             });
+        }
+        // routed and authorized: work starts, and the service's own idle timeout holds
+        if let Some(s) = stream {
+            s.start();
+            if let Some(idle) = service.stream_idle_timeout {
+                s.set_idle(idle);
+            }
         }
 
         // limits: refused early, never queued

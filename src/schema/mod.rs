@@ -6,7 +6,6 @@ pub mod wire;
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -279,7 +278,7 @@ pin_project_lite::pin_project! {
     /// any of that message's bytes are read.
     pub struct Guarded {
         #[pin]
-        inner: Incoming,
+        inner: crate::proxy::caller::CallerBody,
         limit: Limit,
         seen: u64,
         // gRPC framing state: bytes of the current message still to pass, and a
@@ -297,7 +296,7 @@ pin_project_lite::pin_project! {
 
 impl Guarded {
     pub fn new(
-        inner: Incoming,
+        inner: crate::proxy::caller::CallerBody,
         limit: Limit,
         tripped: Arc<Tripped>,
         framer: Option<Framer>,
@@ -410,7 +409,7 @@ impl Body for Guarded {
                     Poll::Ready(Some(Ok(f))) => f,
                     Poll::Ready(Some(Err(e))) => {
                         this.tripped.fail();
-                        return Poll::Ready(Some(Err(Box::new(e))));
+                        return Poll::Ready(Some(Err(e)));
                     }
                     Poll::Ready(None) if framer.unfinished() => {
                         this.tripped.set_schema_error(
@@ -442,7 +441,7 @@ impl Body for Guarded {
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(Some(Err(e))) => {
                 this.tripped.fail();
-                return Poll::Ready(Some(Err(Box::new(e))));
+                return Poll::Ready(Some(Err(e)));
             }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,

@@ -88,7 +88,18 @@ pub struct Settings {
     /// HTTP/2 keepalive PING interval and timeout: a connection whose PING goes
     /// unanswered is closed. Peers use the node's `peer_ping_*`; default 20 s / 10 s.
     pub keepalive: (Duration, Duration),
+    /// The HTTP/2 stream window fedport grants the other end: what one answer may have
+    /// sent that its caller has not read yet. The connection window is the largest
+    /// HTTP/2 allows, so that answers nobody reads never hold back the other callers'
+    /// answers on the same connection.
+    pub stream_window: u32,
 }
+
+/// The stream window for local endpoints (loopback: a small window covers the round
+/// trip).
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+/// The stream window for peer nodes, across regions.
+pub const PEER_STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// The keepalive of connections to local endpoints.
 pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(20), Duration::from_secs(10));
@@ -352,9 +363,7 @@ impl EndpointPool {
         let _ = tcp.set_nodelay(true);
         match ep.scheme {
             Scheme::Http1 => h1_handshake(tcp).await.map_err(fail),
-            Scheme::H2c => h2_handshake(tcp, self.settings.keepalive)
-                .await
-                .map_err(fail),
+            Scheme::H2c => h2_handshake(tcp, &self.settings).await.map_err(fail),
             Scheme::Https => {
                 let cfg = self
                     .settings
@@ -373,9 +382,7 @@ impl EndpointPool {
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 self.https_is_h1.store(!h2, Ordering::Relaxed);
                 if h2 {
-                    h2_handshake(tls, self.settings.keepalive)
-                        .await
-                        .map_err(fail)
+                    h2_handshake(tls, &self.settings).await.map_err(fail)
                 } else {
                     h1_handshake(tls).await.map_err(fail)
                 }
@@ -384,17 +391,17 @@ impl EndpointPool {
     }
 }
 
-async fn h2_handshake<T>(io: T, keepalive: (Duration, Duration)) -> Result<Sender, String>
+async fn h2_handshake<T>(io: T, settings: &Settings) -> Result<Sender, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (s, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(keepalive.0)
-        .keep_alive_timeout(keepalive.1)
+        .keep_alive_interval(settings.keepalive.0)
+        .keep_alive_timeout(settings.keepalive.1)
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
+        .initial_stream_window_size(settings.stream_window)
+        .initial_connection_window_size(crate::listen::h2conn::MAX_WINDOW)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
@@ -475,6 +482,7 @@ mod tests {
                 tls: None,
                 metrics: None,
                 keepalive: KEEPALIVE,
+                stream_window: STREAM_WINDOW,
             },
         )
     }

@@ -1,0 +1,146 @@
+//! The caller's side of one request: its body, from an HTTP/1.1 connection (hyper) or
+//! an HTTP/2 stream (`h2`), and what the HTTP/2 stream task and the request path share
+//! about the stream — whether bytes move, how long it may sit still, whether fedport
+//! had started work on it when it was reset.
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// What one HTTP/2 stream's task and its request share.
+#[derive(Debug)]
+pub struct StreamState {
+    /// Bumped whenever body bytes move, either way.
+    moved: AtomicU64,
+    /// The stream's idle timeout in milliseconds: the listener's, until the request is
+    /// routed to a service with its own.
+    idle_ms: AtomicU64,
+    /// Routed and authorized: work has started on it (a reset now costs something).
+    started: AtomicBool,
+}
+
+impl StreamState {
+    pub fn new(idle: Duration) -> Self {
+        Self {
+            moved: AtomicU64::new(0),
+            idle_ms: AtomicU64::new(idle.as_millis() as u64),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    pub fn touch(&self) {
+        self.moved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The progress count; compared to an earlier one, tells whether bytes moved.
+    pub fn progress(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+
+    pub fn idle(&self) -> Duration {
+        Duration::from_millis(self.idle_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_idle(&self, idle: Duration) {
+        self.idle_ms
+            .store(idle.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn start(&self) {
+        self.started.store(true, Ordering::Relaxed);
+    }
+
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
+/// A request body as it arrives from the caller.
+pub enum CallerBody {
+    H1(hyper::body::Incoming),
+    H2(H2Body),
+}
+
+impl CallerBody {
+    pub fn h2(
+        recv: h2::RecvStream,
+        length: Option<u64>,
+        state: std::sync::Arc<StreamState>,
+    ) -> Self {
+        CallerBody::H2(H2Body {
+            recv,
+            left: length,
+            data_done: false,
+            state,
+        })
+    }
+}
+
+/// An HTTP/2 request body: DATA is handed on as it arrives and its flow-control
+/// capacity given back at once (as hyper does), so a stream's window measures what
+/// the caller may have outstanding, never what fedport sits on.
+pub struct H2Body {
+    recv: h2::RecvStream,
+    /// What the declared content-length still owes (h2 itself refuses a mismatch).
+    left: Option<u64>,
+    data_done: bool,
+    state: std::sync::Arc<StreamState>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for CallerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            CallerBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            CallerBody::H2(b) => {
+                if !b.data_done {
+                    match std::task::ready!(b.recv.poll_data(cx)) {
+                        Some(Ok(data)) => {
+                            let _ = b.recv.flow_control().release_capacity(data.len());
+                            if let Some(l) = &mut b.left {
+                                *l = l.saturating_sub(data.len() as u64);
+                            }
+                            b.state.touch();
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                        None => b.data_done = true,
+                    }
+                }
+                match std::task::ready!(b.recv.poll_trailers(cx)) {
+                    Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    Ok(None) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            CallerBody::H1(b) => b.is_end_stream(),
+            CallerBody::H2(b) => b.recv.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            CallerBody::H1(b) => b.size_hint(),
+            CallerBody::H2(b) => match b.left {
+                Some(n) => SizeHint::with_exact(n),
+                None if b.recv.is_end_stream() => SizeHint::with_exact(0),
+                None => SizeHint::default(),
+            },
+        }
+    }
+}
