@@ -165,9 +165,15 @@ impl Reject {
     /// The answer in the caller's protocol: a gRPC trailers-only response when the
     /// caller speaks gRPC, else the HTTP status with a JSON body.
     pub fn to_response(&self, grpc: bool, request_id: &str) -> Response<Full<Bytes>> {
+        let (head, body) = self.answer(grpc, request_id);
+        Response::from_parts(head, Full::new(body))
+    }
+
+    /// [`Reject::to_response`] as its head and its whole body.
+    pub fn answer(&self, grpc: bool, request_id: &str) -> (http::response::Parts, Bytes) {
         let message = self.to_string();
         if grpc {
-            let mut resp = Response::new(Full::new(Bytes::new()));
+            let mut resp = Response::new(Bytes::new());
             let h = resp.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
@@ -186,7 +192,7 @@ impl Reject {
                     h.insert("grpc-accept-encoding", v);
                 }
             }
-            return resp;
+            return resp.into_parts();
         }
         let mut body = serde_json::json!({
             "error": { "reason": self.reason(), "message": message, "request_id": request_id }
@@ -194,7 +200,7 @@ impl Reject {
         if let Reject::Schema { violations, .. } = self {
             body["error"]["violations"] = serde_json::json!(violations);
         }
-        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        let mut resp = Response::new(Bytes::from(body.to_string()));
         *resp.status_mut() = self.http_status();
         let h = resp.headers_mut();
         h.insert(
@@ -205,7 +211,7 @@ impl Reject {
             h.insert("x-request-id", v);
         }
         h.insert(FED_REFUSED, HeaderValue::from_static(self.reason()));
-        resp
+        resp.into_parts()
     }
 }
 

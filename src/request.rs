@@ -215,9 +215,9 @@ pub fn parse_media_type(v: &str) -> Option<MediaType<'_>> {
 /// The host a request is for, from `:authority` (HTTP/2, or an absolute-form target)
 /// or `Host`, lower-cased, without a port or a trailing dot.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Host(pub String);
+pub struct Host<'a>(pub Cow<'a, str>);
 
-impl Host {
+impl Host<'_> {
     /// The first label: the service a host name stands for.
     pub fn first_label(&self) -> &str {
         self.0.split('.').next().unwrap_or(&self.0)
@@ -238,7 +238,10 @@ pub enum AuthorityError {
 /// The one authority of a request. An absolute-form target or `:authority` wins over
 /// `Host` (RFC 9112 3.2.2), but a `Host` naming another host beside `:authority` makes
 /// the request malformed (RFC 9113 8.3.1): a service could read either.
-pub fn host(uri: &http::Uri, headers: &HeaderMap) -> Result<Option<Host>, AuthorityError> {
+pub fn host<'a>(
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+) -> Result<Option<Host<'a>>, AuthorityError> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let h = hosts.next();
     if hosts.next().is_some() {
@@ -275,7 +278,7 @@ impl AuthorityError {
     }
 }
 
-fn parse_host(a: &str) -> Result<Host, AuthorityError> {
+fn parse_host(a: &str) -> Result<Host<'_>, AuthorityError> {
     let bad = AuthorityError::Malformed;
     if a.is_empty() || a.contains('@') {
         return Err(bad);
@@ -306,7 +309,11 @@ fn parse_host(a: &str) -> Result<Host, AuthorityError> {
     if !ok {
         return Err(bad);
     }
-    Ok(Host(host.to_ascii_lowercase()))
+    Ok(Host(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }))
 }
 
 #[cfg(test)]
@@ -393,7 +400,7 @@ mod tests {
             let r = b.body(()).unwrap();
             host(r.uri(), r.headers())
         };
-        let h = |s: &str| Ok(Some(Host(s.into())));
+        let h = |s: &'static str| Ok(Some(Host(s.into())));
         assert_eq!(req("/x", &["Orders.Fed.Test.:443"]), h("orders.fed.test"));
         assert_eq!(req("https://orders:7443/x", &[]), h("orders"));
         assert_eq!(req("https://orders:7443/x", &["orders"]), h("orders"));

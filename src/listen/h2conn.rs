@@ -14,8 +14,7 @@ use crate::proxy::caller::{CallerBody, StreamState};
 use crate::proxy::{self, ConnCtx, RespBody};
 use bytes::Bytes;
 use http_body::Body;
-use http_body_util::BodyExt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -160,6 +159,7 @@ struct Shared {
     cancels: Option<Cancels>,
     idle: Duration,
     metrics: Arc<crate::telemetry::Metrics>,
+    streams: Streams,
 }
 
 /// Serves an HTTP/2 connection until it ends; returns the bounded reason when fedport
@@ -197,12 +197,17 @@ where
         trip: trip.clone(),
         idle: spec.stream_idle_timeout,
         metrics: acc.metrics.clone(),
+        streams: Streams::default(),
     });
     let activity = shared.ctx.activity.clone();
     let mut signal = drain.signal.clone();
     let idle = spec.idle_timeout;
-    let period = (idle / 4).min(spec.header_timeout / 2);
-    let mut tick = tokio::time::interval(period.max(Duration::from_millis(50)));
+    // streams are found idle to within a quarter of their timeout
+    let period = (idle / 4)
+        .min(spec.header_timeout / 2)
+        .min(spec.stream_idle_timeout / 4)
+        .max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(period);
     let mut cut: Option<Pin<Box<tokio::time::Sleep>>> = None;
 
     let handshake = builder.handshake::<_, Bytes>(io);
@@ -225,16 +230,14 @@ where
     let mut refused = None;
     loop {
         tokio::select! {
-            accepted = conn.accept() => match accepted {
-                Some(Ok((req, respond))) => {
-                    tokio::spawn(stream(req, respond, shared.clone()));
-                }
+            // the streams that arrive are started here, without a turn of this loop each
+            ended = poll_fn(|cx| accept(&mut conn, &shared, cx)) => match ended {
                 Some(Err(e)) => {
                     refused = super::refusal(&e);
                     tracing::debug!(listener = &*acc.name, error = %e, "connection ended with an error");
                     break;
                 }
-                None => break,
+                _ => break,
             },
             _ = trip.notify.notified(), if cut.is_none() => {
                 cut = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
@@ -255,6 +258,7 @@ where
             }
             _ = tick.tick() => {
                 trip.check_slow();
+                shared.streams.tick(period);
                 if !closing && activity.idle_for() >= idle {
                     closing = true;
                     acc.metrics.reject(&acc.name, "idle_timeout");
@@ -282,7 +286,74 @@ where
     refused
 }
 
-/// Why a stream ended early, for the counts.
+/// Starts the streams that have arrived; ready only when the connection ends (`None`,
+/// or the error that ended it).
+fn accept<I>(
+    conn: &mut h2::server::Connection<I, Bytes>,
+    shared: &Arc<Shared>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<(), h2::Error>>>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    // a turn is bounded, so that one connection's burst does not hold the worker
+    for _ in 0..64 {
+        match conn.poll_accept(cx) {
+            Poll::Ready(Some(Ok((req, respond)))) => spawn_stream(req, respond, shared),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+/// The streams of a connection, for its timer to find the idle ones.
+#[derive(Default)]
+struct Streams {
+    slots: std::sync::Mutex<(Vec<Option<Arc<StreamState>>>, Vec<usize>)>,
+}
+
+impl Streams {
+    fn insert(&self, s: Arc<StreamState>) -> usize {
+        let Ok(mut g) = self.slots.lock() else {
+            return usize::MAX;
+        };
+        let (slots, free) = &mut *g;
+        match free.pop() {
+            Some(i) => {
+                slots[i] = Some(s);
+                i
+            }
+            None => {
+                slots.push(Some(s));
+                slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&self, i: usize) {
+        if let Ok(mut g) = self.slots.lock() {
+            let (slots, free) = &mut *g;
+            if let Some(slot) = slots.get_mut(i) {
+                if slot.take().is_some() {
+                    free.push(i);
+                }
+            }
+        }
+    }
+
+    fn tick(&self, period: Duration) {
+        if let Ok(g) = self.slots.lock() {
+            for s in g.0.iter().flatten() {
+                s.tick(period);
+            }
+        }
+    }
+}
+
+/// Why a stream ended, for the counts.
 enum End {
     Done,
     /// Reset by the caller, or by the codec for the caller's protocol error.
@@ -293,41 +364,10 @@ enum End {
     Failed,
 }
 
-/// Waits on `timer` for the stream's idle timeout: re-armed while bytes move; ready
-/// once they have not for the whole timeout.
-struct Idle<'a> {
-    timer: Pin<Box<tokio::time::Sleep>>,
-    seen: u64,
-    state: &'a StreamState,
-}
-
-impl<'a> Idle<'a> {
-    fn new(state: &'a StreamState) -> Self {
-        Self {
-            timer: Box::pin(tokio::time::sleep(state.idle())),
-            seen: state.progress(),
-            state,
-        }
-    }
-
-    async fn expired(&mut self) {
-        loop {
-            self.timer.as_mut().await;
-            let now = self.state.progress();
-            if now == self.seen {
-                return;
-            }
-            self.seen = now;
-            let next = tokio::time::Instant::now() + self.state.idle();
-            self.timer.as_mut().reset(next);
-        }
-    }
-}
-
-async fn stream(
+fn spawn_stream(
     req: http::Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
-    shared: Arc<Shared>,
+    respond: h2::server::SendResponse<Bytes>,
+    shared: &Arc<Shared>,
 ) {
     let (parts, recv) = req.into_parts();
     let state = Arc::new(StreamState::new(shared.idle));
@@ -335,90 +375,172 @@ async fn stream(
     let grpc = crate::request::ContentType::claims_grpc(&parts.headers);
     let rid = parts.headers.get("x-request-id").cloned();
     let req = http::Request::from_parts(parts, CallerBody::h2(recv, length, state.clone()));
-    let mut idle = Idle::new(&state);
-    let answer = {
-        // dropped at the end of this block, whatever ends the wait: a call the caller
-        // reset, or that sat idle, is cancelled upstream there
-        let mut handler =
-            std::pin::pin!(proxy::handle(req, shared.ctx.clone(), Some(state.clone())));
-        tokio::select! {
-            biased;
-            r = &mut handler => Some(Ok(r)),
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => None,
-            _ = idle.expired() => Some(Err(())),
-        }
-    };
-    let answer = match answer {
-        Some(Ok(Ok(r))) => Some(r),
-        Some(Ok(Err(never))) => match never {},
-        Some(Err(())) => {
-            // before the answer began: said in the caller's protocol
-            let reject = Reject::StreamIdle(state.idle().as_millis() as u64);
-            let id = rid.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
-            let (head, body) = reject.to_response(grpc, id).into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            if let Ok(mut tx) =
-                respond.send_response(http::Response::from_parts(head, ()), bytes.is_empty())
-            {
-                if !bytes.is_empty() {
-                    let _ = tx.send_data(bytes, true);
-                }
-            }
-            finish(&shared, &state, End::Idle);
-            return;
-        }
-        None => None,
-    };
-    let Some(resp) = answer else {
-        finish(&shared, &state, End::Reset);
-        return;
-    };
-    let (head, body) = resp.into_parts();
-    let mut res = http::Response::from_parts(head, ());
-    if !body.is_end_stream() {
-        if let Some(n) = body.size_hint().exact() {
-            res.headers_mut()
-                .entry(http::header::CONTENT_LENGTH)
-                .or_insert_with(|| http::HeaderValue::from(n));
-        }
-    }
-    let eos = body.is_end_stream();
-    let tx = match respond.send_response(res, eos) {
-        Ok(tx) => tx,
-        Err(e) => {
-            tracing::debug!(error = %e, "sending a response head failed");
-            respond.send_reset(h2::Reason::INTERNAL_ERROR);
-            finish(&shared, &state, End::Reset);
-            return;
-        }
-    };
-    if eos {
-        return;
-    }
-    let end = pipe(body, tx, &mut idle).await;
-    finish(&shared, &state, end);
+    // Boxed: the request's state machine is several KiB; inline, the task would be
+    // that large and copied whole into its allocation (memmove was 12% of the CPU so)
+    let handler = Box::pin(proxy::handle(req, shared.ctx.clone(), Some(state.clone())));
+    let slot = shared.streams.insert(state.clone());
+    tokio::spawn(Stream {
+        shared: shared.clone(),
+        state,
+        slot,
+        respond,
+        grpc,
+        rid,
+        phase: Phase::Answer(handler),
+        woken_by_timer: false,
+    });
 }
 
-/// Counts how a stream ended: an idle one as a refusal, a started one reset as a
-/// cancellation against the connection's allowance.
-fn finish(shared: &Shared, state: &StreamState, end: End) {
-    match end {
-        End::Done | End::Failed => {}
-        End::Idle => {
-            shared
-                .metrics
-                .reject(&shared.ctx.listener, "stream_idle_timeout");
-            log_idle(&shared.ctx.listener, shared.ctx.remote, state.idle());
+/// One stream's task, written out rather than `async` so that it stays small: the
+/// request's handler (boxed) until the answer's head is ready, then the answer's body
+/// piped under flow control, as hyper's pipe does (a chunk waits for stream capacity
+/// before it goes to the codec, so at most one chunk past the caller's window is
+/// held). Either phase ends when the caller (or the codec, for its protocol errors)
+/// resets the stream, or when no body bytes moved for the idle timeout.
+struct Stream<F> {
+    shared: Arc<Shared>,
+    state: Arc<StreamState>,
+    slot: usize,
+    respond: h2::server::SendResponse<Bytes>,
+    grpc: bool,
+    rid: Option<http::HeaderValue>,
+    phase: Phase<F>,
+    /// The timer has the task's waker.
+    woken_by_timer: bool,
+}
+
+enum Phase<F> {
+    Answer(Pin<Box<F>>),
+    Body {
+        body: RespBody,
+        tx: h2::SendStream<Bytes>,
+        /// A chunk waiting for the caller's window, and whether it ends the body.
+        pending: Option<(Bytes, bool)>,
+    },
+    Ended,
+}
+
+impl<F> Drop for Stream<F> {
+    fn drop(&mut self) {
+        self.shared.streams.remove(self.slot);
+    }
+}
+
+impl<F> Future for Stream<F>
+where
+    F: Future<Output = Result<http::Response<RespBody>, std::convert::Infallible>>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // Unpin: the handler, the one field that is not, is boxed
+        let this = self.get_mut();
+        if !this.woken_by_timer {
+            this.woken_by_timer = true;
+            this.state.set_waker(cx.waker());
         }
-        End::Reset => {
-            if state.started() {
-                if let Some(c) = &shared.cancels {
-                    if c.record() {
-                        shared.trip.trip("h2_rapid_reset");
+        let end = match &mut this.phase {
+            Phase::Answer(handler) => {
+                let resp = match handler.as_mut().poll(cx) {
+                    Poll::Ready(Ok(r)) => r,
+                    Poll::Ready(Err(never)) => match never {},
+                    Poll::Pending => {
+                        if this.respond.poll_reset(cx).is_ready() {
+                            End::Reset.finish(this)
+                        } else if this.state.expired() {
+                            // before the answer began: said in the caller's protocol;
+                            // the handler is dropped, its upstream call cancelled
+                            this.phase = Phase::Ended;
+                            this.answer_idle();
+                            End::Idle.finish(this)
+                        } else {
+                            return Poll::Pending;
+                        }
+                        return Poll::Ready(());
+                    }
+                };
+                let (head, body) = resp.into_parts();
+                let mut res = http::Response::from_parts(head, ());
+                let eos = body.is_end_stream();
+                if !eos {
+                    if let Some(n) = body.size_hint().exact() {
+                        res.headers_mut()
+                            .entry(http::header::CONTENT_LENGTH)
+                            .or_insert_with(|| http::HeaderValue::from(n));
+                    }
+                }
+                match this.respond.send_response(res, eos) {
+                    Ok(_) if eos => {
+                        this.phase = Phase::Ended;
+                        return Poll::Ready(());
+                    }
+                    Ok(tx) => {
+                        this.phase = Phase::Body {
+                            body,
+                            tx,
+                            pending: None,
+                        };
+                        return Pin::new(this).poll(cx);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "sending a response head failed");
+                        this.respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                        End::Reset
+                    }
+                }
+            }
+            Phase::Body { body, tx, pending } => match pipe(body, tx, pending, &this.state, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(end) => end,
+            },
+            Phase::Ended => return Poll::Ready(()),
+        };
+        this.phase = Phase::Ended;
+        end.finish(this);
+        Poll::Ready(())
+    }
+}
+
+impl<F> Stream<F> {
+    /// The refusal for a stream that sat idle before its answer began.
+    fn answer_idle(&mut self) {
+        let reject = Reject::StreamIdle(self.state.idle().as_millis() as u64);
+        let id = self
+            .rid
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let (head, body) = reject.answer(self.grpc, id);
+        if let Ok(mut tx) = self
+            .respond
+            .send_response(http::Response::from_parts(head, ()), body.is_empty())
+        {
+            if !body.is_empty() {
+                let _ = tx.send_data(body, true);
+            }
+        }
+    }
+}
+
+impl End {
+    /// Counts how a stream ended: an idle one as a refusal, a started one reset as a
+    /// cancellation against the connection's allowance.
+    fn finish<F>(self, s: &Stream<F>) {
+        let shared = &s.shared;
+        match self {
+            End::Done | End::Failed => {}
+            End::Idle => {
+                shared
+                    .metrics
+                    .reject(&shared.ctx.listener, "stream_idle_timeout");
+                log_idle(&shared.ctx.listener, shared.ctx.remote, s.state.idle());
+            }
+            End::Reset => {
+                if s.state.started() {
+                    if let Some(c) = &shared.cancels {
+                        if c.record() {
+                            shared.trip.trip("h2_rapid_reset");
+                        }
                     }
                 }
             }
@@ -445,76 +567,78 @@ pub(super) fn log_idle(listener: &str, remote: std::net::SocketAddr, idle: Durat
     );
 }
 
-/// Sends the answer's body under flow control, as hyper's pipe does (a chunk waits for
-/// stream capacity before it is handed to the codec, so at most one chunk past the
-/// caller's window is held), and resets the stream when the caller resets it, when
-/// the body fails, or when nothing moves for the idle timeout.
-async fn pipe(mut body: RespBody, mut tx: h2::SendStream<Bytes>, idle: &mut Idle<'_>) -> End {
+/// One turn of the answer's body: until the body or the caller's window makes it wait,
+/// or the stream ends.
+fn pipe(
+    body: &mut RespBody,
+    tx: &mut h2::SendStream<Bytes>,
+    pending: &mut Option<(Bytes, bool)>,
+    state: &StreamState,
+    cx: &mut Context<'_>,
+) -> Poll<End> {
     loop {
-        let frame = tokio::select! {
-            biased;
-            f = body.frame() => f,
-            _ = poll_fn(|cx| tx.poll_reset(cx)) => return End::Reset,
-            _ = idle.expired() => {
-                tx.send_reset(h2::Reason::CANCEL);
-                return End::Idle;
+        if tx.poll_reset(cx).is_ready() {
+            return Poll::Ready(End::Reset);
+        }
+        if state.expired() {
+            // the caller stopped reading, or the service stopped answering
+            tx.send_reset(h2::Reason::CANCEL);
+            return Poll::Ready(End::Idle);
+        }
+        if let Some((data, eos)) = pending.take() {
+            if tx.capacity() == 0 {
+                match tx.poll_capacity(cx) {
+                    Poll::Pending => {
+                        *pending = Some((data, eos));
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Some(Ok(_))) => {
+                        *pending = Some((data, eos));
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(End::Reset),
+                }
             }
-        };
-        let frame = match frame {
-            None => {
+            state.touch();
+            if tx.send_data(data, eos).is_err() {
+                return Poll::Ready(End::Reset);
+            }
+            if eos {
+                return Poll::Ready(End::Done);
+            }
+            continue;
+        }
+        let frame = match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
                 let _ = tx.send_data(Bytes::new(), true);
-                return End::Done;
+                return Poll::Ready(End::Done);
             }
-            Some(Err(e)) => {
+            Poll::Ready(Some(Err(e))) => {
                 tx.send_reset(h2_reason(&*e));
-                return End::Failed;
+                return Poll::Ready(End::Failed);
             }
-            Some(Ok(f)) => f,
+            Poll::Ready(Some(Ok(f))) => f,
         };
-        let data = match frame.into_data() {
-            Ok(d) => d,
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {
+                if body.is_end_stream() {
+                    let _ = tx.send_data(data, true);
+                    return Poll::Ready(End::Done);
+                }
+            }
+            Ok(data) => {
+                // a minimal claim on the window (hyper #4003: claiming a whole chunk
+                // pins connection capacity another stream may need)
+                tx.reserve_capacity(1);
+                *pending = Some((data, body.is_end_stream()));
+            }
             Err(f) => {
                 if let Ok(t) = f.into_trailers() {
                     let _ = tx.send_trailers(t);
-                    return End::Done;
-                }
-                continue;
-            }
-        };
-        let eos = body.is_end_stream();
-        if !data.is_empty() {
-            tx.reserve_capacity(1);
-            while tx.capacity() == 0 {
-                // capacity, or the caller's reset
-                let capacity = poll_fn(|cx| {
-                    if tx.poll_reset(cx).is_ready() {
-                        return Poll::Ready(false);
-                    }
-                    match tx.poll_capacity(cx) {
-                        Poll::Ready(Some(Ok(_))) => Poll::Ready(true),
-                        Poll::Ready(_) => Poll::Ready(false),
-                        Poll::Pending => Poll::Pending,
-                    }
-                });
-                tokio::select! {
-                    biased;
-                    ok = capacity => if !ok {
-                        return End::Reset;
-                    },
-                    _ = idle.expired() => {
-                        // the caller stopped reading
-                        tx.send_reset(h2::Reason::CANCEL);
-                        return End::Idle;
-                    }
+                    return Poll::Ready(End::Done);
                 }
             }
-            idle.state.touch();
-        }
-        if tx.send_data(data, eos).is_err() {
-            return End::Reset;
-        }
-        if eos {
-            return End::Done;
         }
     }
 }

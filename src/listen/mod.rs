@@ -236,6 +236,7 @@ async fn serve(
                 current: current.clone(),
                 activity: Arc::default(),
                 remote,
+                forwarded_for: proxy::headers::forwarded_for(remote.ip()),
                 tls: false,
                 worker: acc.worker.clone(),
             });
@@ -298,6 +299,7 @@ async fn serve(
                     .contains(identity.to_str().unwrap_or_default()),
                 activity: Arc::default(),
                 remote,
+                forwarded_for: proxy::headers::forwarded_for(remote.ip()),
                 tls: true,
                 identity,
                 worker: acc.worker.clone(),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// What one HTTP/2 stream's task and its request share.
+/// What one HTTP/2 stream's task, its request and its connection's timer share.
 #[derive(Debug)]
 pub struct StreamState {
     /// Bumped whenever body bytes move, either way.
@@ -20,6 +20,13 @@ pub struct StreamState {
     idle_ms: AtomicU64,
     /// Routed and authorized: work has started on it (a reset now costs something).
     started: AtomicBool,
+    /// The connection's timer: `moved` as it last saw it, and for how long (ms) it has
+    /// seen it unchanged.
+    seen: AtomicU64,
+    still_ms: AtomicU64,
+    /// Set by the timer once nothing moved for the idle timeout; the task is woken.
+    expired: AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 impl StreamState {
@@ -28,7 +35,46 @@ impl StreamState {
             moved: AtomicU64::new(0),
             idle_ms: AtomicU64::new(idle.as_millis() as u64),
             started: AtomicBool::new(false),
+            seen: AtomicU64::new(0),
+            still_ms: AtomicU64::new(0),
+            expired: AtomicBool::new(false),
+            waker: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The connection's timer, every `period`: once nothing has moved for the idle
+    /// timeout, the stream is expired and its task woken. No timer per stream: a
+    /// stream costs the timer a few atomics per tick, and nothing when it is short.
+    pub fn tick(&self, period: Duration) {
+        let now = self.progress();
+        if self.seen.swap(now, Ordering::Relaxed) != now {
+            self.still_ms.store(0, Ordering::Relaxed);
+            return;
+        }
+        let still = self
+            .still_ms
+            .fetch_add(period.as_millis() as u64, Ordering::Relaxed)
+            + period.as_millis() as u64;
+        if still >= self.idle_ms.load(Ordering::Relaxed)
+            && !self.expired.swap(true, Ordering::Relaxed)
+        {
+            if let Some(w) = self.waker.lock().ok().and_then(|mut w| w.take()) {
+                w.wake();
+            }
+        }
+    }
+
+    /// The stream's task, for the timer to wake: given once, on its first poll (a
+    /// task's waker does not change).
+    pub fn set_waker(&self, w: &std::task::Waker) {
+        if let Ok(mut g) = self.waker.lock() {
+            *g = Some(w.clone());
+        }
+    }
+
+    /// Whether the connection's timer found the stream idle.
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::Relaxed)
     }
 
     pub fn touch(&self) {

@@ -33,72 +33,14 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Headers with which meshes, load balancers and authenticating proxies tell a service
-/// who is calling, from where, or how to route it on. Services trust them because a
-/// proxy in front of them is supposed to have set them.
-const CLAIMS: &[&str] = &[
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-forwarded-scheme",
-    "x-forwarded-ssl",
-    "x-forwarded-uri",
-    "x-forwarded-client-cert",
-    "x-forwarded-user",
-    "x-forwarded-email",
-    "x-forwarded-groups",
-    "x-forwarded-preferred-username",
-    "x-forwarded-access-token",
-    "x-original-forwarded-for",
-    "x-original-url",
-    "x-original-uri",
-    "x-rewrite-url",
-    "x-real-ip",
-    "x-client-ip",
-    "x-cluster-client-ip",
-    "client-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-proxyuser-ip",
-    "x-client-cert",
-    "x-client-verify",
-    "x-client-dn",
-    "ssl-client-cert",
-    "ssl-client-verify",
-    "x-remote-user",
-    "remote-user",
-    "x-remote-addr",
-    "x-authenticated-user",
-    "x-authenticated-userid",
-    "x-user",
-    "x-user-id",
-    "x-spiffe-id",
-    "x-istio-attributes",
-    "x-goog-authenticated-user-email",
-    "x-goog-authenticated-user-id",
-    "x-goog-iap-jwt-assertion",
-];
-
-/// Families of such headers, by prefix: Envoy's (`x-envoy-*`, which an Envoy sidecar
-/// obeys, e.g. to retry or time out), linkerd's (`l5d-*`, `l5d-dst-override` reroutes),
-/// TLS-terminating proxies' (`x-ssl-*`), oauth2-proxy's, AWS ALB's and Azure's.
-const CLAIM_PREFIXES: &[&str] = &[
-    "fed-",
-    "x-envoy-",
-    "l5d-",
-    "x-ssl-",
-    "x-auth-request-",
-    "x-amzn-oidc-",
-    "x-ms-client-principal",
-];
-
-/// Whether a header is one only fedport may set. `_` counts as `-`: CGI-style servers
-/// (WSGI, Rack, PHP) read `X_Forwarded_For` as `X-Forwarded-For`.
+/// Whether a header is one only fedport may set: one with which meshes, load
+/// balancers and authenticating proxies tell a service who is calling, from where, or
+/// how to route it on — services trust them because a proxy in front of them is
+/// supposed to have set them. Families go by prefix: fedport's own (`fed-*`), Envoy's
+/// (`x-envoy-*`, which an Envoy sidecar obeys, e.g. to retry or time out), linkerd's
+/// (`l5d-*`; `l5d-dst-override` reroutes), TLS-terminating proxies' (`x-ssl-*`),
+/// oauth2-proxy's (`x-auth-request-*`), AWS ALB's and Azure's. `_` counts as `-`:
+/// CGI-style servers (WSGI, Rack, PHP) read `X_Forwarded_For` as `X-Forwarded-For`.
 pub fn is_claim(name: &HeaderName) -> bool {
     let n = name.as_str();
     // fast path: every claim starts with one of these letters
@@ -115,7 +57,64 @@ pub fn is_claim(name: &HeaderName) -> bool {
     } else {
         n
     };
-    CLAIMS.contains(&n) || CLAIM_PREFIXES.iter().any(|p| n.starts_with(p))
+    matches!(
+        n,
+        "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "x-forwarded-server"
+            | "x-forwarded-scheme"
+            | "x-forwarded-ssl"
+            | "x-forwarded-uri"
+            | "x-forwarded-client-cert"
+            | "x-forwarded-user"
+            | "x-forwarded-email"
+            | "x-forwarded-groups"
+            | "x-forwarded-preferred-username"
+            | "x-forwarded-access-token"
+            | "x-original-forwarded-for"
+            | "x-original-url"
+            | "x-original-uri"
+            | "x-rewrite-url"
+            | "x-real-ip"
+            | "x-client-ip"
+            | "x-cluster-client-ip"
+            | "client-ip"
+            | "true-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-proxyuser-ip"
+            | "x-client-cert"
+            | "x-client-verify"
+            | "x-client-dn"
+            | "ssl-client-cert"
+            | "ssl-client-verify"
+            | "x-remote-user"
+            | "remote-user"
+            | "x-remote-addr"
+            | "x-authenticated-user"
+            | "x-authenticated-userid"
+            | "x-user"
+            | "x-user-id"
+            | "x-spiffe-id"
+            | "x-istio-attributes"
+            | "x-goog-authenticated-user-email"
+            | "x-goog-authenticated-user-id"
+            | "x-goog-iap-jwt-assertion"
+    ) || [
+        "fed-",
+        "x-envoy-",
+        "l5d-",
+        "x-ssl-",
+        "x-auth-request-",
+        "x-amzn-oidc-",
+        "x-ms-client-principal",
+    ]
+    .iter()
+    .any(|p| n.starts_with(p))
 }
 
 /// Removes every header only fedport may set (see [`is_claim`]).
@@ -172,10 +171,9 @@ impl Carried {
     }
 }
 
-/// Sets `x-forwarded-for` and `x-forwarded-proto` from what fedport verified: the
-/// caller's address (the TCP peer, or what a trusted PROXY header carried), appended to
-/// what a peer node carried; the first hop's scheme.
-pub fn set_forwarded(h: &mut HeaderMap, carried: Carried, remote: std::net::IpAddr, tls: bool) {
+/// The caller's address as `x-forwarded-for` writes it (IPv4-mapped IPv6 as IPv4):
+/// worked out once per connection.
+pub fn forwarded_for(remote: std::net::IpAddr) -> HeaderValue {
     let ip = match remote {
         std::net::IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -183,13 +181,21 @@ pub fn set_forwarded(h: &mut HeaderMap, carried: Carried, remote: std::net::IpAd
             .unwrap_or(remote),
         v4 => v4,
     };
+    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Sets `x-forwarded-for` and `x-forwarded-proto` from what fedport verified: the
+/// caller's address (the TCP peer, or what a trusted PROXY header carried), appended to
+/// what a peer node carried; the first hop's scheme.
+pub fn set_forwarded(h: &mut HeaderMap, carried: Carried, remote: &HeaderValue, tls: bool) {
     let xff = match carried.forwarded_for.as_ref().and_then(|v| v.to_str().ok()) {
-        Some(before) => HeaderValue::from_str(&format!("{before}, {ip}")),
-        None => HeaderValue::from_str(&ip.to_string()),
+        Some(before) => {
+            let ip = remote.to_str().unwrap_or("unknown");
+            HeaderValue::from_str(&format!("{before}, {ip}")).unwrap_or_else(|_| remote.clone())
+        }
+        None => remote.clone(),
     };
-    if let Ok(v) = xff {
-        h.insert(XFF, v);
-    }
+    h.insert(XFF, xff);
     let proto = carried
         .forwarded_proto
         .unwrap_or(HeaderValue::from_static(if tls { "https" } else { "http" }));

@@ -255,6 +255,8 @@ pub struct ConnCtx {
     pub remote: std::net::SocketAddr,
     /// The connection is TLS (a peer listener), not a local listener's cleartext.
     pub tls: bool,
+    /// `remote`'s address as `x-forwarded-for` writes it.
+    pub forwarded_for: HeaderValue,
     /// Requests in flight on the connection, for its idle timeout.
     pub activity: Arc<crate::listen::Activity>,
     /// What the `[[allow]]` rules grant this identity.
@@ -531,7 +533,7 @@ async fn forward(
             if w.table.by_name(h.first_label()).is_some_and(|o| o != idx) {
                 return Err(Reject::Misdirected {
                     service: service.name.clone(),
-                    host: h.0.clone(),
+                    host: h.0.to_string(),
                 });
             }
         }
@@ -623,7 +625,7 @@ async fn forward(
             headers::Carried::default()
         };
         headers::strip_claims(h);
-        headers::set_forwarded(h, carried, conn.remote.ip(), conn.tls);
+        headers::set_forwarded(h, carried, &conn.forwarded_for, conn.tls);
         h.insert(FED_PEER, conn.identity.clone());
         h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
         h.insert(FED_CALLER, caller.unwrap_or_else(|| conn.identity.clone()));

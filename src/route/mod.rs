@@ -44,7 +44,7 @@ impl Table {
         &self,
         path: &str,
         headers: &http::HeaderMap,
-        host: Option<&Host>,
+        host: Option<&Host<'_>>,
         grpc: bool,
     ) -> Result<usize, Reject> {
         if grpc {

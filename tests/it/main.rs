@@ -12,6 +12,7 @@ mod federation;
 mod firewall;
 mod formats;
 mod grpc;
+mod hostile;
 mod impairment;
 mod monitoring;
 mod mtls_http;

