@@ -398,7 +398,7 @@ mod tests {
                 b = b.header("host", *h);
             }
             let r = b.body(()).unwrap();
-            host(r.uri(), r.headers())
+            host(r.uri(), r.headers()).map(|h| h.map(|h| Host(Cow::Owned(h.0.into_owned()))))
         };
         let h = |s: &'static str| Ok(Some(Host(s.into())));
         assert_eq!(req("/x", &["Orders.Fed.Test.:443"]), h("orders.fed.test"));
