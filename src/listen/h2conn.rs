@@ -312,7 +312,14 @@ where
 /// The streams of a connection, for its timer to find the idle ones.
 #[derive(Default)]
 struct Streams {
-    slots: std::sync::Mutex<(Vec<Option<Arc<StreamState>>>, Vec<usize>)>,
+    slots: std::sync::Mutex<Slots>,
+}
+
+/// Streams by slot, and the slots free for reuse.
+#[derive(Default)]
+struct Slots {
+    all: Vec<Option<Arc<StreamState>>>,
+    free: Vec<usize>,
 }
 
 impl Streams {
@@ -320,23 +327,23 @@ impl Streams {
         let Ok(mut g) = self.slots.lock() else {
             return usize::MAX;
         };
-        let (slots, free) = &mut *g;
+        let Slots { all, free } = &mut *g;
         match free.pop() {
             Some(i) => {
-                slots[i] = Some(s);
+                all[i] = Some(s);
                 i
             }
             None => {
-                slots.push(Some(s));
-                slots.len() - 1
+                all.push(Some(s));
+                all.len() - 1
             }
         }
     }
 
     fn remove(&self, i: usize) {
         if let Ok(mut g) = self.slots.lock() {
-            let (slots, free) = &mut *g;
-            if let Some(slot) = slots.get_mut(i) {
+            let Slots { all, free } = &mut *g;
+            if let Some(slot) = all.get_mut(i) {
                 if slot.take().is_some() {
                     free.push(i);
                 }
@@ -346,7 +353,7 @@ impl Streams {
 
     fn tick(&self, period: Duration) {
         if let Ok(g) = self.slots.lock() {
-            for s in g.0.iter().flatten() {
+            for s in g.all.iter().flatten() {
                 s.tick(period);
             }
         }
@@ -409,6 +416,9 @@ struct Stream<F> {
     woken_by_timer: bool,
 }
 
+// The body is the stream's state for most of its life; boxing it would cost an
+// allocation per stream to save bytes in a task that holds one of them.
+#[allow(clippy::large_enum_variant)]
 enum Phase<F> {
     Answer(Pin<Box<F>>),
     Body {
