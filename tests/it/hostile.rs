@@ -290,3 +290,89 @@ fn a_stream_that_moves_nothing_is_reset_at_its_idle_timeout() {
         "the rest of the answer was not sent: {v}"
     );
 }
+
+/// Resets are judged by what they cost: a stream reset after fedport routed and
+/// authorized it — by the caller's RST_STREAM, or by frames that make the codec reset it
+/// (MadeYouReset, CVE-2025-8671: a WINDOW_UPDATE overflowing the stream's window, DATA
+/// on a stream the caller ended, a stream made to depend on itself) — counts against the
+/// connection; cheap streams (404s) sent between them dilute nothing. Past max_streams
+/// in 10 s the connection is cut, and the service never sees more started-then-cancelled
+/// calls than the caller could have had in flight.
+#[test]
+fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let max_streams = 40;
+    let cfg = node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+    )
+    .replace(
+        "name = \"internal\"\nbind = \"127.0.0.1:0\"\n",
+        &format!("name = \"internal\"\nbind = \"127.0.0.1:0\"\nmax_streams = {max_streams}\n"),
+    );
+    let fp = Fedport::start(&cfg);
+    let port = fp.port("internal");
+    let cut = r#"fedport_rejections_total{listener="internal",reason="h2_rapid_reset"}"#;
+    for (how, pad) in [
+        ("rst", "0"),
+        ("rst", "3"),
+        ("window_overflow", "0"),
+        ("window_overflow", "3"),
+        ("data_after_end", "3"),
+        ("self_priority", "3"),
+    ] {
+        let before = (up.hits(), fp.metric(cut));
+        let v = abuse(
+            &pki,
+            port,
+            &format!("started_{how}"),
+            &[
+                "--count",
+                "200",
+                "--pad",
+                pad,
+                "--path",
+                "/slow?ms=3000",
+                "--wait",
+                "3",
+            ],
+        );
+        let reached = up.hits() - before.0;
+        // the codec treats some of these as connection errors and closes at the first
+        // (GOAWAY PROTOCOL_ERROR or STREAM_CLOSED); the rest fedport counts and cuts
+        let code = v["goaway"]["code"].as_u64();
+        assert!(code.is_some(), "{how} pad {pad}: GOAWAY: {v}");
+        if code == Some(0xb) || how == "rst" || how == "window_overflow" {
+            assert_eq!(v["goaway"]["code"], 0xb, "{how} pad {pad}: {v}");
+            assert_eq!(
+                v["goaway"]["debug"], "h2_rapid_reset",
+                "{how} pad {pad}: {v}"
+            );
+            wait_until("the cut counted", Duration::from_secs(3), || {
+                fp.metric(cut) > before.1
+            });
+        }
+        assert_eq!(v["closed"], true, "{how} pad {pad}: {v}");
+        assert!(
+            v["sent"].as_u64().unwrap() < 200,
+            "{how} pad {pad}: cut before the end: {v}"
+        );
+        assert!(
+            reached <= max_streams + 2,
+            "{how} pad {pad}: {reached} started-then-cancelled calls reached the service"
+        );
+        eprintln!("{how} pad {pad}: {reached} reached the service; GOAWAY {code:?}");
+    }
+    // a caller that cancels now and then, as gRPC deadlines do, is not cut
+    let v = abuse(
+        &pki,
+        port,
+        "started_rst",
+        &["--count", "20", "--path", "/slow?ms=3000", "--wait", "1"],
+    );
+    assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
+}
