@@ -41,6 +41,8 @@ pub struct State {
     pub fleet: ArcSwap<crate::federation::Fleet>,
     /// The etcd registry's state, when one is configured.
     pub registry: std::sync::OnceLock<Arc<crate::registry::Status>>,
+    /// The file-descriptor limits, once raised at start.
+    pub nofile: std::sync::OnceLock<crate::limits::nofile::Nofile>,
     ready: AtomicBool,
 }
 
@@ -200,12 +202,15 @@ type Running = (
 impl Server {
     /// Binds every listener and starts the workers. Not ready until [`State::set_ready`].
     pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
+        // before any socket: the soft limit on file descriptors up to the hard one
+        let nofile = crate::limits::nofile::raise();
         let p = prepare(&config, &metrics, None)?;
         let state = Arc::new(State {
             config: ArcSwap::new(config.clone()),
             metrics: metrics.clone(),
             fleet: ArcSwap::new(p.shared.fleet.clone()),
             registry: std::sync::OnceLock::new(),
+            nofile: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
         });
         let (shutdown, _) = watch::channel(false);
@@ -234,6 +239,18 @@ impl Server {
             metrics,
             running: Mutex::new(None),
         };
+        match nofile {
+            Ok(n) => {
+                tracing::info!(
+                    soft = n.soft,
+                    hard = n.hard,
+                    "file descriptors (RLIMIT_NOFILE)"
+                );
+                let _ = server.state.nofile.set(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+        }
+        server.warn_nofile(&config);
         server.install(config, None, p)?;
         Ok(server)
     }
@@ -243,9 +260,24 @@ impl Server {
         self.bound.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
+    /// Warns when the configuration may hold more file descriptors than the process
+    /// may open.
+    fn warn_nofile(&self, config: &Config) {
+        let needed = crate::limits::nofile::needed(config);
+        if let Some(n) = self.state.nofile.get().filter(|n| needed > n.soft) {
+            tracing::warn!(
+                needed,
+                soft = n.soft,
+                hard = n.hard,
+                "the listeners' max_connections and the upstream connections may need more file descriptors than RLIMIT_NOFILE allows: past it, connections are refused; raise the hard limit (LimitNOFILE= under systemd) or lower max_connections"
+            );
+        }
+    }
+
     /// Swaps in a new configuration, built completely before anything changes; on an
     /// error nothing has changed.
     pub fn reload(&self, config: Arc<Config>) -> Result<(), ServerError> {
+        self.warn_nofile(&config);
         let old = self.state.config.load_full();
         let running = self.running.lock().ok().and_then(|r| r.clone());
         let p = prepare(&config, &self.metrics, running.as_ref().map(|r| &r.0))?;

@@ -61,6 +61,13 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
             if let Some(r) = st.registry.get() {
                 detail["registry"] = r.detail();
             }
+            if let Some(n) = st.nofile.get() {
+                detail["nofile"] = serde_json::json!({
+                    "soft": n.soft,
+                    "hard": n.hard,
+                    "needed": crate::limits::nofile::needed(&st.config.load()),
+                });
+            }
             let status = if st.is_ready() {
                 StatusCode::OK
             } else {

@@ -16,12 +16,22 @@ pub fn check(a: &CheckArgs) -> i32 {
     match config::load(&a.file) {
         Ok((cfg, report)) => {
             eprint!("{report}");
-            if a.deny_warnings && !report.warnings.is_empty() {
+            let mut warnings = report.warnings.len();
+            // what `run` would raise the soft limit to on this machine
+            let needed = crate::limits::nofile::needed(&cfg);
+            if let Some(n) = crate::limits::nofile::current()
+                .ok()
+                .map(|n| n.hard)
+                .filter(|h| needed > *h)
+            {
+                warnings += 1;
                 eprintln!(
-                    "{}: {} warning(s), denied",
-                    a.file.display(),
-                    report.warnings.len()
+                    "{}: warning: the listeners' max_connections and the upstream connections may need {needed} file descriptors; this machine allows {n} (RLIMIT_NOFILE)\n  hint: raise the hard limit (LimitNOFILE= under systemd) or lower max_connections",
+                    a.file.display()
                 );
+            }
+            if a.deny_warnings && warnings > 0 {
+                eprintln!("{}: {} warning(s), denied", a.file.display(), warnings);
                 return 1;
             }
             println!(
@@ -31,7 +41,7 @@ pub fn check(a: &CheckArgs) -> i32 {
                 cfg.services.len(),
                 cfg.peers.len(),
                 cfg.rules.len(),
-                report.warnings.len()
+                warnings
             );
             0
         }

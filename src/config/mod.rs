@@ -257,6 +257,9 @@ pub struct Service {
     pub authority: String,
     /// Overrides the listener's `stream_idle_timeout` for streams to this service.
     pub stream_idle_timeout: Option<Duration>,
+    /// HTTP/1.1 sockets the node may open to each endpoint, shared evenly among the
+    /// workers.
+    pub max_connections: usize,
 }
 
 /// The message types of every method of a service's proto files.
@@ -386,6 +389,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 /// longer than nginx would; a service whose streams are silent for longer (long
 /// polls, sparse server streams) sets its own.
 pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// HTTP/1.1 sockets a node may open to one endpoint: each carries one request at a
+/// time, so this is also the endpoint's concurrency through this node. Envoy's circuit
+/// breaker allows 1024 per cluster; 256 per endpoint keeps a thousand endpoints within
+/// a few file-descriptor limits' worth.
+pub const DEFAULT_UPSTREAM_CONNECTIONS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -1441,7 +1450,20 @@ impl Checker<'_> {
                 .stream_idle_timeout
                 .as_ref()
                 .map(|t| self.nonzero_duration(Some(t), DEFAULT_STREAM_IDLE));
+            let max_connections = match &r.max_connections {
+                Some(m) if !(1..=1_000_000).contains(m.get_ref()) => {
+                    self.sink.error(
+                        span(m),
+                        "max_connections is between 1 and 1000000",
+                        "the default is 256 HTTP/1.1 connections per endpoint",
+                    );
+                    DEFAULT_UPSTREAM_CONNECTIONS
+                }
+                Some(m) => *m.get_ref() as usize,
+                None => DEFAULT_UPSTREAM_CONNECTIONS,
+            };
             out.push(Service {
+                max_connections,
                 stream_idle_timeout,
                 authority,
                 limits,

@@ -242,6 +242,8 @@ pub struct RawService {
     pub authority: Option<S<String>>,
     /// A stream to this service with no bytes moving either way for this long is reset.
     pub stream_idle_timeout: Option<S<String>>,
+    /// HTTP/1.1 sockets the node may open to each endpoint; default 256.
+    pub max_connections: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

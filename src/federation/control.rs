@@ -60,7 +60,12 @@ pub fn spawn(
         for (s, svc) in config.services.iter().enumerate() {
             let Some(hc) = &svc.health else { continue };
             for (e, ep) in svc.endpoints.iter().enumerate() {
-                let pool = EndpointPool::new(ep.clone(), &svc.name, settings.clone());
+                let pool = EndpointPool::new(
+                    ep.clone(),
+                    &svc.name,
+                    settings.clone(),
+                    crate::upstream::UNCAPPED,
+                );
                 tasks.spawn(check_endpoint(
                     fleet.clone(),
                     (s, e),
@@ -270,7 +275,13 @@ async fn probe(pool: &Arc<EndpointPool>, hc: &HealthCheck, protocol: Protocol) -
     let Ok(req) = req.body(Either::Right(Full::new(body))) else {
         return false;
     };
-    let Ok((resp, _h1)) = pool.send(req).await else {
+    let Ok((resp, _h1)) = pool
+        .send(
+            req,
+            std::time::Instant::now() + std::time::Duration::from_secs(30),
+        )
+        .await
+    else {
         return false;
     };
     if !resp.status().is_success() {

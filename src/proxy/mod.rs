@@ -136,7 +136,12 @@ impl Worker {
                     host: host.to_owned(),
                     port: port.parse().unwrap_or(0),
                 };
-                EndpointPool::new(endpoint, &format!("peer:{}", p.name), st.clone())
+                EndpointPool::new(
+                    endpoint,
+                    &format!("peer:{}", p.name),
+                    st.clone(),
+                    upstream::UNCAPPED,
+                )
             })
             .collect();
         let counters = config
@@ -186,7 +191,11 @@ impl Worker {
             .map(|s| {
                 s.endpoints
                     .iter()
-                    .map(|e| EndpointPool::new(e.clone(), &s.name, settings.clone()))
+                    .map(|e| {
+                        // the service's cap, shared evenly among the workers
+                        let share = (s.max_connections / config.node.workers).max(1);
+                        EndpointPool::new(e.clone(), &s.name, settings.clone(), share)
+                    })
                     .collect()
             })
             .collect();
@@ -1066,7 +1075,7 @@ async fn dispatch(
             Target::Peer(p) => counters.peers[p].inc(),
         };
         let outstanding = pool.begin();
-        let sent = tokio::time::timeout(left, pool.send(req)).await;
+        let sent = tokio::time::timeout(left, pool.send(req, deadline)).await;
         let Ok(sent) = sent else {
             if let Some(e) = local.filter(|_| !aim.caller_deadline) {
                 w.fleet.record(idx, e, false);
@@ -1133,15 +1142,21 @@ async fn dispatch(
                 if tripped.caller_failed() {
                     return Err(Reject::BadRequest("the request body ended with an error"));
                 }
-                if let Some(e) = local {
+                let upstream::Failed { error, unsent } = failed;
+                // busy sockets are fedport's own cap, no sign of a failing endpoint
+                let busy = matches!(error, upstream::UpstreamError::Busy(..));
+                if let Some(e) = local.filter(|_| !busy) {
                     w.fleet.record(idx, e, false);
                 }
-                let upstream::Failed { error, unsent } = failed;
                 tracing::debug!(service = %service.name, target = %pool.endpoint.url, error = %error, "attempt failed");
                 last = match &error {
                     upstream::UpstreamError::Connect(..) => {
                         Reject::NoHealthyTarget(service.name.clone())
                     }
+                    upstream::UpstreamError::Busy(url, max) => Reject::Overloaded(format!(
+                        "service {} (the {max} HTTP/1.1 connections this worker may open to {url} stayed busy)",
+                        service.name
+                    )),
                     e => Reject::Upstream(service.name.clone(), e.to_string()),
                 };
                 let Some(next) = targets.next() else { break };

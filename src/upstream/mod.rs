@@ -33,6 +33,10 @@ pub enum UpstreamError {
     /// The request may have reached the service.
     #[error("{0}")]
     Exchange(String),
+    /// Every HTTP/1.1 socket the node may open to the endpoint stayed busy until the
+    /// request's deadline: it did not reach the service.
+    #[error("all {1} HTTP/1.1 connections this worker may open to {0} stayed busy")]
+    Busy(String, usize),
 }
 
 /// A request that did not get an answer: why, and the request itself when it never
@@ -128,6 +132,12 @@ pub struct EndpointPool {
     idle_h1: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
     /// An `https://` endpoint that negotiated HTTP/1.1.
     https_is_h1: AtomicBool,
+    /// HTTP/1.1 sockets this worker may have open to the endpoint (its share of the
+    /// service's `max_connections`): each connection holds a permit while it lives.
+    h1_sockets: Arc<tokio::sync::Semaphore>,
+    h1_max: usize,
+    /// An HTTP/1.1 connection came back idle.
+    h1_returned: tokio::sync::Notify,
 }
 
 /// Returned with a response from an HTTP/1.1 connection: hand it back when the
@@ -150,6 +160,8 @@ impl Drop for H1Return {
                             idle.push(s);
                         }
                     }
+                    // a request waiting for a place under the cap takes it
+                    pool.h1_returned.notify_one();
                 }
             });
         }
@@ -165,8 +177,12 @@ impl Drop for Outstanding {
     }
 }
 
+/// No cap on HTTP/1.1 sockets (peers, health checks).
+pub const UNCAPPED: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 impl EndpointPool {
-    pub fn new(endpoint: Endpoint, service: &str, settings: Settings) -> Arc<Self> {
+    /// `h1_max`: HTTP/1.1 sockets this pool may have open at once.
+    pub fn new(endpoint: Endpoint, service: &str, settings: Settings, h1_max: usize) -> Arc<Self> {
         let slots = (0..settings.h2_connections)
             .map(|_| H2Slot::default())
             .collect();
@@ -180,6 +196,9 @@ impl EndpointPool {
             next: AtomicUsize::new(0),
             idle_h1: Mutex::new(Vec::new()),
             https_is_h1: AtomicBool::new(false),
+            h1_sockets: Arc::new(tokio::sync::Semaphore::new(h1_max.min(UNCAPPED))),
+            h1_max,
+            h1_returned: tokio::sync::Notify::new(),
         })
     }
 
@@ -204,9 +223,15 @@ impl EndpointPool {
     /// Sends one request. A request that an HTTP/2 connection refused before sending
     /// anything (it was closing) is tried once more on a fresh connection; one that
     /// could not be sent at all comes back in [`Failed::unsent`].
+    ///
+    /// An HTTP/1.1 request takes an idle connection, or opens one while the pool is
+    /// under its cap, or waits until `deadline` for either: a connection coming back, or
+    /// one closing ([`UpstreamError::Busy`] when none does). It never opens a socket per
+    /// request beyond the cap.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
+        deadline: std::time::Instant,
     ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
         if self.speaks_h2() {
             let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
@@ -246,17 +271,9 @@ impl EndpointPool {
             }
             unreachable!("the loop returns on its second attempt");
         }
-        let idle = self.idle_h1.lock().ok().and_then(|mut v| {
-            while let Some(s) = v.pop() {
-                if s.is_ready() {
-                    return Some(s);
-                }
-            }
-            None
-        });
-        let sender = match idle {
+        let sender = match self.idle() {
             Some(s) => s,
-            None => match Box::pin(self.connect()).await {
+            None => match Box::pin(self.h1_connection(deadline)).await {
                 Ok(Sender::H1(s)) => s,
                 Ok(Sender::H2(mut s)) => {
                     let resp = s
@@ -274,6 +291,42 @@ impl EndpointPool {
             },
         };
         self.send_h1(sender, req).await
+    }
+
+    /// An idle HTTP/1.1 connection that is still usable.
+    fn idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        self.idle_h1.lock().ok().and_then(|mut v| {
+            while let Some(s) = v.pop() {
+                if s.is_ready() {
+                    return Some(s);
+                }
+            }
+            None
+        })
+    }
+
+    /// A new HTTP/1.1 connection under the pool's cap, or one that came back while
+    /// waiting for a place under it.
+    async fn h1_connection(&self, deadline: std::time::Instant) -> Result<Sender, UpstreamError> {
+        let busy = || UpstreamError::Busy(self.endpoint.url.clone(), self.h1_max);
+        let permit = loop {
+            if let Ok(p) = self.h1_sockets.clone().try_acquire_owned() {
+                break p;
+            }
+            tokio::select! {
+                p = self.h1_sockets.clone().acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return Err(busy()),
+                },
+                _ = self.h1_returned.notified() => {
+                    if let Some(s) = self.idle() {
+                        return Ok(Sender::H1(s));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => return Err(busy()),
+            }
+        };
+        self.connect(Some(permit)).await
     }
 
     async fn send_h1(
@@ -312,8 +365,11 @@ impl EndpointPool {
             return Ok(Sender::H2(s));
         }
         // boxed: connecting (TCP, TLS, HTTP/2 handshake) is rare, and its state is large;
-        // inline it would be carried, and copied, by every request's future
-        match Box::pin(self.connect()).await? {
+        // inline it would be carried, and copied, by every request's future. An https
+        // endpoint may turn out to speak HTTP/1.1: then the connection takes a place
+        // under the cap if one is free
+        let permit = self.h1_sockets.clone().try_acquire_owned().ok();
+        match Box::pin(self.connect(permit)).await? {
             Sender::H2(s) => {
                 if let Ok(mut st) = slot.state.lock() {
                     *st = Some((s.clone(), 1));
@@ -338,8 +394,13 @@ impl EndpointPool {
         None
     }
 
-    async fn connect(&self) -> Result<Sender, UpstreamError> {
-        let result = self.connect_once().await;
+    /// `permit`: the connection's place under the HTTP/1.1 cap, held while it lives
+    /// if it speaks HTTP/1.1.
+    async fn connect(
+        &self,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<Sender, UpstreamError> {
+        let result = self.connect_once(permit).await;
         if let Some(m) = &self.settings.metrics {
             let label = crate::telemetry::UpstreamLabels {
                 service: self.service.clone(),
@@ -350,7 +411,10 @@ impl EndpointPool {
         result
     }
 
-    async fn connect_once(&self) -> Result<Sender, UpstreamError> {
+    async fn connect_once(
+        &self,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<Sender, UpstreamError> {
         let ep = &self.endpoint;
         let fail = |e: String| UpstreamError::Connect(ep.url.clone(), e);
         let tcp = tokio::time::timeout(
@@ -362,7 +426,7 @@ impl EndpointPool {
         .map_err(|e| fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         match ep.scheme {
-            Scheme::Http1 => h1_handshake(tcp).await.map_err(fail),
+            Scheme::Http1 => h1_handshake(tcp, permit).await.map_err(fail),
             Scheme::H2c => h2_handshake(tcp, &self.settings).await.map_err(fail),
             Scheme::Https => {
                 let cfg = self
@@ -384,7 +448,7 @@ impl EndpointPool {
                 if h2 {
                     h2_handshake(tls, &self.settings).await.map_err(fail)
                 } else {
-                    h1_handshake(tls).await.map_err(fail)
+                    h1_handshake(tls, permit).await.map_err(fail)
                 }
             }
         }
@@ -413,7 +477,10 @@ where
     Ok(Sender::H2(s))
 }
 
-async fn h1_handshake<T>(io: T) -> Result<Sender, String>
+async fn h1_handshake<T>(
+    io: T,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Sender, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -422,6 +489,8 @@ where
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
+        // the connection's place under the cap, given back when it closes
+        let _permit = permit;
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
         }
@@ -484,6 +553,7 @@ mod tests {
                 keepalive: KEEPALIVE,
                 stream_window: STREAM_WINDOW,
             },
+            UNCAPPED,
         )
     }
 

@@ -376,3 +376,100 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     );
     assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
 }
+
+/// An `http://` endpoint gets no more sockets from the node than its service's
+/// `max_connections`, however many streams callers send at once: a request beyond waits
+/// for one within its deadline, or is refused with 503 (`reason="overloaded"`).
+#[test]
+fn an_http1_endpoint_gets_no_more_sockets_than_its_cap() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::Http1);
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"legacy\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+             max_connections = 4\ntimeout = \"1500ms\"\n",
+            up.url(Proto::Http1)
+        ),
+    ));
+    // 48 calls at once on one connection (h2load, on the local listener), each holding
+    // its socket for 250 ms: the 2 sockets of the worker serve about a dozen within the
+    // 1.5 s deadline; the rest wait, and are refused
+    let url = format!("http://127.0.0.1:{}/slow?ms=250", fp.port("local"));
+    let out = Command::new("h2load")
+        .args([
+            "-n",
+            "48",
+            "-c",
+            "1",
+            "-m",
+            "48",
+            "-H",
+            "fed-service: legacy",
+            &url,
+        ])
+        .output()
+        .expect("h2load (scripts/install-test-deps.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = |what: &str| -> usize {
+        text.lines()
+            .find_map(|l| l.strip_prefix("status codes: "))
+            .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(what)))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (ok, failed) = (count(" 2xx"), count(" 5xx"));
+    let codes = text.to_string();
+    let busy = failed;
+    let refusals = || {
+        fp.log_text()
+            .lines()
+            .filter(|l| l.contains("refused"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(ok + failed, 48, "{codes} {}", refusals());
+    assert!(
+        ok >= 6,
+        "calls that got a socket in time were served: {codes}"
+    );
+    assert!(busy > 0, "{codes}");
+    assert!(
+        up.conns.load(std::sync::atomic::Ordering::SeqCst) <= 4,
+        "the service saw {} connections",
+        up.conns.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(up.peak.load(std::sync::atomic::Ordering::SeqCst) <= 4);
+    // refused as overloaded while waiting for a socket; a call that got one too late
+    // for its deadline is a 504
+    wait_until("the refusals counted", Duration::from_secs(3), || {
+        let m = |r: &str| {
+            fp.metric(&format!(
+                r#"fedport_rejections_total{{listener="local",reason="{r}"}}"#
+            ))
+        };
+        m("overloaded") >= 1.0 && m("overloaded") + m("deadline") == busy as f64
+    });
+
+    // the file-descriptor limits: raised, reported, and checked against
+    let v: serde_json::Value = serde_json::from_str(&fp.admin_get("/readyz?verbose")).unwrap();
+    assert_eq!(v["nofile"]["soft"], v["nofile"]["hard"], "{v}");
+    assert!(v["nofile"]["needed"].as_u64().unwrap() > 10_000, "{v}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("big.toml");
+    std::fs::write(
+        &cfg,
+        node_config(&pki, "[[service]]\nname = \"s\"\nprotocol = \"http\"\nendpoints = [\"http://127.0.0.1:1\"]\n")
+            .replace("name = \"local\"\n", "name = \"local\"\nmax_connections = 100000000\n"),
+    )
+    .unwrap();
+    let out = Command::new(crate::support::bin())
+        .arg("check")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("file descriptors"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "a warning: {err}");
+}
