@@ -59,6 +59,10 @@ pub enum Reject {
     /// `fed-service`, its gRPC path or a dedicated listener).
     #[error("the request is for service {service} but its host {host:?} names another service")]
     Misdirected { service: String, host: String },
+    /// Holding the request (its headers, or a message to validate) would pass a memory
+    /// budget.
+    #[error("the request cannot be held: it would pass {0}")]
+    Memory(crate::limits::memory::Over),
     /// No body bytes moved either way for the stream's `stream_idle_timeout` (ms).
     #[error("the stream moved no bytes for {0} ms (stream_idle_timeout)")]
     StreamIdle(u64),
@@ -117,6 +121,7 @@ impl Reject {
             Reject::Denied { .. } => "denied",
             Reject::Misdirected { .. } => "misdirected",
             Reject::StreamIdle(_) => "stream_idle_timeout",
+            Reject::Memory(_) => "memory",
         }
     }
 
@@ -137,6 +142,7 @@ impl Reject {
             Reject::Schema { .. } => StatusCode::BAD_REQUEST,
             Reject::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             Reject::StreamIdle(_) => StatusCode::REQUEST_TIMEOUT,
+            Reject::Memory(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -159,6 +165,7 @@ impl Reject {
             Reject::Schema { .. } => GrpcCode::InvalidArgument,
             Reject::Misdirected { .. } => GrpcCode::InvalidArgument,
             Reject::StreamIdle(_) => GrpcCode::DeadlineExceeded,
+            Reject::Memory(_) => GrpcCode::ResourceExhausted,
         }
     }
 

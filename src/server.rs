@@ -166,6 +166,10 @@ fn prepare(
         peer_settings,
         shared: crate::proxy::Shared {
             limits: crate::limits::Limiter::new(config, running.map(|r| &*r.limits)),
+            memory: crate::limits::memory::Node::new(
+                metrics.memory_held.clone(),
+                config.node.memory_budget,
+            ),
             fleet,
             traffic,
             spans,

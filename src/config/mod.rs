@@ -113,6 +113,8 @@ pub struct Node {
     pub retry_min_per_second: f64,
     pub peer_ping_interval: Duration,
     pub peer_ping_timeout: Duration,
+    /// Bytes the node may hold for callers (`src/limits/memory.rs`).
+    pub memory_budget: u64,
 }
 
 /// Active health checking of a service's endpoints.
@@ -186,6 +188,8 @@ pub struct Listener {
     /// A stream (an HTTP/1.1 connection with a request in flight) with no body bytes
     /// moving either way for this long is reset (closed).
     pub stream_idle_timeout: Duration,
+    /// Bytes one connection's requests may hold at once.
+    pub connection_memory_budget: u64,
 }
 
 /// A rate limit (token bucket: `rate` per second, `burst` at once) and a concurrency
@@ -395,6 +399,15 @@ pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(60);
 /// breaker allows 1024 per cluster; 256 per endpoint keeps a thousand endpoints within
 /// a few file-descriptor limits' worth.
 pub const DEFAULT_UPSTREAM_CONNECTIONS: usize = 256;
+
+/// What a node may hold for callers, sized for a node with 1 GiB: a quarter of it,
+/// leaving the rest for the codec's windows, TLS, the runtime and the schemas.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
+
+/// What one connection's requests may hold: eight gRPC messages of the default 4 MiB
+/// limit held for validation at once, so that no one connection can take more than an
+/// eighth of the node's budget.
+pub const DEFAULT_CONNECTION_MEMORY: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -827,6 +840,7 @@ impl Checker<'_> {
             peer_ping_interval: self
                 .duration(r.peer_ping_interval.as_ref(), Duration::from_secs(1)),
             peer_ping_timeout: self.duration(r.peer_ping_timeout.as_ref(), Duration::from_secs(1)),
+            memory_budget: self.size(r.memory_budget.as_ref(), DEFAULT_MEMORY_BUDGET),
         })
     }
 
@@ -1015,6 +1029,30 @@ impl Checker<'_> {
                     default
                 }
             },
+        }
+    }
+
+    /// A size (`"32MiB"`, or bytes) that must not be zero.
+    fn size(&mut self, v: Option<&S<SizeValue>>, default: u64) -> u64 {
+        let Some(m) = v else { return default };
+        let n = match m.get_ref() {
+            SizeValue::Bytes(n) if *n > 0 => Ok(*n as u64),
+            SizeValue::Bytes(_) => Err("a size must be more than 0".to_owned()),
+            SizeValue::Text(t) => units::parse_size(t),
+        };
+        match n {
+            Ok(0) | Err(_) => {
+                let e = n
+                    .err()
+                    .unwrap_or_else(|| "a size must be more than 0".into());
+                self.sink.error(
+                    span(m),
+                    e,
+                    "write a size such as \"32MiB\", \"512KiB\" or a number of bytes",
+                );
+                default
+            }
+            Ok(n) => n,
         }
     }
 
@@ -1293,6 +1331,10 @@ impl Checker<'_> {
                 idle_timeout,
                 header_timeout,
                 stream_idle_timeout,
+                connection_memory_budget: self.size(
+                    r.connection_memory_budget.as_ref(),
+                    DEFAULT_CONNECTION_MEMORY,
+                ),
             });
         }
         out

@@ -113,6 +113,9 @@ pub struct RawNode {
     pub peer_ping_interval: Option<S<String>>,
     /// A peer whose PING is not answered within this is down; default 1s.
     pub peer_ping_timeout: Option<S<String>>,
+    /// Bytes the node may hold for callers (messages held for validation, buffered
+    /// bodies, header lists); default 256MiB.
+    pub memory_budget: Option<S<SizeValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +189,8 @@ pub struct RawListener {
     pub header_timeout: Option<S<String>>,
     /// A stream with no bytes moving either way for this long is reset; default 60s.
     pub stream_idle_timeout: Option<S<String>>,
+    /// Bytes one connection's requests may have held at once; default 32MiB.
+    pub connection_memory_budget: Option<S<SizeValue>>,
 }
 
 /// A rate (requests per second, with a burst) and a concurrency limit.

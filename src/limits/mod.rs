@@ -6,6 +6,7 @@
 //! one that keeps the running one's in-flight counts and token buckets where a limit
 //! is unchanged, so that a reload neither doubles what is let in nor refills buckets.
 
+pub mod memory;
 pub mod nofile;
 
 use crate::config::{Config, Limits};

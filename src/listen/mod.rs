@@ -237,6 +237,10 @@ async fn serve(
                 activity: Arc::default(),
                 remote,
                 forwarded_for: proxy::headers::forwarded_for(remote.ip()),
+                memory: crate::limits::memory::Connection::new(
+                    acc.worker.memory.clone(),
+                    acc.spec.connection_memory_budget,
+                ),
                 tls: false,
                 worker: acc.worker.clone(),
             });
@@ -300,6 +304,10 @@ async fn serve(
                 activity: Arc::default(),
                 remote,
                 forwarded_for: proxy::headers::forwarded_for(remote.ip()),
+                memory: crate::limits::memory::Connection::new(
+                    acc.worker.memory.clone(),
+                    acc.spec.connection_memory_budget,
+                ),
                 tls: true,
                 identity,
                 worker: acc.worker.clone(),

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -45,6 +46,8 @@ pub struct Finish {
     pub reason: Option<&'static str>,
     /// Its place under concurrency limits, released when the answer ends.
     pub admit: Option<crate::limits::Admit>,
+    /// Its header list against the memory budgets, given back when the answer ends.
+    pub held: Option<crate::limits::memory::Held>,
     /// `[node] request_metrics`: record the request's metrics.
     pub record: bool,
     /// A sampled trace: this hop's span, with the service's name and the caller.
@@ -183,6 +186,8 @@ pin_project_lite::pin_project! {
         finish: Option<Finish>,
         ended: bool,
         owes_length: bool,
+        // the worker's inflation share is spent until then
+        wait: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -195,6 +200,7 @@ impl Tracked {
             finish: Some(finish),
             ended: false,
             owes_length,
+            wait: None,
         }
     }
 }
@@ -202,6 +208,39 @@ impl Tracked {
 /// Bytes an answer declared and has not delivered yet.
 fn owed(inner: &Incoming) -> u64 {
     inner.size_hint().exact().unwrap_or(0)
+}
+
+/// What a step of the answer's checks gives: a frame to pass on, or a turn to yield,
+/// or `None` to go on reading.
+fn response_step(
+    f: &mut Finish,
+    step: crate::schema::Step,
+    wait: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Option<Polled> {
+    if let Some(r) = step.refusal {
+        f.response_refusal = Some(match r {
+            crate::schema::Refusal::TooLarge(n) => {
+                format!("message of {n} bytes is over the service's limit")
+            }
+            crate::schema::Refusal::Invalid(e) => e,
+            crate::schema::Refusal::Memory(over) => {
+                format!("a message could not be held for validation: it would pass {over}")
+            }
+        });
+    }
+    match step.more {
+        crate::schema::More::No => {}
+        crate::schema::More::Now if step.out.is_none() => {
+            cx.waker().wake_by_ref();
+            return Some(Poll::Pending);
+        }
+        crate::schema::More::Now => {}
+        crate::schema::More::At(t) => *wait = Some(Box::pin(tokio::time::sleep_until(t.into()))),
+    }
+    let out = step.out?;
+    f.response_bytes += out.len() as u64;
+    Some(Poll::Ready(Some(Ok(Frame::data(out)))))
 }
 
 /// An answer the service stopped short of its declared length.
@@ -223,8 +262,8 @@ fn failed(finish: &mut Option<Finish>, reason: &'static str) {
     }
 }
 
-/// The gRPC status (code, message) of a call whose request guard refused a message.
-fn refused(finish: &Option<Finish>) -> Option<(&'static str, String)> {
+/// The gRPC status of a call whose request guard refused a message.
+fn refused(finish: &Option<Finish>) -> Option<crate::schema::GrpcRefusal> {
     finish
         .as_ref()
         .filter(|f| f.grpc_status.is_some())
@@ -273,6 +312,9 @@ impl Tracked {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a body's `poll_frame` returns.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
 impl Body for Tracked {
     type Data = Bytes;
     type Error = BoxError;
@@ -291,6 +333,22 @@ impl Body for Tracked {
                 let msg = format!("response refused by its schema: {e}");
                 return Tracked::end_with(this.finish, this.ended, "13", &msg, "response_schema");
             }
+            // a response message being inflated goes on before more is read
+            if let Some(f) = this
+                .finish
+                .as_mut()
+                .filter(|f| f.response_check.as_ref().is_some_and(|c| c.busy()))
+            {
+                if let Some(w) = this.wait.as_mut() {
+                    std::task::ready!(w.as_mut().poll(cx));
+                    *this.wait = None;
+                }
+                let step = f.response_check.as_mut().expect("busy").resume();
+                if let Some(p) = response_step(f, step, this.wait, cx) {
+                    return p;
+                }
+                continue;
+            }
             let frame = match this.inner.as_mut().poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) if *this.owes_length && owed(&this.inner) > 0 => {
@@ -301,9 +359,14 @@ impl Body for Tracked {
                 }
                 Poll::Ready(None) => {
                     // a trailers-only answer to a call the request guard refused
-                    if let Some((code, msg)) = refused(this.finish) {
-                        let reason = if code == "8" { "size" } else { "schema" };
-                        return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
+                    if let Some(r) = refused(this.finish) {
+                        return Tracked::end_with(
+                            this.finish,
+                            this.ended,
+                            r.code,
+                            &r.message,
+                            r.reason,
+                        );
                     }
                     // a call the service ended without a status is no success: say so
                     // (INTERNAL, as gRPC's own clients would) rather than leave the
@@ -320,9 +383,14 @@ impl Body for Tracked {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // the request guard reset the exchange: answer with its refusal
-                    if let Some((code, msg)) = refused(this.finish) {
-                        let reason = if code == "8" { "size" } else { "schema" };
-                        return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
+                    if let Some(r) = refused(this.finish) {
+                        return Tracked::end_with(
+                            this.finish,
+                            this.ended,
+                            r.code,
+                            &r.message,
+                            r.reason,
+                        );
                     }
                     failed(this.finish, "upstream_reset");
                     return Poll::Ready(Some(Err(Box::new(e))));
@@ -331,9 +399,14 @@ impl Body for Tracked {
             };
             if frame.is_trailers() {
                 // the service answered what it was given; the caller's call still failed
-                if let Some((code, msg)) = refused(this.finish) {
-                    let reason = if code == "8" { "size" } else { "schema" };
-                    return Tracked::end_with(this.finish, this.ended, code, &msg, reason);
+                if let Some(r) = refused(this.finish) {
+                    return Tracked::end_with(
+                        this.finish,
+                        this.ended,
+                        r.code,
+                        &r.message,
+                        r.reason,
+                    );
                 }
                 let truncated = this
                     .finish
@@ -374,18 +447,9 @@ impl Body for Tracked {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            let (out, refusal) = check.push(data);
-            if let Some(r) = refusal {
-                f.response_refusal = Some(match r {
-                    crate::schema::Refusal::TooLarge(n) => {
-                        format!("message of {n} bytes is over the service's limit")
-                    }
-                    crate::schema::Refusal::Invalid(e) => e,
-                });
-            }
-            if let Some(out) = out {
-                f.response_bytes += out.len() as u64;
-                return Poll::Ready(Some(Ok(Frame::data(out))));
+            let step = check.push(data);
+            if let Some(p) = response_step(f, step, this.wait, cx) {
+                return p;
             }
         }
     }

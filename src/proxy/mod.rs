@@ -24,7 +24,7 @@ use headers::strip_hop_by_hop;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
@@ -77,6 +77,8 @@ pub struct Worker {
     pub spans: Option<crate::telemetry::otlp::Spans>,
     /// Rate and concurrency limits, shared by every worker.
     pub limits: Arc<crate::limits::Limiter>,
+    /// The node's memory budget, shared by every worker.
+    pub memory: Arc<crate::limits::memory::Node>,
 }
 
 /// What every worker of a node shares: endpoint and peer health, the traffic counts
@@ -84,6 +86,8 @@ pub struct Worker {
 #[derive(Clone)]
 pub struct Shared {
     pub limits: Arc<crate::limits::Limiter>,
+    /// The node's memory budget for what is held for callers.
+    pub memory: Arc<crate::limits::memory::Node>,
     pub fleet: Arc<crate::federation::Fleet>,
     pub traffic: Arc<crate::telemetry::spike::Traffic>,
     pub spans: Option<crate::telemetry::otlp::Spans>,
@@ -105,6 +109,7 @@ impl Worker {
         settings: &upstream::Settings,
         Shared {
             limits,
+            memory,
             fleet,
             traffic,
             spans,
@@ -233,6 +238,7 @@ impl Worker {
             peer_inbound,
             spans,
             limits,
+            memory,
         }
     }
 
@@ -266,6 +272,8 @@ pub struct ConnCtx {
     pub tls: bool,
     /// `remote`'s address as `x-forwarded-for` writes it.
     pub forwarded_for: HeaderValue,
+    /// What this connection's requests may hold.
+    pub memory: Arc<crate::limits::memory::Connection>,
     /// Requests in flight on the connection, for its idle timeout.
     pub activity: Arc<crate::listen::Activity>,
     /// What the `[[allow]]` rules grant this identity.
@@ -352,6 +360,7 @@ pub async fn handle(
     });
     let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
         admit: None,
+        held: None,
         span: span.map(|s| {
             let name = service.map_or("-", |i| w.config.services[i].name.as_str());
             (s, name.to_owned(), conn.identity.clone())
@@ -391,7 +400,7 @@ pub async fn handle(
                     .headers
                     .get("grpc-encoding")
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-                schema::Framer::new(check, max, gzip)
+                schema::Framer::new(check, max, gzip).within(conn.memory.clone())
             });
             f.http_status = rparts.status.as_u16();
             if grpc {
@@ -407,6 +416,7 @@ pub async fn handle(
             f.outstanding = Some(fwd.outstanding);
             f.target = Some(fwd.target);
             f.admit = fwd.admit;
+            f.held = fwd.held;
             f.request_bytes = Some(fwd.tripped.clone());
             f.tripped = Some(fwd.tripped);
             f.busy = Some(busy);
@@ -460,6 +470,8 @@ struct Routed {
 struct Forwarded {
     /// The request's place under its concurrency limits, held until it ends.
     admit: Option<crate::limits::Admit>,
+    /// The request's header list, held against the memory budgets until it ends.
+    held: Option<crate::limits::memory::Held>,
     /// The endpoint (or peer) that answered.
     target: Arc<str>,
     /// With `validate_responses`: the answer's messages are checked too (type, limit).
@@ -502,6 +514,12 @@ async fn forward(
     // drops a small request body, so the caller gets a clean answer instead of a reset.
     let body_ref = &body;
     let checked = (move || -> Result<_, Reject> {
+        // the header list, held while the request is, against the connection's budget
+        let headers_held = crate::limits::memory::Held::with(
+            conn.memory.clone(),
+            crate::limits::memory::header_list_size(&parts.headers),
+        )
+        .map_err(Reject::Memory)?;
         if !request::path_is_normal(parts.uri.path()) {
             return Err(Reject::BadRequest(
                 "the path has dot segments or encoded separators; send it normalised (RFC 3986 section 5.2.4)",
@@ -693,7 +711,9 @@ async fn forward(
             message: message.clone(),
             strict,
         };
-        let framer = method.map(|(p, m)| schema::Framer::new(check(&m.input, p.strict), max, gzip));
+        let framer = method.map(|(p, m)| {
+            schema::Framer::new(check(&m.input, p.strict), max, gzip).within(conn.memory.clone())
+        });
         let response = method
             .filter(|(p, _)| p.validate_responses)
             .map(|(p, m)| (check(&m.output, p.strict), max));
@@ -707,16 +727,25 @@ async fn forward(
             grpc,
         };
         Ok((
-            parts, idx, aim, timeout, limit, framer, response, json_route, admit,
+            parts,
+            idx,
+            aim,
+            timeout,
+            limit,
+            framer,
+            response,
+            json_route,
+            (admit, headers_held),
         ))
     })();
-    let (parts, idx, aim, timeout, limit, framer, response, json_route, admit) = match checked {
-        Ok(c) => c,
-        Err(r) => {
-            Box::pin(discard(body)).await;
-            return Err(r);
-        }
-    };
+    let (parts, idx, aim, timeout, limit, framer, response, json_route, (admit, headers_held)) =
+        match checked {
+            Ok(c) => c,
+            Err(r) => {
+                Box::pin(discard(body)).await;
+                return Err(r);
+            }
+        };
     let service = &w.config.services[idx];
     let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
     let deadline = start + timeout;
@@ -728,21 +757,26 @@ async fn forward(
             .is_some_and(|n| n > 0 && n <= SMALL_BODY);
     let mut body = Some(schema::Guarded::new(body, limit, tripped.clone(), framer));
     let mut targets = Targets::new(w, conn, idx, &parts.headers, &aim)?;
+    // what is buffered whole counts against the connection's and the node's budgets
+    let mut buffered = crate::limits::memory::Held::new(conn.memory.clone());
     let replay: Option<Bytes> = if let Some(route) = json_route {
         // validated whole, so buffered: bounded by the service's limit (default 1 MiB)
         let max = service
             .max_message_bytes
             .unwrap_or(schema::DEFAULT_JSON_LIMIT);
-        let whole = body.take().map(|b| Limited::new(b, max as usize));
-        let collect = Box::pin(whole.expect("the body is there").collect());
+        let whole = body.take().expect("the body is there");
+        let collect = Box::pin(schema::collect(whole, max, &mut buffered));
         let bytes = match tokio::time::timeout_at(deadline.into(), collect).await {
             Err(_) => return Err(Reject::Timeout(service.name.clone(), aim.timeout_ms)),
-            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Ok(b)) => b,
             Ok(Err(e)) => {
-                return Err(match tripped.get() {
-                    Some(n) => too_large(n, max),
-                    None if e.is::<http_body_util::LengthLimitError>() => too_large(max + 1, max),
-                    None => Reject::BadRequest("request body ended early"),
+                return Err(match (tripped.get(), e) {
+                    (Some(n), _) => too_large(n, max),
+                    (None, schema::Collect::TooLarge) => too_large(max + 1, max),
+                    (None, schema::Collect::Memory(over)) => Reject::Memory(over),
+                    (None, schema::Collect::Failed) => {
+                        Reject::BadRequest("request body ended early")
+                    }
                 })
             }
         };
@@ -754,18 +788,20 @@ async fn forward(
         Some(bytes)
     } else if small {
         // a caller that stalls mid-body holds its limit slot no longer than its time
-        let whole = body.take().map(|b| Limited::new(b, SMALL_BODY as usize));
-        let collect = whole.expect("the body is there").collect();
+        let whole = body.take().expect("the body is there");
+        let collect = schema::collect(whole, SMALL_BODY, &mut buffered);
         let bytes = tokio::time::timeout_at(deadline.into(), collect)
             .await
             .map_err(|_| Reject::Timeout(service.name.clone(), aim.timeout_ms))?
-            .map_err(|_| Reject::BadRequest("request body ended early"))?
-            .to_bytes();
+            .map_err(|e| match e {
+                schema::Collect::Memory(over) => Reject::Memory(over),
+                _ => Reject::BadRequest("request body ended early"),
+            })?;
         Some(bytes)
     } else if targets.alternatives() {
         // somewhere else to go if this fails: a body that has already arrived whole
         // (a unary call, a GET) can be sent again
-        match body.as_mut().map(|b| b.take_if_whole()) {
+        match body.as_mut().map(|b| b.take_if_whole(&mut buffered)) {
             Some(Ok(whole)) => whole,
             Some(Err(schema::Refused)) => return Err(refusal(service, &tripped)),
             None => None,
@@ -787,6 +823,7 @@ async fn forward(
     .await?;
     fwd.response = response;
     fwd.admit = admit;
+    fwd.held = Some(headers_held);
     Ok(fwd)
 }
 
@@ -919,6 +956,9 @@ impl<'a> Targets<'a> {
 /// The refusal a tripped request guard stands for (the caller's fault), else a
 /// generic one.
 fn refusal(service: &crate::config::Service, tripped: &schema::Tripped) -> Reject {
+    if let Some(over) = tripped.memory() {
+        return Reject::Memory(over);
+    }
     if let Some(n) = tripped.get() {
         return Reject::TooLarge(
             service.name.clone(),
@@ -1124,6 +1164,7 @@ async fn dispatch(
                 }
                 return Ok(Forwarded {
                     admit: None,
+                    held: None,
                     target: pool.label.clone(),
                     response: None,
                     resp,
@@ -1136,7 +1177,7 @@ async fn dispatch(
                 // refused by fedport's own guard, or the caller's body failed: the
                 // caller's doing, which neither counts against the endpoint nor is
                 // sent anywhere else
-                if tripped.get().is_some() || tripped.schema_error().is_some() {
+                if tripped.refused() {
                     return Err(refusal(service, &tripped));
                 }
                 if tripped.caller_failed() {

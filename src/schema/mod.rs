@@ -2,10 +2,14 @@
 //! (`max_message_bytes`), enforced as the body streams — on each gRPC message's length
 //! prefix, or on an HTTP body's bytes — never by buffering it first.
 
+pub mod framer;
 pub mod wire;
+
+pub use framer::{Framer, More, Refusal, Step};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,64 +62,109 @@ pub fn format_accepted(formats: &[String], m: crate::request::MediaType<'_>) -> 
     formats.is_empty() || formats.iter().any(|f| m.is(f))
 }
 
-/// Set by a [`Guarded`] body when it refuses what it carries: the size that was over
-/// the limit (0 while nothing was refused).
+/// Set by a [`Guarded`] body when it refuses what it carries, and read by the request
+/// path and the answer's body to say why.
 #[derive(Debug, Default)]
-pub struct Tripped(
-    AtomicU64,
-    std::sync::Mutex<Option<String>>,
-    /// body bytes that went through
-    AtomicU64,
-    /// the caller's own body failed (its stream was reset or its connection lost)
-    std::sync::atomic::AtomicBool,
-);
+pub struct Tripped {
+    /// The size that was over the limit (0 while nothing was refused for size).
+    too_large: AtomicU64,
+    /// Why a gRPC message was refused by its schema.
+    schema: std::sync::Mutex<Option<String>>,
+    /// Body bytes that went through.
+    bytes: AtomicU64,
+    /// The caller's own body failed (its stream was reset or its connection lost).
+    caller_failed: std::sync::atomic::AtomicBool,
+    /// A memory budget refused to hold more of it.
+    memory: std::sync::Mutex<Option<crate::limits::memory::Over>>,
+}
+
+/// What a tripped guard answers a gRPC call with.
+pub struct GrpcRefusal {
+    pub code: &'static str,
+    pub message: String,
+    /// The refusal's reason (metric label).
+    pub reason: &'static str,
+}
 
 impl Tripped {
     /// Whether the caller's body failed while it was passed on: a failed exchange is
     /// then the caller's doing, not the service's.
     pub fn caller_failed(&self) -> bool {
-        self.3.load(Ordering::Relaxed)
+        self.caller_failed.load(Ordering::Relaxed)
     }
 
     fn fail(&self) {
-        self.3.store(true, Ordering::Relaxed);
+        self.caller_failed.store(true, Ordering::Relaxed);
     }
 
     /// Body bytes the guard let through.
     pub fn bytes(&self) -> u64 {
-        self.2.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed)
     }
 
     fn count(&self, n: usize) {
-        self.2.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> Option<u64> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.too_large.load(Ordering::Relaxed) {
             0 => None,
             n => Some(n),
         }
     }
 
-    /// Why a gRPC message was refused by its schema, if one was.
-    pub fn schema_error(&self) -> Option<String> {
-        self.1.lock().ok().and_then(|s| s.clone())
+    fn set_too_large(&self, n: u64) {
+        self.too_large.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// The refusal as a gRPC status and message, if the guard refused anything.
-    pub fn grpc_refusal(&self) -> Option<(&'static str, String)> {
-        if let Some(n) = self.get() {
-            return Some((
-                "8",
-                format!("message of {n} bytes is over the service's limit"),
-            ));
+    /// Why a gRPC message was refused by its schema, if one was.
+    pub fn schema_error(&self) -> Option<String> {
+        self.schema.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Which memory budget refused to hold more, if one did.
+    pub fn memory(&self) -> Option<crate::limits::memory::Over> {
+        self.memory.lock().ok().and_then(|m| *m)
+    }
+
+    pub fn set_memory(&self, over: crate::limits::memory::Over) {
+        if let Ok(mut m) = self.memory.lock() {
+            m.get_or_insert(over);
         }
-        self.schema_error()
-            .map(|e| ("3", format!("message refused by its schema: {e}")))
+    }
+
+    /// Whether the guard refused anything.
+    pub fn refused(&self) -> bool {
+        self.get().is_some() || self.schema_error().is_some() || self.memory().is_some()
+    }
+
+    /// The refusal as a gRPC status, if the guard refused anything.
+    pub fn grpc_refusal(&self) -> Option<GrpcRefusal> {
+        if let Some(over) = self.memory() {
+            return Some(GrpcRefusal {
+                code: "8",
+                message: format!(
+                    "a message could not be held for validation: it would pass {over}"
+                ),
+                reason: "memory",
+            });
+        }
+        if let Some(n) = self.get() {
+            return Some(GrpcRefusal {
+                code: "8",
+                message: format!("message of {n} bytes is over the service's limit"),
+                reason: "size",
+            });
+        }
+        self.schema_error().map(|e| GrpcRefusal {
+            code: "3",
+            message: format!("message refused by its schema: {e}"),
+            reason: "schema",
+        })
     }
 
     fn set_schema_error(&self, e: String) {
-        if let Ok(mut s) = self.1.lock() {
+        if let Ok(mut s) = self.schema.lock() {
             s.get_or_insert(e);
         }
     }
@@ -137,115 +186,6 @@ impl ProtoCheck {
     /// Checks one message (without its 5-byte prefix); the problem, naming the field.
     pub fn check(&self, msg: &[u8]) -> Result<(), String> {
         self.message.check(msg, self.strict)
-    }
-}
-
-/// Why a gRPC message was refused.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Refusal {
-    /// Its length prefix, or its decompressed size, passes the limit.
-    TooLarge(u64),
-    /// It does not decode as its type (or is compressed in a way that cannot be read).
-    Invalid(String),
-}
-
-/// Follows a gRPC stream's framing, holding each message until it is whole, then
-/// decompresses it (gzip, up to the limit) and checks it against its type. Valid
-/// messages leave byte for byte as they came; nothing after a refused one does.
-#[derive(Debug)]
-pub struct Framer {
-    check: ProtoCheck,
-    max: u64,
-    /// The stream's `grpc-encoding` is gzip.
-    gzip: bool,
-    pending: bytes::BytesMut,
-}
-
-impl Framer {
-    pub fn new(check: ProtoCheck, max: u64, gzip: bool) -> Self {
-        Self {
-            check,
-            max,
-            gzip,
-            pending: bytes::BytesMut::new(),
-        }
-    }
-
-    /// Takes the next bytes of the stream; returns the whole, valid messages now ready
-    /// to go on, and the refusal that stopped the stream, if one did. A length prefix
-    /// over the limit is refused before any of its message is held.
-    pub fn push(&mut self, data: Bytes) -> (Option<Bytes>, Option<Refusal>) {
-        if self.pending.is_empty() {
-            // the usual case, whole messages in one frame: checked where they lie and
-            // passed on without a copy; only an unfinished tail is held
-            let (ready, refusal) = self.scan(&data);
-            if refusal.is_none() {
-                self.pending.extend_from_slice(&data[ready..]);
-            }
-            return ((ready > 0).then(|| data.slice(..ready)), refusal);
-        }
-        self.pending.extend_from_slice(&data);
-        let pending = std::mem::take(&mut self.pending);
-        let (ready, refusal) = self.scan(&pending);
-        self.pending = pending;
-        let out = (ready > 0).then(|| self.pending.split_to(ready).freeze());
-        if refusal.is_some() {
-            self.pending.clear();
-        }
-        (out, refusal)
-    }
-
-    /// Walks whole messages from the start of `b`: how many bytes of them are valid,
-    /// and the refusal that stopped the walk, if one did.
-    fn scan(&self, b: &[u8]) -> (usize, Option<Refusal>) {
-        let mut ready = 0;
-        while b.len() - ready >= 5 {
-            let p = &b[ready..ready + 5];
-            let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as u64;
-            if len > self.max {
-                return (ready, Some(Refusal::TooLarge(len)));
-            }
-            let end = ready + 5 + len as usize;
-            if b.len() < end {
-                break;
-            }
-            if let Err(r) = self.verdict(b[ready], &b[ready + 5..end]) {
-                return (ready, Some(r));
-            }
-            ready = end;
-        }
-        (ready, None)
-    }
-
-    /// Bytes of an unfinished message are left: the stream ended inside it.
-    pub fn unfinished(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    fn verdict(&self, flag: u8, msg: &[u8]) -> Result<(), Refusal> {
-        match flag {
-            0 => self.check.check(msg).map_err(Refusal::Invalid),
-            1 if self.gzip => {
-                use std::io::Read;
-                let mut plain = Vec::new();
-                flate2::read::MultiGzDecoder::new(msg)
-                    .take(self.max + 1)
-                    .read_to_end(&mut plain)
-                    .map_err(|e| {
-                        Refusal::Invalid(format!("gzip message does not decompress: {e}"))
-                    })?;
-                if plain.len() as u64 > self.max {
-                    return Err(Refusal::TooLarge(plain.len() as u64));
-                }
-                self.check.check(&plain).map_err(Refusal::Invalid)
-            }
-            1 => Err(Refusal::Invalid(
-                "message is marked compressed but the call's grpc-encoding is not gzip".into(),
-            )),
-            f => Err(Refusal::Invalid(format!(
-                "message flag {f} is neither 0 (plain) nor 1 (compressed)"
-            ))),
-        }
     }
 }
 
@@ -291,6 +231,8 @@ pin_project_lite::pin_project! {
         forwarded: bool,
         // frames read ahead (by take_if_whole) and given back first
         held: std::collections::VecDeque<Frame<Bytes>>,
+        // the worker's inflation share is spent until then
+        wait: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -311,6 +253,7 @@ impl Guarded {
             framer,
             forwarded: false,
             held: std::collections::VecDeque::new(),
+            wait: None,
         }
     }
 
@@ -318,7 +261,13 @@ impl Guarded {
     /// usually has by the time its head is read — so that it can be sent again:
     /// `Ok(Some(bytes))`. Never waits: `Ok(None)` when more is still to come or it is
     /// over 64 KiB (what was read is given back first). `Err` when the guard refused it.
-    pub fn take_if_whole(&mut self) -> Result<Option<Bytes>, Refused> {
+    ///
+    /// What it takes counts against `held`; past the budget it is refused
+    /// ([`Tripped::memory`]).
+    pub fn take_if_whole(
+        &mut self,
+        held: &mut crate::limits::memory::Held,
+    ) -> Result<Option<Bytes>, Refused> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut got: Vec<Frame<Bytes>> = Vec::new();
         let mut size = 0;
@@ -340,6 +289,10 @@ impl Guarded {
         if !whole {
             self.held.extend(got);
             return Ok(None);
+        }
+        if let Err(over) = held.set(size as u64) {
+            self.tripped.set_memory(over);
+            return Err(Refused);
         }
         let mut all = bytes::BytesMut::with_capacity(size);
         for f in got {
@@ -405,32 +358,58 @@ impl Body for Guarded {
                     }
                     return Poll::Ready(Some(Err(Box::new(SchemaViolation(e)))));
                 }
-                let frame = match this.inner.as_mut().poll_frame(cx) {
-                    Poll::Ready(Some(Ok(f))) => f,
-                    Poll::Ready(Some(Err(e))) => {
-                        this.tripped.fail();
-                        return Poll::Ready(Some(Err(e)));
+                if let Some(over) = this.tripped.memory() {
+                    if *this.forwarded {
+                        return Poll::Ready(None);
                     }
-                    Poll::Ready(None) if framer.unfinished() => {
-                        this.tripped.set_schema_error(
-                            "the stream ended inside a message (truncated)".into(),
-                        );
-                        continue;
+                    return Poll::Ready(Some(Err(Box::new(over))));
+                }
+                // a message being inflated first: no more of the caller's bytes are
+                // read until it is checked (flow control holds the caller back)
+                let step = if framer.busy() {
+                    if let Some(w) = this.wait.as_mut() {
+                        std::task::ready!(w.as_mut().poll(cx));
+                        *this.wait = None;
                     }
-                    Poll::Ready(None) => return Poll::Ready(None),
-                    Poll::Pending => return Poll::Pending,
+                    framer.resume()
+                } else {
+                    let frame = match this.inner.as_mut().poll_frame(cx) {
+                        Poll::Ready(Some(Ok(f))) => f,
+                        Poll::Ready(Some(Err(e))) => {
+                            this.tripped.fail();
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        Poll::Ready(None) if framer.unfinished() => {
+                            this.tripped.set_schema_error(
+                                "the stream ended inside a message (truncated)".into(),
+                            );
+                            continue;
+                        }
+                        Poll::Ready(None) => return Poll::Ready(None),
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    match frame.into_data() {
+                        Ok(d) => framer.push(d),
+                        Err(other) => return Poll::Ready(Some(Ok(without_fed(other)))),
+                    }
                 };
-                let data = match frame.into_data() {
-                    Ok(d) => d,
-                    Err(other) => return Poll::Ready(Some(Ok(without_fed(other)))),
-                };
-                let (out, refusal) = framer.push(data);
-                match refusal {
-                    Some(Refusal::TooLarge(n)) => this.tripped.0.store(n.max(1), Ordering::Relaxed),
+                match step.refusal {
+                    Some(Refusal::TooLarge(n)) => this.tripped.set_too_large(n),
                     Some(Refusal::Invalid(e)) => this.tripped.set_schema_error(e),
+                    Some(Refusal::Memory(over)) => this.tripped.set_memory(over),
                     None => {}
                 }
-                if let Some(out) = out {
+                match step.more {
+                    More::No => {}
+                    // yield to the worker's other tasks between slices of inflation
+                    More::Now if step.out.is_none() => {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    More::Now => {}
+                    More::At(t) => *this.wait = Some(Box::pin(tokio::time::sleep_until(t.into()))),
+                }
+                if let Some(out) = step.out {
                     *this.forwarded = true;
                     this.tripped.count(out.len());
                     return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -456,7 +435,7 @@ impl Body for Guarded {
                 Limit::GrpcMessage(max) => scan_grpc(data, this.remaining, this.prefix, max),
             };
             if let Some(n) = over {
-                this.tripped.0.store(n.max(1), Ordering::Relaxed);
+                this.tripped.set_too_large(n);
                 return Poll::Ready(Some(Err(Box::new(TooLarge(n)))));
             }
         }
@@ -470,6 +449,49 @@ impl Body for Guarded {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Why a body could not be collected whole.
+#[derive(Debug)]
+pub enum Collect {
+    /// Past the limit.
+    TooLarge,
+    /// Past a memory budget.
+    Memory(crate::limits::memory::Over),
+    /// The body failed (refused by its guard, or the caller's stream ended early).
+    Failed,
+}
+
+/// Collects a body whole, at most `max` bytes, what it holds charged against `held`
+/// as it grows. A body that arrives in one frame is taken as it is, without a copy.
+pub async fn collect(
+    mut body: Guarded,
+    max: u64,
+    held: &mut crate::limits::memory::Held,
+) -> Result<Bytes, Collect> {
+    use http_body_util::BodyExt;
+    let mut first: Option<Bytes> = None;
+    let mut all = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| Collect::Failed)?.into_data() else {
+            continue;
+        };
+        let total = first.as_ref().map_or(0, Bytes::len) + all.len() + data.len();
+        if total as u64 > max {
+            return Err(Collect::TooLarge);
+        }
+        match first.take() {
+            None if all.is_empty() => first = Some(data),
+            Some(f) => {
+                all.extend_from_slice(&f);
+                all.extend_from_slice(&data);
+            }
+            None => all.extend_from_slice(&data),
+        }
+        let size = first.as_ref().map_or(0, Bytes::len) + all.capacity();
+        held.set(size as u64).map_err(Collect::Memory)?;
+    }
+    Ok(first.unwrap_or_else(|| all.freeze()))
 }
 
 /// Request trailers lose the headers only fedport sets, as the request's headers do: a
@@ -537,6 +559,24 @@ mod tests {
         e.finish().unwrap()
     }
 
+    /// Pushes, then resumes until the framer has nothing left to do.
+    fn feed(f: &mut Framer, data: Bytes) -> (Option<Bytes>, Option<Refusal>) {
+        let mut step = f.push(data);
+        let mut out = bytes::BytesMut::new();
+        loop {
+            if let Some(o) = step.out.take() {
+                out.extend_from_slice(&o);
+            }
+            if step.refusal.is_some() || step.more == More::No {
+                return ((!out.is_empty()).then(|| out.freeze()), step.refusal);
+            }
+            if let More::At(t) = step.more {
+                std::thread::sleep(t.saturating_duration_since(std::time::Instant::now()));
+            }
+            step = f.resume();
+        }
+    }
+
     fn framer(gzip: bool) -> Framer {
         let check = ProtoCheck {
             message: Arc::new(wire::Compiled::new(&msg_type())),
@@ -554,7 +594,7 @@ mod tests {
             let mut f = framer(true);
             let mut out = Vec::new();
             for part in [&stream[..cut], &stream[cut..]] {
-                let (o, r) = f.push(Bytes::copy_from_slice(part));
+                let (o, r) = feed(&mut f, Bytes::copy_from_slice(part));
                 assert_eq!(r, None, "cut at {cut}");
                 out.extend(o.unwrap_or_default());
             }
@@ -569,11 +609,14 @@ mod tests {
         let good = stream.len();
         stream.extend(frame(0, b"\x0a\x02\xff\xfe"));
         stream.extend(frame(0, b"\x0a\x02ok"));
-        let (o, r) = framer(false).push(Bytes::copy_from_slice(&stream));
+        let (o, r) = feed(&mut framer(false), Bytes::copy_from_slice(&stream));
         assert_eq!(o.unwrap().len(), good);
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("t.M.s (field 1)")));
         // strict: an unknown field
-        let (_, r) = framer(false).push(Bytes::copy_from_slice(&frame(0, b"\x10\x01")));
+        let (_, r) = feed(
+            &mut framer(false),
+            Bytes::copy_from_slice(&frame(0, b"\x10\x01")),
+        );
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("unknown field number 2")));
     }
 
@@ -584,18 +627,68 @@ mod tests {
         big.extend(std::iter::repeat_n(b'a', 1 << 20));
         let bomb = gzip(&big);
         assert!(bomb.len() < 4096);
-        let (o, r) = framer(true).push(Bytes::copy_from_slice(&frame(1, &bomb)));
+        let (o, r) = feed(&mut framer(true), Bytes::copy_from_slice(&frame(1, &bomb)));
         assert!(o.is_none());
         assert!(matches!(r, Some(Refusal::TooLarge(n)) if n > 1 << 16));
-        let (_, r) = framer(false).push(Bytes::copy_from_slice(&frame(1, &gzip(b""))));
+        let (_, r) = feed(
+            &mut framer(false),
+            Bytes::copy_from_slice(&frame(1, &gzip(b""))),
+        );
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("not gzip")));
-        let (_, r) = framer(true).push(Bytes::copy_from_slice(&frame(1, b"not gzip at all")));
+        let (_, r) = feed(
+            &mut framer(true),
+            Bytes::copy_from_slice(&frame(1, b"not gzip at all")),
+        );
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("decompress")));
-        let (_, r) = framer(true).push(Bytes::copy_from_slice(&frame(2, b"")));
+        let (_, r) = feed(&mut framer(true), Bytes::copy_from_slice(&frame(2, b"")));
         assert!(matches!(r, Some(Refusal::Invalid(e)) if e.contains("flag 2")));
         // a prefix over the limit is refused before its bytes arrive
-        let (_, r) = framer(true).push(Bytes::copy_from_slice(&[0, 0x40, 0, 0, 0]));
+        let (_, r) = feed(
+            &mut framer(true),
+            Bytes::copy_from_slice(&[0, 0x40, 0, 0, 0]),
+        );
         assert_eq!(r, Some(Refusal::TooLarge(1 << 30)));
+    }
+
+    #[test]
+    fn a_bomb_is_inflated_a_slice_a_turn_within_the_worker_share() {
+        // 4 MiB of one letter in field 1, about 4 KiB gzipped
+        let mut big = b"\x0a\x80\x80\x80\x02".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 4 << 20));
+        let bomb = frame(1, &gzip(&big));
+        let check = ProtoCheck {
+            message: Arc::new(wire::Compiled::new(&msg_type())),
+            strict: true,
+        };
+        let mut turns = 0;
+        let mut waited = false;
+        let mut f = Framer::new(check, 8 << 20, true);
+        for _ in 0..400 {
+            let mut step = f.push(Bytes::copy_from_slice(&bomb));
+            loop {
+                assert_eq!(step.refusal, None);
+                match step.more {
+                    More::No => break,
+                    More::Now => turns += 1,
+                    More::At(t) => {
+                        waited = true;
+                        std::thread::sleep(t.saturating_duration_since(std::time::Instant::now()));
+                    }
+                }
+                step = f.resume();
+            }
+            if waited {
+                break;
+            }
+        }
+        assert!(
+            turns >= 16,
+            "a 4 MiB message is inflated in 256 KiB turns: {turns}"
+        );
+        assert!(
+            waited,
+            "past half of a window, the worker's share waits for the next"
+        );
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub struct Metrics {
     /// The etcd registry: reachable (1/0), members seen, membership changes applied,
     /// sessions that failed.
     pub registry_up: Gauge,
+    /// Bytes fedport holds for callers (the node's memory budget).
+    pub memory_held: Gauge,
     pub registry_members: Gauge,
     pub registry_updates: Counter,
     pub registry_errors: Counter,
@@ -322,6 +324,12 @@ impl Metrics {
             "1 while the node accepts traffic, 0 while starting or draining",
             ready.clone(),
         );
+        let memory_held = Gauge::default();
+        registry.register(
+            "memory_held_bytes",
+            "Bytes held for callers: gRPC messages held whole for validation (also while inflated), JSON and small bodies buffered, request header lists of streams in progress",
+            memory_held.clone(),
+        );
         let registry_up = Gauge::default();
         registry.register(
             "registry_up",
@@ -391,6 +399,7 @@ impl Metrics {
                 hash: config_hash.to_owned(),
             })),
             ready,
+            memory_held,
             registry_up,
             registry_members,
             registry_updates,

@@ -473,3 +473,232 @@ fn an_http1_endpoint_gets_no_more_sockets_than_its_cap() {
     assert!(err.contains("file descriptors"), "{err}");
     assert_eq!(out.status.code(), Some(0), "a warning: {err}");
 }
+
+/// Many calls each send all but the last byte of a large message that must be held
+/// whole to be validated. What fedport holds for them stays within the connection's and
+/// the node's budgets (the calls past them are refused with RESOURCE_EXHAUSTED), its
+/// memory stays within the budget over its idle size, and another caller is served.
+#[test]
+fn messages_held_for_validation_stay_within_the_memory_budgets() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let proto =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto/test.proto");
+    let budget: u64 = 48 << 20;
+    let cfg = node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"{}\"]\n\
+             schema = {{ proto = [\"{}\"] }}\nmax_message_bytes = \"4MiB\"\ntimeout = \"60s\"\n",
+            up.url(Proto::H2c),
+            proto.display()
+        ),
+    )
+    .replace(
+        "drain_timeout = \"10s\"\n",
+        "drain_timeout = \"10s\"\nmemory_budget = \"48MiB\"\n",
+    )
+    .replace(
+        "name = \"internal\"\nbind = \"127.0.0.1:0\"\n",
+        "name = \"internal\"\nbind = \"127.0.0.1:0\"\nconnection_memory_budget = \"12MiB\"\n",
+    );
+    assert!(cfg.contains("memory_budget = \"48MiB\"") && cfg.contains("connection_memory_budget"));
+    let fp = Fedport::start(&cfg);
+    let port = fp.port("internal");
+    let idle = crate::support::status_kib(fp.pid(), "VmRSS");
+    let held = "fedport_memory_held_bytes";
+
+    // 6 connections × 8 calls × 2 MiB: 96 MiB asked to be held, twice the node's budget
+    let args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--conns",
+        "6",
+        "--streams",
+        "8",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--size".into(),
+        (2 << 20).to_string(),
+        "--seconds".into(),
+        "6".into(),
+    ])
+    .chain(["--ca".into(), pki.ca.display().to_string()])
+    .chain(["--cert".into(), pki.client.cert.display().to_string()])
+    .chain(["--key".into(), pki.client.key.display().to_string()])
+    .collect();
+    let attacker = std::thread::spawn(move || {
+        let out = Command::new("python3")
+            .arg(py("h2_hold.py"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    });
+    let mut most = 0.0f64;
+    wait_until("the budget filled", Duration::from_secs(30), || {
+        let h = fp.metric(held);
+        most = most.max(h);
+        h >= (budget as f64) * 0.5
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    most = most.max(fp.metric(held));
+    assert!(most <= budget as f64, "held {most} of a {budget} budget");
+
+    // another caller's call is served meanwhile: its message arrives whole, so nothing
+    // of it is held
+    let before = up.hits();
+    let msg = [0u8, 0, 0, 0, 4, 0x0a, 0x02, b'h', b'i'];
+    let case = serde_json::json!([{
+        "proto": "h2", "method": "POST", "path": "/test.Echo/Say", "authority": "localhost",
+        "headers": [["content-type", "application/grpc"], ["te", "trailers"]],
+        "body_hex": msg.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    }]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("case.json");
+    std::fs::write(&file, case.to_string()).unwrap();
+    let out = Command::new("python3")
+        .arg(py("raw_request.py"))
+        .arg(&file)
+        .args(["--port", &port.to_string()])
+        .args(["--ca", &pki.ca.display().to_string()])
+        .args(["--cert", &pki.client.cert.display().to_string()])
+        .args(["--key", &pki.client.key.display().to_string()])
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], 200, "{r}");
+    assert!(r["headers"]["fed-refused"].is_null(), "{r}");
+    assert_eq!(up.hits(), before + 1);
+
+    let v = attacker.join().unwrap();
+    eprintln!("{v}; held at most {most} bytes");
+    let refused = v["answered"]["8"].as_u64().unwrap_or(0);
+    assert!(refused > 0, "calls past the budgets were refused: {v}");
+    assert!(
+        v["held"].as_u64().unwrap() > 0,
+        "calls within them were held: {v}"
+    );
+    wait_until("refusals counted", Duration::from_secs(3), || {
+        fp.metric(r#"fedport_rejections_total{listener="internal",reason="memory"}"#)
+            >= refused as f64
+    });
+    let peak = fp.peak_rss_kib();
+    eprintln!("RSS idle {idle} KiB, peak {peak} KiB");
+    // the budget, and what the codec's windows and TLS buffers may add on top
+    assert!(
+        peak <= idle + (budget >> 10) + (24 << 10),
+        "peak RSS {peak} KiB over idle {idle} KiB + a {} KiB budget",
+        budget >> 10
+    );
+    wait_until("all given back", Duration::from_secs(10), || {
+        fp.metric(held) == 0.0
+    });
+}
+
+/// A caller sending a stream of small gzip bombs (a few KiB each, each inflating to a
+/// valid 4 MiB message) does not hold the worker: inflation goes 256 KiB a turn and
+/// takes at most half of the worker's time, so another caller on the same (only)
+/// worker is served meanwhile.
+#[test]
+fn a_stream_of_gzip_bombs_does_not_hold_the_worker() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let proto =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto/test.proto");
+    let fp = Fedport::start(&one_worker(node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"{0}\"]\n\
+             schema = {{ proto = [\"{1}\"] }}\nmax_message_bytes = \"8MiB\"\ntimeout = \"60s\"\n\
+             [[service]]\nname = \"other\"\nprotocol = \"http\"\nendpoints = [\"{0}\"]\n",
+            up.url(Proto::H2c),
+            proto.display()
+        ),
+    )));
+    let port = fp.port("internal");
+    let args: Vec<String> = [
+        "--bombs",
+        "--port",
+        &port.to_string(),
+        "--path",
+        "/test.Echo/Chat",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--size".into(),
+        (4 << 20).to_string(),
+        "--seconds".into(),
+        "6".into(),
+    ])
+    .chain(["--ca".into(), pki.ca.display().to_string()])
+    .chain(["--cert".into(), pki.client.cert.display().to_string()])
+    .chain(["--key".into(), pki.client.key.display().to_string()])
+    .collect();
+    let attacker = std::thread::spawn(move || {
+        let out = Command::new("python3")
+            .arg(py("h2_hold.py"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    // the bombs are being inflated now: fedport's CPU over the next seconds, and
+    // another caller's calls meanwhile
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", fp.pid())).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let (t0, c0) = (std::time::Instant::now(), ticks());
+    let c = pki.curl_client();
+    let url = format!("https://localhost:{port}/x");
+    let mut served = 0;
+    for _ in 0..10 {
+        let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+        a.extend(["--max-time", "2", "-H", "fed-service: other", &url]);
+        if curl(&a).0 == 200 {
+            served += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let hz = 100.0; // USER_HZ
+    let share = (ticks() - c0) as f64 / hz / t0.elapsed().as_secs_f64();
+    let v = attacker.join().unwrap();
+    eprintln!("{v}");
+    assert!(v["bombs_sent"].as_u64().unwrap() > 20, "{v}");
+    assert_eq!(
+        served, 10,
+        "every call of the other caller was served while bombs inflated"
+    );
+    // inflation takes at most half of the worker; the rest of the work (TLS, the
+    // codec, sending the bombs on) stays well under the other half
+    eprintln!(
+        "fedport used {:.0}% of a core while the bombs came",
+        share * 100.0
+    );
+    assert!(
+        share < 0.85,
+        "inflation held the worker: {:.0}% of a core",
+        share * 100.0
+    );
+}
