@@ -603,3 +603,120 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
     assert!(!seen.is_empty());
     assert!(seen.iter().all(|h| h == "inventory"), "{seen:?}");
 }
+
+/// What was authorized is what reaches the service: whatever host a caller names, the
+/// service's endpoints are told the authority of the service the request was routed
+/// and authorized for — over http://, h2c:// and https://, from HTTP/1.1 and HTTP/2
+/// callers — so a caller granted one service never reaches another's virtual host on an
+/// upstream both share; a host naming the other service is refused.
+#[test]
+fn the_service_is_told_the_authority_it_was_authorized_for() {
+    let pki = Pki::new();
+    let files = fedport::identity::TlsFiles {
+        cert: pki.node.cert.clone(),
+        key: pki.node.key.clone(),
+        ca: pki.ca.clone(),
+    };
+    let ups = [
+        ("http", upstream::start(Proto::Http1)),
+        ("h2c", upstream::start(Proto::H2c)),
+        ("https-h2", upstream::start_tls(Proto::H2c, &files)),
+        ("https-h1", upstream::start_tls(Proto::Http1, &files)),
+    ];
+    let mut services = String::new();
+    for (name, up) in &ups {
+        let proto = if name.ends_with("h1") || *name == "http" {
+            Proto::Http1
+        } else {
+            Proto::H2c
+        };
+        // a granted service and a secret one on the same upstream, and one with an
+        // authority of its own
+        for (svc, extra) in [
+            ("pub", ""),
+            ("secret", ""),
+            ("named", "authority = \"named.internal.example:8443\"\n"),
+        ] {
+            services.push_str(&format!(
+                "[[service]]\nname = \"{svc}-{}\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n{extra}",
+                name.replace('-', ""),
+                up.url(proto)
+            ));
+        }
+    }
+    let mut rules = String::new();
+    for (name, _) in &ups {
+        for svc in ["pub", "named"] {
+            rules.push_str(&format!(
+                "[[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"{svc}-{}\"\n",
+                name.replace('-', "")
+            ));
+        }
+    }
+    let fp = Fedport::start(&node_config_with_rules(&pki, &services, &rules));
+    let port = fp.port("internal");
+    for (name, up) in &ups {
+        let n = name.replace('-', "");
+        let before = up.hits();
+        for caller in ["h1", "h2"] {
+            let mut cases = Vec::new();
+            let mut wants = Vec::new();
+            for (host, svc, want) in [
+                // a host that names no service: routed by fed-service, told its own name
+                (
+                    "127.0.0.1:7443".to_owned(),
+                    format!("pub-{n}"),
+                    Ok(format!("pub-{n}")),
+                ),
+                (
+                    "localhost".to_owned(),
+                    format!("named-{n}"),
+                    Ok("named.internal.example:8443".into()),
+                ),
+                // the secret service's host, on a request routed to the granted one
+                (
+                    format!("secret-{n}.fed.test"),
+                    format!("pub-{n}"),
+                    Err("misdirected"),
+                ),
+            ] {
+                let host: &'static str = Box::leak(host.into_boxed_str());
+                let svc: &'static str = Box::leak(svc.into_boxed_str());
+                let (authority, mut headers) = match caller {
+                    "h2" => (Some(host), vec![]),
+                    _ => (None, vec![("host", host)]),
+                };
+                headers.push(("fed-service", svc));
+                cases.push(Case {
+                    name: format!("{name} {caller} {host} -> {svc}"),
+                    method: "GET",
+                    path: "/who",
+                    authority,
+                    headers,
+                    body: vec![],
+                    want: Served,
+                });
+                wants.push(want);
+            }
+            let results = run(&pki, port, caller, &cases);
+            for ((c, r), want) in cases.iter().zip(results).zip(wants) {
+                match want {
+                    Ok(authority) => {
+                        assert_eq!(r["status"], 200, "{}: {r}", c.name);
+                        let seen: serde_json::Value =
+                            serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+                        assert_eq!(seen["authority"], authority.as_str(), "{}: {seen}", c.name);
+                    }
+                    Err(reason) => {
+                        assert_eq!(r["headers"]["fed-refused"], reason, "{}: {r}", c.name)
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            up.hits() - before,
+            4,
+            "{name}: the served calls, and only those"
+        );
+    }
+}

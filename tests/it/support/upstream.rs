@@ -32,6 +32,8 @@ pub struct Upstream {
     /// The headers of every request that arrived (the last 10,000), in order.
     pub seen: Arc<Mutex<Vec<http::HeaderMap>>>,
     running: tokio::sync::watch::Sender<bool>,
+    /// Serves TLS (`https://localhost:PORT`).
+    tls: bool,
 }
 
 impl Upstream {
@@ -41,6 +43,7 @@ impl Upstream {
 
     pub fn url(&self, proto: Proto) -> String {
         match proto {
+            _ if self.tls => format!("https://localhost:{}", self.addr.port()),
             Proto::Http1 => format!("http://{}", self.addr),
             Proto::H2c => format!("h2c://{}", self.addr),
         }
@@ -83,6 +86,23 @@ impl Upstream {
 /// Besides `/slow?ms=N`, a request header `x-sleep-ms: N` makes it wait before answering,
 /// and `x-reply-fed-refused: V` makes it answer 503 with `fed-refused: V`.
 pub fn start(proto: Proto) -> Upstream {
+    start_with(proto, None)
+}
+
+/// [`start`] behind TLS with `files` (offering only `proto` by ALPN: h2 for
+/// [`Proto::H2c`], http/1.1 for [`Proto::Http1`]); clients must present a certificate
+/// of the same CA.
+pub fn start_tls(proto: Proto, files: &fedport::identity::TlsFiles) -> Upstream {
+    let alpn: &[&[u8]] = match proto {
+        Proto::H2c => &[b"h2"],
+        Proto::Http1 => &[b"http/1.1"],
+    };
+    let cfg = fedport::identity::server_config(files, alpn, false, None).unwrap();
+    start_with(proto, Some(tokio_rustls::TlsAcceptor::from(cfg)))
+}
+
+fn start_with(proto: Proto, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
+    let is_tls = tls.is_some();
     let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_l.set_nonblocking(true).unwrap();
     let addr = std_l.local_addr().unwrap();
@@ -127,6 +147,7 @@ pub fn start(proto: Proto) -> Upstream {
                     s.set_nodelay(true).unwrap();
                     c.fetch_add(1, Ordering::SeqCst);
                     let (h, inf, pk, sn) = (h.clone(), inf.clone(), pk.clone(), sn.clone());
+                    let tls = tls.clone();
                     tasks.spawn(async move {
                         let svc = service_fn(move |req: Request<Incoming>| {
                             h.fetch_add(1, Ordering::SeqCst);
@@ -145,7 +166,14 @@ pub fn start(proto: Proto) -> Upstream {
                                 r
                             }
                         });
-                        let io = TokioIo::new(s);
+                        let io: Box<dyn Io> = match &tls {
+                            Some(acceptor) => match acceptor.accept(s).await {
+                                Ok(t) => Box::new(t),
+                                Err(_) => return,
+                            },
+                            None => Box::new(s),
+                        };
+                        let io = TokioIo::new(io);
                         match proto {
                             Proto::Http1 => {
                                 let _ = hyper::server::conn::http1::Builder::new()
@@ -180,8 +208,13 @@ pub fn start(proto: Proto) -> Upstream {
         peak,
         seen,
         running,
+        tls: is_tls,
     }
 }
+
+/// A connection's byte stream, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
@@ -284,6 +317,9 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             "method": req.method().as_str(),
             "path": path,
             "version": format!("{:?}", req.version()),
+            // the authority the request was for: HTTP/2's :authority, else Host
+            "authority": req.uri().authority().map(|a| a.to_string())
+                .or_else(|| req.headers().get("host").and_then(|h| h.to_str().ok()).map(str::to_owned)),
             "headers": headers,
         }),
     );
