@@ -652,6 +652,25 @@ impl<T: Io> Drop for Guarded<T> {
     }
 }
 
+/// For property tests and fuzzing: feeds `chunks` (what a client sends, cut as the
+/// reads would cut it) to a guard on a connection that is HTTP/2 by ALPN (or not);
+/// returns how many bytes of each chunk would reach the codec, and why the connection
+/// was cut, if it was.
+#[doc(hidden)]
+pub fn inspect_chunks(alpn_h2: bool, chunks: &[&[u8]]) -> (Vec<usize>, Option<&'static str>) {
+    let (a, _b) = tokio::io::duplex(64);
+    let mut g = Guarded::new(a, Limits::new(64 * 1024, Duration::from_secs(10)), alpn_h2);
+    let mut kept = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        if g.trip.reason().is_some() {
+            kept.push(0);
+            continue;
+        }
+        kept.push(g.inspect(c));
+    }
+    (kept, g.trip.reason())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,8 +126,12 @@ proptest! {
         let ours = wire.check(&bytes, false);
         let theirs = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice());
         // never more lenient; stricter only on a wire type that does not fit its field,
-        // which prost-reflect's map decoding does not look at
-        let stricter = ours.as_ref().is_err_and(|e| e.contains("wrong wire type"));
+        // which prost-reflect's map decoding does not look at, and on an end-group tag
+        // that ends no group, where prost-reflect stops decoding and leaves the rest
+        // unread (a service would see a message the bytes after it never reached)
+        let stricter = ours
+            .as_ref()
+            .is_err_and(|e| e.contains("wrong wire type") || e.contains("unexpected end-group"));
         prop_assert!(ours.is_ok() == theirs.is_ok() || (stricter && theirs.is_ok()),
             "ours {:?}, prost-reflect {:?}, bytes {:02x?}", ours, theirs.err(), bytes);
     }
@@ -186,4 +190,155 @@ fn edge_cases_agree() {
 #[test]
 fn the_wire_validator_agrees_on_edge_cases() {
     edge_cases_agree();
+}
+
+/// A stream of HTTP/2 frames (after the preface) built from arbitrary parts: types,
+/// flags, stream ids and lengths, with payloads of that length.
+fn frames(parts: &[(u8, u8, u32, u16)]) -> Vec<u8> {
+    let mut b = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    for &(kind, flags, stream, len) in parts {
+        let len = (len % 2048) as usize;
+        b.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+        b.extend_from_slice(&[kind % 12, flags]);
+        b.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        b.extend(std::iter::repeat_n(0u8, len));
+    }
+    b
+}
+
+/// Cuts `b` at the given points (as reads would).
+fn cut<'a>(b: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut at: Vec<usize> = cuts.iter().map(|c| c % (b.len() + 1)).collect();
+    at.sort_unstable();
+    at.dedup();
+    let mut out = Vec::new();
+    let mut prev = 0;
+    for c in at.into_iter().chain(std::iter::once(b.len())) {
+        out.push(&b[prev..c]);
+        prev = c;
+    }
+    out
+}
+
+/// The gRPC framer over `test.Msg`, gzip allowed, with a small limit.
+fn framer() -> fedport::schema::Framer {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto");
+    let mut c = protox::Compiler::new([dir]).unwrap();
+    c.open_file("test.proto").unwrap();
+    let msg = c.descriptor_pool().get_message_by_name("test.Msg").unwrap();
+    let check = fedport::schema::ProtoCheck {
+        message: std::sync::Arc::new(fedport::schema::wire::Compiled::new(&msg)),
+        strict: true,
+    };
+    fedport::schema::Framer::new(check, 4096, true)
+}
+
+/// Feeds a framer chunk by chunk (resuming until it has nothing left to do): what it
+/// passed on, and whether it refused.
+fn frame_all(chunks: &[&[u8]]) -> (Vec<u8>, bool) {
+    use fedport::schema::More;
+    let mut f = framer();
+    let mut out = Vec::new();
+    for c in chunks {
+        let mut step = f.push(bytes::Bytes::copy_from_slice(c));
+        loop {
+            out.extend(step.out.take().unwrap_or_default());
+            if step.refusal.is_some() {
+                return (out, true);
+            }
+            match step.more {
+                More::No => break,
+                More::Now | More::At(_) => step = f.resume(),
+            }
+        }
+    }
+    (out, false)
+}
+
+/// A gRPC stream built from arbitrary messages: flags, declared lengths near the true
+/// ones, and payloads (some valid `test.Msg`s, some gzipped).
+fn grpc_stream(parts: &[(u8, u8, Vec<u8>)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (flag, skew, body) in parts {
+        let body = match flag % 4 {
+            // a valid message: field 1, a string of the bytes made ASCII
+            0 | 1 => {
+                let s: Vec<u8> = body.iter().map(|c| b'a' + c % 26).collect();
+                let mut m = vec![0x0a, s.len() as u8];
+                m.extend(s);
+                if flag % 4 == 1 {
+                    use std::io::Write;
+                    let mut e =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    e.write_all(&m).unwrap();
+                    e.finish().unwrap()
+                } else {
+                    m
+                }
+            }
+            _ => body.clone(),
+        };
+        let compressed = u8::from(flag % 4 == 1 || flag % 4 == 3);
+        let len = (body.len() as i64 + i64::from(*skew as i8 % 3)).max(0) as u32;
+        b.push(compressed);
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(&body);
+    }
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(500), ..ProptestConfig::default() })]
+
+    /// The HTTP/2 frame guard never panics, never passes more than it is given, and
+    /// decides the same however the reads cut the frames.
+    #[test]
+    fn the_frame_guard_decides_the_same_however_reads_cut_the_bytes(
+        parts in proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u32>(), any::<u16>()), 0..60),
+        cuts in proptest::collection::vec(any::<usize>(), 0..20),
+    ) {
+        let b = frames(&parts);
+        let (_, whole) = fedport::listen::h2guard::inspect_chunks(true, &[&b]);
+        let chunks = cut(&b, &cuts);
+        let (kept, pieces) = fedport::listen::h2guard::inspect_chunks(true, &chunks);
+        prop_assert_eq!(whole, pieces);
+        for (k, c) in kept.iter().zip(&chunks) {
+            prop_assert!(*k <= c.len());
+        }
+    }
+
+    /// Arbitrary bytes, HTTP/2 by ALPN or not: the guard never panics.
+    #[test]
+    fn the_frame_guard_never_panics_on_bytes(
+        bytes in proptest::collection::vec(any::<u8>(), 0..400),
+        cuts in proptest::collection::vec(any::<usize>(), 0..10),
+        alpn in any::<bool>(),
+    ) {
+        let _ = fedport::listen::h2guard::inspect_chunks(alpn, &cut(&bytes, &cuts));
+    }
+
+    /// The gRPC framer never panics, passes on a prefix of what it was given made of
+    /// whole messages, and passes the same however the stream is cut; what it does not
+    /// refuse it passes whole.
+    #[test]
+    fn the_grpc_framer_passes_the_same_however_the_stream_is_cut(
+        parts in proptest::collection::vec((any::<u8>(), any::<u8>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..12),
+        cuts in proptest::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let stream = grpc_stream(&parts);
+        let (whole, refused) = frame_all(&[&stream]);
+        let (pieces, refused2) = frame_all(&cut(&stream, &cuts));
+        prop_assert_eq!(&whole, &pieces);
+        prop_assert_eq!(refused, refused2);
+        prop_assert!(stream.starts_with(&whole));
+    }
+
+    /// Arbitrary bytes: the framer never panics.
+    #[test]
+    fn the_grpc_framer_never_panics_on_bytes(
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        cuts in proptest::collection::vec(any::<usize>(), 0..10),
+    ) {
+        let _ = frame_all(&cut(&bytes, &cuts));
+    }
 }
