@@ -94,6 +94,52 @@ impl MediaType<'_> {
     }
 }
 
+/// A request's `content-type` fields, read once: the first, whether there were more,
+/// whether any says gRPC. Parsed from here as often as needed, without looking the
+/// header up again.
+#[derive(Debug, Clone, Default)]
+pub struct ContentTypeField {
+    first: Option<http::HeaderValue>,
+    many: bool,
+    any_grpc: bool,
+}
+
+impl ContentTypeField {
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut f = Self::default();
+        for v in headers.get_all(header::CONTENT_TYPE) {
+            f.any_grpc |= v
+                .to_str()
+                .ok()
+                .and_then(parse_media_type)
+                .is_some_and(|m| m.is_grpc());
+            if f.first.is_some() {
+                f.many = true;
+            } else {
+                f.first = Some(v.clone());
+            }
+        }
+        f
+    }
+
+    /// Some field says gRPC: the caller speaks it and is answered in it, even when the
+    /// request is refused for having more than one.
+    pub fn claims_grpc(&self) -> bool {
+        self.any_grpc
+    }
+
+    pub fn parse(&self) -> ContentType<'_> {
+        match (&self.first, self.many) {
+            (None, _) => ContentType::Absent,
+            (Some(_), true) => ContentType::Many,
+            (Some(v), false) => match v.to_str().ok().and_then(parse_media_type) {
+                Some(m) => ContentType::One(m),
+                None => ContentType::Invalid,
+            },
+        }
+    }
+}
+
 /// What a request says its body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentType<'a> {
@@ -105,35 +151,10 @@ pub enum ContentType<'a> {
     Many,
 }
 
-impl<'a> ContentType<'a> {
-    pub fn of(headers: &'a HeaderMap) -> Self {
-        let mut all = headers.get_all(header::CONTENT_TYPE).iter();
-        let Some(v) = all.next() else {
-            return ContentType::Absent;
-        };
-        if all.next().is_some() {
-            return ContentType::Many;
-        }
-        match v.to_str().ok().and_then(parse_media_type) {
-            Some(m) => ContentType::One(m),
-            None => ContentType::Invalid,
-        }
-    }
-
+impl ContentType<'_> {
     /// The request is a gRPC call: its one content type is `application/grpc…`.
     pub fn is_grpc(&self) -> bool {
         matches!(self, ContentType::One(m) if m.is_grpc())
-    }
-
-    /// Some `content-type` field says gRPC: the caller speaks it and is answered in it,
-    /// even when the request is refused for having more than one.
-    pub fn claims_grpc(headers: &HeaderMap) -> bool {
-        headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
-            v.to_str()
-                .ok()
-                .and_then(parse_media_type)
-                .is_some_and(|m| m.is_grpc())
-        })
     }
 
     /// Whether the request must be refused by a service that checks formats: more

@@ -379,8 +379,6 @@ fn spawn_stream(
     let (parts, recv) = req.into_parts();
     let state = Arc::new(StreamState::new(shared.idle));
     let length = content_length(&parts.headers);
-    let grpc = crate::request::ContentType::claims_grpc(&parts.headers);
-    let rid = parts.headers.get("x-request-id").cloned();
     let req = http::Request::from_parts(parts, CallerBody::h2(recv, length, state.clone()));
     // Boxed: the request's state machine is several KiB; inline, the task would be
     // that large and copied whole into its allocation (memmove was 12% of the CPU so)
@@ -391,8 +389,6 @@ fn spawn_stream(
         state,
         slot,
         respond,
-        grpc,
-        rid,
         phase: Phase::Answer(handler),
         woken_by_timer: false,
     });
@@ -409,8 +405,6 @@ struct Stream<F> {
     state: Arc<StreamState>,
     slot: usize,
     respond: h2::server::SendResponse<Bytes>,
-    grpc: bool,
-    rid: Option<http::HeaderValue>,
     phase: Phase<F>,
     /// The timer has the task's waker.
     woken_by_timer: bool,
@@ -515,12 +509,9 @@ impl<F> Stream<F> {
     /// The refusal for a stream that sat idle before its answer began.
     fn answer_idle(&mut self) {
         let reject = Reject::StreamIdle(self.state.idle().as_millis() as u64);
-        let id = self
-            .rid
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
-        let (head, body) = reject.answer(self.grpc, id);
+        let (grpc, rid) = self.state.answered_as();
+        let id = rid.and_then(|v| v.to_str().ok()).unwrap_or("-");
+        let (head, body) = reject.answer(grpc, id);
         if let Ok(mut tx) = self
             .respond
             .send_response(http::Response::from_parts(head, ()), body.is_empty())

@@ -27,6 +27,10 @@ pub struct StreamState {
     /// Set by the timer once nothing moved for the idle timeout; the task is woken.
     expired: AtomicBool,
     waker: std::sync::Mutex<Option<std::task::Waker>>,
+    /// How a refusal of the stream itself is answered: in gRPC or not, with the
+    /// request's id (set by the request path).
+    grpc: AtomicBool,
+    request_id: std::sync::OnceLock<http::HeaderValue>,
 }
 
 impl StreamState {
@@ -39,6 +43,8 @@ impl StreamState {
             still_ms: AtomicU64::new(0),
             expired: AtomicBool::new(false),
             waker: std::sync::Mutex::new(None),
+            grpc: AtomicBool::new(false),
+            request_id: std::sync::OnceLock::new(),
         }
     }
 
@@ -95,6 +101,17 @@ impl StreamState {
             .store(idle.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// How the stream's own refusals are answered.
+    pub fn answer_as(&self, grpc: bool, request_id: &http::HeaderValue) {
+        self.grpc.store(grpc, Ordering::Relaxed);
+        let _ = self.request_id.set(request_id.clone());
+    }
+
+    /// Whether the caller speaks gRPC, and the request's id, for the stream's refusals.
+    pub fn answered_as(&self) -> (bool, Option<&http::HeaderValue>) {
+        (self.grpc.load(Ordering::Relaxed), self.request_id.get())
+    }
+
     pub fn start(&self) {
         self.started.store(true, Ordering::Relaxed);
     }
@@ -118,6 +135,7 @@ impl CallerBody {
     ) -> Self {
         CallerBody::H2(H2Body {
             recv,
+            ended: std::cell::Cell::new(false),
             left: length,
             data_done: false,
             state,
@@ -130,6 +148,8 @@ impl CallerBody {
 /// the caller may have outstanding, never what fedport sits on.
 pub struct H2Body {
     recv: h2::RecvStream,
+    /// The codec said the body ended (asking it takes a lock).
+    ended: std::cell::Cell<bool>,
     /// What the declared content-length still owes (h2 itself refuses a mismatch).
     left: Option<u64>,
     data_done: bool,
@@ -137,6 +157,15 @@ pub struct H2Body {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl H2Body {
+    fn is_end_stream(&self) -> bool {
+        if !self.ended.get() && self.recv.is_end_stream() {
+            self.ended.set(true);
+        }
+        self.ended.get()
+    }
+}
 
 impl Body for CallerBody {
     type Data = Bytes;
@@ -175,7 +204,7 @@ impl Body for CallerBody {
     fn is_end_stream(&self) -> bool {
         match self {
             CallerBody::H1(b) => b.is_end_stream(),
-            CallerBody::H2(b) => b.recv.is_end_stream(),
+            CallerBody::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -184,7 +213,7 @@ impl Body for CallerBody {
             CallerBody::H1(b) => b.size_hint(),
             CallerBody::H2(b) => match b.left {
                 Some(n) => SizeHint::with_exact(n),
-                None if b.recv.is_end_stream() => SizeHint::with_exact(0),
+                None if b.is_end_stream() => SizeHint::with_exact(0),
                 None => SizeHint::default(),
             },
         }

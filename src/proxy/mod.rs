@@ -325,7 +325,8 @@ pub async fn handle(
     let conn = current(conn);
     let w = conn.worker.clone();
     let mut req = req;
-    let grpc = ContentType::claims_grpc(req.headers());
+    let ct = request::ContentTypeField::of(req.headers());
+    let grpc = ct.claims_grpc();
     let head = req.method() == http::Method::HEAD;
     let rid = request_id(req.headers());
     // W3C trace context: the caller's trace goes on with a span of this hop
@@ -388,7 +389,10 @@ pub async fn handle(
         outstanding: None,
         h1: None,
     };
-    let forwarded = forward(req, &conn, &w, grpc, &rid, &mut routed, stream.as_deref()).await;
+    if let Some(s) = &stream {
+        s.answer_as(grpc, &rid);
+    }
+    let forwarded = forward(req, &conn, &w, &ct, &rid, &mut routed, stream.as_deref()).await;
     open.hand_over();
     match forwarded {
         Ok(fwd) => {
@@ -503,11 +507,12 @@ async fn forward(
     req: Request<CallerBody>,
     conn: &ConnCtx,
     w: &Worker,
-    grpc: bool,
+    ct: &request::ContentTypeField,
     rid: &HeaderValue,
     routed: &mut Routed,
     stream: Option<&StreamState>,
 ) -> Result<Forwarded, Reject> {
+    let grpc = ct.claims_grpc();
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     // Everything decided before a byte goes upstream; a refusal here first reads and
@@ -545,7 +550,7 @@ async fn forward(
         routed.service = Some(idx);
         // which of two content types would the service read? and what is not a media
         // type is none: refused by a service that checks formats, before anything else
-        let ct = ContentType::of(&parts.headers);
+        let ct = ct.parse();
         let checks_formats = !service.formats.is_empty()
             || service.protocol == Protocol::Grpc
             || service.proto.is_some()
@@ -663,7 +668,6 @@ async fn forward(
         }
 
         // what the service accepts: its content types, and its message size
-        let ct = ContentType::of(&parts.headers);
         let carries_body = !body_ref.is_end_stream() || ct != ContentType::Absent;
         let accepted = match ct {
             ContentType::Many | ContentType::Invalid => !checks_formats,
