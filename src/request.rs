@@ -36,9 +36,12 @@ pub fn segments(path: &str) -> impl Iterator<Item = Segment<'_>> {
 
 /// Whether a request path is free of what servers resolve differently from a prefix
 /// check: dot segments (`/a/../b`, also percent-encoded or with `;params` as Tomcat
-/// reads them), encoded slashes or backslashes, a literal backslash, an encoded NUL.
-/// Clients normalise paths before sending (RFC 3986 5.2.4); one that did not would
-/// let `GET /public/../admin` pass a rule for `/public`, so it is refused instead.
+/// reads them), encoded slashes, backslashes or semicolons, a literal backslash, an
+/// encoded NUL; and escapes that do not decode once to UTF-8 — `%u002e` (IIS, old
+/// Jetty), an escaped `%` (`%252e`, for servers that decode twice), overlong UTF-8
+/// (`%c0%ae`), a `%` not followed by two hex digits. Clients normalise paths before
+/// sending (RFC 3986 5.2.4); one that did not would let `GET /public/../admin` pass a
+/// rule for `/public`, so it is refused instead.
 pub fn path_is_normal(path: &str) -> bool {
     if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
         return true;
@@ -46,14 +49,61 @@ pub fn path_is_normal(path: &str) -> bool {
     if path.contains('\\') {
         return false;
     }
+    let b = path.as_bytes();
+    let mut i = 0;
+    while let Some(at) = b[i..].iter().position(|c| *c == b'%') {
+        let at = i + at;
+        let hex = |c: Option<&u8>| c.is_some_and(u8::is_ascii_hexdigit);
+        if !(hex(b.get(at + 1)) && hex(b.get(at + 2))) {
+            return false;
+        }
+        i = at + 3;
+    }
     let lower = path.to_ascii_lowercase();
-    if ["%2f", "%5c", "%00"].iter().any(|e| lower.contains(e)) {
+    if ["%2f", "%5c", "%00", "%25", "%3b"]
+        .iter()
+        .any(|e| lower.contains(e))
+    {
+        return false;
+    }
+    if percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .is_err()
+    {
         return false;
     }
     !lower.split('/').any(|seg| {
         let seg = seg.split(';').next().unwrap_or("");
         let dots = seg.replace("%2e", ".");
         dots == "." || dots == ".."
+    })
+}
+
+/// Headers and parameters with which frameworks let a request stand for another
+/// method (Express `method-override`, ASP.NET Core, Symfony, Laravel, Jersey): fedport
+/// authorizes, and judges idempotent, by the request's own method, so a request that
+/// names another is refused rather than let a `POST` grant become a `DELETE`.
+pub fn overrides_method(headers: &HeaderMap, query: Option<&str>) -> bool {
+    const NAMES: [&str; 3] = [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ];
+    headers.keys().any(|k| {
+        let n = k.as_str();
+        NAMES.iter().any(|m| {
+            n.len() == m.len()
+                && n.bytes()
+                    .zip(m.bytes())
+                    .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+        })
+    }) || query.is_some_and(|q| {
+        q.split('&').any(|kv| {
+            let k = kv.split('=').next().unwrap_or("");
+            percent_encoding::percent_decode_str(k)
+                .decode_utf8_lossy()
+                .eq_ignore_ascii_case("_method")
+        })
     })
 }
 
@@ -83,6 +133,13 @@ pub struct MediaType<'a> {
 impl MediaType<'_> {
     pub fn is(&self, essence: &str) -> bool {
         self.essence.eq_ignore_ascii_case(essence)
+    }
+
+    /// `application/json`, or a `+json` type (`application/problem+json`).
+    pub fn is_json(&self) -> bool {
+        let e = self.essence.as_bytes();
+        self.is("application/json")
+            || (e.len() > 5 && e[e.len() - 5..].eq_ignore_ascii_case(b"+json"))
     }
 
     /// `application/grpc` or `application/grpc+FORMAT`.

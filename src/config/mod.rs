@@ -344,9 +344,9 @@ impl Segment {
 
 impl JsonRoute {
     /// Whether a request is for this route, with its path read the way servers route
-    /// it: empty segments (`//`, a trailing `/`) are skipped, `;params` are dropped and
-    /// percent-escapes decoded, so that `/v1/orders/`, `/v1/orders;x=1` and
-    /// `/v1/%6Frders` are validated as `/v1/orders` is.
+    /// it: empty segments (`//`, a trailing `/`) are skipped, `;params` are dropped,
+    /// percent-escapes decoded and letters compared in any case, so that `/v1/orders/`,
+    /// `/v1/orders;x=1`, `/v1/%6Frders` and `/V1/Orders` are validated as `/v1/orders` is.
     pub fn matches(&self, method: &str, path: &str) -> bool {
         if self.method != method {
             return false;
@@ -358,7 +358,9 @@ impl JsonRoute {
             .filter(|t| !matches!(t, Segment::Literal(l) if l.is_empty()));
         for t in template {
             match (t, segs.next()) {
-                (Segment::Literal(l), Some(s)) if *l == *s => {}
+                // in any case: Express and ASP.NET Core route `/v1/RESERVE` to the
+                // handler of `/v1/reserve`, which must not get it unvalidated
+                (Segment::Literal(l), Some(s)) if l.eq_ignore_ascii_case(&s) => {}
                 (Segment::Param, Some(_)) => {}
                 _ => return false,
             }

@@ -28,7 +28,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     h.remove("keep-alive");
     h.remove("proxy-connection");
-    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+    if h.get_all(header::TE).iter().any(|v| v != "trailers") {
         h.remove(header::TE);
     }
 }
@@ -36,10 +36,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Whether a header is one only fedport may set: one with which meshes, load
 /// balancers and authenticating proxies tell a service who is calling, from where, or
 /// how to route it on — services trust them because a proxy in front of them is
-/// supposed to have set them. Families go by prefix: fedport's own (`fed-*`), Envoy's
-/// (`x-envoy-*`, which an Envoy sidecar obeys, e.g. to retry or time out), linkerd's
-/// (`l5d-*`; `l5d-dst-override` reroutes), TLS-terminating proxies' (`x-ssl-*`),
-/// oauth2-proxy's (`x-auth-request-*`), AWS ALB's and Azure's. `_` counts as `-`:
+/// supposed to have set them. Families go by prefix: fedport's own (`fed-*`),
+/// `x-forwarded-*` and `x-original-*`, client certificates forwarded by balancers
+/// (`x-client-cert*`, `x-amzn-mtls-*`, `x-arr-*`, `x-ssl-*`), Envoy's (`x-envoy-*`, which
+/// an Envoy sidecar obeys, e.g. to retry or time out), linkerd's (`l5d-*`;
+/// `l5d-dst-override` reroutes), oauth2-proxy's (`x-auth-request-*`), AWS ALB's and
+/// Azure's. `_` counts as `-`:
 /// CGI-style servers (WSGI, Rack, PHP) read `X_Forwarded_For` as `X-Forwarded-For`.
 pub fn is_claim(name: &HeaderName) -> bool {
     let n = name.as_str();
@@ -60,24 +62,7 @@ pub fn is_claim(name: &HeaderName) -> bool {
     matches!(
         n,
         "forwarded"
-            | "x-forwarded-for"
-            | "x-forwarded-host"
-            | "x-forwarded-proto"
-            | "x-forwarded-port"
-            | "x-forwarded-prefix"
-            | "x-forwarded-server"
-            | "x-forwarded-scheme"
-            | "x-forwarded-ssl"
-            | "x-forwarded-uri"
-            | "x-forwarded-client-cert"
-            | "x-forwarded-user"
-            | "x-forwarded-email"
-            | "x-forwarded-groups"
-            | "x-forwarded-preferred-username"
-            | "x-forwarded-access-token"
-            | "x-original-forwarded-for"
-            | "x-original-url"
-            | "x-original-uri"
+            | "x-host"
             | "x-rewrite-url"
             | "x-real-ip"
             | "x-client-ip"
@@ -87,7 +72,6 @@ pub fn is_claim(name: &HeaderName) -> bool {
             | "cf-connecting-ip"
             | "fastly-client-ip"
             | "x-proxyuser-ip"
-            | "x-client-cert"
             | "x-client-verify"
             | "x-client-dn"
             | "ssl-client-cert"
@@ -106,6 +90,14 @@ pub fn is_claim(name: &HeaderName) -> bool {
             | "x-goog-iap-jwt-assertion"
     ) || [
         "fed-",
+        // x-forwarded-for, -proto, -host, -client-cert, -tls-client-cert (Traefik), …
+        "x-forwarded-",
+        "x-original-",
+        // GCP's x-client-cert-*, and the bare x-client-cert
+        "x-client-cert",
+        "x-amzn-mtls-",
+        // IIS ARR, and ASP.NET Core's certificate forwarding (x-arr-clientcert)
+        "x-arr-",
         "x-envoy-",
         "l5d-",
         "x-ssl-",
@@ -221,6 +213,12 @@ mod tests {
             "fed-peer",
             "fed_caller",
             "x-ssl-client-s-dn",
+            "x-forwarded-tls-client-cert",
+            "x-client-cert-spiffe",
+            "x-amzn-mtls-clientcert",
+            "x-arr-clientcert",
+            "x-original-host",
+            "x-host",
         ] {
             assert!(is_claim(&HeaderName::from_static(n)), "{n}");
         }

@@ -530,6 +530,11 @@ async fn forward(
                 "the path has dot segments or encoded separators; send it normalised (RFC 3986 section 5.2.4)",
             ));
         }
+        if request::overrides_method(&parts.headers, parts.uri.query()) {
+            return Err(Reject::BadRequest(
+                "the request names another method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override or _method); send that method itself",
+            ));
+        }
         if !request::method_is_canonical(parts.method.as_str()) {
             return Err(Reject::BadRequest(
                 "the method is a standard method in another case; methods are case-sensitive (RFC 9110 section 9.1): send it in upper case",
@@ -678,6 +683,12 @@ async fn forward(
             ContentType::Absent => service.formats.is_empty(),
         };
         if carries_body && !accepted {
+            return Err(Reject::Format(service.name.clone(), ct.essence()));
+        }
+        // a body validated as JSON goes on only as JSON: under another type (a form, say)
+        // the service would parse what was never validated
+        let json = matches!(ct, ContentType::One(m) if m.is_json());
+        if json_route.is_some() && carries_body && !json {
             return Err(Reject::Format(service.name.clone(), ct.essence()));
         }
         let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);

@@ -3,6 +3,7 @@
 //! prefix, or on an HTTP body's bytes — never by buffering it first.
 
 pub mod framer;
+pub mod json;
 pub mod wire;
 
 pub use framer::{Framer, More, Refusal, Step};
@@ -22,19 +23,19 @@ pub const DEFAULT_JSON_LIMIT: u64 = 1 << 20;
 /// At most this many violations are reported for one body.
 const MAX_VIOLATIONS: usize = 10;
 
-/// Parses a body as JSON and validates it against the route's schema; every violation
-/// (up to a cap) with its JSON pointer and keyword. serde_json refuses nesting deeper
-/// than 128 levels before it can exhaust the stack.
+/// Parses a body as JSON ([`json::parse`]: no key twice, in any case) and validates it
+/// against the route's schema; every violation (up to a cap) with its JSON pointer and
+/// keyword.
 pub fn validate_json(
     route: &crate::config::JsonRoute,
     body: &[u8],
 ) -> Result<(), Vec<crate::errors::Violation>> {
     use crate::errors::Violation;
-    let doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+    let doc = json::parse(body).map_err(|e| {
         vec![Violation {
             path: String::new(),
             keyword: "json".into(),
-            message: format!("not JSON: {e}"),
+            message: format!("not JSON that reads one way: {e}"),
         }]
     })?;
     let v: Vec<Violation> = route

@@ -692,6 +692,12 @@ fn headers_naming_the_caller_are_set_by_fedport_never_by_the_caller() {
         "X-Auth-Request-User: root",
         "x-forwarded-user: root",
         "x-ssl-client-s-dn: CN=admin",
+        "x-forwarded-tls-client-cert: admin",
+        "x-client-cert-spiffe: spiffe://fed.test/admin",
+        "x-amzn-mtls-clientcert: admin",
+        "x-arr-clientcert: admin",
+        "x-original-host: admin.internal",
+        "x-host: admin.internal",
         "true-client-ip: 6.6.6.6",
     ];
     let mut extra = Vec::new();

@@ -82,6 +82,8 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
         "[[service]]\nname = \"inventory\"\nprotocol = \"http\"\nendpoints = [\"{h1}\"]\n\
          formats = [\"application/json\"]\n\
          schema = {{ json = {{ \"POST /v1/reserve\" = \"{json}\" }} }}\n\
+         [[service]]\nname = \"loose\"\nprotocol = \"http\"\nendpoints = [\"{h1}\"]\n\
+         schema = {{ json = {{ \"POST /v1/reserve\" = \"{json}\" }} }}\n\
          [[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"{h1}\"]\n\
          [[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"{h2}\"]\n\
          schema = {{ proto = [\"{proto}\"] }}\n",
@@ -93,6 +95,7 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
     let rules = "[[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"inventory\"\n\
                  methods = [\"POST /v1/reserve\", \"GET /v1/items\"]\n\
                  [[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"orders\"\n\
+                 [[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"loose\"\n\
                  [[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"echo\"\n\
                  methods = [\"test.Echo/Say\"]\n";
     let fp = Fedport::start(&node_config_with_rules(&pki, &services, rules));
@@ -289,6 +292,115 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
                 Refused("bad_request"),
             );
         }
+        for p in [
+            "/v1/reserve/%u002e%u002e/x",
+            "/v1/reserve/%252e%252e/x",
+            "/v1/reserve/%c0%ae%c0%ae/x",
+            "/v1/reserve%3bx",
+            "/v1/reserve/..%3b/x",
+            "/v1/reserve/%zz",
+        ] {
+            http(
+                &format!("path {p:?}"),
+                "POST",
+                p,
+                inv,
+                &json,
+                &good_doc,
+                Refused("bad_request"),
+            );
+        }
+        // a JSON route's body read one way only: no key twice, in any case
+        let twice: &[u8] = br#"{"sku":"a","count":-5,"count":1}"#;
+        let cased: &[u8] = br#"{"sku":"a","count":1,"COUNT":-5}"#;
+        http(
+            "a key twice",
+            "POST",
+            "/v1/reserve",
+            inv,
+            &json,
+            twice,
+            Refused("schema"),
+        );
+        http(
+            "keys in two cases",
+            "POST",
+            "/v1/reserve",
+            inv,
+            &json,
+            cased,
+            Refused("schema"),
+        );
+        // on a service that lists no formats, a JSON route's body goes on only as JSON
+        let loose = Some("loose");
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        http(
+            "a form on a JSON route",
+            "POST",
+            "/v1/reserve",
+            loose,
+            &form,
+            &good_doc,
+            Refused("format"),
+        );
+        http(
+            "JSON there",
+            "POST",
+            "/v1/reserve",
+            loose,
+            &json,
+            &bad_doc,
+            Refused("schema"),
+        );
+        // a rule that grants more than the route (every method of `loose`): a path
+        // that servers route to the route's handler in any case is validated as it is
+        for p in ["/V1/RESERVE", "/v1/Reserve", "/v1/RESERVE;x"] {
+            http(
+                &format!("path {p:?}"),
+                "POST",
+                p,
+                loose,
+                &json,
+                &bad_doc,
+                Refused("schema"),
+            );
+        }
+        // another method named in a header or a parameter
+        for h in [
+            "X-HTTP-Method-Override",
+            "x-http-method",
+            "X-Method-Override",
+            "x_method_override",
+        ] {
+            // HTTP/2 field names are lower-case (the codec refuses others)
+            let h: &'static str = match proto {
+                "h2" => Box::leak(h.to_ascii_lowercase().into_boxed_str()),
+                _ => h,
+            };
+            let extra: &'static [(&str, &str)] = Box::leak(Box::new([
+                ("content-type", "application/json"),
+                (h, "DELETE"),
+            ]));
+            http(
+                &format!("{h}: DELETE"),
+                "POST",
+                "/v1/reserve",
+                inv,
+                extra,
+                &good_doc,
+                Refused("bad_request"),
+            );
+        }
+        let q = "/v1/reserve?_method=DELETE";
+        http(
+            "_method=DELETE",
+            "POST",
+            q,
+            inv,
+            &json,
+            &good_doc,
+            Refused("bad_request"),
+        );
         for p in [
             "/v1/reserve;x=1",
             "/V1/reserve",
