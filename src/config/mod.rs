@@ -264,6 +264,9 @@ pub struct Service {
     /// HTTP/1.1 sockets the node may open to each endpoint, shared evenly among the
     /// workers.
     pub max_connections: usize,
+    /// Its endpoints are told `x-forwarded-for` and `x-forwarded-proto` (callers' own
+    /// copies are removed either way).
+    pub forwarded_headers: bool,
 }
 
 /// The message types of every method of a service's proto files.
@@ -1507,6 +1510,7 @@ impl Checker<'_> {
                 None => DEFAULT_UPSTREAM_CONNECTIONS,
             };
             out.push(Service {
+                forwarded_headers: r.forwarded_headers.unwrap_or(false),
                 max_connections,
                 stream_idle_timeout,
                 authority,

@@ -249,6 +249,8 @@ pub struct RawService {
     pub stream_idle_timeout: Option<S<String>>,
     /// HTTP/1.1 sockets the node may open to each endpoint; default 256.
     pub max_connections: Option<S<i64>>,
+    /// Set x-forwarded-for and x-forwarded-proto from what fedport verified.
+    pub forwarded_headers: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -382,7 +382,7 @@ fn spawn_stream(
     let req = http::Request::from_parts(parts, CallerBody::h2(recv, length, state.clone()));
     // Boxed: the request's state machine is several KiB; inline, the task would be
     // that large and copied whole into its allocation (memmove was 12% of the CPU so)
-    let handler = Box::pin(proxy::handle(req, shared.ctx.clone(), Some(state.clone())));
+    let handler = boxed_handler(req, shared.ctx.clone(), state.clone());
     let slot = shared.streams.insert(state.clone());
     tokio::spawn(Stream {
         shared: shared.clone(),
@@ -392,6 +392,18 @@ fn spawn_stream(
         phase: Phase::Answer(handler),
         woken_by_timer: false,
     });
+}
+
+/// The request's handler, boxed where it is made: built in place, its several KiB of
+/// state are not copied into the box (inlined into `spawn_stream` they were, 10,000
+/// instructions a request).
+#[inline(never)]
+fn boxed_handler(
+    req: http::Request<CallerBody>,
+    ctx: Arc<ConnCtx>,
+    state: Arc<StreamState>,
+) -> Pin<Box<impl Future<Output = Result<http::Response<RespBody>, std::convert::Infallible>>>> {
+    Box::pin(proxy::handle(req, ctx, Some(state)))
 }
 
 /// One stream's task, written out rather than `async` so that it stays small: the
@@ -577,10 +589,16 @@ fn pipe(
     state: &StreamState,
     cx: &mut Context<'_>,
 ) -> Poll<End> {
-    loop {
+    // the caller's reset is looked for before waiting (it wakes the task), not at every
+    // step: a reset stream fails the send anyway
+    let wait = |tx: &mut h2::SendStream<Bytes>, cx: &mut Context<'_>| {
         if tx.poll_reset(cx).is_ready() {
-            return Poll::Ready(End::Reset);
+            Poll::Ready(End::Reset)
+        } else {
+            Poll::Pending
         }
+    };
+    loop {
         if state.expired() {
             // the caller stopped reading, or the service stopped answering
             tx.send_reset(h2::Reason::CANCEL);
@@ -591,7 +609,7 @@ fn pipe(
                 match tx.poll_capacity(cx) {
                     Poll::Pending => {
                         *pending = Some((data, eos));
-                        return Poll::Pending;
+                        return wait(tx, cx);
                     }
                     Poll::Ready(Some(Ok(_))) => {
                         *pending = Some((data, eos));
@@ -610,7 +628,7 @@ fn pipe(
             continue;
         }
         let frame = match Pin::new(&mut *body).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => return wait(tx, cx),
             Poll::Ready(None) => {
                 let _ = tx.send_data(Bytes::new(), true);
                 return Poll::Ready(End::Done);
@@ -629,10 +647,14 @@ fn pipe(
                 }
             }
             Ok(data) => {
+                let eos = body.is_end_stream();
                 // a minimal claim on the window (hyper #4003: claiming a whole chunk
-                // pins connection capacity another stream may need)
-                tx.reserve_capacity(1);
-                *pending = Some((data, body.is_end_stream()));
+                // pins connection capacity another stream may need); a stream that
+                // has capacity left sends at once
+                if tx.capacity() == 0 {
+                    tx.reserve_capacity(1);
+                }
+                *pending = Some((data, eos));
             }
             Err(f) => {
                 if let Ok(t) = f.into_trailers() {

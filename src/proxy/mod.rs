@@ -662,7 +662,9 @@ async fn forward(
             headers::Carried::default()
         };
         headers::strip_claims(h);
-        headers::set_forwarded(h, carried, &conn.forwarded_for, conn.tls);
+        if service.forwarded_headers {
+            headers::set_forwarded(h, carried, &conn.forwarded_for, conn.tls);
+        }
         h.insert(FED_PEER, conn.identity.clone());
         h.insert(FED_ORIGIN, origin.unwrap_or_else(|| w.origin.clone()));
         h.insert(FED_CALLER, caller.unwrap_or_else(|| conn.identity.clone()));
@@ -804,7 +806,7 @@ async fn forward(
     } else if small {
         // a caller that stalls mid-body holds its limit slot no longer than its time
         let whole = body.take().expect("the body is there");
-        let collect = schema::collect(whole, SMALL_BODY, &mut buffered);
+        let collect = Box::pin(schema::collect(whole, SMALL_BODY, &mut buffered));
         let bytes = tokio::time::timeout_at(deadline.into(), collect)
             .await
             .map_err(|_| Reject::Timeout(service.name.clone(), aim.timeout_ms))?
@@ -824,7 +826,7 @@ async fn forward(
     } else {
         None
     };
-    let mut fwd = dispatch(
+    let mut fwd = Box::pin(dispatch(
         w,
         idx,
         parts,
@@ -834,7 +836,7 @@ async fn forward(
         &mut targets,
         deadline,
         tripped,
-    )
+    ))
     .await?;
     fwd.response = response;
     fwd.admit = admit;
@@ -1282,5 +1284,22 @@ mod tests {
         ] {
             assert!(!request::path_is_normal(p), "{p}");
         }
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        use std::mem::size_of;
+        eprintln!("Guarded {}", size_of::<crate::schema::Guarded>());
+        eprintln!("Framer {}", size_of::<crate::schema::Framer>());
+        eprintln!("ProxyBody {}", size_of::<crate::upstream::ProxyBody>());
+        eprintln!("CallerBody {}", size_of::<super::caller::CallerBody>());
+        eprintln!("Finish {}", size_of::<super::body::Finish>());
+        eprintln!("Reject {}", size_of::<crate::errors::Reject>());
+        eprintln!("Parts {}", size_of::<http::request::Parts>());
+        eprintln!("Forwarded {}", size_of::<super::Forwarded>());
+        eprintln!("Aim {}", size_of::<super::Aim>());
+        eprintln!("Held {}", size_of::<crate::limits::memory::Held>());
     }
 }

@@ -646,8 +646,9 @@ async fn a_deadline_holds_across_two_hops() {
 
 /// Headers with which meshes and balancers tell a service who calls and from where
 /// (x-forwarded-*, forwarded, x-real-ip, x-envoy-*, l5d-*, …, in any spelling): a
-/// caller's own copies never reach the service. fedport sets `x-forwarded-for` (the
-/// address it saw, appended to what a peer node carried) and `x-forwarded-proto`.
+/// caller's own copies never reach the service. With `forwarded_headers`, fedport sets
+/// `x-forwarded-for` (the address it saw, appended to what a peer node carried) and
+/// `x-forwarded-proto`; without, the service gets neither.
 #[test]
 fn headers_naming_the_caller_are_set_by_fedport_never_by_the_caller() {
     let pki = Pki::new();
@@ -660,7 +661,7 @@ fn headers_naming_the_caller_are_set_by_fedport_never_by_the_caller() {
         pa,
         &format!(
             "{}{}",
-            http_service("who", &[], ""),
+            http_service("who", &[], "forwarded_headers = true"),
             peer("b", "eu-1", pb, &["who"])
         ),
     ));
@@ -670,8 +671,9 @@ fn headers_naming_the_caller_are_set_by_fedport_never_by_the_caller() {
         "eu-1",
         pb,
         &format!(
-            "{}{}",
-            http_service("who", &[up.url(Proto::Http1)], ""),
+            "{}{}{}",
+            http_service("who", &[up.url(Proto::Http1)], "forwarded_headers = true"),
+            http_service("plain", &[up.url(Proto::Http1)], ""),
             peer("a", "eu-1", pa, &[])
         ),
     ));
