@@ -166,10 +166,18 @@ fn prepare(
         peer_settings,
         shared: crate::proxy::Shared {
             limits: crate::limits::Limiter::new(config, running.map(|r| &*r.limits)),
-            memory: crate::limits::memory::Node::new(
-                metrics.memory_held.clone(),
-                config.node.memory_budget,
-            ),
+            // what callers hold carries over a reload, with the identities' shares
+            memory: running
+                .map(|r| r.memory.clone())
+                .filter(|m| m.max() == config.node.memory_budget)
+                .unwrap_or_else(|| {
+                    crate::limits::memory::Node::new(
+                        metrics.memory_held.clone(),
+                        config.node.memory_budget,
+                    )
+                }),
+            // a reload does not give a caller a fresh allowance
+            resets: running.map(|r| r.resets.clone()).unwrap_or_default(),
             fleet,
             traffic,
             spans,

@@ -8,6 +8,7 @@
 
 pub mod memory;
 pub mod nofile;
+pub mod resets;
 
 use crate::config::{Config, Limits};
 use crate::policy::Pattern;

@@ -56,11 +56,15 @@ pub fn needed(cfg: &Config) -> u64 {
         .services
         .iter()
         .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
-        .map(|(s, e)| match e.scheme {
-            Scheme::Http1 => s.max_connections as u64 + 1,
-            // an https endpoint may speak HTTP/1.1 too
-            Scheme::Https => h2.max(s.max_connections as u64) + 1,
-            Scheme::H2c => h2 + 1,
+        .map(|(s, e)| {
+            // each worker may open at least one
+            let h1 = (s.max_connections as u64).max(workers);
+            match e.scheme {
+                Scheme::Http1 => h1 + 1,
+                // an https endpoint may speak HTTP/1.1 too
+                Scheme::Https => h2.max(h1) + 1,
+                Scheme::H2c => h2 + 1,
+            }
         })
         .sum();
     let peers = cfg.peers.len() as u64 * (h2 + 1);

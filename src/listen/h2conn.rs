@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http_body::Body;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,10 +36,6 @@ pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// PING an idle connection this often; no answer within the timeout closes it.
 const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
-
-/// Started streams a caller may have reset per window of this length before the
-/// connection is cut: as many as it may have in flight (`max_streams`).
-const CANCEL_WINDOW: Duration = Duration::from_secs(10);
 
 /// The bytes the connection's first read took (to tell HTTP/2 from HTTP/1.1), given
 /// back before the rest.
@@ -122,44 +117,18 @@ pub async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> std::io::Result<(bool, B
     }
 }
 
-/// Started streams reset, counted per window.
-pub struct Cancels {
-    epoch: Instant,
-    window: AtomicU64,
-    count: AtomicU32,
-    limit: u32,
-}
-
-impl Cancels {
-    pub fn new(limit: u32) -> Self {
-        Self {
-            epoch: Instant::now(),
-            window: AtomicU64::new(0),
-            count: AtomicU32::new(0),
-            limit,
-        }
-    }
-
-    /// Counts one; whether the allowance is now spent.
-    fn record(&self) -> bool {
-        let w = self.epoch.elapsed().as_secs() / CANCEL_WINDOW.as_secs();
-        if self.window.swap(w, Ordering::Relaxed) != w {
-            self.count.store(0, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed) + 1 > self.limit
-    }
-}
-
 /// What every stream task of a connection shares.
 struct Shared {
     ctx: Arc<ConnCtx>,
     trip: Arc<Trip>,
-    /// `None` for peer nodes: their connections carry many callers' cancellations,
-    /// each caller already bounded at its own node.
-    cancels: Option<Cancels>,
+    /// Started streams reset, per identity (`limits::resets`), and the allowance.
+    resets: Arc<crate::limits::resets::Resets>,
+    allowance: u32,
     idle: Duration,
     metrics: Arc<crate::telemetry::Metrics>,
     streams: Streams,
+    /// The stream window callers on this connection get.
+    window: u32,
 }
 
 /// Serves an HTTP/2 connection until it ends; returns the bounded reason when fedport
@@ -180,7 +149,17 @@ where
     } else {
         STREAM_WINDOW
     };
-    let conn_window = (u64::from(window) * u64::from(spec.max_streams)).min(u64::from(MAX_WINDOW));
+    // all the streams' windows together, so that one stalled stream never holds back
+    // the others; for a caller (one party) no more than its memory budget, since what
+    // the window lets it send unread is held: a peer node's carries many callers'
+    let all = u64::from(window) * u64::from(spec.max_streams);
+    let conn_window = if ctx.from_peer {
+        all
+    } else {
+        all.min(spec.connection_memory_budget)
+            .max(u64::from(window))
+    }
+    .min(u64::from(MAX_WINDOW));
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(window)
@@ -192,12 +171,14 @@ where
         .max_pending_accept_reset_streams(20)
         .max_send_buffer_size(400 * 1024);
     let shared = Arc::new(Shared {
-        cancels: (!ctx.from_peer).then(|| Cancels::new(spec.max_streams)),
+        resets: acc.worker.resets.clone(),
+        allowance: spec.max_streams,
         ctx,
         trip: trip.clone(),
         idle: spec.stream_idle_timeout,
         metrics: acc.metrics.clone(),
         streams: Streams::default(),
+        window,
     });
     let activity = shared.ctx.activity.clone();
     let mut signal = drain.signal.clone();
@@ -379,7 +360,21 @@ fn spawn_stream(
     let (parts, recv) = req.into_parts();
     let state = Arc::new(StreamState::new(shared.idle));
     let length = content_length(&parts.headers);
-    let req = http::Request::from_parts(parts, CallerBody::h2(recv, length, state.clone()));
+    // what the codec may hold of a body still to come counts against the budgets
+    let held = if recv.is_end_stream() {
+        None
+    } else {
+        let window = u64::from(shared.window);
+        let need = length.map_or(window, |n| n.min(window));
+        match crate::limits::memory::Held::with(shared.ctx.memory.clone(), need) {
+            Ok(h) => Some((h, window)),
+            Err(over) => {
+                refuse(respond, &parts.headers, Reject::Memory(over), shared);
+                return;
+            }
+        }
+    };
+    let req = http::Request::from_parts(parts, CallerBody::h2(recv, length, state.clone(), held));
     // Boxed: the request's state machine is several KiB; inline, the task would be
     // that large and copied whole into its allocation (memmove was 12% of the CPU so)
     let handler = boxed_handler(req, shared.ctx.clone(), state.clone());
@@ -392,6 +387,29 @@ fn spawn_stream(
         phase: Phase::Answer(handler),
         woken_by_timer: false,
     });
+}
+
+/// Answers a stream fedport refuses before it starts (in the caller's protocol), and
+/// counts it.
+fn refuse(
+    mut respond: h2::server::SendResponse<Bytes>,
+    headers: &http::HeaderMap,
+    reject: Reject,
+    shared: &Shared,
+) {
+    let grpc = crate::request::ContentTypeField::of(headers).claims_grpc();
+    let id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let (head, body) = reject.answer(grpc, id);
+    if let Ok(mut tx) = respond.send_response(http::Response::from_parts(head, ()), body.is_empty())
+    {
+        if !body.is_empty() {
+            let _ = tx.send_data(body, true);
+        }
+    }
+    shared.metrics.reject(&shared.ctx.listener, reject.reason());
 }
 
 /// The request's handler, boxed where it is made: built in place, its several KiB of
@@ -549,12 +567,16 @@ impl End {
                 log_idle(&shared.ctx.listener, shared.ctx.remote, s.state.idle());
             }
             End::Reset => {
-                if s.state.started() {
-                    if let Some(c) = &shared.cancels {
-                        if c.record() {
-                            shared.trip.trip("h2_rapid_reset");
-                        }
-                    }
+                // not for peer nodes (as the configuration in force says): their
+                // connections carry many callers' cancellations, each caller bounded at
+                // its own node
+                let ctx = &shared.ctx;
+                let id = ctx.identity.to_str().unwrap_or_default();
+                if s.state.started()
+                    && !ctx.current.load().worker.peer_identities.contains(id)
+                    && shared.resets.spent(id, shared.allowance)
+                {
+                    shared.trip.trip("h2_rapid_reset");
                 }
             }
         }

@@ -240,6 +240,7 @@ async fn serve(
                 memory: crate::limits::memory::Connection::new(
                     acc.worker.memory.clone(),
                     acc.spec.connection_memory_budget,
+                    Some("local"),
                 ),
                 tls: false,
                 worker: acc.worker.clone(),
@@ -307,6 +308,9 @@ async fn serve(
                 memory: crate::limits::memory::Connection::new(
                     acc.worker.memory.clone(),
                     acc.spec.connection_memory_budget,
+                    // a peer node's connections carry many callers: no share of one
+                    Some(identity.to_str().unwrap_or_default())
+                        .filter(|id| !acc.worker.peer_identities.contains(*id)),
                 ),
                 tls: true,
                 identity,

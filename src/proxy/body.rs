@@ -48,6 +48,8 @@ pub struct Finish {
     pub admit: Option<crate::limits::Admit>,
     /// Its header list against the memory budgets, given back when the answer ends.
     pub held: Option<crate::limits::memory::Held>,
+    /// What the codec may hold of the answer, given back when it ends.
+    pub answer_held: Option<crate::limits::memory::Held>,
     /// `[node] request_metrics`: record the request's metrics.
     pub record: bool,
     /// A sampled trace: this hop's span, with the service's name and the caller.

@@ -128,10 +128,13 @@ pub enum CallerBody {
 }
 
 impl CallerBody {
+    /// `held`: what the codec may hold of the body still to come, charged while it is
+    /// (see [`H2Body`]).
     pub fn h2(
         recv: h2::RecvStream,
         length: Option<u64>,
         state: std::sync::Arc<StreamState>,
+        held: Option<(crate::limits::memory::Held, u64)>,
     ) -> Self {
         CallerBody::H2(H2Body {
             recv,
@@ -139,6 +142,7 @@ impl CallerBody {
             left: length,
             data_done: false,
             state,
+            held,
         })
     }
 }
@@ -154,6 +158,9 @@ pub struct H2Body {
     left: Option<u64>,
     data_done: bool,
     state: std::sync::Arc<StreamState>,
+    /// What the codec may hold of the body still to come — the stream window, or what
+    /// the declared length still owes — against the memory budgets, and the window.
+    held: Option<(crate::limits::memory::Held, u64)>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -185,11 +192,18 @@ impl Body for CallerBody {
                             if let Some(l) = &mut b.left {
                                 *l = l.saturating_sub(data.len() as u64);
                             }
+                            if let Some((h, window)) = &mut b.held {
+                                // only ever less: nothing to refuse
+                                let _ = h.set(b.left.map_or(*window, |l| l.min(*window)));
+                            }
                             b.state.touch();
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                         Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
-                        None => b.data_done = true,
+                        None => {
+                            b.data_done = true;
+                            b.held = None;
+                        }
                     }
                 }
                 match std::task::ready!(b.recv.poll_trailers(cx)) {

@@ -79,6 +79,8 @@ pub struct Worker {
     pub limits: Arc<crate::limits::Limiter>,
     /// The node's memory budget, shared by every worker.
     pub memory: Arc<crate::limits::memory::Node>,
+    /// Started streams reset, per caller identity, shared by every worker.
+    pub resets: Arc<crate::limits::resets::Resets>,
 }
 
 /// What every worker of a node shares: endpoint and peer health, the traffic counts
@@ -88,6 +90,8 @@ pub struct Shared {
     pub limits: Arc<crate::limits::Limiter>,
     /// The node's memory budget for what is held for callers.
     pub memory: Arc<crate::limits::memory::Node>,
+    /// Started streams reset, per caller identity.
+    pub resets: Arc<crate::limits::resets::Resets>,
     pub fleet: Arc<crate::federation::Fleet>,
     pub traffic: Arc<crate::telemetry::spike::Traffic>,
     pub spans: Option<crate::telemetry::otlp::Spans>,
@@ -110,6 +114,7 @@ impl Worker {
         Shared {
             limits,
             memory,
+            resets,
             fleet,
             traffic,
             spans,
@@ -239,6 +244,7 @@ impl Worker {
             spans,
             limits,
             memory,
+            resets,
         }
     }
 
@@ -362,6 +368,7 @@ pub async fn handle(
     let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
         admit: None,
         held: None,
+        answer_held: None,
         span: span.map(|s| {
             let name = service.map_or("-", |i| w.config.services[i].name.as_str());
             (s, name.to_owned(), conn.identity.clone())
@@ -392,7 +399,19 @@ pub async fn handle(
     if let Some(s) = &stream {
         s.answer_as(grpc, &rid);
     }
-    let forwarded = forward(req, &conn, &w, &ct, &rid, &mut routed, stream.as_deref()).await;
+    let forwarded = forward(req, &conn, &w, &ct, &rid, &mut routed, stream.as_deref())
+        .await
+        .and_then(|mut fwd| {
+            // what the codec may hold of the answer while the caller reads it: the
+            // service's stream window, or what its length still owes
+            let owed = fwd.resp.body().size_hint().exact();
+            let window = u64::from(fwd.window);
+            let need = owed.map_or(window, |n| n.min(window));
+            let held = crate::limits::memory::Held::with(conn.memory.clone(), need)
+                .map_err(Reject::Memory)?;
+            fwd.answer_held = Some(held);
+            Ok(fwd)
+        });
     open.hand_over();
     match forwarded {
         Ok(fwd) => {
@@ -421,6 +440,7 @@ pub async fn handle(
             f.target = Some(fwd.target);
             f.admit = fwd.admit;
             f.held = fwd.held;
+            f.answer_held = fwd.answer_held;
             f.request_bytes = Some(fwd.tripped.clone());
             f.tripped = Some(fwd.tripped);
             f.busy = Some(busy);
@@ -476,6 +496,10 @@ struct Forwarded {
     admit: Option<crate::limits::Admit>,
     /// The request's header list, held against the memory budgets until it ends.
     held: Option<crate::limits::memory::Held>,
+    /// The answer's stream window (what the codec may hold of it), held while it streams.
+    answer_held: Option<crate::limits::memory::Held>,
+    /// The stream window the target's connection grants.
+    window: u32,
     /// The endpoint (or peer) that answered.
     target: Arc<str>,
     /// With `validate_responses`: the answer's messages are checked too (type, limit).
@@ -520,7 +544,7 @@ async fn forward(
     let body_ref = &body;
     let checked = (move || -> Result<_, Reject> {
         // the header list, held while the request is, against the connection's budget
-        let headers_held = crate::limits::memory::Held::with(
+        let headers_held = crate::limits::memory::Held::connection_only(
             conn.memory.clone(),
             crate::limits::memory::header_list_size(&parts.headers),
         )
@@ -1182,6 +1206,8 @@ async fn dispatch(
                 return Ok(Forwarded {
                     admit: None,
                     held: None,
+                    answer_held: None,
+                    window: pool.stream_window(),
                     target: pool.label.clone(),
                     response: None,
                     resp,

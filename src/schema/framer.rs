@@ -288,8 +288,12 @@ impl Framer {
     }
 
     /// Charges what the stream holds now, as allocated. An unfinished message gets its
-    /// whole size at once: grown by doubling, its old and new buffers would both be
-    /// live at each step.
+    /// whole declared size at once, and is charged for it: grown by doubling instead,
+    /// the old and new buffers of each step would both be live, and the allocator keeps
+    /// what is freed (RSS rose half again over what was held); charged only for what
+    /// has arrived, calls refused late would have touched and freed their pages first
+    /// (RSS rose by two thirds). A caller that declares much and sends little is bounded
+    /// by its share of the node's budget (see `limits::memory`).
     fn hold(&mut self) -> Result<(), Refusal> {
         if self.pending.len() >= 5 && self.inflating.is_none() {
             let p = &self.pending;

@@ -138,6 +138,8 @@ pub struct EndpointPool {
     h1_max: usize,
     /// An HTTP/1.1 connection came back idle.
     h1_returned: tokio::sync::Notify,
+    /// Requests waiting for an HTTP/1.1 connection: newcomers queue behind them.
+    h1_waiting: AtomicUsize,
 }
 
 /// Returned with a response from an HTTP/1.1 connection: hand it back when the
@@ -199,7 +201,14 @@ impl EndpointPool {
             h1_sockets: Arc::new(tokio::sync::Semaphore::new(h1_max.min(UNCAPPED))),
             h1_max,
             h1_returned: tokio::sync::Notify::new(),
+            h1_waiting: AtomicUsize::new(0),
         })
+    }
+
+    /// The HTTP/2 stream window its connections grant: what one answer may have sent
+    /// that its caller has not read.
+    pub fn stream_window(&self) -> u32 {
+        self.settings.stream_window
     }
 
     pub fn outstanding(&self) -> usize {
@@ -271,7 +280,12 @@ impl EndpointPool {
             }
             unreachable!("the loop returns on its second attempt");
         }
-        let sender = match self.idle() {
+        let idle = if self.h1_waiting.load(Ordering::Relaxed) == 0 {
+            self.idle()
+        } else {
+            None
+        };
+        let sender = match idle {
             Some(s) => s,
             None => match Box::pin(self.h1_connection(deadline)).await {
                 Ok(Sender::H1(s)) => s,
@@ -306,15 +320,31 @@ impl EndpointPool {
     }
 
     /// A new HTTP/1.1 connection under the pool's cap, or one that came back while
-    /// waiting for a place under it.
+    /// waiting for a place under it. Waiters go first: a request that finds others
+    /// waiting queues behind them rather than take what comes back, and a waiter keeps
+    /// its place in the cap's queue while it also watches for connections returned.
     async fn h1_connection(&self, deadline: std::time::Instant) -> Result<Sender, UpstreamError> {
         let busy = || UpstreamError::Busy(self.endpoint.url.clone(), self.h1_max);
-        let permit = loop {
+        if self.h1_waiting.load(Ordering::Relaxed) == 0 {
             if let Ok(p) = self.h1_sockets.clone().try_acquire_owned() {
-                break p;
+                return self.connect(Some(p)).await;
             }
+        }
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.h1_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.h1_waiting);
+        let acquire = self.h1_sockets.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let until = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(until);
+        let permit = loop {
             tokio::select! {
-                p = self.h1_sockets.clone().acquire_owned() => match p {
+                p = &mut acquire => match p {
                     Ok(p) => break p,
                     Err(_) => return Err(busy()),
                 },
@@ -323,7 +353,7 @@ impl EndpointPool {
                         return Ok(Sender::H1(s));
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => return Err(busy()),
+                _ = &mut until => return Err(busy()),
             }
         };
         self.connect(Some(permit)).await

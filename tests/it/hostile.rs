@@ -295,9 +295,10 @@ fn a_stream_that_moves_nothing_is_reset_at_its_idle_timeout() {
 /// authorized it — by the caller's RST_STREAM, or by frames that make the codec reset it
 /// (MadeYouReset, CVE-2025-8671: a WINDOW_UPDATE overflowing the stream's window, DATA
 /// on a stream the caller ended, a stream made to depend on itself) — counts against the
-/// connection; cheap streams (404s) sent between them dilute nothing. Past max_streams
-/// in 10 s the connection is cut, and the service never sees more started-then-cancelled
-/// calls than the caller could have had in flight.
+/// caller's identity, on all its connections; cheap streams (404s) sent between them
+/// dilute nothing. Past max_streams in 10 s the connection is cut, and the service never
+/// sees more started-then-cancelled calls than the caller could have had in flight, even
+/// from a new connection for each burst.
 #[test]
 fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     let pki = Pki::new();
@@ -317,6 +318,14 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     let fp = Fedport::start(&cfg);
     let port = fp.port("internal");
     let cut = r#"fedport_rejections_total{listener="internal",reason="h2_rapid_reset"}"#;
+    // a caller that cancels now and then, as gRPC deadlines do, is not cut
+    let v = abuse(
+        &pki,
+        port,
+        "started_rst",
+        &["--count", "20", "--path", "/slow?ms=3000", "--wait", "1"],
+    );
+    assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
     for (how, pad) in [
         ("rst", "0"),
         ("rst", "3"),
@@ -367,16 +376,28 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
         );
         eprintln!("{how} pad {pad}: {reached} reached the service; GOAWAY {code:?}");
     }
-    // a caller that cancels now and then, as gRPC deadlines do, is not cut
-    let v = abuse(
-        &pki,
-        port,
-        "started_rst",
-        &["--count", "20", "--path", "/slow?ms=3000", "--wait", "1"],
+    // the allowance is the caller's, not the connection's: a new connection for each
+    // burst is cut as soon as it spends what is left
+    let before = up.hits();
+    let mut cuts = 0;
+    for _ in 0..8 {
+        let v = abuse(
+            &pki,
+            port,
+            "started_rst",
+            &["--count", "10", "--path", "/slow?ms=3000", "--wait", "1"],
+        );
+        if v["goaway"]["debug"] == "h2_rapid_reset" {
+            cuts += 1;
+        }
+    }
+    let reached = up.hits() - before;
+    assert!(cuts >= 6, "most of the new connections were cut: {cuts}");
+    assert!(
+        reached <= max_streams,
+        "{reached} started-then-cancelled calls over 8 connections"
     );
-    assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
 }
-
 /// An `http://` endpoint gets no more sockets from the node than its service's
 /// `max_connections`, however many streams callers send at once: a request beyond waits
 /// for one within its deadline, or is refused with 503 (`reason="overloaded"`).
@@ -475,9 +496,11 @@ fn an_http1_endpoint_gets_no_more_sockets_than_its_cap() {
 }
 
 /// Many calls each send all but the last byte of a large message that must be held
-/// whole to be validated. What fedport holds for them stays within the connection's and
-/// the node's budgets (the calls past them are refused with RESOURCE_EXHAUSTED), its
-/// memory stays within the budget over its idle size, and another caller is served.
+/// whole to be validated. What fedport holds for them stays within the connection's
+/// budget, the identity's share (a quarter of the node's budget, all its connections
+/// together) and the node's budget; the calls past them are refused with
+/// RESOURCE_EXHAUSTED, fedport's memory stays within the budget over its idle size, and
+/// a caller of another identity is served meanwhile.
 #[test]
 fn messages_held_for_validation_stay_within_the_memory_budgets() {
     let pki = Pki::new();
@@ -485,6 +508,7 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
     let proto =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto/test.proto");
     let budget: u64 = 48 << 20;
+    let (share, size) = (budget / 4, 2u64 << 20);
     let cfg = node_config(
         &pki,
         &format!(
@@ -508,40 +532,50 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
     let idle = crate::support::status_kib(fp.pid(), "VmRSS");
     let held = "fedport_memory_held_bytes";
 
-    // 6 connections × 8 calls × 2 MiB: 96 MiB asked to be held, twice the node's budget
-    let args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--conns",
-        "6",
-        "--streams",
-        "8",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "--size".into(),
-        (2 << 20).to_string(),
-        "--seconds".into(),
-        "6".into(),
-    ])
-    .chain(["--ca".into(), pki.ca.display().to_string()])
-    .chain(["--cert".into(), pki.client.cert.display().to_string()])
-    .chain(["--key".into(), pki.client.key.display().to_string()])
-    .collect();
-    let attacker = std::thread::spawn(move || {
-        let out = Command::new("python3")
-            .arg(py("h2_hold.py"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    });
+    // alice on 4 connections (64 MiB asked, more than her share), and five other
+    // identities on one each (16 MiB asked each): 144 MiB asked in all, three times the
+    // node's budget
+    let attack = |who: (String, String), conns: &str| {
+        let args: Vec<String> = [
+            "--port".into(),
+            port.to_string(),
+            "--conns".into(),
+            conns.into(),
+            "--streams".into(),
+            "8".into(),
+            "--size".into(),
+            size.to_string(),
+            "--seconds".into(),
+            "6".into(),
+            "--ca".into(),
+            pki.ca.display().to_string(),
+            "--cert".into(),
+            who.0,
+            "--key".into(),
+            who.1,
+        ]
+        .to_vec();
+        std::thread::spawn(move || {
+            let out = Command::new("python3")
+                .arg(py("h2_hold.py"))
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        })
+    };
+    let files = |f: &fedport::identity::pki::IssuedFiles| {
+        (f.cert.display().to_string(), f.key.display().to_string())
+    };
+    let alice = attack(files(&pki.client), "4");
+    let others: Vec<_> = (0..5)
+        .map(|i| attack(files(&pki.client_cert(&format!("holder-{i}"))), "1"))
+        .collect();
     let mut most = 0.0f64;
     wait_until("the budget filled", Duration::from_secs(30), || {
         let h = fp.metric(held);
@@ -552,8 +586,9 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
     most = most.max(fp.metric(held));
     assert!(most <= budget as f64, "held {most} of a {budget} budget");
 
-    // another caller's call is served meanwhile: its message arrives whole, so nothing
-    // of it is held
+    // a caller of another identity is served meanwhile: its message arrives whole, so
+    // nothing of it is held
+    let bob = pki.client_cert("bob");
     let before = up.hits();
     let msg = [0u8, 0, 0, 0, 4, 0x0a, 0x02, b'h', b'i'];
     let case = serde_json::json!([{
@@ -569,8 +604,8 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
         .arg(&file)
         .args(["--port", &port.to_string()])
         .args(["--ca", &pki.ca.display().to_string()])
-        .args(["--cert", &pki.client.cert.display().to_string()])
-        .args(["--key", &pki.client.key.display().to_string()])
+        .args(["--cert", &bob.cert.display().to_string()])
+        .args(["--key", &bob.key.display().to_string()])
         .output()
         .unwrap();
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -578,14 +613,28 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
     assert!(r["headers"]["fed-refused"].is_null(), "{r}");
     assert_eq!(up.hits(), before + 1);
 
-    let v = attacker.join().unwrap();
-    eprintln!("{v}; held at most {most} bytes");
-    let refused = v["answered"]["8"].as_u64().unwrap_or(0);
-    assert!(refused > 0, "calls past the budgets were refused: {v}");
+    let a = alice.join().unwrap();
+    let others: Vec<_> = others.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!("alice {a}; others {others:?}; held at most {most} bytes");
+    // alice holds no more than her share, however many connections she opens
     assert!(
-        v["held"].as_u64().unwrap() > 0,
-        "calls within them were held: {v}"
+        a["held"].as_u64().unwrap() > 0,
+        "calls within it were held: {a}"
     );
+    assert!(
+        a["held"].as_u64().unwrap() <= share / size,
+        "alice held {a} with a share of {share} bytes"
+    );
+    let refused: u64 = std::iter::once(&a)
+        .chain(&others)
+        .map(|v| v["answered"]["8"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(refused > 0, "calls past the budgets were refused");
+    let held_all: u64 = std::iter::once(&a)
+        .chain(&others)
+        .map(|v| v["held"].as_u64().unwrap())
+        .sum();
+    assert!(held_all <= budget / size, "{held_all} held calls in all");
     wait_until("refusals counted", Duration::from_secs(3), || {
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="memory"}"#)
             >= refused as f64

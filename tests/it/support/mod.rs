@@ -91,6 +91,19 @@ impl Pki {
         self.dir.path()
     }
 
+    /// Another client of this federation: `spiffe://fed.test/client/NAME`.
+    pub fn client_cert(&self, name: &str) -> IssuedFiles {
+        self.authority
+            .issue(&LeafSpec {
+                common_name: name.into(),
+                spiffe: Some(format!("spiffe://{DOMAIN}/client/{name}")),
+                ..Default::default()
+            })
+            .unwrap()
+            .write(self.path(), &format!("client-{name}"))
+            .unwrap()
+    }
+
     /// A node certificate: `spiffe://fed.test/node/NAME`, valid for localhost and
     /// 127.0.0.1 (and any address: peers are verified by identity, not by name).
     pub fn node_cert(&self, name: &str) -> IssuedFiles {
