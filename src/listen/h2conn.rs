@@ -350,6 +350,8 @@ enum End {
     Idle,
     /// The answer failed (the service's reset, a truncated answer).
     Failed,
+    /// The caller left the answer unread past its memory budget.
+    Memory(crate::limits::memory::Over),
 }
 
 fn spawn_stream(
@@ -360,8 +362,10 @@ fn spawn_stream(
     let (parts, recv) = req.into_parts();
     let state = Arc::new(StreamState::new(shared.idle));
     let length = content_length(&parts.headers);
-    // what the codec may hold of a body still to come counts against the budgets
-    let held = if recv.is_end_stream() {
+    // what the codec may hold of a body still to come counts against the budgets (not
+    // a peer node's: its streams carry callers whose bodies are charged at the node
+    // they came in at)
+    let held = if recv.is_end_stream() || shared.ctx.from_peer {
         None
     } else {
         let window = u64::from(shared.window);
@@ -450,6 +454,9 @@ enum Phase<F> {
         tx: h2::SendStream<Bytes>,
         /// A chunk waiting for the caller's window, and whether it ends the body.
         pending: Option<(Bytes, bool)>,
+        /// What the codec may take in of the answer meanwhile, charged once the
+        /// caller's window stalled it.
+        held: Option<crate::limits::memory::Held>,
     },
     Ended,
 }
@@ -513,6 +520,7 @@ where
                             body,
                             tx,
                             pending: None,
+                            held: None,
                         };
                         return Pin::new(this).poll(cx);
                     }
@@ -523,10 +531,18 @@ where
                     }
                 }
             }
-            Phase::Body { body, tx, pending } => match pipe(body, tx, pending, &this.state, cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(end) => end,
-            },
+            Phase::Body {
+                body,
+                tx,
+                pending,
+                held,
+            } => {
+                let memory = &this.shared.ctx.memory;
+                match pipe(body, tx, pending, (held, memory), &this.state, cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(end) => end,
+                }
+            }
             Phase::Ended => return Poll::Ready(()),
         };
         this.phase = Phase::Ended;
@@ -566,6 +582,10 @@ impl End {
                     .reject(&shared.ctx.listener, "stream_idle_timeout");
                 log_idle(&shared.ctx.listener, shared.ctx.remote, s.state.idle());
             }
+            End::Memory(over) => {
+                shared.metrics.reject(&shared.ctx.listener, "memory");
+                log_unread(&shared.ctx.listener, shared.ctx.remote, over);
+            }
             End::Reset => {
                 // not for peer nodes (as the configuration in force says): their
                 // connections carry many callers' cancellations, each caller bounded at
@@ -602,12 +622,38 @@ pub(super) fn log_idle(listener: &str, remote: std::net::SocketAddr, idle: Durat
     );
 }
 
+/// Logs an answer reset for being left unread past a budget, at most once per 10 s.
+fn log_unread(listener: &str, remote: std::net::SocketAddr, over: crate::limits::memory::Over) {
+    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let now = Instant::now();
+    if let Ok(mut last) = LAST.lock() {
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            return;
+        }
+        *last = Some(now);
+    }
+    tracing::info!(
+        listener,
+        %remote,
+        budget = %over,
+        reason = "memory",
+        "answer reset: the caller left it unread with its memory budget spent (counted in fedport_rejections_total; logged at most every 10s)"
+    );
+}
+
 /// One turn of the answer's body: until the body or the caller's window makes it wait,
-/// or the stream ends.
+/// or the stream ends. `held`: what the codec may take in of the answer while the
+/// caller's window stalls it, charged the first time it does; past a budget the
+/// answer is reset (the caller is not reading it), as Envoy's overload manager resets
+/// the streams holding the most.
 fn pipe(
     body: &mut RespBody,
     tx: &mut h2::SendStream<Bytes>,
     pending: &mut Option<(Bytes, bool)>,
+    (held, memory): (
+        &mut Option<crate::limits::memory::Held>,
+        &Arc<crate::limits::memory::Connection>,
+    ),
     state: &StreamState,
     cx: &mut Context<'_>,
 ) -> Poll<End> {
@@ -630,6 +676,16 @@ fn pipe(
             if tx.capacity() == 0 {
                 match tx.poll_capacity(cx) {
                     Poll::Pending => {
+                        let window = state.answer_window();
+                        if held.is_none() && window > 0 {
+                            match crate::limits::memory::Held::with(memory.clone(), window) {
+                                Ok(h) => *held = Some(h),
+                                Err(over) => {
+                                    tx.send_reset(h2::Reason::CANCEL);
+                                    return Poll::Ready(End::Memory(over));
+                                }
+                            }
+                        }
                         *pending = Some((data, eos));
                         return wait(tx, cx);
                     }

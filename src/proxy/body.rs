@@ -32,7 +32,7 @@ pub struct Finish {
     /// The schema method or JSON Schema route the request matched (a metric label).
     pub method: Option<Arc<str>>,
     /// With `validate_responses`: the answer's messages, checked as they stream.
-    pub response_check: Option<crate::schema::Framer>,
+    pub response_check: Option<Box<crate::schema::Framer>>,
     /// Why a response message was refused, until the answer ends with it.
     pub response_refusal: Option<String>,
     /// With `[node] access_log`: what the access log line says, and the service name.
@@ -48,12 +48,10 @@ pub struct Finish {
     pub admit: Option<crate::limits::Admit>,
     /// Its header list against the memory budgets, given back when the answer ends.
     pub held: Option<crate::limits::memory::Held>,
-    /// What the codec may hold of the answer, given back when it ends.
-    pub answer_held: Option<crate::limits::memory::Held>,
     /// `[node] request_metrics`: record the request's metrics.
     pub record: bool,
     /// A sampled trace: this hop's span, with the service's name and the caller.
-    pub span: Option<(crate::telemetry::otlp::Started, String, http::HeaderValue)>,
+    pub span: Option<Box<(crate::telemetry::otlp::Started, String, http::HeaderValue)>>,
     /// For traffic-spike detection: the service's and the calling peer's counts.
     pub traffic: Option<(Arc<crate::telemetry::spike::Traffic>, usize, Option<usize>)>,
 }
@@ -127,7 +125,7 @@ impl Drop for Finish {
         if let Some((traffic, service, peer)) = &self.traffic {
             traffic.record(*service, *peer, self.is_error());
         }
-        if let Some((span, service, identity)) = self.span.take() {
+        if let Some((span, service, identity)) = self.span.take().map(|b| *b) {
             let mut attrs = vec![
                 ("fedport.service", service.clone()),
                 (

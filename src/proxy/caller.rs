@@ -31,6 +31,9 @@ pub struct StreamState {
     /// request's id (set by the request path).
     grpc: AtomicBool,
     request_id: std::sync::OnceLock<http::HeaderValue>,
+    /// What the codec may take in of the answer while the caller does not read it (0:
+    /// nothing to charge), charged once the caller's window stalls the answer.
+    answer_window: AtomicU64,
 }
 
 impl StreamState {
@@ -45,7 +48,18 @@ impl StreamState {
             waker: std::sync::Mutex::new(None),
             grpc: AtomicBool::new(false),
             request_id: std::sync::OnceLock::new(),
+            answer_window: AtomicU64::new(0),
         }
+    }
+
+    /// See [`StreamState::answer_window`].
+    pub fn set_answer_window(&self, n: u64) {
+        self.answer_window.store(n, Ordering::Relaxed);
+    }
+
+    /// What to charge for an answer the caller's window stalls.
+    pub fn answer_window(&self) -> u64 {
+        self.answer_window.load(Ordering::Relaxed)
     }
 
     /// The connection's timer, every `period`: once nothing has moved for the idle

@@ -368,10 +368,9 @@ pub async fn handle(
     let finish = |service: Option<usize>, method: Option<Arc<str>>| Finish {
         admit: None,
         held: None,
-        answer_held: None,
         span: span.map(|s| {
             let name = service.map_or("-", |i| w.config.services[i].name.as_str());
-            (s, name.to_owned(), conn.identity.clone())
+            Box::new((s, name.to_owned(), conn.identity.clone()))
         }),
         record: w.config.node.request_metrics,
         request_bytes: None,
@@ -401,16 +400,16 @@ pub async fn handle(
     }
     let forwarded = forward(req, &conn, &w, &ct, &rid, &mut routed, stream.as_deref())
         .await
-        .and_then(|mut fwd| {
-            // what the codec may hold of the answer while the caller reads it: the
-            // service's stream window, or what its length still owes
-            let owed = fwd.resp.body().size_hint().exact();
-            let window = u64::from(fwd.window);
-            let need = owed.map_or(window, |n| n.min(window));
-            let held = crate::limits::memory::Held::with(conn.memory.clone(), need)
-                .map_err(Reject::Memory)?;
-            fwd.answer_held = Some(held);
-            Ok(fwd)
+        .inspect(|fwd| {
+            // what the codec may take in of the answer while the caller does not read
+            // it: the service's stream window, or what its length still owes; charged
+            // by the stream if the caller's window stalls it (peer nodes' streams
+            // carry callers bounded at their own nodes)
+            if let Some(s) = stream.as_ref().filter(|_| !conn.from_peer) {
+                let window = u64::from(fwd.window);
+                let owed = fwd.resp.body().size_hint().exact();
+                s.set_answer_window(owed.map_or(window, |n| n.min(window)));
+            }
         });
     open.hand_over();
     match forwarded {
@@ -423,7 +422,7 @@ pub async fn handle(
                     .headers
                     .get("grpc-encoding")
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-                schema::Framer::new(check, max, gzip).within(conn.memory.clone())
+                Box::new(schema::Framer::new(check, max, gzip).within(conn.memory.clone()))
             });
             f.http_status = rparts.status.as_u16();
             if grpc {
@@ -440,7 +439,6 @@ pub async fn handle(
             f.target = Some(fwd.target);
             f.admit = fwd.admit;
             f.held = fwd.held;
-            f.answer_held = fwd.answer_held;
             f.request_bytes = Some(fwd.tripped.clone());
             f.tripped = Some(fwd.tripped);
             f.busy = Some(busy);
@@ -496,8 +494,6 @@ struct Forwarded {
     admit: Option<crate::limits::Admit>,
     /// The request's header list, held against the memory budgets until it ends.
     held: Option<crate::limits::memory::Held>,
-    /// The answer's stream window (what the codec may hold of it), held while it streams.
-    answer_held: Option<crate::limits::memory::Held>,
     /// The stream window the target's connection grants.
     window: u32,
     /// The endpoint (or peer) that answered.
@@ -753,7 +749,10 @@ async fn forward(
             strict,
         };
         let framer = method.map(|(p, m)| {
-            schema::Framer::new(check(&m.input, p.strict), max, gzip).within(conn.memory.clone())
+            Box::new(
+                schema::Framer::new(check(&m.input, p.strict), max, gzip)
+                    .within(conn.memory.clone()),
+            )
         });
         let response = method
             .filter(|(p, _)| p.validate_responses)
@@ -1206,7 +1205,6 @@ async fn dispatch(
                 return Ok(Forwarded {
                     admit: None,
                     held: None,
-                    answer_held: None,
                     window: pool.stream_window(),
                     target: pool.label.clone(),
                     response: None,
@@ -1310,22 +1308,5 @@ mod tests {
         ] {
             assert!(!request::path_is_normal(p), "{p}");
         }
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        use std::mem::size_of;
-        eprintln!("Guarded {}", size_of::<crate::schema::Guarded>());
-        eprintln!("Framer {}", size_of::<crate::schema::Framer>());
-        eprintln!("ProxyBody {}", size_of::<crate::upstream::ProxyBody>());
-        eprintln!("CallerBody {}", size_of::<super::caller::CallerBody>());
-        eprintln!("Finish {}", size_of::<super::body::Finish>());
-        eprintln!("Reject {}", size_of::<crate::errors::Reject>());
-        eprintln!("Parts {}", size_of::<http::request::Parts>());
-        eprintln!("Forwarded {}", size_of::<super::Forwarded>());
-        eprintln!("Aim {}", size_of::<super::Aim>());
-        eprintln!("Held {}", size_of::<crate::limits::memory::Held>());
     }
 }

@@ -227,8 +227,9 @@ pin_project_lite::pin_project! {
         remaining: u64,
         prefix: Vec<u8>,
         tripped: Arc<Tripped>,
-        // with a proto schema: whole messages are held until they validate
-        framer: Option<Framer>,
+        // with a proto schema: whole messages are held until they validate (boxed: the
+        // guard is moved with the request, and most requests have none)
+        framer: Option<Box<Framer>>,
         forwarded: bool,
         // frames read ahead (by take_if_whole) and given back first
         held: std::collections::VecDeque<Frame<Bytes>>,
@@ -242,7 +243,7 @@ impl Guarded {
         inner: crate::proxy::caller::CallerBody,
         limit: Limit,
         tripped: Arc<Tripped>,
-        framer: Option<Framer>,
+        framer: Option<Box<Framer>>,
     ) -> Self {
         Self {
             inner,

@@ -175,6 +175,66 @@ fn answers_one_caller_leaves_unread_hold_back_no_other_caller() {
     assert!(v["data"].as_u64().unwrap() <= 65_535, "{v}");
 }
 
+/// What the windows let a service send and the caller not yet read counts against the
+/// caller's memory budget once the caller's window stalls the answer: a caller that
+/// leaves many answers unread has those past its budget reset (`reason="memory"`), while
+/// a thousand small answers read as they come are charged nothing (streaming.rs).
+#[test]
+fn answers_left_unread_past_the_budget_are_reset() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = Fedport::start(&one_worker(
+        node_config(
+            &pki,
+            &format!(
+                "[[service]]\nname = \"big\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+                up.url(Proto::H2c)
+            ),
+        )
+        .replace(
+            "name = \"internal\"\nbind = \"127.0.0.1:0\"\n",
+            "name = \"internal\"\nbind = \"127.0.0.1:0\"\nconnection_memory_budget = \"1MiB\"\n",
+        ),
+    ));
+    let port = fp.port("internal");
+    // a dozen 4 MiB answers asked for at once and none read: a service's stream window
+    // is 256 KiB, so the budget covers three (with the header lists)
+    let v = abuse(
+        &pki,
+        port,
+        "stall",
+        &[
+            "--count",
+            "12",
+            "--service",
+            "big",
+            "--path",
+            "/big?n=4194304",
+            "--seconds",
+            "3",
+        ],
+    );
+    let memory = r#"fedport_rejections_total{listener="internal",reason="memory"}"#;
+    eprintln!("{v}; {} reset for memory", fp.metric(memory));
+    // (a reset stream's head may not have left yet: it is dropped with the stream)
+    assert!(
+        v["responses"].as_u64().unwrap() >= 3,
+        "the held answers began: {v}"
+    );
+    let resets = v["server_resets"].as_u64().unwrap();
+    assert!((8..=11).contains(&resets), "past the budget, reset: {v}");
+    assert_eq!(fp.metric(memory), resets as f64);
+    assert!(
+        fp.metric("fedport_memory_held_bytes") <= (1 << 20) as f64,
+        "held within the connection's budget"
+    );
+    // the budget is given back when the answers go: the caller is served again
+    wait_until("all given back", Duration::from_secs(5), || {
+        fp.metric("fedport_memory_held_bytes") == 0.0
+    });
+    assert_eq!(others_served(&pki, port, "big", 1 << 20, 3, 10), 3);
+}
+
 /// A stream on which nothing moves for `stream_idle_timeout` is reset: answers left
 /// unread (RST_STREAM CANCEL), a service that does not answer (408 / DEADLINE_EXCEEDED
 /// before the answer began), an HTTP/1.1 caller that stops reading (its connection
