@@ -49,6 +49,9 @@ pub struct Registry {
     pub ca: Option<PathBuf>,
     /// Client certificate and key for etcd.
     pub client: Option<(PathBuf, PathBuf)>,
+    /// The identity pattern members' identities must match (`members`); `None`: this
+    /// node's own identity with its last segment or label `*`.
+    pub members: Option<String>,
 }
 
 /// Trace export (`[tracing]`): finished spans of sampled traces go to an OTLP/HTTP
@@ -640,7 +643,27 @@ impl Checker<'_> {
                 "the registry adds members; it never overrides what this file says",
             );
         }
+        let members = e.members.as_ref().map(|m| {
+            let text = m.get_ref();
+            match crate::policy::Pattern::parse(text) {
+                Ok(crate::policy::Pattern::Any | crate::policy::Pattern::Local) => {
+                    self.sink.error(
+                        span(m),
+                        format!("members = {text:?} would let any caller register as a peer"),
+                        "the nodes' identities, e.g. \"spiffe://fed.example/node/*\"",
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => self.sink.error(
+                    span(m),
+                    err.to_string(),
+                    "the nodes' identities, e.g. \"spiffe://fed.example/node/*\"",
+                ),
+            }
+            text.clone()
+        });
         Registry {
+            members,
             endpoints,
             prefix,
             ttl,

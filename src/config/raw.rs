@@ -52,6 +52,9 @@ pub struct RawEtcd {
     pub ca: Option<S<String>>,
     pub cert: Option<S<String>>,
     pub key: Option<S<String>>,
+    /// The identities members may have (an identity pattern); default this node's own
+    /// identity with its last segment or label `*`.
+    pub members: Option<S<String>>,
 }
 
 /// Trace export.

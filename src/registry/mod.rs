@@ -49,7 +49,13 @@ pub struct Member {
 /// `local`, never a pattern — and with one concrete identity, never a pattern: a
 /// member named `local`, or with the identity `*`, would otherwise turn a rule's
 /// `from = "local"` into "every caller".
-pub fn decode(dir: &str, key: &str, value: &[u8]) -> Result<Member, String> {
+/// `allowed`: the identities members may have ([`members_pattern`]).
+pub fn decode(
+    dir: &str,
+    key: &str,
+    value: &[u8],
+    allowed: Option<&crate::policy::Pattern>,
+) -> Result<Member, String> {
     let m: Member = serde_json::from_slice(value).map_err(|e| e.to_string())?;
     if key.strip_prefix(dir) != Some(m.name.as_str()) {
         return Err(format!("its name {:?} is not its key's", m.name));
@@ -82,6 +88,12 @@ pub fn decode(dir: &str, key: &str, value: &[u8]) -> Result<Member, String> {
     if !concrete || m.identity == "local" {
         return Err(format!(
             "identity {:?}: a SPIFFE URI or a DNS name, without patterns",
+            m.identity
+        ));
+    }
+    if !allowed.is_some_and(|p| p.matches(&m.identity)) {
+        return Err(format!(
+            "identity {:?} is not a node's (see [registry.etcd] members)",
             m.identity
         ));
     }
@@ -150,11 +162,40 @@ impl Status {
     }
 }
 
+/// The identities members may have: `members`, or this node's own identity with its
+/// last segment or label `*` (`spiffe://fed.example/node/a` gives
+/// `spiffe://fed.example/node/*`, `a.nodes.fed.example` gives `*.nodes.fed.example`).
+/// `None` when neither is known: no member is believed.
+pub fn members_pattern(reg: &Registry, own: Option<&str>) -> Option<crate::policy::Pattern> {
+    if let Some(m) = &reg.members {
+        return crate::policy::Pattern::parse(m).ok();
+    }
+    let own = own?;
+    let pattern = match own.strip_prefix("spiffe://") {
+        Some(rest) => format!("spiffe://{}/*", rest.rsplit_once('/')?.0),
+        None => format!("*.{}", own.split_once('.')?.1),
+    };
+    crate::policy::Pattern::parse(&pattern).ok()
+}
+
+/// This node's identity, from its certificate.
+fn own_identity(cfg: &Config) -> Option<String> {
+    let certs = crate::identity::load_certs(&cfg.tls.as_ref()?.files.cert).ok()?;
+    crate::identity::identity_of(certs.first()?)
+}
+
 /// The file's configuration with the registry's members added as peers: a member
 /// with the name or identity of a `[[peer]]` in the file, or this node itself, is left
-/// out, and of the services a member hosts only those declared here are kept.
+/// out, and so is one whose identity is not a node's ([`members_pattern`]): anyone who
+/// can write to the registry could otherwise make a client a peer, whose `fed-*`
+/// headers are believed. Of the services a member hosts only those declared here are
+/// kept.
 pub fn merge(file: &Config, members: &[Member]) -> Config {
     let mut cfg = file.clone();
+    let allowed = file
+        .registry
+        .as_ref()
+        .and_then(|r| members_pattern(r, own_identity(file).as_deref()));
     for m in members {
         if m.name == file.node.name
             || file
@@ -162,6 +203,14 @@ pub fn merge(file: &Config, members: &[Member]) -> Config {
                 .iter()
                 .any(|p| p.name == m.name || p.identity == m.identity)
         {
+            continue;
+        }
+        if !allowed.as_ref().is_some_and(|p| p.matches(&m.identity)) {
+            tracing::warn!(
+                member = %m.name,
+                identity = %m.identity,
+                "registry: a member whose identity is not a node's (see [registry.etcd] members); ignored"
+            );
             continue;
         }
         let mut p = m.peer();
@@ -186,9 +235,7 @@ pub fn me(cfg: &Config, bound: &[(String, std::net::SocketAddr)]) -> Option<Memb
             bound.iter().find(|(n, _)| n == &l.name)?.1.to_string()
         }
     };
-    let tls = cfg.tls.as_ref()?;
-    let certs = crate::identity::load_certs(&tls.files.cert).ok()?;
-    let identity = crate::identity::identity_of(certs.first()?)?;
+    let identity = own_identity(cfg)?;
     Some(Member {
         name: cfg.node.name.clone(),
         region: cfg.node.region.clone(),
@@ -331,6 +378,7 @@ async fn session(
     let dir = format!("{}/nodes/", reg.prefix);
     let my_key = format!("{dir}{}", me.name);
     let op = Duration::from_secs(3);
+    let allowed = members_pattern(reg, Some(&me.identity));
     publish(&live.members, me, out, status, metrics);
     status.set(true, None);
     metrics.registry_up.set(1);
@@ -369,7 +417,7 @@ async fn session(
                     let Some(kv) = ev.kv() else { continue };
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
                     match ev.event_type() {
-                        EventType::Put => match decode(&dir, &key, kv.value()) {
+                        EventType::Put => match decode(&dir, &key, kv.value(), allowed.as_ref()) {
                             Ok(m) => changed |= live.members.insert(key, m.clone()).as_ref() != Some(&m),
                             Err(e) => {
                                 tracing::warn!(%key, error = %e, "registry: a value that is not a member; ignored");
@@ -403,6 +451,8 @@ async fn register(
     let op = Duration::from_secs(3);
     let mut client = connect(reg).await?;
     let dir = format!("{}/nodes/", reg.prefix);
+    let allowed = members_pattern(reg, Some(&me.identity));
+    let allowed = allowed.as_ref();
     // whole seconds, rounded up: a lease never shorter than the configured ttl
     let ttl = reg.ttl.as_millis().div_ceil(1000).max(1) as i64;
     let grant = timed(op, client.lease_grant(ttl, None)).await?;
@@ -420,7 +470,7 @@ async fn register(
     let mut members: BTreeMap<String, Member> = BTreeMap::new();
     for kv in all.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        match decode(&dir, &key, kv.value()) {
+        match decode(&dir, &key, kv.value(), allowed) {
             Ok(m) => {
                 members.insert(key, m);
             }
@@ -518,10 +568,15 @@ mod tests {
         let value =
             |name: &str, identity: &str| serde_json::to_vec(&member(name, identity, &[])).unwrap();
         let ok = |key: &str, name: &str, identity: &str| {
-            decode(dir, &format!("{dir}{key}"), &value(name, identity))
+            decode(
+                dir,
+                &format!("{dir}{key}"),
+                &value(name, identity),
+                Some(&crate::policy::Pattern::parse("spiffe://fed.test/node/*").unwrap()),
+            )
         };
         assert!(ok("eu-a", "eu-a", "spiffe://fed.test/node/eu-a").is_ok());
-        assert!(ok("eu-a.z1", "eu-a.z1", "node-a.fed.test").is_ok());
+        assert!(ok("eu-b", "eu-b", "spiffe://fed.test/node/eu-b").is_ok());
         for (key, name, identity) in [
             ("local", "local", "spiffe://fed.test/node/x"),
             ("x", "x", "*"),
@@ -533,10 +588,19 @@ mod tests {
             ("x", "y", "spiffe://fed.test/node/y"),
             ("a b", "a b", "spiffe://fed.test/node/a"),
             ("sp*", "sp*", "spiffe://fed.test/node/a"),
+            // not a node's identity
+            ("m", "m", "spiffe://fed.test/client/alice"),
+            ("m", "m", "node-a.fed.test"),
+            ("m", "m", "spiffe://other.test/node/m"),
         ] {
             assert!(ok(key, name, identity).is_err(), "{key} {name} {identity}");
         }
-        assert!(decode(dir, "/fedport/nodes/x", b"not json").is_err());
+        assert!(decode(dir, "/fedport/nodes/x", b"not json", None).is_err());
+        let v = value("eu-a", "spiffe://fed.test/node/eu-a");
+        assert!(
+            decode(dir, "/fedport/nodes/eu-a", &v, None).is_err(),
+            "no pattern: nobody is believed"
+        );
     }
 
     #[test]
@@ -549,7 +613,7 @@ mod tests {
              [[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"h2c://127.0.0.1:9\"]\n\
              [[peer]]\nname = \"fixed\"\nregion = \"r\"\naddress = \"127.0.0.1:2\"\n\
              identity = \"spiffe://d/node/fixed\"\nservices = [\"orders\"]\n\
-             [registry.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+             [registry.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nmembers = \"spiffe://d/node/*\"\n",
         )
         .unwrap();
         let (file, _) = crate::config::load(&path).unwrap();
@@ -561,6 +625,9 @@ mod tests {
                 member("fixed", "spiffe://d/node/other", &["orders"]),
                 member("alias", "spiffe://d/node/fixed", &["orders"]),
                 member("new", "spiffe://d/node/new", &["orders", "unknown"]),
+                // a client's identity written into the registry is no peer's
+                member("mallory", "spiffe://d/client/alice", &["orders"]),
+                member("dns", "alice.d", &["orders"]),
             ],
         );
         let names: Vec<&str> = merged.peers.iter().map(|p| p.name.as_str()).collect();

@@ -177,6 +177,11 @@ fn a_node_that_shuts_down_leaves_the_registry_at_once() {
     let hijack = r#"{"name":"local","region":"eu-1","address":"127.0.0.1:9","identity":"*","services":["orders"]}"#;
     rt.block_on(client.put("/fedport/nodes/local", hijack, None))
         .unwrap();
+    // nor one that would make a client a peer (whose fed-* headers are believed): only
+    // node identities may register (here spiffe://fed.test/node/*, from a's own)
+    let client_as_peer = r#"{"name":"mallory","region":"eu-1","address":"127.0.0.1:9","identity":"spiffe://fed.test/client/alice","services":["orders"]}"#;
+    rt.block_on(client.put("/fedport/nodes/mallory", client_as_peer, None))
+        .unwrap();
     rt.block_on(client.delete("/fedport/nodes/b", None))
         .unwrap();
     wait_until("b registers again", Duration::from_secs(10), || {
@@ -197,6 +202,15 @@ fn a_node_that_shuts_down_leaves_the_registry_at_once() {
         "{}",
         a.log_text()
     );
+    wait_until("the client's entry ignored", Duration::from_secs(5), || {
+        a.log_text().contains("not a node's")
+    });
+    assert!(
+        !a.admin_get("/config").contains("mallory"),
+        "no peer is made of it"
+    );
+    rt.block_on(client.delete("/fedport/nodes/mallory", None))
+        .unwrap();
 
     b.signal("TERM");
     let t = Instant::now();
