@@ -107,6 +107,27 @@ pub fn overrides_method(headers: &HeaderMap, query: Option<&str>) -> bool {
     })
 }
 
+/// The content codings the request says its body is in (RFC 9110 8.4), other than
+/// `identity`, in every field and in the `_` spelling CGI-style servers read as the
+/// same header; `None` when the body is as sent.
+pub fn content_encoding(headers: &HeaderMap) -> Option<String> {
+    let codings: Vec<String> = headers
+        .iter()
+        .filter(|(k, _)| {
+            let n = k.as_str();
+            n == "content-encoding" || n == "content_encoding"
+        })
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty() && c != "identity")
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
 /// The methods RFC 9110 (and RFC 5789, PATCH) defines, in their one spelling.
 pub const STANDARD_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",

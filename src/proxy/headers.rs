@@ -28,6 +28,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     h.remove("keep-alive");
     h.remove("proxy-connection");
+    // 100-continue is between the caller and fedport (which answers it as it reads the
+    // body); a service told to expect would answer, or not read, a body that is coming
+    // anyway (Envoy strips it too)
+    h.remove(header::EXPECT);
     if h.get_all(header::TE).iter().any(|v| v != "trailers") {
         h.remove(header::TE);
     }

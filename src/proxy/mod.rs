@@ -331,6 +331,10 @@ pub async fn handle(
     let conn = current(conn);
     let w = conn.worker.clone();
     let mut req = req;
+    // first of all: the headers the caller named in Connection are no part of the
+    // request (RFC 9110 7.6.1), so nothing may check one that is then taken away
+    // (`Connection: content-type` sent a validated JSON body on untyped)
+    strip_hop_by_hop(req.headers_mut());
     let ct = request::ContentTypeField::of(req.headers());
     let grpc = ct.claims_grpc();
     let head = req.method() == http::Method::HEAD;
@@ -654,7 +658,6 @@ async fn forward(
         };
         let idempotent = service.idempotent.allows(call);
         let h = &mut parts.headers;
-        strip_hop_by_hop(h);
         let (origin, hops, caller) = if conn.from_peer {
             // a peer always says how far the request came; a value that cannot be
             // read counts as the farthest allowed, never as a fresh request
@@ -712,6 +715,19 @@ async fn forward(
         let json = matches!(ct, ContentType::One(m) if m.is_json());
         if json_route.is_some() && carries_body && !json {
             return Err(Reject::Format(service.name.clone(), ct.essence()));
+        }
+        // a body fedport validates goes on as it was validated: a service (or its
+        // framework: Express's body-parser, ASP.NET's request decompression) that
+        // decodes a Content-Encoding would read other bytes than those checked
+        let validated = json_route.is_some() || method.is_some();
+        if validated && carries_body {
+            if let Some(enc) = request::content_encoding(&parts.headers) {
+                return Err(Reject::Encoding {
+                    service: service.name.clone(),
+                    encoding: enc,
+                    accepted: "identity".into(),
+                });
+            }
         }
         let too_large = |n: u64, max: u64| Reject::TooLarge(service.name.clone(), n, max);
         let limit = match service.max_message_bytes {
@@ -1118,6 +1134,8 @@ async fn dispatch(
             parts.headers.clone(),
         )
     });
+    // sent whole from the start: nothing of it is left for the caller to send
+    let whole = replay.is_some() || body.as_ref().is_none_or(|b| b.is_end_stream());
     let first_body = match (&replay, body) {
         (Some(b), _) => Either::Right(Full::new(b.clone())),
         (None, Some(g)) => Either::Left(g),
@@ -1157,7 +1175,11 @@ async fn dispatch(
         let outstanding = pool.begin();
         let sent = tokio::time::timeout(left, pool.send(req, deadline)).await;
         let Ok(sent) = sent else {
-            if let Some(e) = local.filter(|_| !aim.caller_deadline) {
+            // a service that has not answered while the caller had not sent all of its
+            // body may be waiting for it: no failure of the endpoint (a caller that
+            // trickles its body would otherwise eject healthy endpoints)
+            let sent_whole = whole || tripped.ended();
+            if let Some(e) = local.filter(|_| !aim.caller_deadline && sent_whole) {
                 w.fleet.record(idx, e, false);
             }
             return Err(Reject::Timeout(service.name.clone(), aim.timeout_ms));

@@ -77,6 +77,9 @@ pub struct Tripped {
     caller_failed: std::sync::atomic::AtomicBool,
     /// A memory budget refused to hold more of it.
     memory: std::sync::Mutex<Option<crate::limits::memory::Over>>,
+    /// The whole body was passed on: a service that does not answer now is not waiting
+    /// for the caller.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 /// What a tripped guard answers a gRPC call with.
@@ -96,6 +99,15 @@ impl Tripped {
 
     fn fail(&self) {
         self.caller_failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the whole body was passed on.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::Relaxed);
     }
 
     /// Body bytes the guard let through.
@@ -230,7 +242,6 @@ pin_project_lite::pin_project! {
         // with a proto schema: whole messages are held until they validate (boxed: the
         // guard is moved with the request, and most requests have none)
         framer: Option<Box<Framer>>,
-        forwarded: bool,
         // frames read ahead (by take_if_whole) and given back first
         held: std::collections::VecDeque<Frame<Bytes>>,
         // the worker's inflation share is spent until then
@@ -253,7 +264,6 @@ impl Guarded {
             prefix: Vec::with_capacity(5),
             tripped,
             framer,
-            forwarded: false,
             held: std::collections::VecDeque::new(),
             wait: None,
         }
@@ -336,34 +346,53 @@ impl Body for Guarded {
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = self.as_mut().poll_guarded(cx);
+        // the end as the codec sees it: no more frames, or one it sends as the last
+        let end = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.is_end_stream(),
+            _ => false,
+        };
+        if end {
+            self.tripped.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Guarded {
+    fn poll_guarded(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, <Self as Body>::Error>>> {
         let mut this = self.project();
         if let Some(f) = this.held.pop_front() {
             return Poll::Ready(Some(Ok(f)));
         }
         if let Some(framer) = this.framer.as_mut() {
             loop {
-                // After a refused message: if valid ones already went, end the stream
-                // cleanly so the service handles them (the caller still gets the
-                // refusal in place of the service's status); if none did, reset.
+                // After a refused message the call is reset on the service's side too,
+                // even when valid ones already went: ended cleanly, the service would
+                // complete a call (and answer OK) that the caller is told failed with
+                // INVALID_ARGUMENT, and the caller would send again what it committed
                 if let Some(n) = this.tripped.get() {
-                    if *this.forwarded {
-                        return Poll::Ready(None);
-                    }
                     return Poll::Ready(Some(Err(Box::new(TooLarge(n)))));
                 }
                 if let Some(e) = this.tripped.schema_error() {
-                    if *this.forwarded {
-                        return Poll::Ready(None);
-                    }
                     return Poll::Ready(Some(Err(Box::new(SchemaViolation(e)))));
                 }
                 if let Some(over) = this.tripped.memory() {
-                    if *this.forwarded {
-                        return Poll::Ready(None);
-                    }
                     return Poll::Ready(Some(Err(Box::new(over))));
                 }
                 // a message being inflated first: no more of the caller's bytes are
@@ -412,7 +441,6 @@ impl Body for Guarded {
                     More::At(t) => *this.wait = Some(Box::pin(tokio::time::sleep_until(t.into()))),
                 }
                 if let Some(out) = step.out {
-                    *this.forwarded = true;
                     this.tripped.count(out.len());
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
@@ -442,14 +470,6 @@ impl Body for Guarded {
             }
         }
         Poll::Ready(Some(Ok(without_fed(frame))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.held.is_empty() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

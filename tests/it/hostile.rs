@@ -235,6 +235,77 @@ fn answers_left_unread_past_the_budget_are_reset() {
     assert_eq!(others_served(&pki, port, "big", 1 << 20, 3, 10), 3);
 }
 
+/// A caller that sends part of its body and stops gets its deadline, and the service
+/// (which waits for the rest) is not blamed: before, each such call counted as the
+/// endpoint's failure, and five ejected a healthy endpoint for every caller.
+#[test]
+fn a_caller_that_stalls_its_body_does_not_eject_the_endpoint() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\ngrpc_services = [\"test.Echo\"]\n\
+             endpoints = [\"{}\"]\ntimeout = \"1s\"\n",
+            up.url(Proto::H2c)
+        ),
+    ));
+    let port = fp.port("internal");
+    let out = Command::new("python3")
+        .arg(py("h2_hold.py"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--conns",
+            "2",
+            "--streams",
+            "4",
+        ])
+        .args(["--size", "100000", "--seconds", "2"])
+        .args(["--ca", &pki.ca.display().to_string()])
+        .args(["--cert", &pki.client.cert.display().to_string()])
+        .args(["--key", &pki.client.key.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{v}");
+    assert_eq!(v["answered"]["4"], 8, "each call got its deadline: {v}");
+    let metrics = fp.admin_get("/metrics");
+    let ejections: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("fedport_upstream_ejections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(ejections, 0.0, "the endpoint was not blamed");
+    // and the next caller is served by it
+    let msg = [0u8, 0, 0, 0, 4, 0x0a, 0x02, b'h', b'i'];
+    let case = serde_json::json!([{
+        "proto": "h2", "method": "POST", "path": "/test.Echo/Say", "authority": "localhost",
+        "headers": [["content-type", "application/grpc"], ["te", "trailers"]],
+        "body_hex": msg.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    }]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("case.json");
+    std::fs::write(&file, case.to_string()).unwrap();
+    let out = Command::new("python3")
+        .arg(py("raw_request.py"))
+        .arg(&file)
+        .args(["--port", &port.to_string()])
+        .args(["--ca", &pki.ca.display().to_string()])
+        .args(["--cert", &pki.client.cert.display().to_string()])
+        .args(["--key", &pki.client.key.display().to_string()])
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], 200, "{r}");
+    assert!(r["headers"]["fed-refused"].is_null(), "{r}");
+}
+
 /// A stream on which nothing moves for `stream_idle_timeout` is reset: answers left
 /// unread (RST_STREAM CANCEL), a service that does not answer (408 / DEADLINE_EXCEEDED
 /// before the answer began), an HTTP/1.1 caller that stops reading (its connection

@@ -155,6 +155,28 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
             &good_doc,
             Served,
         );
+        // a body in a content coding would be decoded by the service into bytes
+        // fedport never checked; identity is the body as sent
+        for (name, coding, want) in [
+            ("content-encoding", "gzip", Refused("encoding")),
+            ("content-encoding", "identity, GZIP", Refused("encoding")),
+            ("content_encoding", "deflate", Refused("encoding")),
+            ("content-encoding", "Identity", Refused("schema")),
+        ] {
+            let h: &'static [(&str, &str)] = Box::leak(Box::new([
+                ("content-type", "application/json"),
+                (name, coding),
+            ]));
+            http(
+                &format!("{name} {coding:?}"),
+                "POST",
+                "/v1/reserve",
+                inv,
+                h,
+                &bad_doc,
+                want,
+            );
+        }
         // content type
         for ct in [
             "Application/JSON",
@@ -487,6 +509,20 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
                 &bad_doc,
                 Refused("schema"),
             );
+            // a header the caller names in Connection is no part of the request: it is
+            // gone before anything checks it, not after
+            http(
+                "content type named in Connection",
+                "POST",
+                "/v1/reserve",
+                Some("inventory"),
+                &[
+                    ("content-type", "application/json"),
+                    ("connection", "content-type"),
+                ],
+                &good_doc,
+                Refused("format"),
+            );
         } else {
             http(
                 ":authority and another host",
@@ -496,6 +532,18 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
                 &[("host", "orders"), ("content-type", "application/json")],
                 &good_doc,
                 Refused("bad_request"),
+            );
+            http(
+                "expect 100-continue",
+                "POST",
+                "/v1/reserve",
+                inv,
+                &[
+                    ("content-type", "application/json"),
+                    ("expect", "100-continue"),
+                ],
+                &good_doc,
+                Served,
             );
             http(
                 ":authority and the same host",
@@ -550,6 +598,17 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
             &g,
             &good_msg,
             Served,
+        );
+        grpc(
+            "content-encoding gzip",
+            "POST",
+            "/test.Echo/Say",
+            &[
+                ("content-type", "application/grpc"),
+                ("content-encoding", "gzip"),
+            ],
+            &good_msg,
+            Refused("encoding"),
         );
         for ct in [
             "application/grpc+proto",
@@ -709,6 +768,13 @@ fn every_spelling_is_checked_like_the_canonical_one_or_refused() {
             "{proto}: of the gRPC calls only those served or refused for their message reached a service"
         );
     }
+
+    // 100-continue is fedport's to answer: no service is told to expect
+    assert!(
+        h1.seen_header("expect").iter().all(String::is_empty),
+        "{:?}",
+        h1.seen_header("expect")
+    );
 
     // what reached the service is the name of the service it was authorized for
     let seen = h1.seen_header("host");

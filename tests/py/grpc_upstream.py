@@ -28,6 +28,8 @@ def say(req, ctx):
 
 
 CHAT_RECEIVED = []
+# Chat calls whose request stream ended cleanly (the handler ran to its end)
+CHAT_COMPLETED = []
 
 
 def chat(it, ctx):
@@ -35,11 +37,15 @@ def chat(it, ctx):
     for m in it:
         CHAT_RECEIVED.append(m)
         yield m
+    # a reset call ends the iteration too, but leaves the call inactive
+    if ctx.is_active():
+        CHAT_COMPLETED.append(1)
 
 
 def stats(req, ctx):
-    # how many Chat messages and Say calls ever arrived, as a Msg with text "chat/say"
-    n = f"{len(CHAT_RECEIVED)}/{len(SAY_RECEIVED)}".encode()
+    # how many Chat messages and Say calls ever arrived, and Chat calls completed, as a
+    # Msg with text "chat/say/completed"
+    n = f"{len(CHAT_RECEIVED)}/{len(SAY_RECEIVED)}/{len(CHAT_COMPLETED)}".encode()
     return b"\x0a" + bytes([len(n)]) + n
 
 

@@ -71,7 +71,8 @@ except grpc.RpcError as e:
     out["stream"] = {"code": e.code().name, "details": e.details(), "got": got}
 
 stats = ch.unary_unary("/test.Echo/Stats", ident, ident)(b"", timeout=10)
-chat, say = stats[2:].decode().split("/")
+chat, say, completed = stats[2:].decode().split("/")
 out["upstream_chat_received"] = int(chat)
+out["upstream_chat_completed"] = int(completed)
 out["upstream_say_received"] = int(say)
 print(json.dumps(out))
