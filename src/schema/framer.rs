@@ -168,24 +168,7 @@ impl Framer {
                     if ready < data.len() {
                         self.pending.extend_from_slice(&data[ready..]);
                     }
-                    if matches!(stop, Some(Stop::Inflate)) {
-                        if let Err(r) = self.start_inflating() {
-                            return self.refuse(out, r);
-                        }
-                    }
-                    let more = if self.inflating.is_some() {
-                        More::Now
-                    } else {
-                        More::No
-                    };
-                    match self.hold() {
-                        Err(r) => self.refuse(out, r),
-                        Ok(()) => Step {
-                            out,
-                            refusal: None,
-                            more,
-                        },
-                    }
+                    self.settle(out, stop)
                 }
             };
         }
@@ -240,13 +223,18 @@ impl Framer {
         ready += n;
         let out = (ready > 0).then(|| self.pending.split_to(ready).freeze());
         match stop {
-            Some(Stop::Refused(r)) => return self.refuse(out, r),
-            Some(Stop::Inflate) => {
-                if let Err(r) = self.start_inflating() {
-                    return self.refuse(out, r);
-                }
+            Some(Stop::Refused(r)) => self.refuse(out, r),
+            stop => self.settle(out, stop),
+        }
+    }
+
+    /// After a scan that refused nothing: starts inflating the message it stopped at,
+    /// if any, and charges what is now held.
+    fn settle(&mut self, out: Option<Bytes>, stop: Option<Stop>) -> Step {
+        if matches!(stop, Some(Stop::Inflate)) {
+            if let Err(r) = self.start_inflating() {
+                return self.refuse(out, r);
             }
-            None => {}
         }
         let more = if self.inflating.is_some() {
             More::Now

@@ -7,31 +7,14 @@
 //! requests all succeed and fedport's memory stays bounded.
 
 use crate::support::upstream::{self, Proto};
-use crate::support::{curl, node_config, py, Fedport, Pki};
+use crate::support::{curl, node_config, Fedport, Pki};
 use std::io::{Read, Write};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 fn attack(pki: &Pki, port: u16, name: &str, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new("python3")
-        .arg(py("h2_abuse.py"))
-        .args([name, "--port", &port.to_string()])
-        .args(["--ca", &pki.ca.display().to_string()])
-        .args(["--cert", &pki.client.cert.display().to_string()])
-        .args(["--key", &pki.client.key.display().to_string()])
-        .args(extra)
-        .output()
-        .expect("python3 with h2 (scripts/install-test-deps.sh)");
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{v}");
-    v
+    crate::hostile::abuse(pki, port, name, extra)
 }
 
 /// Asserts that the attacker was sent GOAWAY with `code` and cut, and that the cut was

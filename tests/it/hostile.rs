@@ -6,27 +6,14 @@
 
 use crate::federation::{node_config as fed_node, peer};
 use crate::support::upstream::{self, Proto};
-use crate::support::{curl, node_config, py, wait_until, Fedport, Pki};
+use crate::support::{curl, node_config, wait_until, Fedport, Pki, PyClient};
+use fedport::identity::pki::IssuedFiles;
 use std::process::Command;
 use std::time::Duration;
 
 /// Runs an attack of tests/py/h2_abuse.py as the test client; its JSON report.
 pub(crate) fn abuse(pki: &Pki, port: u16, attack: &str, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new("python3")
-        .arg(py("h2_abuse.py"))
-        .args([attack, "--port", &port.to_string()])
-        .args(["--ca", &pki.ca.display().to_string()])
-        .args(["--cert", &pki.client.cert.display().to_string()])
-        .args(["--key", &pki.client.key.display().to_string()])
-        .args(extra)
-        .output()
-        .expect("python3 with h2 (scripts/install-test-deps.sh)");
-    assert!(
-        out.status.success(),
-        "{attack}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = attacker(pki, port, attack, extra).json();
     eprintln!("{attack}: {v}");
     v
 }
@@ -35,30 +22,31 @@ pub(crate) fn abuse(pki: &Pki, port: u16, attack: &str, extra: &[&str]) -> serde
 fn abuse_meanwhile(
     pki: &Pki,
     port: u16,
-    attack: &'static str,
+    attack: &str,
     extra: &[&str],
 ) -> std::thread::JoinHandle<serde_json::Value> {
-    let args: Vec<String> = [attack, "--port", &port.to_string()]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--ca".into(), pki.ca.display().to_string()])
-        .chain(["--cert".into(), pki.client.cert.display().to_string()])
-        .chain(["--key".into(), pki.client.key.display().to_string()])
-        .chain(extra.iter().map(|s| s.to_string()))
-        .collect();
-    std::thread::spawn(move || {
-        let out = Command::new("python3")
-            .arg(py("h2_abuse.py"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    })
+    attacker(pki, port, attack, extra).spawn()
+}
+
+fn attacker(pki: &Pki, port: u16, attack: &str, extra: &[&str]) -> PyClient {
+    let args: Vec<&str> = [attack].into_iter().chain(extra.iter().copied()).collect();
+    PyClient::new(pki, "h2_abuse.py", port, &pki.client, &args)
+}
+
+/// One well-formed gRPC call (`test.Echo/Say`) in raw frames as `who`; the answer's
+/// report from tests/py/raw_request.py.
+fn say_as(pki: &Pki, port: u16, who: &IssuedFiles) -> serde_json::Value {
+    let msg = [0u8, 0, 0, 0, 4, 0x0a, 0x02, b'h', b'i'];
+    let case = serde_json::json!([{
+        "proto": "h2", "method": "POST", "path": "/test.Echo/Say", "authority": "localhost",
+        "headers": [["content-type", "application/grpc"], ["te", "trailers"]],
+        "body_hex": msg.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    }]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("case.json");
+    std::fs::write(&file, case.to_string()).unwrap();
+    let file = file.display().to_string();
+    PyClient::new(pki, "raw_request.py", port, who, &[&file]).json()
 }
 
 /// `n` calls for `/big?n=BYTES` by other callers, each on its own connection, each
@@ -251,28 +239,23 @@ fn a_caller_that_stalls_its_body_does_not_eject_the_endpoint() {
         ),
     ));
     let port = fp.port("internal");
-    let out = Command::new("python3")
-        .arg(py("h2_hold.py"))
-        .args([
-            "--port",
-            &port.to_string(),
+    let v = PyClient::new(
+        &pki,
+        "h2_hold.py",
+        port,
+        &pki.client,
+        &[
             "--conns",
             "2",
             "--streams",
             "4",
-        ])
-        .args(["--size", "100000", "--seconds", "2"])
-        .args(["--ca", &pki.ca.display().to_string()])
-        .args(["--cert", &pki.client.cert.display().to_string()])
-        .args(["--key", &pki.client.key.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            "--size",
+            "100000",
+            "--seconds",
+            "2",
+        ],
+    )
+    .json();
     eprintln!("{v}");
     assert_eq!(v["answered"]["4"], 8, "each call got its deadline: {v}");
     let metrics = fp.admin_get("/metrics");
@@ -283,25 +266,7 @@ fn a_caller_that_stalls_its_body_does_not_eject_the_endpoint() {
         .sum();
     assert_eq!(ejections, 0.0, "the endpoint was not blamed");
     // and the next caller is served by it
-    let msg = [0u8, 0, 0, 0, 4, 0x0a, 0x02, b'h', b'i'];
-    let case = serde_json::json!([{
-        "proto": "h2", "method": "POST", "path": "/test.Echo/Say", "authority": "localhost",
-        "headers": [["content-type", "application/grpc"], ["te", "trailers"]],
-        "body_hex": msg.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    }]);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("case.json");
-    std::fs::write(&file, case.to_string()).unwrap();
-    let out = Command::new("python3")
-        .arg(py("raw_request.py"))
-        .arg(&file)
-        .args(["--port", &port.to_string()])
-        .args(["--ca", &pki.ca.display().to_string()])
-        .args(["--cert", &pki.client.cert.display().to_string()])
-        .args(["--key", &pki.client.key.display().to_string()])
-        .output()
-        .unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = say_as(&pki, port, &pki.client);
     assert_eq!(r["status"], 200, "{r}");
     assert!(r["headers"]["fed-refused"].is_null(), "{r}");
 }
@@ -666,46 +631,23 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
     // alice on 4 connections (64 MiB asked, more than her share), and five other
     // identities on one each (16 MiB asked each): 144 MiB asked in all, three times the
     // node's budget
-    let attack = |who: (String, String), conns: &str| {
-        let args: Vec<String> = [
-            "--port".into(),
-            port.to_string(),
-            "--conns".into(),
-            conns.into(),
-            "--streams".into(),
-            "8".into(),
-            "--size".into(),
-            size.to_string(),
-            "--seconds".into(),
-            "6".into(),
-            "--ca".into(),
-            pki.ca.display().to_string(),
-            "--cert".into(),
-            who.0,
-            "--key".into(),
-            who.1,
-        ]
-        .to_vec();
-        std::thread::spawn(move || {
-            let out = Command::new("python3")
-                .arg(py("h2_hold.py"))
-                .args(&args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-        })
+    let attack = |who: &IssuedFiles, conns: &str| {
+        let size = size.to_string();
+        let args = [
+            "--conns",
+            conns,
+            "--streams",
+            "8",
+            "--size",
+            &size,
+            "--seconds",
+            "6",
+        ];
+        PyClient::new(&pki, "h2_hold.py", port, who, &args).spawn()
     };
-    let files = |f: &fedport::identity::pki::IssuedFiles| {
-        (f.cert.display().to_string(), f.key.display().to_string())
-    };
-    let alice = attack(files(&pki.client), "4");
+    let alice = attack(&pki.client, "4");
     let others: Vec<_> = (0..5)
-        .map(|i| attack(files(&pki.client_cert(&format!("holder-{i}"))), "1"))
+        .map(|i| attack(&pki.client_cert(&format!("holder-{i}")), "1"))
         .collect();
     let mut most = 0.0f64;
     wait_until("the budget filled", Duration::from_secs(30), || {
@@ -721,25 +663,7 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
     // nothing of it is held
     let bob = pki.client_cert("bob");
     let before = up.hits();
-    let msg = [0u8, 0, 0, 0, 4, 0x0a, 0x02, b'h', b'i'];
-    let case = serde_json::json!([{
-        "proto": "h2", "method": "POST", "path": "/test.Echo/Say", "authority": "localhost",
-        "headers": [["content-type", "application/grpc"], ["te", "trailers"]],
-        "body_hex": msg.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    }]);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("case.json");
-    std::fs::write(&file, case.to_string()).unwrap();
-    let out = Command::new("python3")
-        .arg(py("raw_request.py"))
-        .arg(&file)
-        .args(["--port", &port.to_string()])
-        .args(["--ca", &pki.ca.display().to_string()])
-        .args(["--cert", &bob.cert.display().to_string()])
-        .args(["--key", &bob.key.display().to_string()])
-        .output()
-        .unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = say_as(&pki, port, &bob);
     assert_eq!(r["status"], 200, "{r}");
     assert!(r["headers"]["fed-refused"].is_null(), "{r}");
     assert_eq!(up.hits(), before + 1);
@@ -804,38 +728,22 @@ fn a_stream_of_gzip_bombs_does_not_hold_the_worker() {
         ),
     )));
     let port = fp.port("internal");
-    let args: Vec<String> = [
-        "--bombs",
-        "--port",
-        &port.to_string(),
-        "--path",
-        "/test.Echo/Chat",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "--size".into(),
-        (4 << 20).to_string(),
-        "--seconds".into(),
-        "6".into(),
-    ])
-    .chain(["--ca".into(), pki.ca.display().to_string()])
-    .chain(["--cert".into(), pki.client.cert.display().to_string()])
-    .chain(["--key".into(), pki.client.key.display().to_string()])
-    .collect();
-    let attacker = std::thread::spawn(move || {
-        let out = Command::new("python3")
-            .arg(py("h2_hold.py"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    });
+    let attacker = PyClient::new(
+        &pki,
+        "h2_hold.py",
+        port,
+        &pki.client,
+        &[
+            "--bombs",
+            "--path",
+            "/test.Echo/Chat",
+            "--size",
+            &(4 << 20).to_string(),
+            "--seconds",
+            "6",
+        ],
+    )
+    .spawn();
     std::thread::sleep(Duration::from_millis(1000));
     // the bombs are being inflated now: fedport's CPU over the next seconds, and
     // another caller's calls meanwhile

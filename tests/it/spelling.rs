@@ -5,8 +5,7 @@
 //! served one reaches it under the name of the service it was authorized for.
 
 use crate::support::upstream::{self, Proto};
-use crate::support::{node_config_with_rules, py, Fedport, Pki};
-use std::process::Command;
+use crate::support::{node_config_with_rules, Fedport, Pki, PyClient};
 
 /// What a spelling must get: fedport's own refusal with this reason (`fed-refused`),
 /// or the service's answer.
@@ -45,21 +44,9 @@ fn run(pki: &Pki, port: u16, proto: &str, cases: &[Case]) -> Vec<serde_json::Val
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cases.json");
     std::fs::write(&file, serde_json::to_vec(&json).unwrap()).unwrap();
-    let out = Command::new("python3")
-        .arg(py("raw_request.py"))
-        .arg(&file)
-        .args(["--port", &port.to_string()])
-        .args(["--ca", &pki.ca.display().to_string()])
-        .args(["--cert", &pki.client.cert.display().to_string()])
-        .args(["--key", &pki.client.key.display().to_string()])
-        .output()
-        .expect("python3 with h2 (scripts/install-test-deps.sh)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    let file = file.display().to_string();
+    PyClient::new(pki, "raw_request.py", port, &pki.client, &[&file])
+        .stdout()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()

@@ -420,6 +420,52 @@ pub fn py(script: &str) -> PathBuf {
         .join(script)
 }
 
+/// A run of a Python client of tests/py (Python's `h2` speaking raw frames) against
+/// `port`, holding `cert` and trusting the test CA; `args` come after those.
+pub struct PyClient {
+    args: Vec<String>,
+}
+
+impl PyClient {
+    pub fn new(pki: &Pki, script: &str, port: u16, cert: &IssuedFiles, args: &[&str]) -> Self {
+        let args = [py(script).display().to_string()]
+            .into_iter()
+            .chain(args.iter().map(|s| s.to_string()))
+            .chain(["--port".into(), port.to_string()])
+            .chain(["--ca".into(), pki.ca.display().to_string()])
+            .chain(["--cert".into(), cert.cert.display().to_string()])
+            .chain(["--key".into(), cert.key.display().to_string()])
+            .collect();
+        PyClient { args }
+    }
+
+    /// What the client printed; panics with its stderr if it failed.
+    pub fn stdout(&self) -> String {
+        let out = Command::new("python3")
+            .args(&self.args)
+            .output()
+            .expect("python3 with h2 (scripts/install-test-deps.sh)");
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            self.args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Its one JSON report.
+    pub fn json(&self) -> serde_json::Value {
+        let out = self.stdout();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    /// [`PyClient::json`] on a thread of its own.
+    pub fn spawn(self) -> std::thread::JoinHandle<serde_json::Value> {
+        std::thread::spawn(move || self.json())
+    }
+}
+
 /// Waits until `f` is true, polling; panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
