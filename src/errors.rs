@@ -1,5 +1,6 @@
-//! The one place where a refusal becomes an answer: every [`Reject`] maps to an HTTP
-//! status with a JSON body, or to a gRPC status in a trailers-only response.
+//! The one place where a refusal becomes an answer: every [`Reject`] has its [`Reason`]
+//! and maps to an HTTP status with a JSON body, or to a gRPC status in a trailers-only
+//! response.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -88,40 +89,29 @@ pub struct Violation {
 /// request to a peer knows from it that no service saw the request.
 pub const FED_REFUSED: http::HeaderName = http::HeaderName::from_static("fed-refused");
 
-/// gRPC status codes fedport answers with (the subset of `google.rpc.Code` it uses).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum GrpcCode {
-    InvalidArgument = 3,
-    DeadlineExceeded = 4,
-    PermissionDenied = 7,
-    ResourceExhausted = 8,
-    FailedPrecondition = 9,
-    Unimplemented = 12,
-    Unavailable = 14,
-}
+pub use crate::reason::{GrpcCode, Reason};
 
 impl Reject {
     /// The metric label and JSON `reason` for this refusal.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Reject::UnknownService(_) => "unknown_service",
-            Reject::BadRequest(_) => "bad_request",
-            Reject::NoHealthyTarget(_) => "no_healthy_target",
-            Reject::Upstream(..) => "upstream_error",
-            Reject::Timeout(..) => "deadline",
-            Reject::Draining => "draining",
-            Reject::Format(..) => "format",
-            Reject::TooLarge(..) => "size",
-            Reject::Encoding { .. } => "encoding",
-            Reject::Loop { .. } => "loop",
-            Reject::RateLimited(_) => "rate_limited",
-            Reject::Overloaded(_) => "overloaded",
-            Reject::Schema { .. } => "schema",
-            Reject::Denied { .. } => "denied",
-            Reject::Misdirected { .. } => "misdirected",
-            Reject::StreamIdle(_) => "stream_idle_timeout",
-            Reject::Memory(_) => "memory",
+            Reject::UnknownService(_) => Reason::UnknownService,
+            Reject::BadRequest(_) => Reason::BadRequest,
+            Reject::NoHealthyTarget(_) => Reason::NoHealthyTarget,
+            Reject::Upstream(..) => Reason::UpstreamError,
+            Reject::Timeout(..) => Reason::Deadline,
+            Reject::Draining => Reason::Draining,
+            Reject::Format(..) => Reason::Format,
+            Reject::TooLarge(..) => Reason::Size,
+            Reject::Encoding { .. } => Reason::Encoding,
+            Reject::Loop { .. } => Reason::Loop,
+            Reject::RateLimited(_) => Reason::RateLimited,
+            Reject::Overloaded(_) => Reason::Overloaded,
+            Reject::Schema { .. } => Reason::Schema,
+            Reject::Denied { .. } => Reason::Denied,
+            Reject::Misdirected { .. } => Reason::Misdirected,
+            Reject::StreamIdle(_) => Reason::StreamIdle,
+            Reject::Memory(_) => Reason::Memory,
         }
     }
 
@@ -186,14 +176,11 @@ impl Reject {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
-            h.insert("grpc-status", HeaderValue::from(self.grpc_code() as u16));
-            if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(&message)) {
-                h.insert("grpc-message", v);
-            }
+            set_grpc_status(h, self.grpc_code(), &message);
             if let Ok(v) = HeaderValue::from_str(request_id) {
                 h.insert("x-request-id", v);
             }
-            h.insert(FED_REFUSED, HeaderValue::from_static(self.reason()));
+            h.insert(FED_REFUSED, HeaderValue::from_static(self.reason().as_str()));
             if let Reject::Encoding { accepted, .. } = self {
                 if let Ok(v) = HeaderValue::from_str(accepted) {
                     h.insert("grpc-accept-encoding", v);
@@ -202,7 +189,7 @@ impl Reject {
             return resp.into_parts();
         }
         let mut body = serde_json::json!({
-            "error": { "reason": self.reason(), "message": message, "request_id": request_id }
+            "error": { "reason": self.reason().as_str(), "message": message, "request_id": request_id }
         });
         if let Reject::Schema { violations, .. } = self {
             body["error"]["violations"] = serde_json::json!(violations);
@@ -217,8 +204,23 @@ impl Reject {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert("x-request-id", v);
         }
-        h.insert(FED_REFUSED, HeaderValue::from_static(self.reason()));
+        h.insert(FED_REFUSED, HeaderValue::from_static(self.reason().as_str()));
         resp.into_parts()
+    }
+}
+
+/// The trailers that end a gRPC call fedport ends itself after its answer began (or,
+/// as headers, a trailers-only answer): the status and its percent-encoded message.
+pub fn grpc_trailers(code: GrpcCode, message: &str) -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    set_grpc_status(&mut t, code, message);
+    t
+}
+
+fn set_grpc_status(h: &mut http::HeaderMap, code: GrpcCode, message: &str) {
+    h.insert("grpc-status", HeaderValue::from_static(code.as_str()));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(message)) {
+        h.insert("grpc-message", v);
     }
 }
 

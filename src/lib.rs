@@ -13,6 +13,7 @@
 //! - [`proxy`]: the request path, top to bottom
 //! - [`upstream`]: pooled connections and load balancing
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
+//! - [`reason`]: the one vocabulary of refusals; gRPC status codes
 //! - [`errors`]: refusal → HTTP status / gRPC code
 //! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`], [`top`],
 //!   [`firewall`], [`manifest`] (describe, plan), [`bench`] (load generator)
@@ -30,6 +31,7 @@ pub mod listen;
 pub mod manifest;
 pub mod policy;
 pub mod proxy;
+pub mod reason;
 pub mod registry;
 pub mod request;
 pub mod route;

@@ -2,6 +2,7 @@
 //! each endpoint's health and each peer's state as JSON), `/metrics` (Prometheus
 //! text) and `/config` (what is running, without secrets).
 
+use crate::reason::Reason;
 use crate::server::State;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -24,7 +25,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         // on a dual-stack [::] socket an IPv4 caller is ::ffff:a.b.c.d
         let ip = remote.ip().to_canonical();
         if !allow.is_empty() && !ip.is_loopback() && !allow.iter().any(|n| n.contains(&ip)) {
-            state.metrics.reject("admin", "address");
+            state.metrics.reject("admin", Reason::Address);
             continue;
         }
         let st = state.clone();

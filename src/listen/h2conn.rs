@@ -7,6 +7,7 @@
 //! caused the reset (the caller's RST_STREAM, or frames that make the codec reset it);
 //! past the allowance the connection is cut (`h2_rapid_reset`).
 
+use crate::reason::Reason;
 use super::h2guard::Trip;
 use super::{Accepting, Drain};
 use crate::errors::Reject;
@@ -139,7 +140,7 @@ pub(super) async fn serve<I>(
     acc: &Accepting,
     drain: &Drain,
     trip: Arc<Trip>,
-) -> Option<&'static str>
+) -> Option<Reason>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -242,7 +243,7 @@ where
                 shared.streams.tick(period);
                 if !closing && activity.idle_for() >= idle {
                     closing = true;
-                    acc.metrics.reject(&acc.name, "idle_timeout");
+                    acc.metrics.reject(&acc.name, Reason::IdleTimeout);
                     conn.graceful_shutdown();
                 }
                 // keepalive: a connection whose PING goes unanswered is gone
@@ -579,11 +580,11 @@ impl End {
             End::Idle => {
                 shared
                     .metrics
-                    .reject(&shared.ctx.listener, "stream_idle_timeout");
+                    .reject(&shared.ctx.listener, Reason::StreamIdle);
                 log_idle(&shared.ctx.listener, shared.ctx.remote, s.state.idle());
             }
             End::Memory(over) => {
-                shared.metrics.reject(&shared.ctx.listener, "memory");
+                shared.metrics.reject(&shared.ctx.listener, Reason::Memory);
                 log_unread(&shared.ctx.listener, shared.ctx.remote, over);
             }
             End::Reset => {
@@ -596,7 +597,7 @@ impl End {
                     && !ctx.current.load().worker.peer_identities.contains(id)
                     && shared.resets.spent(id, shared.allowance)
                 {
-                    shared.trip.trip("h2_rapid_reset");
+                    shared.trip.trip(Reason::H2RapidReset);
                 }
             }
         }

@@ -13,6 +13,7 @@
 //! after fedport started work on them (CVE-2023-44487, and the server-provoked form,
 //! CVE-2025-8671), which padding with cheap streams cannot dilute.
 
+use crate::reason::Reason;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,7 +73,7 @@ impl Limits {
 /// What the connection task and the guard share: why the connection was cut, a wake-up
 /// for the task, and what the task's timer needs to spot a slow header block.
 pub struct Trip {
-    reason: OnceLock<&'static str>,
+    reason: OnceLock<Reason>,
     pub notify: tokio::sync::Notify,
     reader: Mutex<Option<Waker>>,
     epoch: Instant,
@@ -87,7 +88,7 @@ pub struct Trip {
 
 impl Trip {
     /// Why the connection was cut, once it was.
-    pub fn reason(&self) -> Option<&'static str> {
+    pub fn reason(&self) -> Option<Reason> {
         self.reason.get().copied()
     }
 
@@ -96,7 +97,7 @@ impl Trip {
     }
 
     /// Cuts the connection for `why` (the first reason given wins).
-    pub fn trip(&self, why: &'static str) {
+    pub fn trip(&self, why: Reason) {
         if self.reason.set(why).is_ok() {
             self.notify.notify_one();
             if let Some(w) = self.reader.lock().ok().and_then(|mut g| g.take()) {
@@ -117,7 +118,7 @@ impl Trip {
         if since != 0
             && self.now_ms().saturating_sub(since) > self.limits.header_timeout.as_millis() as u64
         {
-            self.trip("slow_headers");
+            self.trip(Reason::SlowHeaders);
         }
     }
 }
@@ -150,8 +151,8 @@ impl Cursor {
     fn feed(
         &mut self,
         b: &[u8],
-        mut f: impl FnMut(Head) -> Result<(), &'static str>,
-    ) -> Option<(usize, &'static str)> {
+        mut f: impl FnMut(Head) -> Result<(), Reason>,
+    ) -> Option<(usize, Reason)> {
         let mut i = 0;
         while i < b.len() {
             if self.left > 0 {
@@ -342,7 +343,7 @@ impl<T: Io> Guarded<T> {
     }
 
     /// One frame header from the client: counts it, refuses it past a limit.
-    fn frame(&mut self, h: Head, trip: &Trip) -> Result<(), &'static str> {
+    fn frame(&mut self, h: Head, trip: &Trip) -> Result<(), Reason> {
         let l = trip.limits;
         if self.block_final {
             // the frame before this one ended its header block
@@ -367,7 +368,7 @@ impl<T: Io> Guarded<T> {
             // HEADERS
             0x1 => {
                 if h.len > l.max_header_block {
-                    return Err("h2_oversized_headers");
+                    return Err(Reason::H2OversizedHeaders);
                 }
                 if h.stream > self.last_stream {
                     self.last_stream = h.stream;
@@ -402,7 +403,7 @@ impl<T: Io> Guarded<T> {
             0x4 if h.flags & 0x1 == 0 => {
                 w.settings += 1;
                 if w.settings > l.max_settings {
-                    return Err("h2_settings_flood");
+                    return Err(Reason::H2SettingsFlood);
                 }
             }
             // CONTINUATION
@@ -410,10 +411,10 @@ impl<T: Io> Guarded<T> {
                 self.block_bytes += h.len;
                 self.block_frames += 1;
                 if self.block_bytes > l.max_header_block {
-                    return Err("h2_oversized_headers");
+                    return Err(Reason::H2OversizedHeaders);
                 }
                 if self.block_frames > l.max_continuations {
-                    return Err("h2_continuation_flood");
+                    return Err(Reason::H2ContinuationFlood);
                 }
                 self.block_final = h.flags & 0x4 != 0;
                 self.empty_in_row = if empty && h.flags & 0x4 == 0 {
@@ -427,15 +428,15 @@ impl<T: Io> Guarded<T> {
             _ => w.control += 1,
         }
         if self.empty_in_row > l.max_empty_in_row {
-            return Err("h2_empty_frames");
+            return Err(Reason::H2EmptyFrames);
         }
         // A PING or window update per DATA frame sent is what a reading client does.
         if w.control > l.control_floor + 2 * w.streams + 4 * w.data_sent {
             return Err(match h.kind {
-                0x6 => "h2_ping_flood",
-                0x8 => "h2_window_update_flood",
-                0x2 => "h2_priority_flood",
-                _ => "h2_unknown_frame_flood",
+                0x6 => Reason::H2PingFlood,
+                0x8 => Reason::H2WindowUpdateFlood,
+                0x2 => Reason::H2PriorityFlood,
+                _ => Reason::H2UnknownFrameFlood,
             });
         }
         Ok(())
@@ -467,7 +468,7 @@ impl<T: Io> Guarded<T> {
         if self.closed {
             return Poll::Ready(Ok(()));
         }
-        let why = self.trip.reason().unwrap_or("h2_abuse");
+        let why = self.trip.reason().unwrap_or(Reason::H2Abuse).as_str();
         let last = self.last_stream;
         let h2 = matches!(self.mode, Mode::H2);
         let (frame, pos) = self.goaway.get_or_insert_with(|| {
@@ -657,7 +658,7 @@ impl<T: Io> Drop for Guarded<T> {
 /// returns how many bytes of each chunk would reach the codec, and why the connection
 /// was cut, if it was.
 #[doc(hidden)]
-pub fn inspect_chunks(alpn_h2: bool, chunks: &[&[u8]]) -> (Vec<usize>, Option<&'static str>) {
+pub fn inspect_chunks(alpn_h2: bool, chunks: &[&[u8]]) -> (Vec<usize>, Option<Reason>) {
     let (a, _b) = tokio::io::duplex(64);
     let mut g = Guarded::new(a, Limits::new(64 * 1024, Duration::from_secs(10)), alpn_h2);
     let mut kept = Vec::with_capacity(chunks.len());
@@ -712,7 +713,7 @@ mod tests {
             bytes.extend(frame(0x4, 0, 0, 6 * (i % 2)));
         }
         let keep = g.inspect(&bytes);
-        assert_eq!(g.trip.reason(), Some("h2_settings_flood"));
+        assert_eq!(g.trip.reason(), Some(Reason::H2SettingsFlood));
         // 32 SETTINGS frames pass, the 33rd does not
         let lens: usize = (0..32).map(|i| 9 + 6 * (i % 2)).sum();
         assert_eq!(keep, lens);
@@ -730,7 +731,7 @@ mod tests {
         assert!(g.trip.reason().is_none());
         let flood: Vec<u8> = (0..5000).flat_map(|_| frame(0x6, 0, 0, 8)).collect();
         g.inspect(&flood);
-        assert_eq!(g.trip.reason(), Some("h2_ping_flood"));
+        assert_eq!(g.trip.reason(), Some(Reason::H2PingFlood));
     }
 
     #[test]
@@ -742,7 +743,7 @@ mod tests {
             b.extend(frame(0x9, 0, 1, 10));
         }
         g.inspect(&b);
-        assert_eq!(g.trip.reason(), Some("h2_continuation_flood"));
+        assert_eq!(g.trip.reason(), Some(Reason::H2ContinuationFlood));
 
         let mut g = guard();
         g.inspect(PREFACE);
@@ -751,7 +752,7 @@ mod tests {
             b.extend(frame(0x9, 0, 1, 16384));
         }
         g.inspect(&b);
-        assert_eq!(g.trip.reason(), Some("h2_oversized_headers"));
+        assert_eq!(g.trip.reason(), Some(Reason::H2OversizedHeaders));
     }
 
     #[test]
@@ -767,7 +768,7 @@ mod tests {
         assert_eq!(g.win.control, 0);
         let unasked: Vec<u8> = (0..1000).flat_map(|_| frame(0x6, 0x1, 0, 8)).collect();
         g.inspect(&unasked);
-        assert_eq!(g.trip.reason(), Some("h2_ping_flood"));
+        assert_eq!(g.trip.reason(), Some(Reason::H2PingFlood));
     }
 
     fn slow_guard() -> Guarded<tokio::io::DuplexStream> {
@@ -778,7 +779,7 @@ mod tests {
         g
     }
 
-    fn stall(g: &Guarded<tokio::io::DuplexStream>) -> Option<&'static str> {
+    fn stall(g: &Guarded<tokio::io::DuplexStream>) -> Option<Reason> {
         std::thread::sleep(Duration::from_millis(30));
         g.trip.check_slow();
         g.trip.reason()
@@ -790,17 +791,17 @@ mod tests {
         let mut g = slow_guard();
         let f = frame(0x1, 0x5, 1, 100);
         g.inspect(&f[..20]);
-        assert_eq!(stall(&g), Some("slow_headers"));
+        assert_eq!(stall(&g), Some(Reason::SlowHeaders));
         // the payload of the last CONTINUATION
         let mut g = slow_guard();
         let mut b = frame(0x1, 0x1, 1, 10);
         b.extend(frame(0x9, 0x4, 1, 100));
         g.inspect(&b[..40]);
-        assert_eq!(stall(&g), Some("slow_headers"));
+        assert_eq!(stall(&g), Some(Reason::SlowHeaders));
         // a frame header, of any frame, sent a byte at a time
         let mut g = slow_guard();
         g.inspect(&frame(0x0, 0, 1, 0)[..3]);
-        assert_eq!(stall(&g), Some("slow_headers"));
+        assert_eq!(stall(&g), Some(Reason::SlowHeaders));
         // a block sent whole, then silence: nothing is open, nothing is cut
         let mut g = slow_guard();
         g.inspect(&f);

@@ -6,6 +6,7 @@ pub mod h2conn;
 pub mod h2guard;
 pub mod proxy_protocol;
 
+use crate::reason::Reason;
 use crate::config::{Listener, Role};
 use crate::identity;
 use crate::proxy::{self, ConnCtx, Worker};
@@ -109,7 +110,7 @@ pub async fn accept_loop(
         if acc.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= acc.max_connections {
             acc.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(stream);
-            acc.metrics.reject(&acc.name, "max_connections");
+            acc.metrics.reject(&acc.name, Reason::MaxConnections);
             continue;
         }
         let open = OpenGuard(acc.open.clone());
@@ -117,7 +118,7 @@ pub async fn accept_loop(
             // The header is believed only from a balancer; it is read off the accept loop.
             if !trusted.iter().any(|n| n.contains(&canonical(remote.ip()))) {
                 drop(stream);
-                acc.metrics.reject(&acc.name, "proxy_untrusted");
+                acc.metrics.reject(&acc.name, Reason::ProxyUntrusted);
                 log_refusal(
                     &mut last_logged,
                     &acc,
@@ -137,7 +138,7 @@ pub async fn accept_loop(
                         serve(stream, client, acc2, w, cur, open).await
                     }
                     Ok(client) => {
-                        acc2.metrics.reject(&acc2.name, "address");
+                        acc2.metrics.reject(&acc2.name, Reason::Address);
                         tracing::info!(listener = &*acc2.name, remote = %client, balancer = %remote, "connection refused: address not allowed");
                     }
                     Err(e) => {
@@ -150,7 +151,7 @@ pub async fn accept_loop(
         }
         if !admitted(&acc.spec, remote) {
             drop(stream);
-            acc.metrics.reject(&acc.name, "address");
+            acc.metrics.reject(&acc.name, Reason::Address);
             log_refusal(&mut last_logged, &acc, remote, "address not allowed");
             continue;
         }
@@ -260,7 +261,7 @@ async fn serve(
                     return;
                 }
                 Err(_) => {
-                    handshake_failed(&acc, remote, "timeout");
+                    handshake_failed(&acc, remote, Reason::HandshakeTimeout);
                     active.dec();
                     return;
                 }
@@ -271,7 +272,7 @@ async fn serve(
                 .and_then(|c| c.first())
                 .and_then(identity::identity_header);
             let Some(identity) = identity else {
-                handshake_failed(&acc, remote, "no_identity");
+                handshake_failed(&acc, remote, Reason::NoIdentity);
                 active.dec();
                 return;
             };
@@ -326,7 +327,7 @@ async fn serve(
     active.dec();
 }
 
-fn handshake_failed(acc: &Accepting, remote: SocketAddr, reason: &str) {
+fn handshake_failed(acc: &Accepting, remote: SocketAddr, reason: Reason) {
     acc.metrics
         .handshake_failures
         .get_or_create(&ReasonLabels {
@@ -334,27 +335,27 @@ fn handshake_failed(acc: &Accepting, remote: SocketAddr, reason: &str) {
             reason: reason.to_owned(),
         })
         .inc();
-    acc.metrics.reject(&acc.name, "tls");
-    tracing::info!(listener = &*acc.name, %remote, reason, "TLS handshake refused");
+    acc.metrics.reject(&acc.name, Reason::Tls);
+    tracing::info!(listener = &*acc.name, %remote, reason = reason.as_str(), "TLS handshake refused");
 }
 
 /// A bounded reason for a failed handshake, from the rustls error underneath.
-fn classify(e: &std::io::Error) -> &'static str {
+fn classify(e: &std::io::Error) -> Reason {
     use rustls::{CertificateError as C, Error as E};
     let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
-        return "io";
+        return Reason::HandshakeIo;
     };
     match inner {
-        E::NoCertificatesPresented => "no_client_cert",
-        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "unknown_ca",
-        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
-        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "not_yet_valid",
-        E::InvalidCertificate(C::Revoked) => "revoked",
-        E::InvalidCertificate(_) => "bad_certificate",
-        E::PeerIncompatible(_) => "incompatible",
-        E::NoApplicationProtocol => "alpn",
-        E::InvalidMessage(_) => "bad_message",
-        _ => "other",
+        E::NoCertificatesPresented => Reason::NoClientCert,
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => Reason::UnknownCa,
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => Reason::Expired,
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => Reason::NotYetValid,
+        E::InvalidCertificate(C::Revoked) => Reason::Revoked,
+        E::InvalidCertificate(_) => Reason::BadCertificate,
+        E::PeerIncompatible(_) => Reason::Incompatible,
+        E::NoApplicationProtocol => Reason::Alpn,
+        E::InvalidMessage(_) => Reason::BadMessage,
+        _ => Reason::HandshakeOther,
     }
 }
 
@@ -379,7 +380,7 @@ async fn run_http<I>(
             Ok(Ok(seen)) => seen,
             Ok(Err(_)) => return,
             Err(_) => {
-                acc.metrics.reject(&acc.name, "slow_headers");
+                acc.metrics.reject(&acc.name, Reason::SlowHeaders);
                 return;
             }
         }
@@ -407,7 +408,7 @@ async fn serve_h1<I>(
     acc: &Accepting,
     drain: &Drain,
     trip: &h2guard::Trip,
-) -> Option<&'static str>
+) -> Option<Reason>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -450,7 +451,7 @@ where
             _ = tick.tick() => {
                 if !closing && activity.idle_for() >= idle {
                     closing = true;
-                    acc.metrics.reject(&acc.name, "idle_timeout");
+                    acc.metrics.reject(&acc.name, Reason::IdleTimeout);
                     conn.as_mut().graceful_shutdown();
                 }
                 let now = trip.moved();
@@ -458,7 +459,7 @@ where
                     (moved, still_since) = (now, std::time::Instant::now());
                 } else if still_since.elapsed() >= stall {
                     // a request in flight and nothing moving: the connection is its stream
-                    acc.metrics.reject(&acc.name, "stream_idle_timeout");
+                    acc.metrics.reject(&acc.name, Reason::StreamIdle);
                     h2conn::log_idle(&acc.name, remote, stall);
                     break;
                 }
@@ -474,12 +475,12 @@ fn guard_limits(l: &Listener) -> h2guard::Limits {
 
 /// The bounded reason for a connection fedport itself ended for a client's fault: an
 /// HTTP/2 error the codec detected (it sent GOAWAY), or slow HTTP/1.1 headers.
-fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
             if h.is_timeout() {
-                return Some("slow_headers");
+                return Some(Reason::SlowHeaders);
             }
         }
         if let Some(h) = err.downcast_ref::<h2::Error>() {
@@ -487,13 +488,13 @@ fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
                 return None;
             }
             return Some(match h.reason()? {
-                h2::Reason::PROTOCOL_ERROR => "h2_protocol_error",
-                h2::Reason::FLOW_CONTROL_ERROR => "h2_flow_control_error",
-                h2::Reason::FRAME_SIZE_ERROR => "h2_frame_size_error",
-                h2::Reason::COMPRESSION_ERROR => "h2_compression_error",
-                h2::Reason::ENHANCE_YOUR_CALM => "h2_enhance_your_calm",
+                h2::Reason::PROTOCOL_ERROR => Reason::H2ProtocolError,
+                h2::Reason::FLOW_CONTROL_ERROR => Reason::H2FlowControlError,
+                h2::Reason::FRAME_SIZE_ERROR => Reason::H2FrameSizeError,
+                h2::Reason::COMPRESSION_ERROR => Reason::H2CompressionError,
+                h2::Reason::ENHANCE_YOUR_CALM => Reason::H2EnhanceYourCalm,
                 h2::Reason::NO_ERROR => return None,
-                _ => "h2_other_error",
+                _ => Reason::H2OtherError,
             });
         }
         cur = err.source();
@@ -503,8 +504,8 @@ fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
 
 /// One line per reason per 10 s: an attack reconnecting in a loop is counted, not
 /// logged per connection.
-fn log_cut(listener: &str, remote: SocketAddr, why: &'static str) {
-    static LAST: std::sync::Mutex<Vec<(&'static str, std::time::Instant)>> =
+fn log_cut(listener: &str, remote: SocketAddr, why: Reason) {
+    static LAST: std::sync::Mutex<Vec<(Reason, std::time::Instant)>> =
         std::sync::Mutex::new(Vec::new());
     let now = std::time::Instant::now();
     let Ok(mut last) = LAST.lock() else { return };
@@ -514,7 +515,7 @@ fn log_cut(listener: &str, remote: SocketAddr, why: &'static str) {
         None => last.push((why, now)),
     }
     drop(last);
-    tracing::warn!(listener, %remote, reason = why, "connection cut for abuse (counted in fedport_rejections_total; logged at most every 10s per reason)");
+    tracing::warn!(listener, %remote, reason = why.as_str(), "connection cut for abuse (counted in fedport_rejections_total; logged at most every 10s per reason)");
 }
 
 /// What a connection task holds while it lives: the drain signal, and a share of the

@@ -2,6 +2,7 @@
 //! the TLS bytes: read exactly the header, no more, within a deadline, and parse it with
 //! the `ppp` crate. The address it carries becomes the connection's remote address.
 
+use crate::reason::Reason;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -25,11 +26,11 @@ pub enum ProxyHeaderError {
 
 impl ProxyHeaderError {
     /// The metric reason for this failure.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            ProxyHeaderError::Timeout(_) => "proxy_timeout",
-            ProxyHeaderError::Malformed(_) => "proxy_malformed",
-            ProxyHeaderError::Io(_) => "proxy_io",
+            ProxyHeaderError::Timeout(_) => Reason::ProxyTimeout,
+            ProxyHeaderError::Malformed(_) => Reason::ProxyMalformed,
+            ProxyHeaderError::Io(_) => Reason::ProxyIo,
         }
     }
 }

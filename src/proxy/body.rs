@@ -2,6 +2,8 @@
 //! exchange ends (or the caller goes away) records its outcome once — metrics, the
 //! endpoint's outstanding count, and the HTTP/1.1 connection's return to its pool.
 
+use crate::errors::grpc_trailers;
+use crate::reason::{GrpcCode, GrpcStatus, Reason};
 use crate::telemetry::ServiceMetrics;
 use crate::upstream::{H1Return, Outstanding};
 use bytes::Bytes;
@@ -20,7 +22,7 @@ pub struct Finish {
     pub streams: Gauge,
     pub start: Instant,
     /// `Some` for gRPC calls: the status seen so far (from headers or trailers).
-    pub grpc_status: Option<String>,
+    pub grpc_status: Option<GrpcStatus>,
     pub http_status: u16,
     pub outstanding: Option<Outstanding>,
     pub h1: Option<H1Return>,
@@ -43,7 +45,7 @@ pub struct Finish {
     /// Where the request went: the endpoint's URL or the peer's name.
     pub target: Option<Arc<str>>,
     /// Why fedport refused it, if it did.
-    pub reason: Option<&'static str>,
+    pub reason: Option<Reason>,
     /// Its place under concurrency limits, released when the answer ends.
     pub admit: Option<crate::limits::Admit>,
     /// Its header list against the memory budgets, given back when the answer ends.
@@ -63,9 +65,12 @@ impl Finish {
         if self.reason.is_some() || self.http_status >= 500 {
             return true;
         }
+        use GrpcCode::*;
         matches!(
-            self.grpc_status.as_deref(),
-            Some("2" | "4" | "8" | "13" | "14" | "15")
+            self.grpc_status,
+            Some(GrpcStatus::Code(
+                Unknown | DeadlineExceeded | ResourceExhausted | Internal | Unavailable | DataLoss
+            ))
         )
     }
 }
@@ -114,7 +119,7 @@ impl Drop for Finish {
         if self.record {
             self.metrics.count(
                 self.http_status,
-                self.grpc_status.as_deref(),
+                self.grpc_status,
                 self.method.as_ref(),
             );
             self.metrics.duration.observe(elapsed);
@@ -137,11 +142,11 @@ impl Drop for Finish {
             if let Some(m) = &self.method {
                 attrs.push(("rpc.method", m.to_string()));
             }
-            if let Some(g) = &self.grpc_status {
-                attrs.push(("rpc.grpc.status_code", g.clone()));
+            if let Some(g) = self.grpc_status {
+                attrs.push(("rpc.grpc.status_code", g.number().to_owned()));
             }
             if let Some(r) = self.reason {
-                attrs.push(("fedport.reason", r.to_owned()));
+                attrs.push(("fedport.reason", r.as_str().to_owned()));
             }
             if let Some(t) = &self.target {
                 attrs.push(("fedport.upstream", t.to_string()));
@@ -159,8 +164,8 @@ impl Drop for Finish {
                 service = %service,
                 rpc = self.method.as_deref().unwrap_or(""),
                 status = self.http_status,
-                grpc_status = self.grpc_status.as_deref().unwrap_or(""),
-                reason = self.reason.unwrap_or(""),
+                grpc_status = self.grpc_status.map_or("", GrpcStatus::number),
+                reason = self.reason.map_or("", Reason::as_str),
                 bytes_in,
                 bytes_out = self.response_bytes,
                 duration_ms = elapsed * 1000.0,
@@ -252,10 +257,10 @@ pub struct Truncated {
 
 /// Records a failed answer: no gRPC success, the connection not reused, `reason` in
 /// the access log.
-fn failed(finish: &mut Option<Finish>, reason: &'static str) {
+fn failed(finish: &mut Option<Finish>, reason: Reason) {
     if let Some(mut f) = finish.take() {
         if f.grpc_status.is_some() {
-            f.grpc_status = Some("14".into());
+            f.grpc_status = Some(GrpcStatus::Code(GrpcCode::Unavailable));
         }
         f.h1 = None;
         f.reason.get_or_insert(reason);
@@ -274,17 +279,7 @@ fn refused(finish: &Option<Finish>) -> Option<crate::schema::GrpcRefusal> {
 /// A gRPC call answered 200 whose status has not been seen, in the headers or in
 /// trailers.
 fn no_status(f: &Finish) -> bool {
-    f.http_status == 200 && f.grpc_status.as_deref() == Some("")
-}
-
-fn status_trailers(code: &'static str, message: &str) -> http::HeaderMap {
-    let mut t = http::HeaderMap::new();
-    t.insert("grpc-status", http::HeaderValue::from_static(code));
-    let msg = crate::errors::percent_encode_grpc_message(message);
-    if let Ok(v) = http::HeaderValue::from_str(&msg) {
-        t.insert("grpc-message", v);
-    }
-    t
+    f.http_status == 200 && f.grpc_status == Some(GrpcStatus::Absent)
 }
 
 impl Tracked {
@@ -293,12 +288,12 @@ impl Tracked {
     fn end_with(
         finish: &mut Option<Finish>,
         ended: &mut bool,
-        code: &'static str,
+        code: GrpcCode,
         message: &str,
-        reason: &'static str,
+        reason: Reason,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(mut f) = finish.take() {
-            f.grpc_status = Some(code.into());
+            f.grpc_status = Some(GrpcStatus::Code(code));
             f.metrics
                 .message_rejected(f.method.as_deref().unwrap_or("other"), reason);
             // a refusal like any other: counted by reason, in the access log, an error
@@ -306,7 +301,7 @@ impl Tracked {
             f.reason.get_or_insert(reason);
         }
         *ended = true;
-        Poll::Ready(Some(Ok(Frame::trailers(status_trailers(code, message)))))
+        Poll::Ready(Some(Ok(Frame::trailers(grpc_trailers(code, message)))))
     }
 }
 
@@ -331,7 +326,13 @@ impl Body for Tracked {
             // a response message refused after the valid ones before it went out
             if let Some(e) = this.finish.as_mut().and_then(|f| f.response_refusal.take()) {
                 let msg = format!("response refused by its schema: {e}");
-                return Tracked::end_with(this.finish, this.ended, "13", &msg, "response_schema");
+                return Tracked::end_with(
+                    this.finish,
+                    this.ended,
+                    GrpcCode::Internal,
+                    &msg,
+                    Reason::ResponseSchema,
+                );
             }
             // a response message being inflated goes on before more is read
             if let Some(f) = this
@@ -353,7 +354,7 @@ impl Body for Tracked {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) if *this.owes_length && owed(&this.inner) > 0 => {
                     let owed = owed(&this.inner);
-                    failed(this.finish, "truncated");
+                    failed(this.finish, Reason::Truncated);
                     *this.ended = true;
                     return Poll::Ready(Some(Err(Box::new(Truncated { owed }))));
                 }
@@ -372,10 +373,10 @@ impl Body for Tracked {
                     // (INTERNAL, as gRPC's own clients would) rather than leave the
                     // caller a stream that just stops
                     if let Some(mut f) = this.finish.take().filter(no_status) {
-                        f.grpc_status = Some("13".into());
+                        f.grpc_status = Some(GrpcStatus::Code(GrpcCode::Internal));
                         *this.ended = true;
-                        return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(
-                            "13",
+                        return Poll::Ready(Some(Ok(Frame::trailers(grpc_trailers(
+                            GrpcCode::Internal,
                             "the service ended the call without a grpc-status",
                         )))));
                     }
@@ -392,7 +393,7 @@ impl Body for Tracked {
                             r.reason,
                         );
                     }
-                    failed(this.finish, "upstream_reset");
+                    failed(this.finish, Reason::UpstreamReset);
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
@@ -418,18 +419,16 @@ impl Body for Tracked {
                     return Tracked::end_with(
                         this.finish,
                         this.ended,
-                        "13",
+                        GrpcCode::Internal,
                         msg,
-                        "response_schema",
+                        Reason::ResponseSchema,
                     );
                 }
                 if let (Some(t), Some(f)) = (frame.trailers_ref(), this.finish.as_mut()) {
                     if f.grpc_status.is_some() {
                         f.grpc_status = Some(
                             t.get("grpc-status")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_owned(),
+                                .map_or(GrpcStatus::Absent, |v| GrpcStatus::of(v.as_bytes())),
                         );
                     }
                 }

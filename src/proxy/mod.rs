@@ -8,6 +8,7 @@ pub mod deadline;
 pub mod headers;
 pub mod trace;
 
+use crate::reason::{GrpcCode, GrpcStatus, Reason};
 use crate::config::{Config, Protocol};
 use crate::errors::Reject;
 use crate::policy::Call;
@@ -394,7 +395,7 @@ pub async fn handle(
         metrics: w.service_metrics(conn.listener_idx, service),
         streams: conn.streams.clone(),
         start,
-        grpc_status: grpc.then(String::new),
+        grpc_status: grpc.then_some(GrpcStatus::Absent),
         http_status: 0,
         outstanding: None,
         h1: None,
@@ -431,12 +432,8 @@ pub async fn handle(
             f.http_status = rparts.status.as_u16();
             if grpc {
                 // a trailers-only answer carries the status in the headers
-                if let Some(s) = rparts
-                    .headers
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                {
-                    f.grpc_status = Some(s.to_owned());
+                if let Some(s) = rparts.headers.get("grpc-status") {
+                    f.grpc_status = Some(GrpcStatus::of(s.as_bytes()));
                 }
             }
             f.outstanding = Some(fwd.outstanding);
@@ -464,19 +461,19 @@ pub async fn handle(
                 request_id = rid.to_str().unwrap_or("-"),
                 listener = &*conn.listener,
                 service = service.map_or("-", |i| w.config.services[i].name.as_str()),
-                reason,
+                reason = reason.as_str(),
                 "request refused: {reject}"
             );
             let resp = reject.to_response(grpc, rid.to_str().unwrap_or("-"));
             let mut f = finish(service, routed.method.take());
             f.reason = Some(reason);
-            if matches!(reason, "format" | "encoding" | "size" | "schema") {
+            if reason.of_message() {
                 let method = f.method.as_deref().unwrap_or("other");
                 f.metrics.message_rejected(method, reason);
             }
             f.http_status = resp.status().as_u16();
             if grpc {
-                f.grpc_status = Some((reject.grpc_code() as u8).to_string());
+                f.grpc_status = Some(GrpcStatus::Code(reject.grpc_code()));
             }
             drop(f);
             Ok(resp.map(Either::Right))
@@ -1193,7 +1190,9 @@ async fn dispatch(
                     strip_fed_headers(resp.headers_mut());
                 }
                 let unavailable = matches!(resp.status().as_u16(), 502..=504)
-                    || resp.headers().get("grpc-status").is_some_and(|s| s == "14");
+                    || resp.headers().get("grpc-status").is_some_and(|s| {
+                        GrpcStatus::of(s.as_bytes()) == GrpcStatus::Code(GrpcCode::Unavailable)
+                    });
                 if let Some(e) = local {
                     w.fleet.record(idx, e, !unavailable);
                 }
@@ -1201,9 +1200,8 @@ async fn dispatch(
                     && resp
                         .headers()
                         .get(crate::errors::FED_REFUSED)
-                        .is_some_and(|r| {
-                            r == "no_healthy_target" || r == "draining" || r == "loop"
-                        });
+                        .and_then(|r| Reason::parse(r.as_bytes()))
+                        .is_some_and(Reason::elsewhere_may_serve);
                 let next = if (unavailable || refused_by_peer) && can_resend {
                     targets.next()
                 } else {

@@ -8,6 +8,7 @@ pub mod wire;
 
 pub use framer::{Framer, More, Refusal, Step};
 
+use crate::reason::{GrpcCode, Reason};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
@@ -84,10 +85,10 @@ pub struct Tripped {
 
 /// What a tripped guard answers a gRPC call with.
 pub struct GrpcRefusal {
-    pub code: &'static str,
+    pub code: GrpcCode,
     pub message: String,
     /// The refusal's reason (metric label).
-    pub reason: &'static str,
+    pub reason: Reason,
 }
 
 impl Tripped {
@@ -155,24 +156,24 @@ impl Tripped {
     pub fn grpc_refusal(&self) -> Option<GrpcRefusal> {
         if let Some(over) = self.memory() {
             return Some(GrpcRefusal {
-                code: "8",
+                code: GrpcCode::ResourceExhausted,
                 message: format!(
                     "a message could not be held for validation: it would pass {over}"
                 ),
-                reason: "memory",
+                reason: Reason::Memory,
             });
         }
         if let Some(n) = self.get() {
             return Some(GrpcRefusal {
-                code: "8",
+                code: GrpcCode::ResourceExhausted,
                 message: format!("message of {n} bytes is over the service's limit"),
-                reason: "size",
+                reason: Reason::Size,
             });
         }
         self.schema_error().map(|e| GrpcRefusal {
-            code: "3",
+            code: GrpcCode::InvalidArgument,
             message: format!("message refused by its schema: {e}"),
-            reason: "schema",
+            reason: Reason::Schema,
         })
     }
 

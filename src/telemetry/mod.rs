@@ -1,6 +1,7 @@
 //! Metric families (Prometheus text on the admin port) and log set-up. Labels are
 //! bounded: listener, service, code, reason — never a raw path or address.
 
+use crate::reason::{GrpcStatus, Reason};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,7 +48,7 @@ pub struct ServiceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub listener: String,
-    pub reason: String,
+    pub reason: Reason,
 }
 
 /// A message refusal: `method` is a method of the service's schema (`pkg.S/M`), a JSON
@@ -56,7 +57,7 @@ pub struct ReasonLabels {
 pub struct MessageLabels {
     pub service: String,
     pub method: String,
-    pub reason: String,
+    pub reason: Reason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -407,11 +408,11 @@ impl Metrics {
         })
     }
 
-    pub fn reject(&self, listener: &str, reason: &str) {
+    pub fn reject(&self, listener: &str, reason: Reason) {
         self.rejections
             .get_or_create(&ReasonLabels {
                 listener: listener.to_owned(),
-                reason: reason.to_owned(),
+                reason,
             })
             .inc();
     }
@@ -560,31 +561,36 @@ impl ServiceMetrics {
     /// Counts a message refused by what the service accepts.
     /// A refusal of fedport's own after the answer had begun (a streamed message):
     /// counted in `fedport_rejections_total` like one before it.
-    pub fn rejected_late(&self, reason: &str) {
+    pub fn rejected_late(&self, reason: Reason) {
         self.rejections
             .get_or_create(&ReasonLabels {
                 listener: self.listener.clone(),
-                reason: reason.to_owned(),
+                reason,
             })
             .inc();
     }
 
-    pub fn message_rejected(&self, method: &str, reason: &str) {
+    pub fn message_rejected(&self, method: &str, reason: Reason) {
         self.messages
             .get_or_create(&MessageLabels {
                 service: self.service.clone(),
                 method: method.to_owned(),
-                reason: reason.to_owned(),
+                reason,
             })
             .inc();
     }
 
     /// Counts one answered request: by its gRPC status when it has one, else by HTTP
     /// status; by its declared method (`None`: `other`).
-    pub fn count(&self, http_status: u16, grpc_status: Option<&str>, method: Option<&Arc<str>>) {
+    pub fn count(
+        &self,
+        http_status: u16,
+        grpc_status: Option<GrpcStatus>,
+        method: Option<&Arc<str>>,
+    ) {
         // keyed by the label it gets: "00" is INVALID, not OK, and must not share OK's
         let key = match grpc_status {
-            Some(g) => 1000 + grpc_code(g).0,
+            Some(g) => 1000 + g.key(),
             None => u32::from(http_status),
         };
         let same = |m: &Option<Arc<str>>| match (m, method) {
@@ -600,7 +606,7 @@ impl ServiceMetrics {
             return;
         }
         let code = match grpc_status {
-            Some(g) => grpc_code(g).1.to_owned(),
+            Some(g) => g.label().to_owned(),
             None => http_status.to_string(),
         };
         let c = self
@@ -617,43 +623,9 @@ impl ServiceMetrics {
     }
 }
 
-const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// A `grpc-status` as it arrived, read strictly: its index among the bounded label
-/// values, and the label (`NONE` when empty, `INVALID` for anything but a canonical
-/// number 0–16).
-fn grpc_code(s: &str) -> (u32, &'static str) {
-    let canonical = !s.is_empty() && (s == "0" || !s.starts_with('0'));
-    match s.parse::<usize>() {
-        Ok(n) if canonical && s.bytes().all(|b| b.is_ascii_digit()) && n < GRPC_CODES.len() => {
-            (n as u32, GRPC_CODES[n])
-        }
-        _ if s.is_empty() => (17, "NONE"),
-        _ => (18, "INVALID"),
-    }
-}
-
-/// The name of a numeric `grpc-status`; bounded, so it can be a label.
+/// The name of a `grpc-status` value; bounded, so it can be a label.
 pub fn grpc_code_name(s: &str) -> &'static str {
-    grpc_code(s).1
+    GrpcStatus::of(s.as_bytes()).label()
 }
 
 #[cfg(test)]
@@ -662,18 +634,13 @@ mod tests {
 
     #[test]
     fn grpc_codes_are_read_strictly_and_keyed_by_their_label() {
-        assert_eq!(grpc_code("0"), (0, "OK"));
-        assert_eq!(grpc_code("16"), (16, "UNAUTHENTICATED"));
-        for odd in ["00", "+0", "-1", "017", "17", "abc", " 0"] {
-            assert_eq!(grpc_code(odd).1, "INVALID", "{odd}");
-        }
-        assert_eq!(grpc_code("").1, "NONE");
+        assert_eq!(grpc_code_name("16"), "UNAUTHENTICATED");
+        assert_eq!(grpc_code_name("017"), "INVALID");
         let m = Metrics::new("a", "h");
         let s = ServiceMetrics::new(&m, "internal", "svc");
-        s.count(200, Some("00"), None);
-        s.count(200, Some("0"), None);
-        s.count(200, Some(""), None);
-        s.count(200, Some("abc"), None);
+        for g in ["00", "0", "", "abc"] {
+            s.count(200, Some(GrpcStatus::of(g.as_bytes())), None);
+        }
         let text = m.encode();
         for code in ["OK", "INVALID", "NONE"] {
             let series = format!(r#"code="{code}""#);
