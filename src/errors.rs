@@ -180,7 +180,10 @@ impl Reject {
             if let Ok(v) = HeaderValue::from_str(request_id) {
                 h.insert("x-request-id", v);
             }
-            h.insert(FED_REFUSED, HeaderValue::from_static(self.reason().as_str()));
+            h.insert(
+                FED_REFUSED,
+                HeaderValue::from_static(self.reason().as_str()),
+            );
             if let Reject::Encoding { accepted, .. } = self {
                 if let Ok(v) = HeaderValue::from_str(accepted) {
                     h.insert("grpc-accept-encoding", v);
@@ -204,7 +207,10 @@ impl Reject {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert("x-request-id", v);
         }
-        h.insert(FED_REFUSED, HeaderValue::from_static(self.reason().as_str()));
+        h.insert(
+            FED_REFUSED,
+            HeaderValue::from_static(self.reason().as_str()),
+        );
         resp.into_parts()
     }
 }

@@ -311,7 +311,10 @@ mod tests {
             assert_eq!(c.0 as usize, i);
             assert_eq!(GrpcCode::parse(c.1.as_bytes()), Some(c.0));
         }
-        assert_eq!(GrpcStatus::of(b"16"), GrpcStatus::Code(GrpcCode::Unauthenticated));
+        assert_eq!(
+            GrpcStatus::of(b"16"),
+            GrpcStatus::Code(GrpcCode::Unauthenticated)
+        );
         for odd in ["00", "+0", "-1", "017", "17", "abc", " 0", "0 "] {
             assert_eq!(GrpcStatus::of(odd.as_bytes()), GrpcStatus::Invalid, "{odd}");
         }

@@ -7,12 +7,12 @@
 //! caused the reset (the caller's RST_STREAM, or frames that make the codec reset it);
 //! past the allowance the connection is cut (`h2_rapid_reset`).
 
-use crate::reason::Reason;
 use super::h2guard::Trip;
 use super::{Accepting, Drain};
 use crate::errors::Reject;
 use crate::proxy::caller::{CallerBody, StreamState};
 use crate::proxy::{self, ConnCtx, RespBody};
+use crate::reason::Reason;
 use bytes::Bytes;
 use http_body::Body;
 use std::future::{poll_fn, Future};

@@ -6,10 +6,10 @@ pub mod h2conn;
 pub mod h2guard;
 pub mod proxy_protocol;
 
-use crate::reason::Reason;
 use crate::config::{Listener, Role};
 use crate::identity;
 use crate::proxy::{self, ConnCtx, Worker};
+use crate::reason::Reason;
 use crate::telemetry::{Metrics, ReasonLabels};
 use http::HeaderValue;
 use hyper::service::service_fn;

@@ -117,11 +117,8 @@ impl Drop for Finish {
         let elapsed = self.start.elapsed().as_secs_f64();
         let bytes_in = self.request_bytes.as_ref().map_or(0, |t| t.bytes());
         if self.record {
-            self.metrics.count(
-                self.http_status,
-                self.grpc_status,
-                self.method.as_ref(),
-            );
+            self.metrics
+                .count(self.http_status, self.grpc_status, self.method.as_ref());
             self.metrics.duration.observe(elapsed);
             self.metrics.request_bytes.inc_by(bytes_in);
             self.metrics.response_bytes.inc_by(self.response_bytes);

@@ -39,6 +39,33 @@ pub enum UpstreamError {
     Busy(String, usize),
 }
 
+/// Whether a request that failed (or was answered as unavailable) may be sent to
+/// another target, as pingora's `RetryType` says it: asked of the failure, never read
+/// from strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// It certainly reached no service: it may go elsewhere whatever its method, if its
+    /// body can be sent again.
+    Unprocessed,
+    /// It may have reached the service: sent again only if its method is idempotent,
+    /// within the service's retry budget.
+    IfIdempotent,
+    /// Never sent again: the answer (or the failure) goes back to the caller.
+    Never,
+}
+
+impl UpstreamError {
+    /// What the failure allows.
+    pub fn retry(&self) -> Retry {
+        match self {
+            UpstreamError::Connect(..) | UpstreamError::Refused(_) | UpstreamError::Busy(..) => {
+                Retry::Unprocessed
+            }
+            UpstreamError::Exchange(_) => Retry::IfIdempotent,
+        }
+    }
+}
+
 /// A request that did not get an answer: why, and the request itself when it never
 /// left fedport (it may be sent elsewhere as it is).
 pub struct Failed {

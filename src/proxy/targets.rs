@@ -1,0 +1,116 @@
+//! Stage 6, targets: where a request may go, best first, worked out only as far as it
+//! is needed — available local endpoints (power of two choices first), then peers in the
+//! fleet's order, never back to the node it came from. Loop prevention decides whether
+//! peers may be used at all.
+
+use super::dispatch::Aim;
+use super::{ConnCtx, Worker, FED_ORIGIN};
+use crate::errors::Reject;
+use crate::upstream;
+use http::HeaderMap;
+
+/// Where a request may go, best first, worked out as far as needed: available local
+/// endpoints (power of two choices first), then peers in the fleet's order.
+pub(super) enum Target {
+    Local(usize),
+    Peer(usize),
+}
+
+pub(super) struct Targets<'a> {
+    w: &'a Worker,
+    service: usize,
+    locals: Vec<usize>,
+    next_local: usize,
+    /// Why peers may not be used (loop prevention), if they may not.
+    no_peers: Option<&'static str>,
+    peers: Option<Vec<usize>>,
+    next_peer: usize,
+    /// Peers not to go back to: the caller's node and the request's origin.
+    exclude: [Option<&'a str>; 2],
+}
+
+impl<'a> Targets<'a> {
+    pub(super) fn new(
+        w: &'a Worker,
+        conn: &ConnCtx,
+        service: usize,
+        headers: &HeaderMap,
+        aim: &Aim,
+    ) -> Result<Self, Reject> {
+        let cfg = &w.config;
+        let n = w.upstreams[service].len();
+        let mut locals: Vec<usize> = (0..n).filter(|&e| w.fleet.available(service, e)).collect();
+        let no_peers = if conn.from_peer && !cfg.node.transit {
+            Some("it came from a peer and this node is not a transit node")
+        } else if aim.hops >= cfg.node.max_hops {
+            Some("it has taken max_hops hops already")
+        } else {
+            None
+        };
+        if locals.is_empty() {
+            if w.fleet.has_peers(service) {
+                if let Some(why) = no_peers {
+                    return Err(Reject::Loop {
+                        service: cfg.services[service].name.clone(),
+                        node: cfg.node.name.clone(),
+                        why,
+                    });
+                }
+            } else {
+                // every endpoint is out and nowhere else has the service: try them all
+                // rather than refuse (Envoy's panic mode)
+                locals = (0..n).collect();
+            }
+        }
+        // the first local endpoint by power of two choices; the others follow it
+        if let Some(k) = upstream::p2c(locals.len(), |k| {
+            w.upstreams[service][locals[k]].outstanding()
+        }) {
+            locals.swap(0, k);
+        }
+        let caller = conn
+            .identity
+            .to_str()
+            .ok()
+            .and_then(|id| w.peer_by_identity.get(id))
+            .map(|&i| cfg.peers[i].name.as_str());
+        let origin = headers
+            .get(&FED_ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|o| cfg.peers.iter().find(|p| p.name == o))
+            .map(|p| p.name.as_str());
+        Ok(Self {
+            w,
+            service,
+            locals,
+            next_local: 0,
+            no_peers,
+            peers: None,
+            next_peer: 0,
+            exclude: [caller, origin],
+        })
+    }
+
+    /// Whether more than one target could be tried.
+    pub(super) fn alternatives(&self) -> bool {
+        self.locals.len() > 1 || (self.no_peers.is_none() && self.w.fleet.has_peers(self.service))
+    }
+
+    pub(super) fn next(&mut self) -> Option<Target> {
+        if let Some(&e) = self.locals.get(self.next_local) {
+            self.next_local += 1;
+            return Some(Target::Local(e));
+        }
+        if self.no_peers.is_some() {
+            return None;
+        }
+        let w = self.w;
+        let (service, exclude) = (self.service, self.exclude);
+        let peers = self
+            .peers
+            .get_or_insert_with(|| w.fleet.peer_order(&w.config, service, &exclude));
+        let p = peers.get(self.next_peer).copied()?;
+        self.next_peer += 1;
+        Some(Target::Peer(p))
+    }
+}
