@@ -63,7 +63,7 @@ pub enum Reject {
     /// Holding the request (its headers, or a message to validate) would pass a memory
     /// budget.
     #[error("the request cannot be held: it would pass {0}")]
-    Memory(crate::limits::memory::Over),
+    Memory(crate::memory::Over),
     /// No body bytes moved either way for the stream's `stream_idle_timeout` (ms).
     #[error("the stream moved no bytes for {0} ms (stream_idle_timeout)")]
     StreamIdle(u64),

@@ -5,36 +5,48 @@
 //! Module map, in the order a request meets them:
 //! - [`listen`]: sockets, accept, allowlist, TLS, serving connections
 //! - [`identity`]: certificates → identity; the sandbox CA
-//! - [`request`]: the one reading of a request's method, path, content type and authority
+//! - [`caller`]: the caller's side of one request: its body, its HTTP/2 stream's state
+//! - [`proxy`]: the request path, one stage a file (hygiene → … → outcome)
+//! - [`request`], [`headers`]: the one reading of a request's head; the headers only
+//!   fedport may set
 //! - [`route`]: request → service
-//! - [`policy`]: identity × service × method, default deny
-//! - [`limits`]: rate and concurrency limits per service and per identity
-//! - [`schema`]: accepted formats and message sizes, enforced as bodies stream
-//! - [`proxy`]: the request path, top to bottom
-//! - [`upstream`]: pooled connections and load balancing
+//! - [`policy`], [`grammar`]: identity × service × method, default deny; the patterns
+//!   rules are written in
+//! - [`limits`], [`memory`]: rate and concurrency limits; memory held for callers
+//! - [`schema`]: accepted formats and message sizes, enforced as bodies stream; schemas
+//!   compiled at load
+//! - [`upstream`]: pooled connections, load balancing, what a failure allows (`Retry`)
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
-//! - [`reason`]: the one vocabulary of refusals; gRPC status codes
-//! - [`errors`]: refusal → HTTP status / gRPC code
-//! - [`config`], [`server`], [`admin`], [`telemetry`], [`cli`], [`sandbox`], [`top`],
-//!   [`firewall`], [`manifest`] (describe, plan), [`bench`] (load generator)
+//! - [`reason`], [`errors`]: the one vocabulary of refusals; refusal → HTTP status /
+//!   gRPC code
+//! - [`config`], [`server`], [`runtime`], [`admin`], [`telemetry`], [`registry`], [`cli`],
+//!   [`sandbox`], [`top`], [`firewall`], [`manifest`] (describe, plan), [`bench`] (load
+//!   generator)
+//!
+//! Modules depend one way: `tests/it/structure.rs` fails on any cycle among them.
 
 pub mod admin;
 pub mod bench;
+pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod errors;
 pub mod federation;
 pub mod firewall;
+pub mod grammar;
+pub mod headers;
 pub mod identity;
 pub mod limits;
 pub mod listen;
 pub mod manifest;
+pub mod memory;
 pub mod policy;
 pub mod proxy;
 pub mod reason;
 pub mod registry;
 pub mod request;
 pub mod route;
+pub mod runtime;
 pub mod sandbox;
 pub mod schema;
 pub mod server;

@@ -11,6 +11,7 @@ use crate::config::{Config, Role};
 use crate::identity;
 use crate::listen::{self, Accepting, ListenError};
 use crate::proxy::Worker;
+use crate::runtime::runtime_thread;
 use crate::telemetry::Metrics;
 use crate::upstream;
 use arc_swap::ArcSwap;
@@ -55,23 +56,6 @@ impl State {
         self.ready.store(ready, Ordering::Relaxed);
         self.metrics.ready.set(ready as i64);
     }
-}
-
-/// A named thread running a single-threaded tokio runtime until `task` completes.
-pub(crate) fn runtime_thread<F, Fut>(name: String, task: F) -> std::io::Result<JoinHandle<()>>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    std::thread::Builder::new().name(name).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt.block_on(task()),
-            Err(e) => tracing::error!(error = %e, "a runtime failed to start"),
-        }
-    })
 }
 
 /// One configuration, built and ready to be swapped in by a worker.
@@ -171,10 +155,7 @@ fn prepare(
                 .map(|r| r.memory.clone())
                 .filter(|m| m.max() == config.node.memory_budget)
                 .unwrap_or_else(|| {
-                    crate::limits::memory::Node::new(
-                        metrics.memory_held.clone(),
-                        config.node.memory_budget,
-                    )
+                    crate::memory::Node::new(metrics.memory_held.clone(), config.node.memory_budget)
                 }),
             // a reload does not give a caller a fresh allowance
             resets: running.map(|r| r.resets.clone()).unwrap_or_default(),

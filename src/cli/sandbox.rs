@@ -60,7 +60,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
     };
     let all = Arc::new(instances);
     let served = all.clone();
-    crate::server::runtime_thread("sandbox-demo".into(), move || async move {
+    crate::runtime::runtime_thread("sandbox-demo".into(), move || async move {
         for (inst, (l, kind)) in served.iter().zip(listeners) {
             tokio::spawn(demo::run(inst.clone(), l, kind));
         }

@@ -5,6 +5,9 @@ pub mod diag;
 pub mod raw;
 pub mod units;
 
+use crate::schema::compile as schema;
+pub use crate::schema::compile::{JsonRoute, MethodSchema, ProtoSchema, Segment};
+
 use crate::identity::{self, TlsFiles};
 use diag::{Report, Sink};
 use ipnet::IpNet;
@@ -12,7 +15,6 @@ use raw::{RawConfig, SizeValue, S};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A checked, compiled configuration: what the daemon runs.
@@ -252,7 +254,7 @@ pub struct Service {
     /// `grpc-encoding`s accepted besides `identity` (default: gzip).
     pub encodings: Vec<String>,
     /// Methods that may be sent twice (retried after they may have reached a service).
-    pub idempotent: crate::policy::Methods,
+    pub idempotent: crate::grammar::Methods,
     /// Peer names or regions to try first, in order, when no local endpoint is healthy.
     pub failover: Vec<String>,
     pub health: Option<HealthCheck>,
@@ -270,109 +272,6 @@ pub struct Service {
     /// Its endpoints are told `x-forwarded-for` and `x-forwarded-proto` (callers' own
     /// copies are removed either way).
     pub forwarded_headers: bool,
-}
-
-/// The message types of every method of a service's proto files.
-#[derive(Debug, Clone)]
-pub struct ProtoSchema {
-    /// `pkg.Service/Method` → its message types.
-    pub methods: Arc<HashMap<String, Arc<MethodSchema>>>,
-    /// Unknown fields are refused too.
-    pub strict: bool,
-    /// Responses are validated against the output type as well.
-    pub validate_responses: bool,
-}
-
-/// One gRPC method of a schema.
-#[derive(Debug)]
-pub struct MethodSchema {
-    /// `pkg.Service/Method`: bounded, so it can be a metric label.
-    pub name: Arc<str>,
-    /// The request and response types, compiled for checking on the wire.
-    pub input: Arc<crate::schema::wire::Compiled>,
-    pub output: Arc<crate::schema::wire::Compiled>,
-}
-
-/// Where a protox error is: `path:line:col` of the file it names (the proto file or
-/// one of its imports), or the proto file's path when the error has no position.
-fn proto_position(e: &protox::Error, file: &Path, includes: &[PathBuf]) -> String {
-    use miette::Diagnostic;
-    let path = e
-        .file()
-        .and_then(|name| includes.iter().map(|i| i.join(name)).find(|p| p.is_file()))
-        .unwrap_or_else(|| file.to_owned());
-    let offset = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
-    match (offset, std::fs::read_to_string(&path)) {
-        (Some(at), Ok(text)) => {
-            let before = &text[..at.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("{}:{line}:{col}", path.display())
-        }
-        _ => path.display().to_string(),
-    }
-}
-
-/// One `"METHOD /path/{param}" = schema.json` entry, compiled.
-#[derive(Clone)]
-pub struct JsonRoute {
-    pub method: String,
-    pub template: Vec<Segment>,
-    /// The route as written, for error messages.
-    pub route: Arc<str>,
-    pub validator: Arc<jsonschema::Validator>,
-    /// Hash of the schema file's text, to tell when it changed.
-    pub hash: String,
-}
-
-impl std::fmt::Debug for JsonRoute {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.route)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Segment {
-    Literal(String),
-    /// `{name}`: any one non-empty segment.
-    Param,
-}
-
-impl Segment {
-    fn parse(s: &str) -> Self {
-        if s.starts_with('{') && s.ends_with('}') {
-            Segment::Param
-        } else {
-            Segment::Literal(s.to_owned())
-        }
-    }
-}
-
-impl JsonRoute {
-    /// Whether a request is for this route, with its path read the way servers route
-    /// it: empty segments (`//`, a trailing `/`) are skipped, `;params` are dropped,
-    /// percent-escapes decoded and letters compared in any case, so that `/v1/orders/`,
-    /// `/v1/orders;x=1`, `/v1/%6Frders` and `/V1/Orders` are validated as `/v1/orders` is.
-    pub fn matches(&self, method: &str, path: &str) -> bool {
-        if self.method != method {
-            return false;
-        }
-        let mut segs = crate::request::segments(path).map(|s| s.name);
-        let template = self
-            .template
-            .iter()
-            .filter(|t| !matches!(t, Segment::Literal(l) if l.is_empty()));
-        for t in template {
-            match (t, segs.next()) {
-                // in any case: Express and ASP.NET Core route `/v1/RESERVE` to the
-                // handler of `/v1/reserve`, which must not get it unvalidated
-                (Segment::Literal(l), Some(s)) if l.eq_ignore_ascii_case(&s) => {}
-                (Segment::Param, Some(_)) => {}
-                _ => return false,
-            }
-        }
-        segs.next().is_none()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -645,8 +544,8 @@ impl Checker<'_> {
         }
         let members = e.members.as_ref().map(|m| {
             let text = m.get_ref();
-            match crate::policy::Pattern::parse(text) {
-                Ok(crate::policy::Pattern::Any | crate::policy::Pattern::Local) => {
+            match crate::grammar::Pattern::parse(text) {
+                Ok(crate::grammar::Pattern::Any | crate::grammar::Pattern::Local) => {
                     self.sink.error(
                         span(m),
                         format!("members = {text:?} would let any caller register as a peer"),
@@ -1473,10 +1372,10 @@ impl Checker<'_> {
             if r.encodings.is_none() {
                 encodings.push("gzip".to_owned());
             }
-            let mut idempotent: Vec<crate::policy::MethodRule> = if protocol == Protocol::Http {
+            let mut idempotent: Vec<crate::grammar::MethodRule> = if protocol == Protocol::Http {
                 ["GET /", "HEAD /", "OPTIONS /"]
                     .iter()
-                    .filter_map(|m| crate::policy::MethodRule::parse(m).ok())
+                    .filter_map(|m| crate::grammar::MethodRule::parse(m).ok())
                     .collect()
             } else {
                 Vec::new()
@@ -1538,7 +1437,7 @@ impl Checker<'_> {
                 stream_idle_timeout,
                 authority,
                 limits,
-                idempotent: crate::policy::Methods::Some(idempotent),
+                idempotent: crate::grammar::Methods::Some(idempotent),
                 failover: r
                     .failover
                     .iter()
@@ -1567,7 +1466,8 @@ impl Checker<'_> {
         out
     }
 
-    /// Compiles the service's proto files and returns the gRPC services they declare.
+    /// Compiles the service's proto files and JSON Schema routes (`schema::compile`);
+    /// returns the gRPC services the proto files declare.
     fn schema(
         &mut self,
         s: &S<raw::RawSchema>,
@@ -1576,7 +1476,9 @@ impl Checker<'_> {
     ) -> Vec<String> {
         let r = s.get_ref();
         let mut pools = Vec::new();
-        let mut names = Vec::new();
+        let refused = |sink: &mut diag::Sink, at, e: schema::CompileError| {
+            sink.error(at, e.to_string(), e.hint())
+        };
         for p in r.proto.iter().flatten() {
             let file = self.path(p.get_ref());
             let mut includes: Vec<PathBuf> = r
@@ -1586,125 +1488,32 @@ impl Checker<'_> {
                 .map(|i| self.path(i.get_ref()))
                 .collect();
             includes.push(file.parent().map(Path::to_owned).unwrap_or_default());
-            let result = protox::Compiler::new(&includes).and_then(|mut c| {
-                c.open_file(&file)?;
-                Ok(c.descriptor_pool())
-            });
-            match result {
-                Ok(pool) => {
-                    names.extend(pool.services().map(|sv| sv.full_name().to_owned()));
-                    pools.push(pool);
-                }
-                Err(e) => self.sink.error(
-                    span(p),
-                    format!("{}: {e}", proto_position(&e, &file, &includes)),
-                    "the .proto file must compile (protoc would say the same); fix it or the path",
-                ),
+            match schema::proto(&file, &includes) {
+                Ok(pool) => pools.push(pool),
+                Err(e) => refused(self.sink, span(p), e),
             }
         }
         if let Some(d) = &r.descriptor_set {
-            let file = self.path(d.get_ref());
-            match std::fs::read(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    prost_reflect::DescriptorPool::decode(b.as_slice()).map_err(|e| e.to_string())
-                }) {
-                Ok(pool) => {
-                    names.extend(pool.services().map(|sv| sv.full_name().to_owned()));
-                    pools.push(pool);
-                }
-                Err(e) => self.sink.error(
-                    span(d),
-                    format!("{}: {e}", file.display()),
-                    "give a FileDescriptorSet (protoc --descriptor_set_out --include_imports)",
-                ),
+            match schema::descriptor_set(&self.path(d.get_ref())) {
+                Ok(pool) => pools.push(pool),
+                Err(e) => refused(self.sink, span(d), e),
             }
         }
+        let names = pools
+            .iter()
+            .flat_map(|p| p.services().map(|sv| sv.full_name().to_owned()))
+            .collect();
         if !pools.is_empty() {
-            let mut methods = HashMap::new();
-            for pool in &pools {
-                for svc in pool.services() {
-                    for m in svc.methods() {
-                        let name = format!("{}/{}", svc.full_name(), m.name());
-                        let schema = MethodSchema {
-                            name: name.as_str().into(),
-                            input: Arc::new(crate::schema::wire::Compiled::new(&m.input())),
-                            output: Arc::new(crate::schema::wire::Compiled::new(&m.output())),
-                        };
-                        methods.insert(name, Arc::new(schema));
-                    }
-                }
-            }
-            *proto = Some(ProtoSchema {
-                methods: Arc::new(methods),
-                strict: r.strict.unwrap_or(false),
-                validate_responses: r.validate_responses.unwrap_or(false),
-            });
+            let (strict, responses) = (
+                r.strict.unwrap_or(false),
+                r.validate_responses.unwrap_or(false),
+            );
+            *proto = Some(schema::methods(&pools, strict, responses));
         }
         for (key, f) in r.json.iter().flatten() {
-            let file = self.path(f.get_ref());
-            let Some((method, template)) = key.split_once(' ').filter(|(m, p)| {
-                !m.is_empty() && m.chars().all(|c| c.is_ascii_uppercase()) && p.starts_with('/')
-            }) else {
-                self.sink.error(
-                    span(f),
-                    format!("JSON schema route {key:?} is not \"METHOD /path\""),
-                    "write the route as \"POST /v1/orders/{id}\"",
-                );
-                continue;
-            };
-            let text = match std::fs::read_to_string(&file) {
-                Ok(t) => t,
-                Err(e) => {
-                    self.sink.error(
-                        span(f),
-                        format!("cannot read {}: {e}", file.display()),
-                        "fix the path; relative paths start at the config file's directory",
-                    );
-                    continue;
-                }
-            };
-            let doc: serde_json::Value = match serde_json::from_str(&text) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.sink.error(
-                        span(f),
-                        format!(
-                            "{}:{}:{}: not JSON: {e}",
-                            file.display(),
-                            e.line(),
-                            e.column()
-                        ),
-                        "a JSON Schema file must be a JSON document",
-                    );
-                    continue;
-                }
-            };
-            match jsonschema::validator_for(&doc) {
-                Ok(v) => json.push(JsonRoute {
-                    method: method.to_owned(),
-                    template: template.split('/').map(Segment::parse).collect(),
-                    route: key.as_str().into(),
-                    validator: Arc::new(v),
-                    hash: text_hash(&text),
-                }),
-                Err(e) => self.sink.error(
-                    span(f),
-                    {
-                        let at = e.instance_path().to_string();
-                        match diag::json_pointer_position(&text, &at) {
-                            Some((l, c)) => format!(
-                                "{}:{l}:{c}: schema does not compile at {at:?}: {e}",
-                                file.display()
-                            ),
-                            None => format!(
-                                "{}: schema does not compile at {at:?}: {e}",
-                                file.display()
-                            ),
-                        }
-                    },
-                    "the file must be a valid JSON Schema (draft-07 or 2020-12)",
-                ),
+            match schema::json_route(key, &self.path(f.get_ref()), text_hash) {
+                Ok(route) => json.push(route),
+                Err(e) => refused(self.sink, span(f), e),
             }
         }
         names
@@ -1787,7 +1596,7 @@ impl Checker<'_> {
                 );
             }
             let id = r.identity.get_ref();
-            if !crate::policy::pattern::is_identity(id) {
+            if !crate::grammar::pattern::is_identity(id) {
                 self.sink.error(
                     span(&r.identity),
                     format!("peer identity {id:?} is neither a SPIFFE ID nor a DNS name"),
@@ -1864,7 +1673,7 @@ impl Checker<'_> {
 impl Checker<'_> {
     /// Checks an identity pattern (`[[allow]] from`, `[[limit]] from`).
     fn identity_pattern(&mut self, p: &S<String>) {
-        match crate::policy::Pattern::parse(p.get_ref()) {
+        match crate::grammar::Pattern::parse(p.get_ref()) {
             Err(e) => self.sink.error(
                 span(p),
                 e.to_string(),
@@ -1880,8 +1689,8 @@ impl Checker<'_> {
     }
 
     /// Compiles a method entry of a rule or of `idempotent`, reporting what is wrong.
-    fn method_rule(&mut self, m: &S<String>, what: &str) -> Option<crate::policy::MethodRule> {
-        match crate::policy::MethodRule::parse(m.get_ref()) {
+    fn method_rule(&mut self, m: &S<String>, what: &str) -> Option<crate::grammar::MethodRule> {
+        match crate::grammar::MethodRule::parse(m.get_ref()) {
             Err(e) => {
                 self.sink.error(
                     span(m),
@@ -1930,44 +1739,4 @@ pub fn text_hash(text: &str) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     format!("{:016x}", h.finish())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn route(key: &str) -> JsonRoute {
-        let (method, template) = key.split_once(' ').unwrap();
-        JsonRoute {
-            method: method.into(),
-            template: template.split('/').map(Segment::parse).collect(),
-            route: key.into(),
-            validator: Arc::new(jsonschema::validator_for(&serde_json::json!({})).unwrap()),
-            hash: String::new(),
-        }
-    }
-
-    #[test]
-    fn json_routes_match_paths_as_servers_route_them() {
-        let orders = route("POST /v1/orders");
-        let one = route("POST /v1/orders/{id}");
-        for p in [
-            "/v1/orders",
-            "/v1/orders/",
-            "//v1//orders",
-            "/v1/orders;x=1",
-            "/v1/%6Frders",
-        ] {
-            assert!(orders.matches("POST", p), "{p}");
-            assert!(!one.matches("POST", p), "{p}");
-        }
-        for p in ["/v1/orders/42", "/v1/orders/42/", "/v1/orders/4%32;v=2"] {
-            assert!(one.matches("POST", p), "{p}");
-            assert!(!orders.matches("POST", p), "{p}");
-        }
-        assert!(!orders.matches("PUT", "/v1/orders"));
-        assert!(!orders.matches("POST", "/v1/orders/42/items"));
-        assert!(!orders.matches("POST", "/v1/order"));
-        assert!(!one.matches("POST", "/v1/orders/42/items"));
-    }
 }

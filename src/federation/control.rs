@@ -25,7 +25,7 @@ pub fn spawn(
     ),
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    crate::server::runtime_thread("fedport-control".into(), move || async move {
+    crate::runtime::runtime_thread("fedport-control".into(), move || async move {
         let mut tasks = tokio::task::JoinSet::new();
         let peer_tls = match &config.tls {
             Some(t) if !config.peers.is_empty() => {

@@ -416,14 +416,14 @@ pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {
         (None, _) => names.iter().find_map(|n| match n {
             GeneralName::DNSName(d) => {
                 let d = d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase();
-                crate::policy::pattern::is_identity(&d)
+                crate::grammar::pattern::is_identity(&d)
                     .then_some(d)
                     .filter(|d| !d.starts_with("spiffe://"))
             }
             _ => None,
         })?,
     };
-    crate::policy::pattern::is_identity(&id).then_some(id)
+    crate::grammar::pattern::is_identity(&id).then_some(id)
 }
 
 /// The earliest `notAfter` (Unix seconds) among the certificates of a PEM file.

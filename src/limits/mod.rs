@@ -6,12 +6,11 @@
 //! one that keeps the running one's in-flight counts and token buckets where a limit
 //! is unchanged, so that a reload neither doubles what is let in nor refills buckets.
 
-pub mod memory;
 pub mod nofile;
 pub mod resets;
 
 use crate::config::{Config, Limits};
-use crate::policy::Pattern;
+use crate::grammar::Pattern;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use std::collections::HashMap;
 use std::num::NonZeroU32;

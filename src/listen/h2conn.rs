@@ -9,8 +9,8 @@
 
 use super::h2guard::Trip;
 use super::{Accepting, Drain};
+use crate::caller::{CallerBody, StreamState};
 use crate::errors::Reject;
-use crate::proxy::caller::{CallerBody, StreamState};
 use crate::proxy::{self, ConnCtx, RespBody};
 use crate::reason::Reason;
 use bytes::Bytes;
@@ -29,8 +29,7 @@ pub const STREAM_WINDOW: u32 = 256 * 1024;
 /// A peer node's stream window: its connections carry many callers' streams across
 /// regions, where a window must cover the round trip.
 pub const PEER_STREAM_WINDOW: u32 = 1024 * 1024;
-/// The largest window HTTP/2 allows (RFC 9113 6.9.1).
-pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+pub use crate::upstream::MAX_WINDOW;
 
 /// Decoded request headers allowed (SETTINGS_MAX_HEADER_LIST_SIZE).
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
@@ -352,7 +351,7 @@ enum End {
     /// The answer failed (the service's reset, a truncated answer).
     Failed,
     /// The caller left the answer unread past its memory budget.
-    Memory(crate::limits::memory::Over),
+    Memory(crate::memory::Over),
 }
 
 fn spawn_stream(
@@ -371,7 +370,7 @@ fn spawn_stream(
     } else {
         let window = u64::from(shared.window);
         let need = length.map_or(window, |n| n.min(window));
-        match crate::limits::memory::Held::with(shared.ctx.memory.clone(), need) {
+        match crate::memory::Held::with(shared.ctx.memory.clone(), need) {
             Ok(h) => Some((h, window)),
             Err(over) => {
                 refuse(respond, &parts.headers, Reject::Memory(over), shared);
@@ -457,7 +456,7 @@ enum Phase<F> {
         pending: Option<(Bytes, bool)>,
         /// What the codec may take in of the answer meanwhile, charged once the
         /// caller's window stalled it.
-        held: Option<crate::limits::memory::Held>,
+        held: Option<crate::memory::Held>,
     },
     Ended,
 }
@@ -594,7 +593,7 @@ impl End {
                 let ctx = &shared.ctx;
                 let id = ctx.identity.to_str().unwrap_or_default();
                 if s.state.started()
-                    && !ctx.current.load().worker.peer_identities.contains(id)
+                    && !ctx.current.worker().peer_identities.contains(id)
                     && shared.resets.spent(id, shared.allowance)
                 {
                     shared.trip.trip(Reason::H2RapidReset);
@@ -624,7 +623,7 @@ pub(super) fn log_idle(listener: &str, remote: std::net::SocketAddr, idle: Durat
 }
 
 /// Logs an answer reset for being left unread past a budget, at most once per 10 s.
-fn log_unread(listener: &str, remote: std::net::SocketAddr, over: crate::limits::memory::Over) {
+fn log_unread(listener: &str, remote: std::net::SocketAddr, over: crate::memory::Over) {
     static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let now = Instant::now();
     if let Ok(mut last) = LAST.lock() {
@@ -652,8 +651,8 @@ fn pipe(
     tx: &mut h2::SendStream<Bytes>,
     pending: &mut Option<(Bytes, bool)>,
     (held, memory): (
-        &mut Option<crate::limits::memory::Held>,
-        &Arc<crate::limits::memory::Connection>,
+        &mut Option<crate::memory::Held>,
+        &Arc<crate::memory::Connection>,
     ),
     state: &StreamState,
     cx: &mut Context<'_>,
@@ -679,7 +678,7 @@ fn pipe(
                     Poll::Pending => {
                         let window = state.answer_window();
                         if held.is_none() && window > 0 {
-                            match crate::limits::memory::Held::with(memory.clone(), window) {
+                            match crate::memory::Held::with(memory.clone(), window) {
                                 Ok(h) => *held = Some(h),
                                 Err(over) => {
                                     tx.send_reset(h2::Reason::CANCEL);

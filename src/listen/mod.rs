@@ -68,6 +68,23 @@ pub struct Accepting {
 /// (`h2guard`).
 const MAX_HEADER_LIST: usize = h2conn::MAX_HEADER_LIST as usize;
 
+/// A listener's accepting state, swapped at each reload, is what its connections'
+/// requests follow.
+impl proxy::Generations for arc_swap::ArcSwap<Accepting> {
+    fn since(&self, worker: &Arc<Worker>) -> Option<proxy::Generation> {
+        let now = self.load();
+        (!Arc::ptr_eq(&now.worker, worker)).then(|| proxy::Generation {
+            worker: now.worker.clone(),
+            index: now.index,
+            dedicated: now.spec.service.clone(),
+        })
+    }
+
+    fn worker(&self) -> Arc<Worker> {
+        self.load().worker.clone()
+    }
+}
+
 /// The HTTP/1.1 server settings every listener uses (HTTP/2 is served by [`h2conn`]).
 pub fn http_builder(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
@@ -237,8 +254,8 @@ async fn serve(
                 current: current.clone(),
                 activity: Arc::default(),
                 remote,
-                forwarded_for: proxy::headers::forwarded_for(remote.ip()),
-                memory: crate::limits::memory::Connection::new(
+                forwarded_for: crate::headers::forwarded_for(remote.ip()),
+                memory: crate::memory::Connection::new(
                     acc.worker.memory.clone(),
                     acc.spec.connection_memory_budget,
                     Some("local"),
@@ -305,8 +322,8 @@ async fn serve(
                     .contains(identity.to_str().unwrap_or_default()),
                 activity: Arc::default(),
                 remote,
-                forwarded_for: proxy::headers::forwarded_for(remote.ip()),
-                memory: crate::limits::memory::Connection::new(
+                forwarded_for: crate::headers::forwarded_for(remote.ip()),
+                memory: crate::memory::Connection::new(
                     acc.worker.memory.clone(),
                     acc.spec.connection_memory_budget,
                     // a peer node's connections carry many callers: no share of one
@@ -420,7 +437,7 @@ where
     // pointer. Measured: memmove fell from 23% of fedport's CPU (docs/performance.md).
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         Box::pin(proxy::handle(
-            req.map(proxy::caller::CallerBody::H1),
+            req.map(crate::caller::CallerBody::H1),
             ctx.clone(),
             None,
         ))
@@ -524,63 +541,4 @@ fn log_cut(listener: &str, remote: SocketAddr, why: Reason) {
 pub struct Drain {
     pub signal: watch::Receiver<bool>,
     pub live: Arc<()>,
-}
-
-/// A connection's requests in flight and when it last started or finished one.
-pub struct Activity {
-    epoch: std::time::Instant,
-    in_flight: std::sync::atomic::AtomicUsize,
-    last_ms: std::sync::atomic::AtomicU64,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self {
-            epoch: std::time::Instant::now(),
-            in_flight: Default::default(),
-            last_ms: Default::default(),
-        }
-    }
-}
-
-/// One request in flight on a connection, until dropped.
-pub struct Busy(Arc<Activity>);
-
-impl Activity {
-    fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn begin(self: &Arc<Self>) -> Busy {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.touch();
-        Busy(self.clone())
-    }
-
-    /// Whether a request is in flight.
-    pub fn in_flight(&self) -> bool {
-        self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
-    }
-
-    /// How long the connection has had nothing in flight.
-    pub fn idle_for(&self) -> Duration {
-        if self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-            return Duration::ZERO;
-        }
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(
-            now.saturating_sub(self.last_ms.load(std::sync::atomic::Ordering::Relaxed)),
-        )
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.touch();
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
 }

@@ -186,8 +186,8 @@ pub fn manifest(cfg: &Config) -> Manifest {
                 grpc_services: s.grpc_services.clone(),
                 limits: limits_text(&s.limits),
                 idempotent: match &s.idempotent {
-                    crate::policy::Methods::All => vec!["* (every method)".into()],
-                    crate::policy::Methods::Some(l) => l.iter().map(|m| m.to_string()).collect(),
+                    crate::grammar::Methods::All => vec!["* (every method)".into()],
+                    crate::grammar::Methods::Some(l) => l.iter().map(|m| m.to_string()).collect(),
                 },
                 authority: s.authority.clone(),
             }
@@ -206,7 +206,7 @@ pub fn manifest(cfg: &Config) -> Manifest {
         } else {
             r.methods
                 .iter()
-                .map(|m| crate::policy::MethodRule::parse(m).map_or(m.clone(), |m| m.to_string()))
+                .map(|m| crate::grammar::MethodRule::parse(m).map_or(m.clone(), |m| m.to_string()))
                 .collect()
         };
         // a rule naming a peer is access for that peer's identity: a new identity
@@ -214,7 +214,7 @@ pub fn manifest(cfg: &Config) -> Manifest {
         let from = match cfg.peers.iter().find(|p| p.name == r.from) {
             Some(p) => format!("{} ({})", p.name, p.identity),
             None => {
-                crate::policy::Pattern::parse(&r.from).map_or(r.from.clone(), |p| p.to_string())
+                crate::grammar::Pattern::parse(&r.from).map_or(r.from.clone(), |p| p.to_string())
             }
         };
         for t in targets {

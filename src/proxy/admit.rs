@@ -7,8 +7,8 @@ use super::caller::StreamState;
 use super::routing::Route;
 use super::{ConnCtx, Worker};
 use crate::errors::Reject;
+use crate::grammar::Call;
 use crate::limits::{Admit, Over};
-use crate::policy::Call;
 
 /// Authorizes and admits a routed request; its place under concurrency limits, held
 /// until its answer ends (`None` when no limit applies).

@@ -27,7 +27,7 @@ pub struct Finish {
     pub outstanding: Option<Outstanding>,
     pub h1: Option<H1Return>,
     /// Keeps the connection from counting as idle until the answer is done.
-    pub busy: Option<crate::listen::Busy>,
+    pub busy: Option<super::activity::Busy>,
     /// For gRPC: the request's schema guard; a message it refused mid-stream ends the
     /// answer with INVALID_ARGUMENT instead of a reset.
     pub tripped: Option<Arc<crate::schema::Tripped>>,
@@ -49,7 +49,7 @@ pub struct Finish {
     /// Its place under concurrency limits, released when the answer ends.
     pub admit: Option<crate::limits::Admit>,
     /// Its header list against the memory budgets, given back when the answer ends.
-    pub held: Option<crate::limits::memory::Held>,
+    pub held: Option<crate::memory::Held>,
     /// `[node] request_metrics`: record the request's metrics.
     pub record: bool,
     /// A sampled trace: this hop's span, with the service's name and the caller.

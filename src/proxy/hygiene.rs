@@ -5,7 +5,7 @@
 
 use super::ConnCtx;
 use crate::errors::Reject;
-use crate::limits::memory::{header_list_size, Held};
+use crate::memory::{header_list_size, Held};
 use crate::request::{self, Host};
 use http::request::Parts;
 

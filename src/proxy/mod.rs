@@ -15,22 +15,22 @@
 //! its [`crate::reason::Reason`], answered in the caller's protocol, counted and logged
 //! once.
 
+pub mod activity;
 mod admit;
 pub mod body;
-pub mod caller;
 pub mod deadline;
 mod dispatch;
-pub mod headers;
 mod hygiene;
 mod journey;
 mod outcome;
 mod plan;
 mod routing;
 mod targets;
-pub mod trace;
 
+use crate::caller::{self, CallerBody, StreamState};
 use crate::config::Config;
 use crate::errors::Reject;
+use crate::headers;
 use crate::request;
 use crate::route;
 use crate::schema;
@@ -38,7 +38,6 @@ use crate::telemetry::{Metrics, ServiceMetrics};
 use crate::upstream::{self, EndpointPool};
 use body::Tracked;
 use bytes::Bytes;
-use caller::{CallerBody, StreamState};
 use dispatch::{Aim, Forwarded};
 pub(crate) use headers::strip_fed_headers;
 use headers::strip_hop_by_hop;
@@ -100,7 +99,7 @@ pub struct Worker {
     /// Rate and concurrency limits, shared by every worker.
     pub limits: Arc<crate::limits::Limiter>,
     /// The node's memory budget, shared by every worker.
-    pub memory: Arc<crate::limits::memory::Node>,
+    pub memory: Arc<crate::memory::Node>,
     /// Started streams reset, per caller identity, shared by every worker.
     pub resets: Arc<crate::limits::resets::Resets>,
 }
@@ -111,7 +110,7 @@ pub struct Worker {
 pub struct Shared {
     pub limits: Arc<crate::limits::Limiter>,
     /// The node's memory budget for what is held for callers.
-    pub memory: Arc<crate::limits::memory::Node>,
+    pub memory: Arc<crate::memory::Node>,
     /// Started streams reset, per caller identity.
     pub resets: Arc<crate::limits::resets::Resets>,
     pub fleet: Arc<crate::federation::Fleet>,
@@ -275,12 +274,31 @@ impl Worker {
     }
 }
 
+/// A listener under the configuration now in force, as `listen` keeps it across
+/// reloads: what a connection's requests follow.
+pub trait Generations: Send + Sync {
+    /// The listener in the generation now in force, if that is not `worker`'s.
+    fn since(&self, worker: &Arc<Worker>) -> Option<Generation>;
+
+    /// The worker of the generation now in force.
+    fn worker(&self) -> Arc<Worker>;
+}
+
+/// A listener in one configuration generation.
+pub struct Generation {
+    pub worker: Arc<Worker>,
+    /// The listener's index in the config.
+    pub index: usize,
+    /// The service of a dedicated listener.
+    pub dedicated: Option<String>,
+}
+
 /// What a connection knows about its caller, fixed at accept and handshake.
 #[derive(Clone)]
 pub struct ConnCtx {
     /// The listener's accepting state as configuration generations come: requests
     /// on an existing connection follow a reload.
-    pub current: Arc<arc_swap::ArcSwap<crate::listen::Accepting>>,
+    pub current: Arc<dyn Generations>,
     pub listener: Arc<str>,
     /// The listener's index in the config.
     pub listener_idx: usize,
@@ -301,9 +319,9 @@ pub struct ConnCtx {
     /// `remote`'s address as `x-forwarded-for` writes it.
     pub forwarded_for: HeaderValue,
     /// What this connection's requests may hold.
-    pub memory: Arc<crate::limits::memory::Connection>,
+    pub memory: Arc<crate::memory::Connection>,
     /// Requests in flight on the connection, for its idle timeout.
-    pub activity: Arc<crate::listen::Activity>,
+    pub activity: Arc<activity::Activity>,
     /// What the `[[allow]]` rules grant this identity.
     pub grants: Arc<crate::policy::Grants>,
     pub worker: Arc<Worker>,
@@ -324,15 +342,14 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// and whether it is (still) a peer. A listener that was removed keeps its old view
 /// while its connections drain.
 fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
-    let latest = conn.current.load();
-    if Arc::ptr_eq(&latest.worker, &conn.worker) {
+    let Some(now) = conn.current.since(&conn.worker) else {
         return conn;
-    }
-    let w = latest.worker.clone();
+    };
+    let w = now.worker;
     let id = conn.identity.to_str().unwrap_or_default();
     let mut c = (*conn).clone();
-    c.listener_idx = latest.index;
-    c.dedicated = latest.spec.service.clone();
+    c.listener_idx = now.index;
+    c.dedicated = now.dedicated;
     c.grants = w.policy.grants(id);
     // as at accept: whoever presents a peer's identity is that peer, on any listener
     c.peer = w.peer_by_identity.get(id).copied();
@@ -384,7 +401,7 @@ pub async fn handle(
 /// `validate_responses` the check of the answer's messages.
 struct Kept {
     admit: Option<crate::limits::Admit>,
-    held: crate::limits::memory::Held,
+    held: crate::memory::Held,
     response: Option<(schema::ProtoCheck, u64)>,
 }
 
@@ -394,7 +411,7 @@ struct Decided<'w> {
     plan: plan::BodyPlan,
     json: Option<&'w crate::config::JsonRoute>,
     admit: Option<crate::limits::Admit>,
-    headers_held: crate::limits::memory::Held,
+    headers_held: crate::memory::Held,
 }
 
 /// Stages 1–5: hygiene → route → admit → federation headers and deadline → body plan.

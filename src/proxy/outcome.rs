@@ -7,10 +7,11 @@
 use super::body::{self, Finish, Tracked};
 use super::caller::CallerBody;
 use super::dispatch::Forwarded;
-use super::{request_id, trace, ConnCtx, Kept, RespBody, Worker};
+use super::{request_id, ConnCtx, Kept, RespBody, Worker};
 use crate::errors::Reject;
 use crate::reason::GrpcStatus;
 use crate::schema;
+use crate::telemetry::trace;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Either;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ pub(super) struct Exchange {
     span: Option<crate::telemetry::otlp::Started>,
     access: Option<Box<body::AccessEntry>>,
     open: body::OpenStream,
-    busy: crate::listen::Busy,
+    busy: super::activity::Busy,
 }
 
 impl Exchange {
@@ -82,7 +83,7 @@ impl Exchange {
     }
 
     /// The record of the request, kept until its answer is done.
-    fn finish(self, conn: &ConnCtx, w: &Worker, routed: Routed) -> (Finish, crate::listen::Busy) {
+    fn finish(self, conn: &ConnCtx, w: &Worker, routed: Routed) -> (Finish, super::activity::Busy) {
         self.open.hand_over();
         let name =
             |service: Option<usize>| service.map_or("-", |i| w.config.services[i].name.as_str());

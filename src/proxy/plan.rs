@@ -10,7 +10,7 @@ use super::routing::Route;
 use super::{ConnCtx, SMALL_BODY};
 use crate::config::Protocol;
 use crate::errors::Reject;
-use crate::limits::memory::Held;
+use crate::memory::Held;
 use crate::request::{self, ContentType};
 use crate::schema;
 use bytes::Bytes;

@@ -7,7 +7,7 @@ use super::outcome::Routed;
 use super::{ConnCtx, Worker};
 use crate::config::{JsonRoute, MethodSchema, ProtoSchema, Protocol, Service};
 use crate::errors::Reject;
-use crate::policy::Call;
+use crate::grammar::Call;
 use crate::request::{ContentType, ContentTypeField, Host};
 use http::request::Parts;
 

@@ -54,7 +54,7 @@ pub fn decode(
     dir: &str,
     key: &str,
     value: &[u8],
-    allowed: Option<&crate::policy::Pattern>,
+    allowed: Option<&crate::grammar::Pattern>,
 ) -> Result<Member, String> {
     let m: Member = serde_json::from_slice(value).map_err(|e| e.to_string())?;
     if key.strip_prefix(dir) != Some(m.name.as_str()) {
@@ -166,16 +166,16 @@ impl Status {
 /// last segment or label `*` (`spiffe://fed.example/node/a` gives
 /// `spiffe://fed.example/node/*`, `a.nodes.fed.example` gives `*.nodes.fed.example`).
 /// `None` when neither is known: no member is believed.
-pub fn members_pattern(reg: &Registry, own: Option<&str>) -> Option<crate::policy::Pattern> {
+pub fn members_pattern(reg: &Registry, own: Option<&str>) -> Option<crate::grammar::Pattern> {
     if let Some(m) = &reg.members {
-        return crate::policy::Pattern::parse(m).ok();
+        return crate::grammar::Pattern::parse(m).ok();
     }
     let own = own?;
     let pattern = match own.strip_prefix("spiffe://") {
         Some(rest) => format!("spiffe://{}/*", rest.rsplit_once('/')?.0),
         None => format!("*.{}", own.split_once('.')?.1),
     };
-    crate::policy::Pattern::parse(&pattern).ok()
+    crate::grammar::Pattern::parse(&pattern).ok()
 }
 
 /// This node's identity, from its certificate.
@@ -572,7 +572,7 @@ mod tests {
                 dir,
                 &format!("{dir}{key}"),
                 &value(name, identity),
-                Some(&crate::policy::Pattern::parse("spiffe://fed.test/node/*").unwrap()),
+                Some(&crate::grammar::Pattern::parse("spiffe://fed.test/node/*").unwrap()),
             )
         };
         assert!(ok("eu-a", "eu-a", "spiffe://fed.test/node/eu-a").is_ok());

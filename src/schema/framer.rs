@@ -5,7 +5,7 @@
 //! bombs neither holds a worker nor takes more than its share of it.
 
 use super::ProtoCheck;
-use crate::limits::memory::{Held, Over};
+use crate::memory::{Held, Over};
 use bytes::{Bytes, BytesMut};
 use std::cell::Cell;
 use std::sync::Arc;
@@ -139,7 +139,7 @@ impl Framer {
     }
 
     /// What is held for an unfinished (or inflating) message counts against `budget`.
-    pub fn within(mut self, budget: Arc<crate::limits::memory::Connection>) -> Self {
+    pub fn within(mut self, budget: Arc<crate::memory::Connection>) -> Self {
         self.held = Some(Held::new(budget));
         self
     }

@@ -2,6 +2,7 @@
 //! (`max_message_bytes`), enforced as the body streams — on each gRPC message's length
 //! prefix, or on an HTTP body's bytes — never by buffering it first.
 
+pub mod compile;
 pub mod framer;
 pub mod json;
 pub mod wire;
@@ -28,7 +29,7 @@ const MAX_VIOLATIONS: usize = 10;
 /// against the route's schema; every violation (up to a cap) with its JSON pointer and
 /// keyword.
 pub fn validate_json(
-    route: &crate::config::JsonRoute,
+    route: &compile::JsonRoute,
     body: &[u8],
 ) -> Result<(), Vec<crate::errors::Violation>> {
     use crate::errors::Violation;
@@ -77,7 +78,7 @@ pub struct Tripped {
     /// The caller's own body failed (its stream was reset or its connection lost).
     caller_failed: std::sync::atomic::AtomicBool,
     /// A memory budget refused to hold more of it.
-    memory: std::sync::Mutex<Option<crate::limits::memory::Over>>,
+    memory: std::sync::Mutex<Option<crate::memory::Over>>,
     /// The whole body was passed on: a service that does not answer now is not waiting
     /// for the caller.
     ended: std::sync::atomic::AtomicBool,
@@ -137,11 +138,11 @@ impl Tripped {
     }
 
     /// Which memory budget refused to hold more, if one did.
-    pub fn memory(&self) -> Option<crate::limits::memory::Over> {
+    pub fn memory(&self) -> Option<crate::memory::Over> {
         self.memory.lock().ok().and_then(|m| *m)
     }
 
-    pub fn set_memory(&self, over: crate::limits::memory::Over) {
+    pub fn set_memory(&self, over: crate::memory::Over) {
         if let Ok(mut m) = self.memory.lock() {
             m.get_or_insert(over);
         }
@@ -232,7 +233,7 @@ pin_project_lite::pin_project! {
     /// any of that message's bytes are read.
     pub struct Guarded {
         #[pin]
-        inner: crate::proxy::caller::CallerBody,
+        inner: crate::caller::CallerBody,
         limit: Limit,
         seen: u64,
         // gRPC framing state: bytes of the current message still to pass, and a
@@ -252,7 +253,7 @@ pin_project_lite::pin_project! {
 
 impl Guarded {
     pub fn new(
-        inner: crate::proxy::caller::CallerBody,
+        inner: crate::caller::CallerBody,
         limit: Limit,
         tripped: Arc<Tripped>,
         framer: Option<Box<Framer>>,
@@ -279,7 +280,7 @@ impl Guarded {
     /// ([`Tripped::memory`]).
     pub fn take_if_whole(
         &mut self,
-        held: &mut crate::limits::memory::Held,
+        held: &mut crate::memory::Held,
     ) -> Result<Option<Bytes>, Refused> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut got: Vec<Frame<Bytes>> = Vec::new();
@@ -480,7 +481,7 @@ pub enum Collect {
     /// Past the limit.
     TooLarge,
     /// Past a memory budget.
-    Memory(crate::limits::memory::Over),
+    Memory(crate::memory::Over),
     /// The body failed (refused by its guard, or the caller's stream ended early).
     Failed,
 }
@@ -490,7 +491,7 @@ pub enum Collect {
 pub async fn collect(
     mut body: Guarded,
     max: u64,
-    held: &mut crate::limits::memory::Held,
+    held: &mut crate::memory::Held,
 ) -> Result<Bytes, Collect> {
     use http_body_util::BodyExt;
     let mut first: Option<Bytes> = None;
@@ -522,7 +523,7 @@ pub async fn collect(
 fn without_fed(frame: Frame<Bytes>) -> Frame<Bytes> {
     match frame.into_trailers() {
         Ok(mut t) => {
-            crate::proxy::headers::strip_claims(&mut t);
+            crate::headers::strip_claims(&mut t);
             Frame::trailers(t)
         }
         Err(other) => other,

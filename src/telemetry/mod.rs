@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 pub mod otlp;
 pub mod spike;
+pub mod trace;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {

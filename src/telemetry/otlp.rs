@@ -201,7 +201,7 @@ impl Exporter {
 /// A span's parts known at the start of a request.
 #[derive(Debug, Clone)]
 pub struct Started {
-    pub hop: crate::proxy::trace::Hop,
+    pub hop: super::trace::Hop,
     pub start: SystemTime,
     pub spans: Spans,
 }

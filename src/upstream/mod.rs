@@ -39,6 +39,9 @@ pub enum UpstreamError {
     Busy(String, usize),
 }
 
+/// The largest window HTTP/2 allows (RFC 9113 6.9.1).
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+
 /// Whether a request that failed (or was answered as unavailable) may be sent to
 /// another target, as pingora's `RetryType` says it: asked of the failure, never read
 /// from strings.
@@ -522,7 +525,7 @@ where
         .keep_alive_timeout(settings.keepalive.1)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(settings.stream_window)
-        .initial_connection_window_size(crate::listen::h2conn::MAX_WINDOW)
+        .initial_connection_window_size(MAX_WINDOW)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;

@@ -26,4 +26,5 @@ mod sandbox;
 mod spelling;
 mod spikes;
 mod streaming;
+mod structure;
 mod top;

@@ -148,7 +148,7 @@ impl CallerBody {
         recv: h2::RecvStream,
         length: Option<u64>,
         state: std::sync::Arc<StreamState>,
-        held: Option<(crate::limits::memory::Held, u64)>,
+        held: Option<(crate::memory::Held, u64)>,
     ) -> Self {
         CallerBody::H2(H2Body {
             recv,
@@ -174,7 +174,7 @@ pub struct H2Body {
     state: std::sync::Arc<StreamState>,
     /// What the codec may hold of the body still to come — the stream window, or what
     /// the declared length still owes — against the memory budgets, and the window.
-    held: Option<(crate::limits::memory::Held, u64)>,
+    held: Option<(crate::memory::Held, u64)>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
