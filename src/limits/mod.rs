@@ -2,16 +2,19 @@
 //! limits, for each service and for each caller identity a `[[limit]]` matches. A
 //! request over a rate is refused early with 429 / RESOURCE_EXHAUSTED; one over a
 //! concurrency limit with 503 / UNAVAILABLE — there is no queue, so memory stays
-//! bounded whatever the offered load. Shared by all workers. A reload builds a new
-//! one that keeps the running one's in-flight counts and token buckets where a limit
-//! is unchanged, so that a reload neither doubles what is let in nor refills buckets.
+//! bounded whatever the offered load. Shared by all workers, with no lock on the request
+//! path: a caller's own bucket and count are resolved once per connection
+//! ([`Limiter::caller`], as grants are), and each request then costs atomic operations.
+//! A reload builds a new one that keeps the running one's in-flight counts and token
+//! buckets where a limit is unchanged, so that a reload neither doubles what is let in
+//! nor refills buckets.
 
 pub mod nofile;
 pub mod resets;
 
 use crate::config::{Config, Limits};
 use crate::grammar::Pattern;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultDirectRateLimiter, Quota};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,37 +52,55 @@ struct IdentityRule {
     from: String,
     limits: Limits,
     pattern: Pattern,
-    rate: Option<Arc<DefaultKeyedRateLimiter<String>>>,
-    concurrency: Option<(usize, Arc<PerIdentity>)>,
+    /// Each identity's own bucket, made when its first connection is.
+    rate: Option<(Quota, Arc<PerIdentity<DefaultDirectRateLimiter>>)>,
+    /// Each identity's requests in flight.
+    concurrency: Option<(usize, Arc<PerIdentity<AtomicUsize>>)>,
 }
 
-/// In-flight counts by identity.
-type PerIdentity = Mutex<HashMap<String, Arc<AtomicUsize>>>;
+/// Something of each identity's; locked only when a connection resolves its caller.
+type PerIdentity<T> = Mutex<HashMap<String, Arc<T>>>;
+
+fn of_identity<T>(map: &PerIdentity<T>, identity: &str, new: impl FnOnce() -> T) -> Arc<T> {
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    m.entry(identity.to_owned())
+        .or_insert_with(|| Arc::new(new()))
+        .clone()
+}
+
+/// One caller identity's limits, resolved once per connection: the `[[limit]]` rule it
+/// matches, that rule's bucket and in-flight count for this identity.
+#[derive(Default)]
+pub struct Caller {
+    identity: String,
+    rate: Option<Arc<DefaultDirectRateLimiter>>,
+    concurrency: Option<(usize, Arc<AtomicUsize>)>,
+}
 
 pub struct Limiter {
     services: Vec<ServiceLimit>,
     identities: Vec<IdentityRule>,
 }
 
-/// Holds a request's place under its concurrency limits until dropped.
+/// Holds a request's place under its concurrency limits (the caller's, the service's)
+/// until dropped.
 #[derive(Debug, Default)]
-pub struct Admit(Vec<Arc<AtomicUsize>>);
+pub struct Admit([Option<Arc<AtomicUsize>>; 2]);
 
 impl Drop for Admit {
     fn drop(&mut self) {
-        for c in &self.0 {
+        for c in self.0.iter().flatten() {
             c.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
-fn take(count: &Arc<AtomicUsize>, max: usize, admit: &mut Admit) -> bool {
+fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Arc<AtomicUsize>> {
     if count.fetch_add(1, Ordering::Relaxed) >= max {
         count.fetch_sub(1, Ordering::Relaxed);
-        return false;
+        return None;
     }
-    admit.0.push(count.clone());
-    true
+    Some(count.clone())
 }
 
 impl Limiter {
@@ -128,7 +149,7 @@ impl Limiter {
                     pattern: Pattern::new(&from),
                     rate: match old {
                         Some(o) if same_bucket(&o.limits, &l.limits) => o.rate.clone(),
-                        _ => quota(&l.limits).map(|q| Arc::new(governor::RateLimiter::keyed(q))),
+                        _ => quota(&l.limits).map(|q| (q, Arc::default())),
                     },
                     concurrency: l.limits.concurrency.map(|c| {
                         let counts = old
@@ -157,35 +178,43 @@ impl Limiter {
                 .all(|s| s.rate.is_none() && s.concurrency.is_none())
     }
 
-    /// Admits a request of `identity` to `service`, or says which limit it is over.
-    pub fn admit(&self, service: usize, identity: &str, name: &str) -> Result<Admit, Over> {
+    /// The limits of `identity`'s requests: the first `[[limit]]` rule it matches, with
+    /// its bucket and count for this identity (shared by all its connections).
+    pub fn caller(&self, identity: &str) -> Caller {
+        let Some(rule) = self.identities.iter().find(|r| r.pattern.matches(identity)) else {
+            return Caller::default();
+        };
+        Caller {
+            identity: identity.to_owned(),
+            rate: rule
+                .rate
+                .as_ref()
+                .map(|(q, per)| of_identity(per, identity, || governor::RateLimiter::direct(*q))),
+            concurrency: rule
+                .concurrency
+                .as_ref()
+                .map(|(max, per)| (*max, of_identity(per, identity, AtomicUsize::default))),
+        }
+    }
+
+    /// Admits a request of `caller` to `service`, or says which limit it is over.
+    pub fn admit(&self, service: usize, caller: &Caller, name: &str) -> Result<Admit, Over> {
         let mut admit = Admit::default();
-        if let Some(rule) = self.identities.iter().find(|r| r.pattern.matches(identity)) {
-            if let Some(rl) = &rule.rate {
-                if rl.check_key(&identity.to_owned()).is_err() {
-                    return Err(Over::Rate(format!("identity {identity}")));
-                }
-            }
-            if let Some((max, counts)) = &rule.concurrency {
-                let count = counts
-                    .lock()
-                    .map(|mut m| m.entry(identity.to_owned()).or_default().clone())
-                    .unwrap_or_default();
-                if !take(&count, *max, &mut admit) {
-                    return Err(Over::Concurrency(format!("identity {identity}")));
-                }
-            }
+        let who = || format!("identity {}", caller.identity);
+        if caller.rate.as_ref().is_some_and(|rl| rl.check().is_err()) {
+            return Err(Over::Rate(who()));
+        }
+        if let Some((max, count)) = &caller.concurrency {
+            admit.0[0] = Some(take(count, *max).ok_or_else(|| Over::Concurrency(who()))?);
         }
         if let Some(s) = self.services.get(service) {
-            if let Some(rl) = &s.rate {
-                if rl.check().is_err() {
-                    return Err(Over::Rate(format!("service {name}")));
-                }
+            if s.rate.as_ref().is_some_and(|rl| rl.check().is_err()) {
+                return Err(Over::Rate(format!("service {name}")));
             }
             if let Some((max, count)) = &s.concurrency {
-                if !take(count, *max, &mut admit) {
-                    return Err(Over::Concurrency(format!("service {name}")));
-                }
+                let place = take(count, *max)
+                    .ok_or_else(|| Over::Concurrency(format!("service {name}")))?;
+                admit.0[1] = Some(place);
             }
         }
         Ok(admit)
@@ -227,26 +256,34 @@ concurrency = 1
     fn a_reload_keeps_what_is_in_flight_counted() {
         let old = Limiter::new(&config(2), None);
         let held: Vec<Admit> = (0..2)
-            .map(|_| old.admit(0, "spiffe://t/client/x", "s").unwrap())
+            .map(|_| {
+                old.admit(0, &old.caller("spiffe://t/client/x"), "s")
+                    .unwrap()
+            })
             .collect();
-        assert!(old.admit(0, "spiffe://t/client/x", "s").is_err());
+        assert!(old
+            .admit(0, &old.caller("spiffe://t/client/x"), "s")
+            .is_err());
         let new = Limiter::new(&config(2), Some(&old));
         assert!(
-            new.admit(0, "spiffe://t/client/x", "s").is_err(),
+            new.admit(0, &new.caller("spiffe://t/client/x"), "s")
+                .is_err(),
             "two still in flight from before the reload"
         );
         drop(held);
-        assert!(new.admit(0, "spiffe://t/client/x", "s").is_ok());
+        assert!(new
+            .admit(0, &new.caller("spiffe://t/client/x"), "s")
+            .is_ok());
     }
 
     #[test]
     fn a_limit_may_name_a_peer() {
         let l = Limiter::new(&config(10), None);
-        let _one = l.admit(0, "spiffe://t/node/b", "s").unwrap();
+        let _one = l.admit(0, &l.caller("spiffe://t/node/b"), "s").unwrap();
         assert_eq!(
-            l.admit(0, "spiffe://t/node/b", "s").err(),
+            l.admit(0, &l.caller("spiffe://t/node/b"), "s").err(),
             Some(Over::Concurrency("identity spiffe://t/node/b".into()))
         );
-        assert!(l.admit(0, "spiffe://t/node/c", "s").is_ok());
+        assert!(l.admit(0, &l.caller("spiffe://t/node/c"), "s").is_ok());
     }
 }

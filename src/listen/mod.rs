@@ -249,6 +249,7 @@ async fn serve(
                 dedicated: acc.spec.service.clone(),
                 identity: HeaderValue::from_static("local"),
                 grants: acc.worker.policy.grants("local"),
+                limits: Arc::new(acc.worker.limits.caller("local")),
                 from_peer: false,
                 peer: None,
                 current: current.clone(),
@@ -316,6 +317,11 @@ async fn serve(
                     .worker
                     .policy
                     .grants(identity.to_str().unwrap_or_default()),
+                limits: Arc::new(
+                    acc.worker
+                        .limits
+                        .caller(identity.to_str().unwrap_or_default()),
+                ),
                 from_peer: acc
                     .worker
                     .peer_identities

@@ -37,9 +37,8 @@ pub(super) fn admit(
     if w.limits.is_empty() {
         return Ok(None);
     }
-    let id = conn.identity.to_str().unwrap_or("?");
     w.limits
-        .admit(route.idx, id, &service.name)
+        .admit(route.idx, &conn.limits, &service.name)
         .map(Some)
         .map_err(|o| match o {
             Over::Rate(who) => Reject::RateLimited(who),

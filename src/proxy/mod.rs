@@ -324,6 +324,8 @@ pub struct ConnCtx {
     pub activity: Arc<activity::Activity>,
     /// What the `[[allow]]` rules grant this identity.
     pub grants: Arc<crate::policy::Grants>,
+    /// The `[[limit]]` this identity is under, resolved once (no lock per request).
+    pub limits: Arc<crate::limits::Caller>,
     pub worker: Arc<Worker>,
 }
 
@@ -351,6 +353,7 @@ fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
     c.listener_idx = now.index;
     c.dedicated = now.dedicated;
     c.grants = w.policy.grants(id);
+    c.limits = Arc::new(w.limits.caller(id));
     // as at accept: whoever presents a peer's identity is that peer, on any listener
     c.peer = w.peer_by_identity.get(id).copied();
     c.from_peer = w.peer_identities.contains(id);

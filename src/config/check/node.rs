@@ -1,0 +1,475 @@
+//! `[node]`, `[tls]`, `[registry]`, `[tracing]`, `[spikes]`, `[[limit]]` and the
+//! federation-wide checks that read several sections.
+
+use super::*;
+
+impl Checker<'_> {
+    pub(super) fn registry(
+        &mut self,
+        r: &raw::RawRegistry,
+        static_peers: &[S<raw::RawPeer>],
+    ) -> Registry {
+        let e = r.etcd.get_ref();
+        if e.endpoints.is_empty() {
+            self.sink.error(
+                span(&r.etcd),
+                "the etcd registry has no endpoints",
+                "endpoints = [\"http://127.0.0.1:2379\"] (every member's client URL)",
+            );
+        }
+        let mut endpoints = Vec::new();
+        for ep in &e.endpoints {
+            let v = ep.get_ref();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                self.sink.error(
+                    span(ep),
+                    format!("etcd endpoint {v:?} is not an http:// or https:// URL"),
+                    "e.g. \"http://10.0.0.1:2379\"",
+                );
+            }
+            endpoints.push(v.clone());
+        }
+        let prefix = e
+            .prefix
+            .as_ref()
+            .map(|p| p.get_ref().trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| "/fedport".into());
+        let ttl = self.duration(e.ttl.as_ref(), Duration::from_secs(10));
+        if ttl < Duration::from_secs(1) {
+            if let Some(t) = &e.ttl {
+                self.sink.error(
+                    span(t),
+                    "the lease ttl is at least 1s",
+                    "etcd leases count whole seconds; the default is 10s",
+                );
+            }
+        }
+        let client = match (&e.cert, &e.key) {
+            (Some(c), Some(k)) => Some((self.path(c.get_ref()), self.path(k.get_ref()))),
+            (None, None) => None,
+            (Some(c), None) | (None, Some(c)) => {
+                self.sink.error(
+                    span(c),
+                    "cert and key for etcd come together",
+                    "give both, or neither",
+                );
+                None
+            }
+        };
+        if !static_peers.is_empty() {
+            self.sink.warn(
+                span(&r.etcd),
+                format!(
+                    "{} static [[peer]] {} precedence over registry members with the same name or identity",
+                    static_peers.len(),
+                    if static_peers.len() == 1 { "entry takes" } else { "entries take" }
+                ),
+                "the registry adds members; it never overrides what this file says",
+            );
+        }
+        let members = e.members.as_ref().map(|m| {
+            let text = m.get_ref();
+            match crate::grammar::Pattern::parse(text) {
+                Ok(crate::grammar::Pattern::Any | crate::grammar::Pattern::Local) => {
+                    self.sink.error(
+                        span(m),
+                        format!("members = {text:?} would let any caller register as a peer"),
+                        "the nodes' identities, e.g. \"spiffe://fed.example/node/*\"",
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => self.sink.error(
+                    span(m),
+                    err.to_string(),
+                    "the nodes' identities, e.g. \"spiffe://fed.example/node/*\"",
+                ),
+            }
+            text.clone()
+        });
+        Registry {
+            members,
+            endpoints,
+            prefix,
+            ttl,
+            advertise: e.advertise.as_ref().map(|a| a.get_ref().clone()),
+            ca: e.ca.as_ref().map(|c| self.path(c.get_ref())),
+            client,
+        }
+    }
+
+    pub(super) fn tracing(&mut self, t: Option<&S<raw::RawTracing>>) -> Tracing {
+        let mut out = Tracing {
+            otlp: None,
+            service_name: "fedport".into(),
+            sample: 1.0,
+        };
+        let Some(t) = t else { return out };
+        let r = t.get_ref();
+        if let Some(n) = &r.service_name {
+            out.service_name = n.get_ref().clone();
+        }
+        if let Some(x) = &r.sample {
+            if (0.0..=1.0).contains(x.get_ref()) {
+                out.sample = *x.get_ref();
+            } else {
+                self.sink.error(
+                    span(x),
+                    "sample is a share between 0 and 1",
+                    "1 samples every trace started here",
+                );
+            }
+        }
+        if let Some(u) = &r.otlp {
+            let url = u.get_ref();
+            let parsed = url.strip_prefix("http://").and_then(|rest| {
+                let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let (host, port) = hostport.rsplit_once(':')?;
+                let path = if path.is_empty() {
+                    "/v1/traces".to_owned()
+                } else {
+                    format!("/{path}")
+                };
+                Some((
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                    port.parse().ok()?,
+                    path,
+                ))
+            });
+            match parsed {
+                Some(p) => out.otlp = Some(p),
+                None => self.sink.error(
+                    span(u),
+                    format!("OTLP endpoint {url:?} is not http://host:port/path"),
+                    "e.g. \"http://127.0.0.1:4318/v1/traces\" (OTLP/HTTP, JSON)",
+                ),
+            }
+            if cfg!(not(feature = "otlp")) {
+                self.sink.warn(
+                    span(u),
+                    "this fedport was built without the otlp feature: spans are not exported",
+                    "build with `--features otlp` (on by default)",
+                );
+            }
+        }
+        out
+    }
+
+    pub(super) fn spikes(&mut self, s: &S<raw::RawSpikes>) -> Spikes {
+        let r = s.get_ref();
+        let d = Spikes::default();
+        let mut positive = |v: &Option<S<f64>>, default: f64, what: &str| match v {
+            Some(x) if !(*x.get_ref() >= 0.0 && x.get_ref().is_finite()) => {
+                self.sink.error(
+                    span(x),
+                    format!("{what} must be a number not below 0"),
+                    "see docs/config.md, [spikes]",
+                );
+                default
+            }
+            Some(x) => *x.get_ref(),
+            None => default,
+        };
+        let sensitivity = positive(&r.sensitivity, d.sensitivity, "sensitivity");
+        let min_rate = positive(&r.min_rate, d.min_rate, "min_rate");
+        let min_error_ratio = positive(&r.min_error_ratio, d.min_error_ratio, "min_error_ratio");
+        Spikes {
+            warmup: self.duration(r.warmup.as_ref(), d.warmup),
+            window: self.duration(r.window.as_ref(), d.window),
+            sensitivity,
+            sustain: self.duration(r.sustain.as_ref(), d.sustain),
+            min_rate,
+            min_error_ratio,
+        }
+    }
+
+    pub(super) fn node(&mut self, n: &S<raw::RawNode>) -> Option<Node> {
+        let r = n.get_ref();
+        self.name(&r.name, "node");
+        let workers = match &r.workers {
+            Some(w) if *w.get_ref() < 1 || *w.get_ref() > 1024 => {
+                self.sink.error(
+                    span(w),
+                    "workers must be between 1 and 1024",
+                    "leave it out for one worker per core",
+                );
+                1
+            }
+            Some(w) => *w.get_ref() as usize,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        };
+        let drain_timeout = self.duration(r.drain_timeout.as_ref(), Duration::from_secs(30));
+        let upstream_max_requests = match &r.upstream_max_requests {
+            Some(v) if *v.get_ref() < 1 => {
+                self.sink.error(
+                    span(v),
+                    "upstream_max_requests must be at least 1",
+                    "the default is 100000",
+                );
+                1
+            }
+            Some(v) => *v.get_ref() as u64,
+            None => 100_000,
+        };
+        let upstream_connections = match &r.upstream_connections {
+            Some(v) if *v.get_ref() < 1 || *v.get_ref() > 64 => {
+                self.sink.error(
+                    span(v),
+                    "upstream_connections must be between 1 and 64",
+                    "the default is 2 per worker per endpoint",
+                );
+                1
+            }
+            Some(v) => *v.get_ref() as usize,
+            None => 2,
+        };
+        let max_hops = match &r.max_hops {
+            Some(v) if !(1..=16).contains(v.get_ref()) => {
+                self.sink.error(
+                    span(v),
+                    "max_hops must be between 1 and 16",
+                    "the default, 2, lets a request cross to a peer and one transit node",
+                );
+                2
+            }
+            Some(v) => *v.get_ref() as u8,
+            None => 2,
+        };
+        let (mut retry_ratio, mut retry_min_per_second) = (0.2, 10.0);
+        if let Some(b) = &r.retry_budget {
+            if let Some(x) = &b.get_ref().ratio {
+                if !(0.0..=1.0).contains(x.get_ref()) {
+                    self.sink.error(
+                        span(x),
+                        "retry_budget.ratio must be between 0 and 1",
+                        "0.2 allows retries to add at most 20% to the load",
+                    );
+                } else {
+                    retry_ratio = *x.get_ref();
+                }
+            }
+            if let Some(x) = &b.get_ref().min_per_second {
+                if *x.get_ref() < 0 {
+                    self.sink.error(
+                        span(x),
+                        "retry_budget.min_per_second must not be negative",
+                        "the default is 10",
+                    );
+                } else {
+                    retry_min_per_second = *x.get_ref() as f64;
+                }
+            }
+        }
+        Some(Node {
+            name: r.name.get_ref().clone(),
+            region: r.region.get_ref().clone(),
+            zone: r.zone.as_ref().map(|z| z.get_ref().clone()),
+            workers,
+            drain_timeout,
+            upstream_max_requests,
+            upstream_connections,
+            access_log: match r.access_log.as_ref().map(|a| (a, *a.get_ref())) {
+                None | Some((_, raw::AccessLog::All(false))) => 0.0,
+                Some((_, raw::AccessLog::All(true))) => 1.0,
+                Some((_, raw::AccessLog::Sample(x))) if (0.0..=1.0).contains(&x) => x,
+                Some((a, raw::AccessLog::Sample(_))) => {
+                    self.sink.error(
+                        span(a),
+                        "access_log is true, false, or the share of requests to log (0 to 1)",
+                        "e.g. access_log = 0.01 logs one request in a hundred",
+                    );
+                    0.0
+                }
+            },
+            request_metrics: r.request_metrics.unwrap_or(true),
+            transit: r.transit.unwrap_or(false),
+            max_hops,
+            retry_ratio,
+            retry_min_per_second,
+            peer_ping_interval: self
+                .duration(r.peer_ping_interval.as_ref(), Duration::from_secs(1)),
+            peer_ping_timeout: self.duration(r.peer_ping_timeout.as_ref(), Duration::from_secs(1)),
+            memory_budget: self.size(r.memory_budget.as_ref(), DEFAULT_MEMORY_BUDGET),
+        })
+    }
+
+    /// What peers offer must be declared here (routes and schemas are local), every
+    /// service must be reachable somewhere, and failover names peers or regions.
+    pub(super) fn federation(
+        &mut self,
+        raw: &RawConfig,
+        peers: &[Peer],
+        services: &HashMap<&str, ()>,
+    ) {
+        for p in &raw.peer {
+            for s in &p.get_ref().services {
+                if !services.contains_key(s.get_ref().as_str()) {
+                    self.sink.error(
+                        span(s),
+                        format!("peer {:?} offers service {:?}, which is not declared here", p.get_ref().name.get_ref(), s.get_ref()),
+                        "declare it as a [[service]] (its routes and schema; endpoints may be empty when only peers host it)",
+                    );
+                }
+            }
+        }
+        for s in &raw.service {
+            let r = s.get_ref();
+            let name = r.name.get_ref();
+            let offered = peers.iter().any(|p| p.services.contains(name));
+            if r.endpoints.is_empty() && !offered && raw.registry.is_some() {
+                self.sink.warn(
+                    span(&r.name),
+                    format!("service {name:?} has no endpoints and no static peer offers it: only registry members can serve it"),
+                    "until a member that hosts it registers, calls are refused with 503",
+                );
+            } else if r.endpoints.is_empty() && !offered {
+                self.sink.error(
+                    span(&r.name),
+                    format!("service {name:?} has no endpoints and no peer offers it"),
+                    "give it endpoints, or list it in the services of the [[peer]] that hosts it",
+                );
+            }
+            for f in r.failover.iter().flatten() {
+                let v = f.get_ref();
+                if !peers.iter().any(|p| &p.name == v || &p.region == v) && raw.registry.is_none() {
+                    self.sink.error(
+                        span(f),
+                        format!("failover target {v:?} is neither a peer nor a peer's region"),
+                        "name a [[peer]] or the region of one",
+                    );
+                } else if !peers
+                    .iter()
+                    .any(|p| (&p.name == v || &p.region == v) && p.services.contains(name))
+                {
+                    self.sink.warn(
+                        span(f),
+                        format!("failover target {v:?} does not offer service {name:?}"),
+                        "add the service to that peer's services, or remove the target",
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn limits(
+        &mut self,
+        rate: Option<&S<i64>>,
+        burst: Option<&S<i64>>,
+        concurrency: Option<&S<i64>>,
+    ) -> Limits {
+        let mut positive = |v: Option<&S<i64>>, what: &str| match v {
+            Some(x) if !(1..=u32::MAX as i64).contains(x.get_ref()) => {
+                self.sink.error(
+                    span(x),
+                    format!("{what} must be a positive whole number"),
+                    "see [[limit]] in docs/config.md",
+                );
+                None
+            }
+            Some(x) => Some(*x.get_ref() as u32),
+            None => None,
+        };
+        let rate = positive(rate, "rate");
+        let burst = positive(burst, "burst");
+        let concurrency = positive(concurrency, "concurrency").map(|c| c as usize);
+        Limits {
+            rate,
+            burst,
+            concurrency,
+        }
+    }
+
+    pub(super) fn tls(&mut self, t: &S<raw::RawTls>) -> Option<Tls> {
+        let r = t.get_ref();
+        let files = TlsFiles {
+            cert: self.path(r.cert.get_ref()),
+            key: self.path(r.key.get_ref()),
+            ca: self.path(r.ca.get_ref()),
+        };
+        let handshake_timeout =
+            self.duration(r.handshake_timeout.as_ref(), Duration::from_secs(10));
+        let mut ok = true;
+        match identity::check_cert_file(&files.cert) {
+            Ok((_, not_after)) => {
+                let left = not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                if left < Duration::from_secs(14 * 86_400) {
+                    self.sink.warn(
+                        span(&r.cert),
+                        format!(
+                            "certificate {} expires in {} days",
+                            files.cert.display(),
+                            left.as_secs() / 86_400
+                        ),
+                        "rotate it soon: fedport reloads certificates without a restart",
+                    );
+                }
+            }
+            Err(e) => {
+                ok = false;
+                self.sink.error(span(&r.cert), e.to_string(), cert_hint(&e));
+            }
+        }
+        match identity::check_cert_file(&files.ca) {
+            Ok(_) => {}
+            Err(e) => {
+                ok = false;
+                self.sink.error(span(&r.ca), e.to_string(), cert_hint(&e));
+            }
+        }
+        match identity::load_key(&files.key) {
+            Err(e) => {
+                ok = false;
+                self.sink.error(
+                    span(&r.key),
+                    e.to_string(),
+                    "the key file must hold a PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                );
+            }
+            Ok(_) if ok => {
+                if let Err(e) = identity::load_certified_key(&files) {
+                    ok = false;
+                    self.sink.error(
+                        span(&r.key),
+                        e.to_string(),
+                        "the key must be the private half of the certificate's public key",
+                    );
+                }
+            }
+            Ok(_) => {}
+        }
+        let crl = r.crl.as_ref().map(|c| {
+            let p = self.path(c.get_ref());
+            if let Err(e) = identity::load_crls(&p) {
+                self.sink.error(
+                    span(c),
+                    e.to_string(),
+                    "give the path of a PEM CRL signed by the federation CA",
+                );
+            }
+            p
+        });
+        let allow_tls12 = match r.min_version.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "1.3")) => false,
+            Some((_, "1.2")) => true,
+            Some((v, other)) => {
+                self.sink.error(
+                    span(v),
+                    format!("unsupported TLS min_version {other:?}"),
+                    "min_version is \"1.3\" (the default) or \"1.2\"",
+                );
+                false
+            }
+        };
+        ok.then_some(Tls {
+            files,
+            allow_tls12,
+            crl,
+            handshake_timeout,
+        })
+    }
+}

@@ -1,0 +1,151 @@
+//! `[[peer]]` and `[[allow]]`: peer identities, rules, identity patterns and method
+//! entries.
+
+use super::*;
+
+impl Checker<'_> {
+    pub(super) fn peers(&mut self, raw: &[S<raw::RawPeer>]) -> Vec<Peer> {
+        let mut out = Vec::new();
+        let mut names: HashMap<String, ()> = HashMap::new();
+        for p in raw {
+            let r = p.get_ref();
+            self.name(&r.name, "peer");
+            if names.insert(r.name.get_ref().clone(), ()).is_some() {
+                self.sink.error(
+                    span(&r.name),
+                    format!("peer name {:?} is used twice", r.name.get_ref()),
+                    "give every peer its own name",
+                );
+            }
+            let addr = r.address.get_ref();
+            let ok_addr = addr.parse::<SocketAddr>().is_ok()
+                || addr
+                    .rsplit_once(':')
+                    .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok_addr {
+                self.sink.error(
+                    span(&r.address),
+                    format!("peer address {addr:?} is not host:port"),
+                    "write the peer's internal port, e.g. \"10.1.0.7:7443\"",
+                );
+            }
+            let id = r.identity.get_ref();
+            if !crate::grammar::pattern::is_identity(id) {
+                self.sink.error(
+                    span(&r.identity),
+                    format!("peer identity {id:?} is neither a SPIFFE ID nor a DNS name"),
+                    "write the SAN the peer's certificate carries: \"spiffe://domain/node/NAME\" (a lower-case trust domain; segments of letters, digits, '.', '-', '_') or a lower-case DNS name",
+                );
+            }
+            out.push(Peer {
+                name: r.name.get_ref().clone(),
+                region: r.region.get_ref().clone(),
+                zone: r.zone.as_ref().map(|z| z.get_ref().clone()),
+                address: addr.clone(),
+                identity: id.clone(),
+                services: r.services.iter().map(|s| s.get_ref().clone()).collect(),
+            });
+        }
+        out
+    }
+
+    pub(super) fn rules(
+        &mut self,
+        raw: &[S<raw::RawAllow>],
+        services: &HashMap<&str, ()>,
+        peers: &HashMap<&str, ()>,
+    ) -> Vec<Rule> {
+        let mut out = Vec::new();
+        for a in raw {
+            let r = a.get_ref();
+            let to = r.to.get_ref();
+            if to != "*" && !services.contains_key(to.as_str()) {
+                self.sink.error(
+                    span(&r.to),
+                    format!("rule allows access to unknown service {to:?}"),
+                    &known(services, "services"),
+                );
+            }
+            let from = r.from.get_ref();
+            // A bare word is a peer's name; identities are URIs or DNS names.
+            let bare = !from.contains(':')
+                && !from.contains('.')
+                && !from.contains('*')
+                && from != "local";
+            if bare && !peers.contains_key(from.as_str()) {
+                self.sink.error(
+                    span(&r.from),
+                    format!("rule allows unknown peer {from:?}"),
+                    &format!(
+                        "{}; or write an identity pattern such as \"spiffe://fed.example/node/*\"",
+                        known(peers, "peers")
+                    ),
+                );
+            }
+            if !bare || !peers.contains_key(from.as_str()) {
+                self.identity_pattern(&r.from);
+            }
+            let methods: Vec<String> = r
+                .methods
+                .iter()
+                .flatten()
+                .map(|m| m.get_ref().clone())
+                .collect();
+            for m in r.methods.iter().flatten() {
+                self.method_rule(m, "rule");
+            }
+            out.push(Rule {
+                from: from.clone(),
+                to: to.clone(),
+                methods,
+            });
+        }
+        out
+    }
+
+    /// Checks an identity pattern (`[[allow]] from`, `[[limit]] from`).
+    pub(super) fn identity_pattern(&mut self, p: &S<String>) {
+        match crate::grammar::Pattern::parse(p.get_ref()) {
+            Err(e) => self.sink.error(
+                span(p),
+                e.to_string(),
+                "a SPIFFE pattern is spiffe://DOMAIN/seg/… with * for one whole segment and a final ** for more; a DNS pattern is labels with * for one whole label and a leading ** for more; * alone is every identity",
+            ),
+            Ok(pat) if pat.any_trust_domain() => self.sink.warn(
+                span(p),
+                format!("{:?} matches every trust domain", p.get_ref()),
+                "name the trust domain: any CA the node trusts could otherwise issue a certificate this rule admits",
+            ),
+            Ok(_) => {}
+        }
+    }
+
+    /// Compiles a method entry of a rule or of `idempotent`, reporting what is wrong.
+    pub(super) fn method_rule(
+        &mut self,
+        m: &S<String>,
+        what: &str,
+    ) -> Option<crate::grammar::MethodRule> {
+        match crate::grammar::MethodRule::parse(m.get_ref()) {
+            Err(e) => {
+                self.sink.error(
+                    span(m),
+                    e.to_string(),
+                    "write \"pkg.Service/Method\", \"pkg.Service/*\" or \"VERB /path\" (the path and the paths below it; * for one whole segment)",
+                );
+                None
+            }
+            Ok(rule) => {
+                if rule.verb_is_miscased() {
+                    let verb = m.get_ref().split(' ').next().unwrap_or("").to_owned();
+                    self.sink.warn(
+                        span(m),
+                        format!("this {what} entry matches nothing: methods are case-sensitive, and a request with method {verb:?} is refused as a misspelling of {:?}", verb.to_ascii_uppercase()),
+                        "write the verb in upper case",
+                    );
+                }
+                Some(rule)
+            }
+        }
+    }
+}
