@@ -88,6 +88,9 @@ pub struct Violation {
 /// Set on every answer fedport makes itself, with the reason: a node that forwarded the
 /// request to a peer knows from it that no service saw the request.
 pub const FED_REFUSED: http::HeaderName = http::HeaderName::from_static("fed-refused");
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+pub const GRPC_ENCODING: http::HeaderName = http::HeaderName::from_static("grpc-encoding");
 
 pub use crate::reason::{GrpcCode, Reason};
 
@@ -224,9 +227,9 @@ pub fn grpc_trailers(code: GrpcCode, message: &str) -> http::HeaderMap {
 }
 
 fn set_grpc_status(h: &mut http::HeaderMap, code: GrpcCode, message: &str) {
-    h.insert("grpc-status", HeaderValue::from_static(code.as_str()));
+    h.insert(GRPC_STATUS, HeaderValue::from_static(code.as_str()));
     if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(message)) {
-        h.insert("grpc-message", v);
+        h.insert(GRPC_MESSAGE, v);
     }
 }
 

@@ -7,6 +7,25 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// Removes connection-specific headers (RFC 9110 §7.6.1), which must not cross a hop
 /// and which HTTP/2 forbids.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // one pass over the names, nothing hashed: most requests and answers carry none of
+    // these (a name listed in Connection comes with a Connection field)
+    let hop_by_hop = |k: &HeaderName| {
+        matches!(
+            k.as_str(),
+            "connection"
+                | "transfer-encoding"
+                | "upgrade"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "keep-alive"
+                | "proxy-connection"
+                | "expect"
+                | "te"
+        )
+    };
+    if !h.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

@@ -221,8 +221,9 @@ impl Fleet {
     /// Whether a local endpoint may take requests now.
     pub fn available(&self, service: usize, endpoint: usize) -> bool {
         let h = &self.endpoints[service][endpoint];
-        h.active_ok.load(Ordering::Relaxed)
-            && h.ejected_until.load(Ordering::Relaxed) <= self.now_ms()
+        // the clock is read only for an endpoint that was ever ejected
+        let until = h.ejected_until.load(Ordering::Relaxed);
+        h.active_ok.load(Ordering::Relaxed) && (until == 0 || until <= self.now_ms())
     }
 
     /// Whether the service has peers at all (healthy or not).

@@ -30,10 +30,11 @@ impl Activity {
         self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A request starts. While one is in flight the connection is not idle, so only its
+    /// end reads the clock.
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.touch();
         Busy(self.clone())
     }
 

@@ -3,6 +3,7 @@
 //! endpoint's outstanding count, and the HTTP/1.1 connection's return to its pool.
 
 use crate::errors::grpc_trailers;
+use crate::errors::GRPC_STATUS;
 use crate::reason::{GrpcCode, GrpcStatus, Reason};
 use crate::telemetry::ServiceMetrics;
 use crate::upstream::{H1Return, Outstanding};
@@ -424,7 +425,7 @@ impl Body for Tracked {
                 if let (Some(t), Some(f)) = (frame.trailers_ref(), this.finish.as_mut()) {
                     if f.grpc_status.is_some() {
                         f.grpc_status = Some(
-                            t.get("grpc-status")
+                            t.get(GRPC_STATUS)
                                 .map_or(GrpcStatus::Absent, |v| GrpcStatus::of(v.as_bytes())),
                         );
                     }

@@ -7,6 +7,7 @@
 use super::targets::{Target, Targets};
 use super::{strip_fed_headers, Worker, FED_HOPS, FED_SERVICE};
 use crate::errors::Reject;
+use crate::errors::GRPC_STATUS;
 use crate::reason::{GrpcCode, GrpcStatus, Reason};
 use crate::schema;
 use crate::upstream::{self, EndpointPool, ProxyBody, Retry};
@@ -92,7 +93,8 @@ fn aim_at(
     to_peer: bool,
     aim: &Aim,
     service: &str,
-    left: std::time::Duration,
+    left: Option<std::time::Duration>,
+    given_back: bool,
 ) -> Result<(), Reject> {
     let pq = req
         .uri()
@@ -136,17 +138,19 @@ fn aim_at(
     let hops = if to_peer { aim.hops + 1 } else { aim.hops };
     if hops > 0 {
         h.insert(FED_HOPS, HeaderValue::from(u16::from(hops)));
-    } else {
+    } else if given_back {
+        // a request aimed at a peer before, given back unsent: the journey's own
+        // headers were stripped of fed-* and carry neither of these
         h.remove(&FED_HOPS);
     }
     if to_peer {
         if let Ok(v) = HeaderValue::from_str(service) {
             h.insert(FED_SERVICE, v);
         }
-    } else {
+    } else if given_back {
         h.remove(&FED_SERVICE);
     }
-    if aim.deadline_header {
+    if let Some(left) = left.filter(|_| aim.deadline_header) {
         super::deadline::pass_on(h, aim.grpc, left);
     }
     Ok(())
@@ -157,7 +161,7 @@ fn aim_at(
 /// UNAVAILABLE) may have done some of the work.
 fn retry_of_answer(resp: &Response<Incoming>, to_peer: bool) -> (Retry, bool) {
     let unavailable = matches!(resp.status().as_u16(), 502..=504)
-        || resp.headers().get("grpc-status").is_some_and(|s| {
+        || resp.headers().get(GRPC_STATUS).is_some_and(|s| {
             GrpcStatus::of(s.as_bytes()) == GrpcStatus::Code(GrpcCode::Unavailable)
         });
     let refused_by_peer = to_peer
@@ -236,7 +240,10 @@ pub(super) async fn dispatch(
         };
         Some(next)
     };
+    let mut attempt = 0u32;
     while let Some(t) = target.take() {
+        attempt += 1;
+        let given_back = attempt > 1 && pending.is_some();
         let mut req = match pending.take() {
             Some(r) => r,
             None => {
@@ -254,17 +261,28 @@ pub(super) async fn dispatch(
             Target::Local(e) => (w.upstreams[idx][e].clone(), false, Some(e)),
             Target::Peer(p) => (w.peer_pools[p].clone(), true, None),
         };
-        let left = aim.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        // the clock is read only where the time left is needed: a deadline to pass on,
+        // or an attempt after a failed one (the first starts within the time decided)
+        let left = (aim.deadline_header || attempt > 1)
+            .then(|| aim.deadline.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
             return Err(Reject::Timeout(service.name.clone(), 0));
         }
-        aim_at(&mut req, &pool, to_peer, aim, &service.name, left)?;
+        aim_at(
+            &mut req,
+            &pool,
+            to_peer,
+            aim,
+            &service.name,
+            left,
+            given_back,
+        )?;
         match t {
             Target::Local(_) => counters.local.inc(),
             Target::Peer(p) => counters.peers[p].inc(),
         };
         let outstanding = pool.begin();
-        let sent = tokio::time::timeout(left, pool.send(req, aim.deadline)).await;
+        let sent = tokio::time::timeout_at(aim.deadline.into(), pool.send(req, aim.deadline)).await;
         let Ok(sent) = sent else {
             // a service that has not answered while the caller had not sent all of its
             // body may be waiting for it: no failure of the endpoint (a caller that

@@ -49,7 +49,6 @@ use outcome::{Exchange, Routed};
 use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
 use targets::Targets;
 
 /// What fedport answers with: an upstream body passed through, or its own small body.
@@ -333,8 +332,19 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     match headers.get(&REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
         _ => {
-            let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+            // 32 hex digits, written without the formatting machinery (it was 2% of a
+            // request's instructions)
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut id = [0u8; 32];
+            for (half, n) in [fastrand::u64(..), fastrand::u64(..)]
+                .into_iter()
+                .enumerate()
+            {
+                for i in 0..16 {
+                    id[half * 16 + i] = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+                }
+            }
+            HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
         }
     }
 }
@@ -380,7 +390,7 @@ pub async fn handle(
         s.answer_as(ex.grpc, &ex.rid);
     }
     let mut routed = Routed::default();
-    let forwarded = forward(req, &conn, &ct, &ex.rid, &mut routed, stream.as_deref()).await;
+    let forwarded = forward(req, &conn, &ct, &ex, &mut routed, stream.as_deref()).await;
     let w = &*conn.worker;
     Ok(match forwarded {
         Ok((fwd, kept)) => {
@@ -423,17 +433,16 @@ fn decide<'w>(
     body: &CallerBody,
     conn: &'w ConnCtx,
     ct: &request::ContentTypeField,
-    rid: &HeaderValue,
+    ex: &Exchange,
     routed: &mut Routed,
     stream: Option<&StreamState>,
 ) -> Result<Decided<'w>, Reject> {
     let w = &*conn.worker;
-    let start = Instant::now();
     let hygiene::Clean { host, headers_held } = hygiene::check(parts, conn)?;
     let (route, call) = routing::route(w, conn, parts, host, ct, routed)?;
     let admit = admit::admit(w, conn, &route, call, stream)?;
     let idempotent = route.service.idempotent.allows(call);
-    let journey = journey::prepare(&mut parts.headers, w, conn, &route, rid)?;
+    let journey = journey::prepare(&mut parts.headers, w, conn, &route, &ex.rid)?;
     let plan = plan::plan(&parts.headers, body, conn, &route)?;
     let service = route.service;
     let aim = Aim {
@@ -443,7 +452,7 @@ fn decide<'w>(
         idempotent,
         deadline_header: journey.asked.is_some(),
         caller_deadline: journey.asked.is_some_and(|t| t < service.timeout),
-        deadline: start + journey.timeout,
+        deadline: ex.start + journey.timeout,
         timeout_ms: journey.timeout.as_millis() as u64,
         grpc: route.grpc,
     };
@@ -461,7 +470,7 @@ async fn forward(
     req: Request<CallerBody>,
     conn: &ConnCtx,
     ct: &request::ContentTypeField,
-    rid: &HeaderValue,
+    ex: &Exchange,
     routed: &mut Routed,
     stream: Option<&StreamState>,
 ) -> Result<(Forwarded, Kept), Reject> {
@@ -469,7 +478,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     // a refusal before a byte goes upstream first reads and drops a small request body,
     // so the caller gets a clean answer instead of a reset
-    let d = match decide(&mut parts, &body, conn, ct, rid, routed, stream) {
+    let d = match decide(&mut parts, &body, conn, ct, ex, routed, stream) {
         Ok(d) => d,
         Err(r) => {
             Box::pin(discard(body)).await;
@@ -521,6 +530,22 @@ async fn discard(mut body: CallerBody) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_id_is_kept_or_made_of_32_hex_digits() {
+        let mut h = HeaderMap::new();
+        let made: Vec<_> = (0..2).map(|_| request_id(&h)).collect();
+        for id in &made {
+            let id = id.to_str().unwrap();
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        assert_ne!(made[0], made[1]);
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(request_id(&h), "abc");
+    }
 
     #[test]
     fn paths_that_resolve_elsewhere_are_not_normal() {

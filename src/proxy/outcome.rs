@@ -9,6 +9,7 @@ use super::caller::CallerBody;
 use super::dispatch::Forwarded;
 use super::{request_id, ConnCtx, Kept, RespBody, Worker};
 use crate::errors::Reject;
+use crate::errors::{GRPC_ENCODING, GRPC_STATUS};
 use crate::reason::GrpcStatus;
 use crate::schema;
 use crate::telemetry::trace;
@@ -27,7 +28,8 @@ pub(super) struct Routed {
 
 /// A request's exchange, from its first moment until its answer is handed back.
 pub(super) struct Exchange {
-    start: Instant,
+    /// When the request began: its deadline counts from here.
+    pub start: Instant,
     /// The caller speaks gRPC, and is answered in it.
     pub grpc: bool,
     head: bool,
@@ -133,14 +135,14 @@ impl Exchange {
         f.response_check = kept.response.map(|(check, max)| {
             let gzip = rparts
                 .headers
-                .get("grpc-encoding")
+                .get(GRPC_ENCODING)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
             Box::new(schema::Framer::new(check, max, gzip).within(conn.memory.clone()))
         });
         f.http_status = rparts.status.as_u16();
         if grpc {
             // a trailers-only answer carries the status in the headers
-            if let Some(s) = rparts.headers.get("grpc-status") {
+            if let Some(s) = rparts.headers.get(GRPC_STATUS) {
                 f.grpc_status = Some(GrpcStatus::of(s.as_bytes()));
             }
         }

@@ -10,6 +10,7 @@ use super::routing::Route;
 use super::{ConnCtx, SMALL_BODY};
 use crate::config::Protocol;
 use crate::errors::Reject;
+use crate::errors::GRPC_ENCODING;
 use crate::memory::Held;
 use crate::request::{self, ContentType};
 use crate::schema;
@@ -78,7 +79,7 @@ pub(super) fn plan(
     };
     // compressed messages: only in an encoding the service accepts
     let mut gzip = false;
-    if let Some(enc) = headers.get("grpc-encoding").filter(|_| grpc) {
+    if let Some(enc) = headers.get(GRPC_ENCODING).filter(|_| grpc) {
         let e = enc.to_str().unwrap_or("?").to_ascii_lowercase();
         if e != "identity" && !service.encodings.contains(&e) {
             let accepted = std::iter::once("identity")
