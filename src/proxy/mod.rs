@@ -334,16 +334,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         _ => {
             // 32 hex digits, written without the formatting machinery (it was 2% of a
             // request's instructions)
-            const HEX: &[u8; 16] = b"0123456789abcdef";
             let mut id = [0u8; 32];
-            for (half, n) in [fastrand::u64(..), fastrand::u64(..)]
-                .into_iter()
-                .enumerate()
-            {
-                for i in 0..16 {
-                    id[half * 16 + i] = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
-                }
-            }
+            crate::telemetry::trace::hex_u64(&mut id[..16], fastrand::u64(..));
+            crate::telemetry::trace::hex_u64(&mut id[16..], fastrand::u64(..));
             HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
         }
     }

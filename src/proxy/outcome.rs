@@ -46,7 +46,18 @@ impl Exchange {
         let rid = request_id(req.headers());
         // W3C trace context: the caller's trace goes on with a span of this hop
         let hop = trace::next_hop(req.headers_mut(), w.config.tracing.sample);
-        let trace_id = hop.trace_id.clone();
+        let sample = w.config.node.access_log;
+        let access = (sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample)).then(|| {
+            Box::new(body::AccessEntry {
+                remote: conn.remote,
+                identity: conn.identity.clone(),
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+                request_id: rid.clone(),
+                listener: conn.listener.clone(),
+                trace_id: hop.trace_id.clone(),
+            })
+        });
         let span =
             w.spans
                 .as_ref()
@@ -60,18 +71,6 @@ impl Exchange {
         if let Some(p) = conn.peer {
             w.peer_inbound[p].inc();
         }
-        let sample = w.config.node.access_log;
-        let access = (sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample)).then(|| {
-            Box::new(body::AccessEntry {
-                remote: conn.remote,
-                identity: conn.identity.clone(),
-                method: req.method().clone(),
-                path: req.uri().path().to_owned(),
-                request_id: rid.clone(),
-                listener: conn.listener.clone(),
-                trace_id,
-            })
-        });
         Self {
             start: Instant::now(),
             grpc,

@@ -25,24 +25,42 @@ pub fn next_hop(h: &mut HeaderMap, sample: f64) -> Hop {
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse);
-    let (trace_id, parent_id, flags) = match parsed {
-        Some((t, p, f)) => (t, Some(p), f),
+    // `00-` trace id `-` span id `-` flags, written in place (the formatting machinery
+    // was 3% of a request's instructions)
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let (parent_id, sampled) = match parsed {
+        Some((t, p, f)) => {
+            v[3..35].copy_from_slice(t.as_bytes());
+            v[53..55].copy_from_slice(f.as_bytes());
+            let sampled = u8::from_str_radix(&f, 16).is_ok_and(|f| f & 1 == 1);
+            (Some(p), sampled)
+        }
         None => {
             let sampled = sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample);
-            let t = format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..));
-            (t, None, if sampled { "01" } else { "00" }.to_owned())
+            hex_u64(&mut v[3..19], fastrand::u64(1..));
+            hex_u64(&mut v[19..35], fastrand::u64(..));
+            v[54] = if sampled { b'1' } else { b'0' };
+            (None, sampled)
         }
     };
-    let span_id = format!("{:016x}", fastrand::u64(1..));
-    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-{flags}")) {
-        h.insert(TRACEPARENT, v);
+    hex_u64(&mut v[36..52], fastrand::u64(1..));
+    if let Ok(value) = HeaderValue::from_bytes(&v) {
+        h.insert(TRACEPARENT, value);
     }
-    let sampled = u8::from_str_radix(&flags, 16).is_ok_and(|f| f & 1 == 1);
+    let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&v[r]).into_owned();
     Hop {
-        trace_id,
-        span_id,
+        trace_id: text(3..35),
+        span_id: text(36..52),
         parent_id,
         sampled,
+    }
+}
+
+/// `n` as 16 lower-case hex digits into `out`.
+pub fn hex_u64(out: &mut [u8], n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, o) in out.iter_mut().take(16).enumerate() {
+        *o = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
 }
 
