@@ -140,7 +140,9 @@ fn aim_at(
         h.insert(FED_HOPS, HeaderValue::from(u16::from(hops)));
     } else if given_back {
         // a request aimed at a peer before, given back unsent: the journey's own
-        // headers were stripped of fed-* and carry neither of these
+        // headers were stripped of fed-* and carry neither of these (and the headers
+        // kept to rebuild a request were copied before any aim). Targets give every
+        // local endpoint before any peer, so this is for safety, not for today's order
         h.remove(&FED_HOPS);
     }
     if to_peer {

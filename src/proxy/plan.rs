@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::Body as _;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// How a request's body is checked on its way.
 pub(super) struct BodyPlan {
@@ -127,6 +128,7 @@ pub(super) struct Outgoing {
 }
 
 /// How a body is taken.
+#[derive(Clone, Copy)]
 pub(super) enum Take<'w> {
     /// Validated whole against a JSON Schema route (bounded by the service's limit).
     Json(&'w crate::config::JsonRoute),
@@ -216,6 +218,12 @@ pub(super) async fn take(
         },
         Take::Stream => (None, Some(body)),
     };
+    // a body collected within the deadline may have used it up: refused here, before it
+    // is sent (a service that cannot answer in no time is no failing endpoint, and a
+    // caller timing its body to the deadline must not get endpoints ejected)
+    if replay.is_some() && !matches!(take, Take::IfWhole) && Instant::now() >= deadline {
+        return Err(Reject::Timeout(service.name.clone(), 0));
+    }
     Ok(Outgoing {
         replay,
         stream,
