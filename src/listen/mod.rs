@@ -71,6 +71,10 @@ const MAX_HEADER_LIST: usize = h2conn::MAX_HEADER_LIST as usize;
 /// A listener's accepting state, swapped at each reload, is what its connections'
 /// requests follow.
 impl proxy::Generations for arc_swap::ArcSwap<Accepting> {
+    fn is(&self, worker: &Arc<Worker>) -> bool {
+        Arc::ptr_eq(&self.load().worker, worker)
+    }
+
     fn since(&self, worker: &Arc<Worker>) -> Option<proxy::Generation> {
         let now = self.load();
         (!Arc::ptr_eq(&now.worker, worker)).then(|| proxy::Generation {
@@ -250,6 +254,7 @@ async fn serve(
                 identity: HeaderValue::from_static("local"),
                 grants: acc.worker.policy.grants("local"),
                 limits: Arc::new(acc.worker.limits.caller("local")),
+                refreshed: Arc::default(),
                 from_peer: false,
                 peer: None,
                 current: current.clone(),
@@ -322,6 +327,7 @@ async fn serve(
                         .limits
                         .caller(identity.to_str().unwrap_or_default()),
                 ),
+                refreshed: Arc::default(),
                 from_peer: acc
                     .worker
                     .peer_identities

@@ -276,6 +276,9 @@ impl Worker {
 /// A listener under the configuration now in force, as `listen` keeps it across
 /// reloads: what a connection's requests follow.
 pub trait Generations: Send + Sync {
+    /// Whether `worker` is of the generation now in force.
+    fn is(&self, worker: &Arc<Worker>) -> bool;
+
     /// The listener in the generation now in force, if that is not `worker`'s.
     fn since(&self, worker: &Arc<Worker>) -> Option<Generation>;
 
@@ -325,6 +328,10 @@ pub struct ConnCtx {
     pub grants: Arc<crate::policy::Grants>,
     /// The `[[limit]]` this identity is under, resolved once (no lock per request).
     pub limits: Arc<crate::limits::Caller>,
+    /// This connection's view under the generation that replaced its own, worked out
+    /// once for all its later requests (kept by the connection's first view only, so
+    /// that no view holds itself).
+    pub refreshed: Arc<arc_swap::ArcSwapOption<ConnCtx>>,
     pub worker: Arc<Worker>,
 }
 
@@ -347,6 +354,14 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// and whether it is (still) a peer. A listener that was removed keeps its old view
 /// while its connections drain.
 fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
+    if conn.current.is(&conn.worker) {
+        return conn;
+    }
+    if let Some(r) = conn.refreshed.load_full() {
+        if conn.current.is(&r.worker) {
+            return r;
+        }
+    }
     let Some(now) = conn.current.since(&conn.worker) else {
         return conn;
     };
@@ -361,7 +376,10 @@ fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
     c.peer = w.peer_by_identity.get(id).copied();
     c.from_peer = w.peer_identities.contains(id);
     c.worker = w;
-    Arc::new(c)
+    c.refreshed = Arc::default();
+    let c = Arc::new(c);
+    conn.refreshed.store(Some(c.clone()));
+    c
 }
 
 /// Serves one request on a connection: docs/lifecycle.md's stages, in order.
