@@ -185,6 +185,8 @@ pub struct Server {
     /// The running generation's shared state and spike detector, for the next one to
     /// carry on from.
     running: Mutex<Option<Running>>,
+    /// Sockets bound by the caller, by listener name: taken instead of binding.
+    given: Mutex<HashMap<String, std::net::TcpListener>>,
 }
 
 type Running = (
@@ -195,6 +197,16 @@ type Running = (
 impl Server {
     /// Binds every listener and starts the workers. Not ready until [`State::set_ready`].
     pub fn start(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
+        Self::start_with(config, metrics, HashMap::new())
+    }
+
+    /// [`Server::start`] on sockets already bound, by listener name (the others are
+    /// bound as usual): the workers share each given socket's accept queue.
+    pub fn start_with(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        given: HashMap<String, std::net::TcpListener>,
+    ) -> Result<Self, ServerError> {
         // before any socket: the soft limit on file descriptors up to the hard one
         let nofile = crate::limits::nofile::raise();
         let p = prepare(&config, &metrics, None)?;
@@ -231,6 +243,7 @@ impl Server {
             opens: Mutex::new(HashMap::new()),
             metrics,
             running: Mutex::new(None),
+            given: Mutex::new(given),
         };
         match nofile {
             Ok(n) => {
@@ -300,15 +313,32 @@ impl Server {
                 bound.push((l.name.clone(), *addr));
                 continue;
             }
-            let first = listen::bind_reuseport(&l.name, l.bind)?;
+            let given = self.given.lock().ok().and_then(|mut g| g.remove(&l.name));
+            let is_given = given.is_some();
+            let first = match given {
+                Some(s) => {
+                    s.set_nonblocking(true)
+                        .map_err(|e| ListenError::Bind(l.name.clone(), l.bind, e))?;
+                    s
+                }
+                None => listen::bind_reuseport(&l.name, l.bind)?,
+            };
             let addr = first
                 .local_addr()
                 .map_err(|e| ListenError::Bind(l.name.clone(), l.bind, e))?;
             bound.push((l.name.clone(), addr));
-            per_worker[0].insert(l.name.clone(), first);
             for mine in per_worker.iter_mut().skip(1) {
-                mine.insert(l.name.clone(), listen::bind_reuseport(&l.name, addr)?);
+                // a given socket is shared (it may not allow SO_REUSEPORT beside it)
+                let s = if is_given {
+                    first
+                        .try_clone()
+                        .map_err(|e| ListenError::Bind(l.name.clone(), addr, e))?
+                } else {
+                    listen::bind_reuseport(&l.name, addr)?
+                };
+                mine.insert(l.name.clone(), s);
             }
+            per_worker[0].insert(l.name.clone(), first);
         }
         let opens: Vec<Arc<AtomicUsize>> = {
             let mut o = self.opens.lock().map_err(|_| ServerError::Poisoned)?;
@@ -430,6 +460,24 @@ impl Server {
             }
         }
     }
+}
+
+/// Runs a node until `shutdown` completes, then drains it, as mini-redis's
+/// `server::run` does: the daemon a test can hold in-process. `listeners` are sockets
+/// the caller bound (port 0, say), by listener name; the rest of the config's listeners
+/// are bound as usual. Ready (`/readyz`) once it serves.
+pub async fn run(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    listeners: HashMap<String, std::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let server = Server::start_with(config, metrics, listeners)?;
+    server.state.set_ready(true);
+    shutdown.await;
+    server.drain();
+    let _ = tokio::task::spawn_blocking(move || server.join()).await;
+    Ok(())
 }
 
 /// One listener's accept loop in a worker.

@@ -14,6 +14,7 @@ mod formats;
 mod grpc;
 mod hostile;
 mod impairment;
+mod inprocess;
 mod monitoring;
 mod mtls_http;
 mod overload;
