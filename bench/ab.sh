@@ -4,6 +4,7 @@
 # the same h2load flags over mTLS; prints medians and B's CPU per request ÷ A's.
 #
 #   bench/ab.sh BINARY_A BINARY_B [ROUNDS] [SECONDS] [CONNS] [STREAMS]
+#   AB_EXTRA_B=FILE bench/ab.sh BIN BIN …   B's config has FILE appended
 #
 # Build A from the commit before the change (`git worktree add`, same CARGO_TARGET_DIR
 # keeps the dependencies). Not a test: numbers depend on the machine.
@@ -24,6 +25,9 @@ for side in a:$fa b:$fb; do
     printf 'service = "up"\n[[service]]\nname = "up"\nprotocol = "http"\nendpoints = ["h2c://127.0.0.1:%s"]\n[[allow]]\nfrom = "spiffe://bench/client"\nto = "up"\n' "$up"
   } > "${side%%:*}.toml"
 done
+# AB_EXTRA_B=FILE: more config for B only (same binary on both sides measures what the
+# config costs: 1,000 rules, 100 services)
+[ -n "${AB_EXTRA_B:-}" ] && cat "$AB_EXTRA_B" >> b.toml
 FEDPORT_LOG=warn "$A" run -c a.toml --ready-file a.ready 2>a.log & pa=$!
 FEDPORT_LOG=warn "$B" run -c b.toml --ready-file b.ready 2>b.log & pb=$!
 for _ in $(seq 100); do [ -s a.ready ] && [ -s b.ready ] && break; sleep 0.05; done
