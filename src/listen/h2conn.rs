@@ -605,38 +605,28 @@ impl End {
 
 /// Logs a stream reset for idleness, at most once per 10 s.
 pub(super) fn log_idle(listener: &str, remote: std::net::SocketAddr, idle: Duration) {
-    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
-    let now = Instant::now();
-    if let Ok(mut last) = LAST.lock() {
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-            return;
-        }
-        *last = Some(now);
+    if !crate::telemetry::log_due(Reason::StreamIdle) {
+        return;
     }
     tracing::info!(
         listener,
         %remote,
         idle_ms = idle.as_millis() as u64,
-        reason = "stream_idle_timeout",
+        reason = Reason::StreamIdle.as_str(),
         "stream reset: no bytes moved either way (counted in fedport_rejections_total; logged at most every 10s)"
     );
 }
 
 /// Logs an answer reset for being left unread past a budget, at most once per 10 s.
 fn log_unread(listener: &str, remote: std::net::SocketAddr, over: crate::memory::Over) {
-    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
-    let now = Instant::now();
-    if let Ok(mut last) = LAST.lock() {
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-            return;
-        }
-        *last = Some(now);
+    if !crate::telemetry::log_due(Reason::Memory) {
+        return;
     }
     tracing::info!(
         listener,
         %remote,
         budget = %over,
-        reason = "memory",
+        reason = Reason::Memory.as_str(),
         "answer reset: the caller left it unread with its memory budget spent (counted in fedport_rejections_total; logged at most every 10s)"
     );
 }

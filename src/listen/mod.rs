@@ -534,16 +534,9 @@ fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
 /// One line per reason per 10 s: an attack reconnecting in a loop is counted, not
 /// logged per connection.
 fn log_cut(listener: &str, remote: SocketAddr, why: Reason) {
-    static LAST: std::sync::Mutex<Vec<(Reason, std::time::Instant)>> =
-        std::sync::Mutex::new(Vec::new());
-    let now = std::time::Instant::now();
-    let Ok(mut last) = LAST.lock() else { return };
-    match last.iter_mut().find(|(r, _)| *r == why) {
-        Some((_, t)) if now.duration_since(*t) < Duration::from_secs(10) => return,
-        Some((_, t)) => *t = now,
-        None => last.push((why, now)),
+    if !crate::telemetry::log_due(why) {
+        return;
     }
-    drop(last);
     tracing::warn!(listener, %remote, reason = why.as_str(), "connection cut for abuse (counted in fedport_rejections_total; logged at most every 10s per reason)");
 }
 

@@ -624,6 +624,28 @@ impl ServiceMetrics {
     }
 }
 
+/// Whether a line about `reason` may be logged now: at most one every 10 s for each
+/// reason, so that a flood is one line and a metric, never a line per event.
+pub fn log_due(reason: Reason) -> bool {
+    static LAST: std::sync::Mutex<Vec<(Reason, std::time::Instant)>> =
+        std::sync::Mutex::new(Vec::new());
+    let now = std::time::Instant::now();
+    let Ok(mut last) = LAST.lock() else {
+        return false;
+    };
+    match last.iter_mut().find(|(r, _)| *r == reason) {
+        Some((_, t)) if now.duration_since(*t) < std::time::Duration::from_secs(10) => false,
+        Some((_, t)) => {
+            *t = now;
+            true
+        }
+        None => {
+            last.push((reason, now));
+            true
+        }
+    }
+}
+
 /// The name of a `grpc-status` value; bounded, so it can be a label.
 pub fn grpc_code_name(s: &str) -> &'static str {
     GrpcStatus::of(s.as_bytes()).label()
