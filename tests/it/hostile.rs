@@ -645,7 +645,13 @@ fn messages_held_for_validation_stay_within_the_memory_budgets() {
         ];
         PyClient::new(&pki, "h2_hold.py", port, who, &args).spawn()
     };
+    // alice first, until she holds some of her share: otherwise the five others can
+    // fill the node's budget before any of her streams arrive, and whether she is held
+    // to her share is not tried at all
     let alice = attack(&pki.client, "4");
+    wait_until("alice held", Duration::from_secs(30), || {
+        fp.metric(held) >= (share as f64) * 0.5
+    });
     let others: Vec<_> = (0..5)
         .map(|i| attack(&pki.client_cert(&format!("holder-{i}")), "1"))
         .collect();
