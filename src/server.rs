@@ -207,6 +207,18 @@ impl Server {
         metrics: Arc<Metrics>,
         given: HashMap<String, std::net::TcpListener>,
     ) -> Result<Self, ServerError> {
+        Self::start_on(config, metrics, given, false).map(|(server, _)| server)
+    }
+
+    /// [`Server::start_with`], with `inline` set: the first worker is not given a
+    /// thread of its own but returned as a future for the caller to run on its runtime
+    /// (so that a test's paused clock drives its timers).
+    fn start_on(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        given: HashMap<String, std::net::TcpListener>,
+        inline: bool,
+    ) -> Result<(Self, Option<WorkerMain>), ServerError> {
         // before any socket: the soft limit on file descriptors up to the hard one
         let nofile = crate::limits::nofile::raise();
         let p = prepare(&config, &metrics, None)?;
@@ -221,10 +233,16 @@ impl Server {
         let (shutdown, _) = watch::channel(false);
         let mut threads = Vec::new();
         let mut workers = Vec::new();
+        let mut here = None;
         for w in 0..config.node.workers {
             let (tx, rx) = mpsc::unbounded_channel();
             let metrics = metrics.clone();
             let stop = shutdown.subscribe();
+            if w == 0 && inline {
+                here = Some(Box::pin(worker_main(metrics, rx, stop)) as WorkerMain);
+                workers.push(tx);
+                continue;
+            }
             let t = runtime_thread(format!("fedport-w{w}"), move || {
                 worker_main(metrics, rx, stop)
             })
@@ -258,7 +276,7 @@ impl Server {
         }
         server.warn_nofile(&config);
         server.install(config, None, p)?;
-        Ok(server)
+        Ok((server, here))
     }
 
     /// Each listener's name and bound address.
@@ -479,6 +497,37 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || server.join()).await;
     Ok(())
 }
+
+/// [`run`] with the node's first worker on the caller's runtime instead of a thread of
+/// its own: under `#[tokio::test(start_paused = true)]` the test's clock drives that
+/// worker's timers (deadlines, idle and drain timeouts), so a test of a five-minute
+/// timeout takes no five minutes. Give it `workers = 1` so every connection lands on
+/// that worker; the control loop keeps its own thread and real time.
+pub async fn run_here(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    listeners: HashMap<String, std::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (server, here) = Server::start_on(config, metrics, listeners, true)?;
+    let Some(mut worker) = here else {
+        return Err(ServerError::Worker(std::io::Error::other(
+            "a node run here needs at least one worker",
+        )));
+    };
+    server.state.set_ready(true);
+    tokio::select! {
+        _ = shutdown => {}
+        _ = &mut worker => {}
+    }
+    server.drain();
+    worker.await;
+    let _ = tokio::task::spawn_blocking(move || server.join()).await;
+    Ok(())
+}
+
+/// A worker's loop, as a future rather than a thread (see [`run_here`]).
+type WorkerMain = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// One listener's accept loop in a worker.
 struct Loop {

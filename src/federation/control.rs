@@ -278,7 +278,7 @@ async fn probe(pool: &Arc<EndpointPool>, hc: &HealthCheck, protocol: Protocol) -
     let Ok((resp, _h1)) = pool
         .send(
             req,
-            std::time::Instant::now() + std::time::Duration::from_secs(30),
+            tokio::time::Instant::now() + std::time::Duration::from_secs(30),
         )
         .await
     else {

@@ -18,7 +18,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// How a request is aimed at each target, decided once.
 pub(super) struct Aim {
@@ -284,7 +284,7 @@ pub(super) async fn dispatch(
             Target::Peer(p) => counters.peers[p].inc(),
         };
         let outstanding = pool.begin();
-        let sent = tokio::time::timeout_at(aim.deadline.into(), pool.send(req, aim.deadline)).await;
+        let sent = tokio::time::timeout_at(aim.deadline, pool.send(req, aim.deadline)).await;
         let Ok(sent) = sent else {
             // a service that has not answered while the caller had not sent all of its
             // body may be waiting for it: no failure of the endpoint (a caller that

@@ -16,7 +16,7 @@ use crate::telemetry::trace;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Either;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// What routing decided, kept for the request's metrics and log line.
 #[derive(Default)]

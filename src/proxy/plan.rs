@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::Body as _;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// How a request's body is checked on its way.
 pub(super) struct BodyPlan {
@@ -178,7 +178,7 @@ pub(super) async fn take(
                 .max_message_bytes
                 .unwrap_or(schema::DEFAULT_JSON_LIMIT);
             let collect = Box::pin(schema::collect(body, max, &mut buffered));
-            let bytes = match tokio::time::timeout_at(deadline.into(), collect).await {
+            let bytes = match tokio::time::timeout_at(deadline, collect).await {
                 Err(_) => return Err(timed_out()),
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
@@ -202,7 +202,7 @@ pub(super) async fn take(
         Take::Small => {
             // a caller that stalls mid-body holds its limit slot no longer than its time
             let collect = Box::pin(schema::collect(body, SMALL_BODY, &mut buffered));
-            let bytes = tokio::time::timeout_at(deadline.into(), collect)
+            let bytes = tokio::time::timeout_at(deadline, collect)
                 .await
                 .map_err(|_| timed_out())?
                 .map_err(|e| match e {

@@ -270,7 +270,7 @@ impl EndpointPool {
     pub async fn send(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
-        deadline: std::time::Instant,
+        deadline: tokio::time::Instant,
     ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
         if self.speaks_h2() {
             let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
@@ -353,7 +353,7 @@ impl EndpointPool {
     /// waiting for a place under it. Waiters go first: a request that finds others
     /// waiting queues behind them rather than take what comes back, and a waiter keeps
     /// its place in the cap's queue while it also watches for connections returned.
-    async fn h1_connection(&self, deadline: std::time::Instant) -> Result<Sender, UpstreamError> {
+    async fn h1_connection(&self, deadline: tokio::time::Instant) -> Result<Sender, UpstreamError> {
         let busy = || UpstreamError::Busy(self.endpoint.url.clone(), self.h1_max);
         if self.h1_waiting.load(Ordering::Relaxed) == 0 {
             if let Ok(p) = self.h1_sockets.clone().try_acquire_owned() {
@@ -370,7 +370,7 @@ impl EndpointPool {
         let _waiting = Waiting(&self.h1_waiting);
         let acquire = self.h1_sockets.clone().acquire_owned();
         tokio::pin!(acquire);
-        let until = tokio::time::sleep_until(deadline.into());
+        let until = tokio::time::sleep_until(deadline);
         tokio::pin!(until);
         let permit = loop {
             tokio::select! {

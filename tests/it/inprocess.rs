@@ -1,7 +1,9 @@
 //! A node run in-process through `fedport::server::run`, on a socket the test bound to
 //! port 0 itself (mini-redis's shape): it serves real mTLS requests on that socket while
 //! it runs, and once its shutdown future completes it drains, returns, and the socket
-//! is closed.
+//! is closed. And a node whose worker runs on the test's own runtime
+//! (`fedport::server::run_here`), on tokio's paused clock: its timers fire as soon as
+//! everything waits on them, without the test sleeping.
 
 use crate::support::upstream::{self, Proto};
 use crate::support::{curl, node_config, Pki};
@@ -56,4 +58,118 @@ async fn a_node_held_in_process_serves_on_the_socket_it_was_given_and_stops() {
     assert!(ran.is_ok(), "{ran:?}");
     let refused = std::net::TcpStream::connect(("127.0.0.1", port)).is_err();
     assert!(refused, "the socket is closed once the node has stopped");
+}
+
+/// A node whose worker runs on the test's runtime (`server::run_here`) with tokio's
+/// clock paused: a call to a service that never answers is refused at the service's
+/// five-minute deadline (504), another at the one-minute stream idle timeout (408), each
+/// with a JSON reason, counted, as soon as everything is waiting on that timer; the test
+/// sleeps neither. The service is a
+/// real h2c server on loopback that takes the request and never answers.
+#[tokio::test(start_paused = true)]
+async fn a_five_minute_deadline_passes_on_the_paused_clock() {
+    use http_body_util::{BodyExt, Empty};
+    let pki = Pki::new();
+    // the service: takes each request and never answers it
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = taken.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = up.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    std::future::pending::<
+                        Result<http::Response<Empty<bytes::Bytes>>, std::io::Error>,
+                    >()
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    let text = node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"slow\"\nprotocol = \"http\"\nendpoints = [\"h2c://{up_addr}\"]\n\
+             timeout = \"300s\"\nstream_idle_timeout = \"600s\"\n\n\
+             [[service]]\nname = \"idle\"\nprotocol = \"http\"\nendpoints = [\"h2c://{up_addr}\"]\n\
+             timeout = \"300s\"\n"
+        ),
+    )
+    .replace("workers = 2\n", "workers = 1\n");
+    let path = pki.path().join("fedport.toml");
+    std::fs::write(&path, &text).unwrap();
+    let (cfg, _) = fedport::config::compile(&path, &text).unwrap();
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let metrics = fedport::telemetry::Metrics::new("test-a", "h");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(fedport::server::run_here(
+        Arc::new(cfg),
+        metrics.clone(),
+        HashMap::from([("internal".to_owned(), socket)]),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let mut client = crate::support::h2_connect::<Empty<bytes::Bytes>>(&pki, addr).await;
+    let mut call = async |service: &str| {
+        let start = tokio::time::Instant::now();
+        let req = http::Request::get(format!("https://localhost:{}/wait", addr.port()))
+            .header("fed-service", service)
+            .body(Empty::new())
+            .unwrap();
+        let res = client.send_request(req).await.unwrap();
+        let waited = start.elapsed();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (status, body, waited)
+    };
+    let secs = std::time::Duration::from_secs;
+    // the service's deadline (its stream idle timeout is longer)
+    let (status, body, waited) = call("slow").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["reason"], "deadline", "{body}");
+    assert_eq!(
+        taken.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the service took it"
+    );
+    // on the paused clock: at the deadline, not a moment before it
+    assert!(
+        waited >= secs(300) && waited < secs(301),
+        "after {waited:?}"
+    );
+    // the default stream idle timeout (60 s), shorter than this service's deadline
+    let (status, body, waited) = call("idle").await;
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(body["error"]["reason"], "stream_idle_timeout", "{body}");
+    assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(waited >= secs(60) && waited < secs(61), "after {waited:?}");
+    let refused = |reason: &str| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).unwrap();
+        text.lines().any(|l| {
+            l.starts_with("fedport_rejections_total{")
+                && l.contains(&format!("reason=\"{reason}\""))
+                && l.ends_with(" 1")
+        })
+    };
+    assert!(
+        refused("deadline") && refused("stream_idle_timeout"),
+        "counted by reason"
+    );
+
+    stop.send(()).unwrap();
+    node.await.unwrap().unwrap();
 }
