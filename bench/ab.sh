@@ -5,6 +5,9 @@
 #
 #   bench/ab.sh BINARY_A BINARY_B [ROUNDS] [SECONDS] [CONNS] [STREAMS]
 #   AB_EXTRA_B=FILE bench/ab.sh BIN BIN …   B's config has FILE appended
+#   AB_IDLE_B=N bench/ab.sh BIN BIN …       N idle mTLS HTTP/2 connections held open to B
+#                                           beside its load (bench/hold.py, HOLD_IDLE=1);
+#                                           both listeners then allow 20,000 connections
 #
 # Build A from the commit before the change (`git worktree add`, same CARGO_TARGET_DIR
 # keeps the dependencies). Not a test: numbers depend on the machine.
@@ -13,7 +16,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 peers=${FEDPORT_PEERS:-$here/../shared/peers/peers.sh}
 A=$(realpath "$1") B=$(realpath "$2") rounds=${3:-4} secs=${4:-4} conns=${5:-16} streams=${6:-16}
 work=$(mktemp -d /tmp/fedport-ab.XXXXXX)
-trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; kill ${pa:-} ${pb:-} 2>/dev/null; wait 2>/dev/null || true' EXIT
+trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; kill ${pa:-} ${pb:-} ${holder:-} 2>/dev/null; wait 2>/dev/null || true' EXIT
 bash "$peers" install
 . "$here/bench/lib.sh"
 cd "$work"
@@ -22,6 +25,7 @@ up=$(port) fa=$(port) fb=$(port)
 bash "$peers" upstream "$work" "$up"
 for side in a:$fa b:$fb; do
   { node_toml "bench-${side%%:*}" "${side#*:}"
+    [ -n "${AB_IDLE_B:-}" ] && printf 'max_connections = 20000\n'
     printf 'service = "up"\n[[service]]\nname = "up"\nprotocol = "http"\nendpoints = ["h2c://127.0.0.1:%s"]\n[[allow]]\nfrom = "spiffe://bench/client"\nto = "up"\n' "$up"
   } > "${side%%:*}.toml"
 done
@@ -32,6 +36,14 @@ FEDPORT_LOG=warn "$A" run -c a.toml --ready-file a.ready 2>a.log & pa=$!
 FEDPORT_LOG=warn "$B" run -c b.toml --ready-file b.ready 2>b.log & pb=$!
 for _ in $(seq 100); do [ -s a.ready ] && [ -s b.ready ] && break; sleep 0.05; done
 sleep 0.5
+if [ -n "${AB_IDLE_B:-}" ]; then
+  ulimit -n "$(ulimit -Hn)"
+  HOLD_IDLE=1 python3 "$here/bench/hold.py" 127.0.0.1 "$fb" ca.pem client.pem client.key \
+    "$AB_IDLE_B" 100000 >hold.out 2>&1 & holder=$!
+  for _ in $(seq 6000); do grep -q "^held" hold.out && break; sleep 0.1; done
+  sleep 5
+  echo "idle connections to B: $(sed -n 's/^held //p' hold.out)" >&2
+fi
 for _ in $(seq "$rounds"); do
   run A "https://127.0.0.1:$fa/" "$pa"
   run B "https://127.0.0.1:$fb/" "$pb"

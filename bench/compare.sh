@@ -12,6 +12,13 @@
 #              te: trailers, the same concurrency
 #   churn      one request per connection (1,000 connections opened at once): the mTLS
 #              handshake dominates
+#   large      POST of a 1,000,000-byte body (just under nginx's default 1m body limit,
+#              which both the shared upstream and the nginx proxy keep), 4 × 4 in flight
+#   stream     a server-streaming gRPC call: a 105-byte request, an answer of 1,000
+#              gRPC messages of 100 bytes (105,000 bytes) and grpc-status 0 in trailers,
+#              4 × 4 in flight; a second upstream of this script's own (nginx serving
+#              the framed messages) with a second HAProxy, nginx, Envoy and fedport
+#              listener in front of it
 # For each: req/s, p50, p99 (h2load's per-request log), proxy CPU µs per request
 # (utime+stime of the proxy's processes ÷ requests), proxy RSS after the run, and ratios
 # to direct and to each peer. Before any load, each proxy's memory per open connection:
@@ -24,7 +31,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 peers=${FEDPORT_PEERS:-$here/../shared/peers/peers.sh}
 secs=${1:-5} conns=${2:-16} streams=${3:-16} rounds=${4:-3} hold=${HOLD:-1000}
 work=$(mktemp -d /tmp/fedport-bench.XXXXXX)
-trap 'bash "$peers" stop "$work" >/dev/null 2>&1 || true; bash "$peers" stop "$work/envoy" >/dev/null 2>&1 || true; kill ${fp_pid:-} 2>/dev/null; wait 2>/dev/null || true' EXIT
+# nginx's workers run as an unprivileged user: they must reach the files served and the
+# temporary files a large body is spooled to (mktemp makes the directory 0700; the keys
+# in it stay 0600)
+chmod 755 "$work"
+trap 'for d in "$work" "$work/envoy" "$work/s" "$work/s/envoy"; do bash "$peers" stop "$d" >/dev/null 2>&1 || true; done; kill ${fp_pid:-} 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 bash "$peers" install
 (cd "$here" && cargo build --release --quiet)
@@ -36,6 +47,36 @@ up=$(port) hp=$(port) np=$(port) ep=$(port) fp=$(port)
 bash "$peers" upstream "$work" "$up"
 bash "$peers" start "$work" "$up" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$hp" "$np"
 bash "$peers" envoy "$work/envoy" "$up" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$ep" 2
+# the streaming upstream: 1,000 framed 100-byte messages, served for a POST (nginx serves
+# a static file only for GET and HEAD: error_page turns the 405 into the file), with the
+# gRPC status in trailers
+sup=$(port) shp=$(port) snp=$(port) sep=$(port) sfp=$(port)
+mkdir -p "$work/s/www" "$work/s/tmp"
+python3 -c 'import sys; m = b"\0" + (100).to_bytes(4, "big") + b"m" * 100; sys.stdout.buffer.write(m * 1000)' >"$work/s/www/stream"
+cat >"$work/s/upstream.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/s/upstream.pid;
+error_log $work/s/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $work/s/tmp/body; proxy_temp_path $work/s/tmp/proxy;
+  fastcgi_temp_path $work/s/tmp/fcgi; uwsgi_temp_path $work/s/tmp/uwsgi; scgi_temp_path $work/s/tmp/scgi;
+  keepalive_requests 1000000000; keepalive_timeout 600s; http2_max_concurrent_streams 512;
+  server {
+    listen 127.0.0.1:$sup http2;
+    root $work/s/www;
+    default_type application/grpc;
+    error_page 405 =200 \$uri;
+    location / { try_files /stream =404; add_trailer grpc-status 0 always; }
+  }
+}
+CONF
+nginx -c "$work/s/upstream.conf" >"$work/s/upstream.log" 2>&1 & echo $! >>"$work/pids"
+bash "$peers" start "$work/s" "$sup" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$shp" "$snp"
+bash "$peers" envoy "$work/s/envoy" "$sup" "$work/node.pem" "$work/node.key" "$work/ca.pem" "$sep" 2
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$sep) 2>/dev/null && break; sleep 0.1; done
 for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$ep) 2>/dev/null && break; sleep 0.1; done
 { node_toml bench "$fp"; cat <<CONF
 service = "up"
@@ -43,9 +84,20 @@ service = "up"
 name = "up"
 protocol = "http"
 endpoints = ["h2c://127.0.0.1:$up"]
+[[listener]]
+name = "stream"
+bind = "127.0.0.1:$sfp"
+service = "stream"
+[[service]]
+name = "stream"
+protocol = "grpc"
+endpoints = ["h2c://127.0.0.1:$sup"]
 [[allow]]
 from = "spiffe://bench/client"
 to = "up"
+[[allow]]
+from = "spiffe://bench/client"
+to = "stream"
 CONF
 } > fedport.toml
 start_fedport fedport.toml ready.json fedport.log
@@ -55,6 +107,7 @@ nginx_pid=$(pgrep -n -f "nginx -c $work/nginx.conf")
 envoy_pid=$(pgrep -o -f "envoy -c $work/envoy/envoy.yaml")
 printf '\0\0\0\0\144%0100d' 0 > grpc.bin
 printf '%0100d' 0 > post.bin
+python3 -c 'import sys; sys.stdout.write("x" * 1000000)' > large.bin
 
 declare -A url pid
 url[direct]="http://127.0.0.1:$up/"; pid[direct]=-
@@ -63,6 +116,19 @@ url[nginx]="https://127.0.0.1:$np/"; pid[nginx]=$nginx_pid
 url[envoy]="https://127.0.0.1:$ep/"; pid[envoy]=$envoy_pid
 url[fedport]="https://127.0.0.1:$fp/"; pid[fedport]=$fp_pid
 targets=(direct haproxy nginx envoy fedport)
+declare -A surl
+surl[direct]="http://127.0.0.1:$sup/"; surl[haproxy]="https://127.0.0.1:$shp/"
+surl[nginx]="https://127.0.0.1:$snp/"; surl[envoy]="https://127.0.0.1:$sep/"
+surl[fedport]="https://127.0.0.1:$sfp/"
+spid() { # the process serving the streaming shape for target T
+  case $1 in
+    direct) echo - ;;
+    haproxy) pgrep -n -f "haproxy -f $work/s/haproxy.cfg" ;;
+    nginx) pgrep -n -f "nginx -c $work/s/nginx.conf" ;;
+    envoy) pgrep -o -f "envoy -c $work/s/envoy/envoy.yaml" ;;
+    fedport) echo "$fp_pid" ;;
+  esac
+}
 
 # memory per open connection, on fresh processes (after load, allocators keep memory)
 for t in haproxy nginx envoy fedport; do
@@ -90,6 +156,8 @@ for r in $(seq "$rounds"); do
     run_shape=post run "$t" "${url[$t]}" "${pid[$t]}" -d post.bin
     run_shape=grpc run "$t" "${url[$t]}" "${pid[$t]}" -d grpc.bin -H 'content-type: application/grpc' -H 'te: trailers'
     run_shape=churn run "$t" "${url[$t]}" "${pid[$t]}"
+    conns=4 streams=4 run_shape=large run "$t" "${url[$t]}" "${pid[$t]}" -d large.bin
+    conns=4 streams=4 run_shape=stream run "$t" "${surl[$t]}" "$(spid "$t")" -d grpc.bin -H 'content-type: application/grpc' -H 'te: trailers'
   done
 done >"$work/results.tsv"
 
@@ -106,7 +174,9 @@ print(f"proxies: TLS 1.3 + client certificate + ALPN h2 -> h2c upstream (nginx, 
 for shape, flags in [("keepalive", f"-D {secs} -c {conns} -m {streams}, GET"),
                      ("post", f"-D {secs} -c {conns} -m {streams}, POST 100 bytes"),
                      ("grpc", f"-D {secs} -c {conns} -m {streams}, POST application/grpc 105 bytes"),
-                     ("churn", "-n 1000 -c 1000 -m 1: one request per connection")]:
+                     ("churn", "-n 1000 -c 1000 -m 1: one request per connection"),
+                     ("large", f"-D {secs} -c 4 -m 4, POST 1,000,000 bytes"),
+                     ("stream", f"-D {secs} -c 4 -m 4, gRPC server-streaming: 1,000 messages of 100 bytes per call")]:
     print(f"\n## {shape}: h2load {flags}")
     print(f"{'target':9}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'CPU µs/req':>11}{'RSS MiB':>9}"
           f"{'÷direct':>9}{'CPU ÷haproxy':>13}{'CPU ÷envoy':>11}{'errors':>8}")

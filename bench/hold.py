@@ -3,15 +3,18 @@
 each open connection costs it.
 
     hold.py HOST PORT CA CERT KEY N [SECONDS]
+    HOLD_IDLE=1 hold.py …   no trickle: after the first GET each connection sits idle
 
 Each connection completes its TLS 1.3 handshake with the client certificate, speaks
 HTTP/2 (ALPN h2) and sends one GET, so the proxy has set up whatever it keeps per
 connection; then every connection sends one more GET every 2 s (the trickle) until
-SECONDS have passed. Prints "held N" once all are open and answered (the moment to read
+SECONDS have passed (with HOLD_IDLE=1 they send nothing more: idle connections beside a
+load, answering only the proxy's keepalive PINGs). Prints "held N" once all are open and answered (the moment to read
 the proxy's RSS), and at the end a JSON line with how many stayed open and answered.
 Not a test: a bench helper. Needs Python's h2 (scripts/install-test-deps.sh).
 """
 import json
+import os
 import selectors
 import socket
 import ssl
@@ -25,6 +28,7 @@ import h2.events
 host, port, ca, cert, key, n = sys.argv[1:7]
 port, n = int(port), int(n)
 secs = float(sys.argv[7]) if len(sys.argv) > 7 else 10.0
+idle = os.environ.get("HOLD_IDLE") == "1"
 
 ctx = ssl.create_default_context(cafile=ca)
 ctx.load_cert_chain(cert, key)
@@ -103,7 +107,7 @@ print(f"held {sum(c.open for c in conns)}", flush=True)
 end = time.time() + secs
 while time.time() < end:
     for c in conns:
-        if c.open:
+        if c.open and not idle:
             c.get()
     pump(min(end, time.time() + 2))
 print(json.dumps({"open": sum(c.open for c in conns),
