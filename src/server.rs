@@ -516,12 +516,14 @@ pub async fn run_here(
         )));
     };
     server.state.set_ready(true);
-    tokio::select! {
-        _ = shutdown => {}
-        _ = &mut worker => {}
-    }
+    let ended = tokio::select! {
+        _ = shutdown => false,
+        _ = &mut worker => true,
+    };
     server.drain();
-    worker.await;
+    if !ended {
+        worker.await;
+    }
     let _ = tokio::task::spawn_blocking(move || server.join()).await;
     Ok(())
 }

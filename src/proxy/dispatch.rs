@@ -182,6 +182,35 @@ fn retry_of_answer(resp: &Response<Incoming>, to_peer: bool) -> (Retry, bool) {
     (retry, unavailable)
 }
 
+/// Whether a deadline that passed is the endpoint's failure: only when the endpoint had
+/// the whole request for at least half the service's timeout. A service that has not
+/// answered while the caller had not sent all of its body may be waiting for it, and a
+/// caller that sends the last of its body just before the deadline (or sets a short
+/// deadline of its own) leaves the endpoint no time: counting those would let a caller
+/// eject healthy endpoints by timing alone.
+fn fair_timeout(
+    aim: &Aim,
+    whole: bool,
+    had_from: Option<Instant>,
+    tripped: &schema::Tripped,
+) -> bool {
+    if aim.caller_deadline {
+        return false;
+    }
+    let from = if whole {
+        had_from
+    } else {
+        match tripped.ended() {
+            Some(t) => Some(had_from.map_or(t, |h| h.max(t))),
+            None => return false,
+        }
+    };
+    from.is_none_or(|f| {
+        aim.deadline.saturating_duration_since(f) * 2
+            >= std::time::Duration::from_millis(aim.timeout_ms)
+    })
+}
+
 /// Whether an attempt that came back as `retry` is worth a next target at all.
 fn worth_another(retry: Retry, can_resend: bool, idempotent: bool) -> bool {
     match retry {
@@ -222,9 +251,17 @@ pub(super) async fn dispatch(
         (None, Some(g)) => Either::Left(g),
         (None, None) => Either::Right(Full::default()),
     };
+    // since when this attempt's endpoint has had the whole request, where that is not
+    // the request's start: a buffered body arrived first (at the caller's pace), and a
+    // later attempt starts after the failed ones
+    let mut had_from = replay.as_ref().map(|_| Instant::now());
     let mut pending = Some(Request::from_parts(parts, first_body));
     let mut target = targets.next();
     let mut last = Reject::NoHealthyTarget(service.name.clone());
+    // the first failure of an attempt that may have reached a service: once there is
+    // one, the request does not end as a refusal another node may serve (that would
+    // have the node before this one send it on without asking whether it may)
+    let mut reached: Option<Reject> = None;
     let counters = &w.counters[idx];
     // a next target, if the attempt's retry allows one; counts why it is taken
     let again = |retry: Retry, targets: &mut Targets<'_>| -> Option<Target> {
@@ -265,8 +302,11 @@ pub(super) async fn dispatch(
         };
         // the clock is read only where the time left is needed: a deadline to pass on,
         // or an attempt after a failed one (the first starts within the time decided)
-        let left = (aim.deadline_header || attempt > 1)
-            .then(|| aim.deadline.saturating_duration_since(Instant::now()));
+        let now = (aim.deadline_header || attempt > 1).then(Instant::now);
+        if attempt > 1 {
+            had_from = now;
+        }
+        let left = now.map(|n| aim.deadline.saturating_duration_since(n));
         if left.is_some_and(|l| l.is_zero()) {
             return Err(Reject::Timeout(service.name.clone(), 0));
         }
@@ -286,11 +326,7 @@ pub(super) async fn dispatch(
         let outstanding = pool.begin();
         let sent = tokio::time::timeout_at(aim.deadline, pool.send(req, aim.deadline)).await;
         let Ok(sent) = sent else {
-            // a service that has not answered while the caller had not sent all of its
-            // body may be waiting for it: no failure of the endpoint (a caller that
-            // trickles its body would otherwise eject healthy endpoints)
-            let sent_whole = whole || tripped.ended();
-            if let Some(e) = local.filter(|_| !aim.caller_deadline && sent_whole) {
+            if let Some(e) = local.filter(|_| fair_timeout(aim, whole, had_from, &tripped)) {
                 w.fleet.record(idx, e, false);
             }
             return Err(Reject::Timeout(service.name.clone(), aim.timeout_ms));
@@ -307,6 +343,12 @@ pub(super) async fn dispatch(
                     w.fleet.record(idx, e, !unavailable);
                 }
                 if let Some(next) = again(retry, targets) {
+                    reached.get_or_insert_with(|| {
+                        Reject::Upstream(
+                            service.name.clone(),
+                            format!("{} answered {}", pool.label, resp.status()),
+                        )
+                    });
                     target = Some(next);
                     continue;
                 }
@@ -347,6 +389,11 @@ pub(super) async fn dispatch(
                     )),
                     e => Reject::Upstream(service.name.clone(), e.to_string()),
                 };
+                if unsent.is_none() {
+                    reached.get_or_insert_with(|| {
+                        Reject::Upstream(service.name.clone(), error.to_string())
+                    });
+                }
                 if let Some(back) = unsent {
                     // it never left fedport: it goes on as it is, whatever its method
                     let Some(next) = targets.next() else { break };
@@ -358,6 +405,9 @@ pub(super) async fn dispatch(
                 target = again(retry, targets);
             }
         }
+    }
+    if let Some(r) = reached {
+        return Err(r);
     }
     if let Reject::NoHealthyTarget(_) = &last {
         tracing::warn!(service = %service.name, "no target could take the request");

@@ -79,9 +79,9 @@ pub struct Tripped {
     caller_failed: std::sync::atomic::AtomicBool,
     /// A memory budget refused to hold more of it.
     memory: std::sync::Mutex<Option<crate::memory::Over>>,
-    /// The whole body was passed on: a service that does not answer now is not waiting
-    /// for the caller.
-    ended: std::sync::atomic::AtomicBool,
+    /// When the whole body was passed on: a service that does not answer after that is
+    /// not waiting for the caller.
+    ended: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 /// What a tripped guard answers a gRPC call with.
@@ -103,13 +103,13 @@ impl Tripped {
         self.caller_failed.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the whole body was passed on.
-    pub fn ended(&self) -> bool {
-        self.ended.load(Ordering::Relaxed)
+    /// When the whole body was passed on, if it was.
+    pub fn ended(&self) -> Option<tokio::time::Instant> {
+        self.ended.get().copied()
     }
 
     pub fn end(&self) {
-        self.ended.store(true, Ordering::Relaxed);
+        let _ = self.ended.set(tokio::time::Instant::now());
     }
 
     /// Body bytes the guard let through.

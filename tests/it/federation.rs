@@ -199,6 +199,80 @@ fn a_call_crosses_regions_with_the_federation_headers() {
     assert_eq!((near_b.hits(), near_c.hits()), (11, 0));
 }
 
+/// A peer whose request may have reached its service does not end it as a refusal
+/// another node may serve. b marks `POST /` idempotent and a does not: b's endpoint
+/// answers 503, b retries on its second endpoint, which refuses connections; before,
+/// that last failure made b answer `no_healthy_target`, and a sent the POST on to c.
+#[test]
+fn a_peer_that_may_have_delivered_a_call_never_says_another_node_may_serve_it() {
+    let pki = Pki::new();
+    let (pa, pb, pc, dead) = (free_port(), free_port(), free_port(), free_port());
+    let near_b = upstream::start(Proto::H2c);
+    let near_c = upstream::start(Proto::H2c);
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}{}",
+            http_service("near", &[], ""),
+            peer("b", "eu-1", pb, &["near"]),
+            peer("c", "us-1", pc, &["near"]),
+        ),
+    ));
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}",
+            http_service(
+                "near",
+                &[near_b.url(Proto::H2c), format!("h2c://127.0.0.1:{dead}")],
+                "idempotent = [\"POST /\"]",
+            ),
+            peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+    let _c = Fedport::start(&node_config(
+        &pki,
+        "c",
+        "us-1",
+        pc,
+        &format!(
+            "{}{}",
+            http_service("near", &[near_c.url(Proto::H2c)], ""),
+            peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+    crate::support::wait_until("peers up", Duration::from_secs(10), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
+            && a.metric(r#"fedport_peer_up{peer="c"}"#) == 1.0
+    });
+    let c = pki.curl_client();
+    let url = format!("https://localhost:{pa}/status/503");
+    // four: a fifth 503 in a row would eject b's endpoint (and then nothing reached a
+    // service, and c may rightly be asked)
+    for i in 0..4 {
+        let mut args: Vec<&str> = c.iter().map(String::as_str).collect();
+        args.extend([
+            "-X",
+            "POST",
+            "-d",
+            "one order",
+            "-H",
+            "fed-service: near",
+            &url,
+        ]);
+        let (code, body, _) = crate::support::curl(&args);
+        assert!(matches!(code, 502 | 503), "call {i}: {code} {body}");
+    }
+    assert_eq!(near_b.hits(), 4, "each POST reached b's service once");
+    assert_eq!(near_c.hits(), 0, "and none was sent on to c");
+}
+
 /// Outcome of one request of the steady load.
 struct Sample {
     at: Duration,

@@ -6,7 +6,7 @@
 
 use crate::federation::{node_config as fed_node, peer};
 use crate::support::upstream::{self, Proto};
-use crate::support::{curl, node_config, wait_until, Fedport, Pki, PyClient};
+use crate::support::{curl, curl_as, node_config, wait_until, Fedport, Pki, PyClient};
 use fedport::identity::pki::IssuedFiles;
 use std::process::Command;
 use std::time::Duration;
@@ -269,6 +269,53 @@ fn a_caller_that_stalls_its_body_does_not_eject_the_endpoint() {
     let r = say_as(&pki, port, &pki.client);
     assert_eq!(r["status"], 200, "{r}");
     assert!(r["headers"]["fed-refused"].is_null(), "{r}");
+}
+
+/// Calls whose small body arrives whole just before the deadline (1.8 s of a 2 s timeout)
+/// to a service that takes 1.5 s: each gets its deadline, and the endpoint, which had
+/// the request for 0.2 s, is not blamed. Before, the caller's timing alone counted as
+/// the endpoint's failures, and six such calls ejected a healthy endpoint.
+#[test]
+fn a_body_timed_to_the_deadline_does_not_eject_the_endpoint() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let fp = Fedport::start(&node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"up\"\nprotocol = \"http\"\n\
+             endpoints = [\"{}\"]\ntimeout = \"2s\"\n",
+            up.url(Proto::H2c)
+        ),
+    ));
+    let port = fp.port("internal");
+    let v = PyClient::new(
+        &pki,
+        "h2_late_body.py",
+        port,
+        &pki.client,
+        &[
+            "--service",
+            "up",
+            "--streams",
+            "6",
+            "--delay",
+            "1.8",
+            "--header",
+            "x-sleep-ms:1500",
+        ],
+    )
+    .json();
+    eprintln!("{v}");
+    assert_eq!(v["answered"]["504"], 6, "each call got its deadline: {v}");
+    let metrics = fp.admin_get("/metrics");
+    let ejections: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("fedport_upstream_ejections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(ejections, 0.0, "the endpoint was not blamed");
+    let (status, body, _) = curl_as(&pki, &pki.client.cert, &pki.client.key, port);
+    assert_eq!(status, 200, "the next caller is served by it: {body}");
 }
 
 /// A stream on which nothing moves for `stream_idle_timeout` is reset: answers left
