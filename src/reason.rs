@@ -96,6 +96,9 @@ reasons! {
     Handshake Expired = "expired",
     Handshake NotYetValid = "not_yet_valid",
     Handshake Revoked = "revoked",
+    /// The certificate does not chain to the bundle of the trust domain its identity
+    /// names, or names a domain this node has no bundle for.
+    Handshake TrustDomain = "trust_domain",
     Handshake BadCertificate = "bad_certificate",
     Handshake Incompatible = "incompatible",
     Handshake Alpn = "alpn",

@@ -93,6 +93,7 @@ fn prepare(
             Arc::new(identity::rotate::Rotating::new(
                 t.files.clone(),
                 t.crl.clone(),
+                t.trust_domains.clone(),
                 &[b"h2", b"http/1.1"],
                 t.allow_tls12,
             )?),
@@ -116,9 +117,11 @@ fn prepare(
     // peer probes do, so a blackholed link is noticed on them as well
     let mut peer_settings = Vec::new();
     let peer_tls = match &config.tls {
-        Some(t) if !config.peers.is_empty() => {
-            Some(identity::PeerTls::load(&t.files, t.crl.as_deref())?)
-        }
+        Some(t) if !config.peers.is_empty() => Some(identity::PeerTls::load(
+            &t.files,
+            t.crl.as_deref(),
+            &t.trust_domains,
+        )?),
         _ => None,
     };
     for p in &config.peers {

@@ -161,6 +161,9 @@ pub struct Tls {
     pub allow_tls12: bool,
     pub crl: Option<PathBuf>,
     pub handshake_timeout: Duration,
+    /// `[[trust_domain]]`: the other organisations' bundles, each vouching only for
+    /// its own domain's identities.
+    pub trust_domains: Vec<crate::identity::domains::DomainSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub tracing: Option<S<RawTracing>>,
     #[serde(default)]
     pub limit: Vec<S<RawLimit>>,
+    #[serde(default)]
+    pub trust_domain: Vec<S<RawTrustDomain>>,
     /// Not spanned: `[registry.etcd]` leaves `registry` an implicit table.
     pub registry: Option<RawRegistry>,
 }
@@ -162,6 +164,20 @@ pub struct RawTls {
     pub handshake_timeout: Option<S<String>>,
     /// `"1.3"` (default) or `"1.2"` (TLS 1.2 with AEAD suites as well).
     pub min_version: Option<S<String>>,
+}
+
+/// `[[trust_domain]]`: another organisation's SPIFFE trust domain and the bundle that
+/// alone may vouch for its identities.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrustDomain {
+    /// The trust domain, e.g. `"b.example"`.
+    pub name: S<String>,
+    /// Its CA bundle (PEM).
+    pub ca: S<String>,
+    pub crl: Option<S<String>>,
+    /// DNS-SAN identities it may vouch for (`"db.b.example"`, `"*.svc.b.example"`).
+    pub dns_names: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

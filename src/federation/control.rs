@@ -29,7 +29,7 @@ pub fn spawn(
         let mut tasks = tokio::task::JoinSet::new();
         let peer_tls = match &config.tls {
             Some(t) if !config.peers.is_empty() => {
-                match crate::identity::PeerTls::load(&t.files, t.crl.as_deref()) {
+                match crate::identity::PeerTls::load(&t.files, t.crl.as_deref(), &t.trust_domains) {
                     Ok(p) => Some(p),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot load TLS for peers");

@@ -1,13 +1,14 @@
 //! Certificates → identity: loads the node's certificate, key and federation CA, builds
 //! the TLS 1.3 server and client configurations, and reads a verified peer's identity
-//! (SPIFFE URI SAN, else DNS SAN) from its certificate.
+//! (SPIFFE URI SAN, else DNS SAN) from its certificate. Which CA may vouch for which
+//! identity is `domains`' (one bundle per trust domain).
 
+pub mod domains;
 pub mod pki;
 pub mod rotate;
 
 use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -149,15 +150,7 @@ pub fn load_crls(
     Ok(crls)
 }
 
-fn roots(ca: &Path) -> Result<Arc<RootCertStore>, IdentityError> {
-    let mut store = RootCertStore::empty();
-    for c in load_certs(ca)? {
-        store
-            .add(c)
-            .map_err(|e| IdentityError::BadCertificate(ca.to_owned(), e.to_string()))?;
-    }
-    Ok(Arc::new(store))
-}
+use domains::roots;
 
 /// TLS 1.3 (and, if allowed, TLS 1.2 with ring's suites, all AEAD with ECDHE), client
 /// certificate required and verified against the federation CA.
@@ -166,6 +159,26 @@ pub fn server_config(
     alpn: &[&[u8]],
     allow_tls12: bool,
     crl: Option<&Path>,
+    trust_domains: &[domains::DomainSpec],
+) -> Result<Arc<ServerConfig>, IdentityError> {
+    // each identity's certificate must chain to the bundle of the trust domain it names
+    let verifier = Arc::new(domains::DomainVerifier::load(
+        domains::own_domain(&files.cert),
+        &files.ca,
+        crl,
+        trust_domains,
+        None,
+    )?);
+    server_config_with(files, alpn, allow_tls12, verifier)
+}
+
+/// [`server_config`] with the callers' verifier already loaded (a rotation keeps a
+/// trust domain's previous bundle when its new one does not load).
+pub fn server_config_with(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+    allow_tls12: bool,
+    verifier: Arc<domains::DomainVerifier>,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
@@ -173,20 +186,6 @@ pub fn server_config(
         &[&rustls::version::TLS13]
     };
     let provider = provider();
-    let mut builder =
-        WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
-    if let Some(path) = crl {
-        // a leaf whose issuer has no CRL here is not refused for that: with two CAs in
-        // the bundle (a rotation) or leaves from an intermediate, a CRL of one issuer
-        // must not lock out every certificate of the other
-        builder = builder
-            .with_crls(load_crls(path)?)
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status();
-    }
-    let verifier = builder
-        .build()
-        .map_err(|e| IdentityError::Tls(e.to_string()))?;
     let ck = load_certified_key(files)?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
@@ -220,7 +219,7 @@ pub fn peer_client_config(
     identity: &str,
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, IdentityError> {
-    PeerTls::load(files, None)?.config(identity, alpn)
+    PeerTls::load(files, None, &[])?.config(identity, alpn)
 }
 
 /// What every connection to a peer shares: this node's certificate and key, and the
@@ -236,6 +235,32 @@ pub struct PeerTls {
     /// One TLS session cache for every peer (each config would otherwise allocate its
     /// own 256 entries up front).
     sessions: Arc<rustls::client::ClientSessionMemoryCache>,
+    /// The node's own trust domain, and every other domain's bundle and CRL checks: a
+    /// peer's certificate must chain to the bundle of the domain its identity names.
+    own: Option<String>,
+    others: Vec<PeerDomain>,
+}
+
+#[derive(Debug, Clone)]
+struct PeerDomain {
+    name: String,
+    roots: Arc<RootCertStore>,
+    revocation: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+}
+
+/// A bundle's server-side checks with its CRL, for peers this node dials.
+fn revocation(
+    roots: &Arc<RootCertStore>,
+    crl: Option<&Path>,
+) -> Result<Option<Arc<rustls::client::WebPkiServerVerifier>>, IdentityError> {
+    let Some(path) = crl else { return Ok(None) };
+    rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .with_crls(load_crls(path)?)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map(Some)
+        .map_err(|e| IdentityError::Tls(e.to_string()))
 }
 
 #[derive(Debug)]
@@ -256,27 +281,31 @@ impl rustls::client::ResolvesClientCert for OwnCert {
 }
 
 impl PeerTls {
-    pub fn load(files: &TlsFiles, crl: Option<&Path>) -> Result<Self, IdentityError> {
+    pub fn load(
+        files: &TlsFiles,
+        crl: Option<&Path>,
+        trust_domains: &[domains::DomainSpec],
+    ) -> Result<Self, IdentityError> {
         let roots = roots(&files.ca)?;
-        let revocation = match crl {
-            Some(path) => Some(
-                rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    roots.clone(),
-                    provider(),
-                )
-                .with_crls(load_crls(path)?)
-                .only_check_end_entity_revocation()
-                .allow_unknown_revocation_status()
-                .build()
-                .map_err(|e| IdentityError::Tls(e.to_string()))?,
-            ),
-            None => None,
-        };
+        let revocation = revocation(&roots, crl)?;
+        let others = trust_domains
+            .iter()
+            .map(|d| {
+                let roots = domains::roots(&d.ca)?;
+                Ok(PeerDomain {
+                    name: d.name.clone(),
+                    revocation: self::revocation(&roots, d.crl.as_deref())?,
+                    roots,
+                })
+            })
+            .collect::<Result<_, IdentityError>>()?;
         Ok(Self {
             key: load_certified_key(files)?,
             roots,
             revocation,
             sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(1024)),
+            own: domains::own_domain(&files.cert),
+            others,
         })
     }
 
@@ -286,9 +315,29 @@ impl PeerTls {
         identity: &str,
         alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, IdentityError> {
+        // the bundle of the domain the peer's identity names
+        let (roots, revocation) = match domains::domain_of(identity) {
+            Some(domain) if self.own.as_deref().is_some_and(|own| own != domain) => {
+                let d = self
+                    .others
+                    .iter()
+                    .find(|d| d.name == domain)
+                    .ok_or_else(|| {
+                        IdentityError::Tls(format!(
+                            "peer identity {identity} names trust domain {domain:?}, for which this node has no bundle"
+                        ))
+                    })?;
+                (d.roots.clone(), d.revocation.clone())
+            }
+            Some(domain) => match self.others.iter().find(|d| d.name == domain) {
+                Some(d) => (d.roots.clone(), d.revocation.clone()),
+                None => (self.roots.clone(), self.revocation.clone()),
+            },
+            None => (self.roots.clone(), self.revocation.clone()),
+        };
         let verifier = Arc::new(PeerVerifier {
-            roots: self.roots.clone(),
-            revocation: self.revocation.clone(),
+            roots,
+            revocation,
             identity: identity.to_owned(),
             algs: provider().signature_verification_algorithms,
         });

@@ -1,10 +1,11 @@
 //! Certificate rotation: the listeners' TLS configuration lives behind an `ArcSwap`;
 //! on SIGHUP or when a file's modification time or size changes, the certificate, key,
-//! CA bundle and CRL are loaded again and swapped in whole. New handshakes use the new
+//! CA bundle and CRL (and each trust domain's) are loaded again and swapped in whole. New handshakes use the new
 //! material, established connections keep theirs, and a bad file is refused with a log
 //! line while the old material keeps serving.
 
-use super::{server_config, IdentityError, TlsFiles};
+use super::domains::{own_domain, DomainSpec, DomainVerifier};
+use super::{server_config_with, IdentityError, TlsFiles};
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use std::path::PathBuf;
@@ -18,6 +19,10 @@ pub struct Rotating {
     current: ArcSwap<ServerConfig>,
     files: TlsFiles,
     crl: Option<PathBuf>,
+    domains: Vec<DomainSpec>,
+    /// The callers' verifier in use: a domain whose new files do not load keeps its
+    /// bundle from here.
+    verifier: Mutex<Arc<DomainVerifier>>,
     alpn: Vec<Vec<u8>>,
     allow_tls12: bool,
     stamps: Mutex<Vec<Stamp>>,
@@ -34,16 +39,26 @@ impl Rotating {
     pub fn new(
         files: TlsFiles,
         crl: Option<PathBuf>,
+        domains: Vec<DomainSpec>,
         alpn: &[&[u8]],
         allow_tls12: bool,
     ) -> Result<Self, IdentityError> {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
         let refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
-        let cfg = server_config(&files, &refs, allow_tls12, crl.as_deref())?;
+        let verifier = Arc::new(DomainVerifier::load(
+            own_domain(&files.cert),
+            &files.ca,
+            crl.as_deref(),
+            &domains,
+            None,
+        )?);
+        let cfg = server_config_with(&files, &refs, allow_tls12, verifier.clone())?;
         let me = Self {
             current: ArcSwap::new(cfg),
             files,
             crl,
+            domains,
+            verifier: Mutex::new(verifier),
             alpn,
             allow_tls12,
             stamps: Mutex::new(Vec::new()),
@@ -62,9 +77,15 @@ impl Rotating {
 
     fn paths(&self) -> Vec<&PathBuf> {
         let f = &self.files;
+        // every trust domain's bundle and CRL too: rotating one reloads it
         [&f.cert, &f.key, &f.ca]
             .into_iter()
             .chain(self.crl.as_ref())
+            .chain(
+                self.domains
+                    .iter()
+                    .flat_map(|d| std::iter::once(&d.ca).chain(d.crl.as_ref())),
+            )
             .collect()
     }
 
@@ -93,7 +114,18 @@ impl Rotating {
             *last = now;
         }
         let refs: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
-        let cfg = server_config(&self.files, &refs, self.allow_tls12, self.crl.as_deref())?;
+        let previous = self.verifier.lock().map(|v| v.clone()).ok();
+        let verifier = Arc::new(DomainVerifier::load(
+            own_domain(&self.files.cert),
+            &self.files.ca,
+            self.crl.as_deref(),
+            &self.domains,
+            previous.as_deref(),
+        )?);
+        let cfg = server_config_with(&self.files, &refs, self.allow_tls12, verifier.clone())?;
+        if let Ok(mut v) = self.verifier.lock() {
+            *v = verifier;
+        }
         self.current.store(cfg);
         Ok(Reloaded::Swapped)
     }

@@ -380,6 +380,13 @@ fn classify(e: &std::io::Error) -> Reason {
         E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => Reason::Expired,
         E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => Reason::NotYetValid,
         E::InvalidCertificate(C::Revoked) => Reason::Revoked,
+        E::InvalidCertificate(C::Other(o))
+            if o.0
+                .downcast_ref::<crate::identity::domains::TrustDomainError>()
+                .is_some() =>
+        {
+            Reason::TrustDomain
+        }
         E::InvalidCertificate(_) => Reason::BadCertificate,
         E::PeerIncompatible(_) => Reason::Incompatible,
         E::NoApplicationProtocol => Reason::Alpn,

@@ -59,8 +59,21 @@ pub struct FileRef {
 /// What callers' certificates are checked against.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Trust {
+    /// The node's own trust domain (its certificate's SPIFFE ID's), whose bundle is `ca`.
+    pub own_domain: Option<String>,
     pub ca: FileRef,
     pub crl: Option<FileRef>,
+    /// Other organisations' trust domains, each vouching only for its own identities.
+    pub domains: Vec<DomainTrust>,
+}
+
+/// One `[[trust_domain]]`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DomainTrust {
+    pub name: String,
+    pub ca: FileRef,
+    pub crl: Option<FileRef>,
+    pub dns_names: Vec<String>,
 }
 
 /// An identity pattern's access to a service.
@@ -253,8 +266,19 @@ pub fn manifest(cfg: &Config) -> Manifest {
             .unwrap_or_else(|_| "unreadable".into()),
     };
     let trust = cfg.tls.as_ref().map(|t| Trust {
+        own_domain: crate::identity::domains::own_domain(&t.files.cert),
         ca: file(&t.files.ca),
         crl: t.crl.as_deref().map(file),
+        domains: t
+            .trust_domains
+            .iter()
+            .map(|d| DomainTrust {
+                name: d.name.clone(),
+                ca: file(&d.ca),
+                crl: d.crl.as_deref().map(file),
+                dns_names: d.dns_names.clone(),
+            })
+            .collect(),
     });
     Manifest {
         node: n.name.clone(),
@@ -411,10 +435,28 @@ pub fn markdown(m: &Manifest) -> String {
     if let Some(t) = &m.trust {
         let _ = writeln!(
             s,
-            "\n## Trust\n\n- client certificates must chain to: {}\n- revoked: {}",
+            "\n## Trust\n\n- own trust domain {}: certificates must chain to {}\n- revoked: {}",
+            t.own_domain
+                .as_deref()
+                .unwrap_or("(none: the node's certificate has no SPIFFE ID)"),
             t.ca.path,
             t.crl.as_ref().map_or("no CRL", |c| c.path.as_str())
         );
+        for d in &t.domains {
+            let _ = writeln!(
+                s,
+                "- trust domain {}: its identities (spiffe://{}/…{}) must chain to {}; revoked: {}",
+                d.name,
+                d.name,
+                if d.dns_names.is_empty() {
+                    String::new()
+                } else {
+                    format!(", and DNS names {}", d.dns_names.join(", "))
+                },
+                d.ca.path,
+                d.crl.as_ref().map_or("no CRL", |c| c.path.as_str())
+            );
+        }
     }
     s
 }
@@ -740,6 +782,67 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
             format!("CRL {} → {}: what is revoked changes", o.path, n.path),
         ),
         _ => {}
+    }
+    // per trust domain: admitted, no longer admitted, or admitted on other terms
+    let none = Vec::new();
+    let (od, nd) = (
+        to.map_or(&none, |t| &t.domains),
+        tn.map_or(&none, |t| &t.domains),
+    );
+    for n in nd {
+        match od.iter().find(|o| o.name == n.name) {
+            None => push(
+                "trust",
+                '+',
+                format!(
+                    "trust domain {}: its identities are admitted, with certificates of {}",
+                    n.name, n.ca.path
+                ),
+            ),
+            Some(o) => {
+                if o.ca != n.ca {
+                    push(
+                        "trust",
+                        '~',
+                        format!(
+                            "trust domain {}: bundle {} → {}: which of its certificates are admitted changes",
+                            n.name, o.ca.path, n.ca.path
+                        ),
+                    );
+                }
+                if o.crl != n.crl {
+                    push(
+                        "trust",
+                        '~',
+                        format!("trust domain {}: its CRL changes what is revoked", n.name),
+                    );
+                }
+                if o.dns_names != n.dns_names {
+                    push(
+                        "trust",
+                        '~',
+                        format!(
+                            "trust domain {}: DNS names it vouches for [{}] → [{}]",
+                            n.name,
+                            o.dns_names.join(", "),
+                            n.dns_names.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    for o in od {
+        if !nd.iter().any(|n| n.name == o.name) {
+            push(
+                "trust",
+                '-',
+                format!(
+                    "trust domain {}: its identities are refused (trust_domain)",
+                    o.name
+                ),
+            );
+        }
     }
     out
 }

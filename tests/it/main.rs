@@ -29,3 +29,4 @@ mod spikes;
 mod streaming;
 mod structure;
 mod top;
+mod trust;

@@ -21,7 +21,7 @@ fn span<T>(s: &S<T>) -> std::ops::Range<usize> {
 impl Checker<'_> {
     pub(super) fn run(&mut self, raw: RawConfig, path: &Path, text: &str) -> Option<Config> {
         let node = self.node(&raw.node);
-        let tls = raw.tls.as_ref().map(|t| self.tls(t));
+        let tls = raw.tls.as_ref().map(|t| self.tls(t, &raw.trust_domain));
         let admin = raw.admin.as_ref().and_then(|a| {
             let addr = self.socket_addr(&a.get_ref().bind)?;
             if !addr.ip().is_loopback() {

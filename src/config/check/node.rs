@@ -2,6 +2,7 @@
 //! federation-wide checks that read several sections.
 
 use super::*;
+use crate::identity::domains::DomainSpec;
 
 impl Checker<'_> {
     pub(super) fn registry(
@@ -382,7 +383,11 @@ impl Checker<'_> {
         }
     }
 
-    pub(super) fn tls(&mut self, t: &S<raw::RawTls>) -> Option<Tls> {
+    pub(super) fn tls(
+        &mut self,
+        t: &S<raw::RawTls>,
+        domains: &[S<raw::RawTrustDomain>],
+    ) -> Option<Tls> {
         let r = t.get_ref();
         let files = TlsFiles {
             cert: self.path(r.cert.get_ref()),
@@ -465,11 +470,111 @@ impl Checker<'_> {
                 false
             }
         };
+        let trust_domains = self.trust_domains(&files, domains);
         ok.then_some(Tls {
             files,
             allow_tls12,
             crl,
             handshake_timeout,
+            trust_domains: trust_domains?,
         })
+    }
+
+    /// `[[trust_domain]]`s: each a well-formed SPIFFE trust domain other than the
+    /// node's own, named once, with a readable bundle; no DNS name vouched for by two.
+    fn trust_domains(
+        &mut self,
+        files: &TlsFiles,
+        domains: &[S<raw::RawTrustDomain>],
+    ) -> Option<Vec<DomainSpec>> {
+        let own = identity::domains::own_domain(&files.cert);
+        let mut out: Vec<DomainSpec> = Vec::new();
+        let mut ok = true;
+        for d in domains {
+            let r = d.get_ref();
+            let name = r.name.get_ref();
+            let well_formed = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+            if !well_formed {
+                ok = false;
+                self.sink.error(
+                    span(&r.name),
+                    format!("{name:?} is not a SPIFFE trust domain"),
+                    "name it as a SPIFFE ID's authority: lower-case letters, digits, '.', '-' and '_', e.g. \"b.example\" (without spiffe://)",
+                );
+                continue;
+            }
+            if own.as_deref() == Some(name.as_str()) {
+                ok = false;
+                self.sink.error(
+                    span(&r.name),
+                    format!("{name:?} is this node's own trust domain"),
+                    "the node's own domain's bundle is [tls] ca; a [[trust_domain]] is for another organisation's",
+                );
+                continue;
+            }
+            if out.iter().any(|o| &o.name == name) {
+                ok = false;
+                self.sink.error(
+                    span(&r.name),
+                    format!("trust domain {name:?} is configured twice"),
+                    "give each trust domain one [[trust_domain]], its bundle holding every CA it uses",
+                );
+                continue;
+            }
+            let ca = self.path(r.ca.get_ref());
+            if let Err(e) = identity::check_cert_file(&ca) {
+                ok = false;
+                self.sink.error(span(&r.ca), e.to_string(), cert_hint(&e));
+            }
+            let crl = r.crl.as_ref().map(|c| {
+                let p = self.path(c.get_ref());
+                if let Err(e) = identity::load_crls(&p) {
+                    ok = false;
+                    self.sink.error(
+                        span(c),
+                        e.to_string(),
+                        "give the path of a PEM CRL signed by this trust domain's CA",
+                    );
+                }
+                p
+            });
+            let mut dns_names = Vec::new();
+            for n in r.dns_names.iter().flatten() {
+                let v = n.get_ref();
+                let host = v.strip_prefix("*.").unwrap_or(v);
+                if !crate::grammar::pattern::is_identity(host)
+                    || host.starts_with("spiffe://")
+                    || host != host.to_ascii_lowercase()
+                {
+                    ok = false;
+                    self.sink.error(
+                        span(n),
+                        format!("{v:?} is not a DNS name"),
+                        "list lower-case host names (\"db.b.example\") or one-label wildcards (\"*.svc.b.example\")",
+                    );
+                    continue;
+                }
+                if let Some(o) = out.iter().find(|o| o.dns_names.contains(v)) {
+                    ok = false;
+                    self.sink.error(
+                        span(n),
+                        format!("{v:?} is vouched for by trust domain {:?} as well", o.name),
+                        "a DNS name may be vouched for by one trust domain only",
+                    );
+                    continue;
+                }
+                dns_names.push(v.clone());
+            }
+            out.push(DomainSpec {
+                name: name.clone(),
+                ca,
+                crl,
+                dns_names,
+            });
+        }
+        ok.then_some(out)
     }
 }

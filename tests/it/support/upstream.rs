@@ -97,7 +97,7 @@ pub fn start_tls(proto: Proto, files: &fedport::identity::TlsFiles) -> Upstream 
         Proto::H2c => &[b"h2"],
         Proto::Http1 => &[b"http/1.1"],
     };
-    let cfg = fedport::identity::server_config(files, alpn, false, None).unwrap();
+    let cfg = fedport::identity::server_config(files, alpn, false, None, &[]).unwrap();
     start_with(proto, Some(tokio_rustls::TlsAcceptor::from(cfg)))
 }
 
