@@ -5,6 +5,8 @@
 #
 #   bench/ab.sh BINARY_A BINARY_B [ROUNDS] [SECONDS] [CONNS] [STREAMS]
 #   AB_EXTRA_B=FILE bench/ab.sh BIN BIN …   B's config has FILE appended
+#   AB_SHAPE=churn bench/ab.sh A B …        one request per new mTLS connection (1,000
+#                                           at once) instead of keepalive: the handshake
 #   AB_IDLE_B=N bench/ab.sh BIN BIN …       N idle mTLS HTTP/2 connections held open to B
 #                                           beside its load (bench/hold.py, HOLD_IDLE=1);
 #                                           both listeners then allow 20,000 connections
@@ -45,8 +47,8 @@ if [ -n "${AB_IDLE_B:-}" ]; then
   echo "idle connections to B: $(sed -n 's/^held //p' hold.out)" >&2
 fi
 for _ in $(seq "$rounds"); do
-  run A "https://127.0.0.1:$fa/" "$pa"
-  run B "https://127.0.0.1:$fb/" "$pb"
+  run_shape=${AB_SHAPE:-} run A "https://127.0.0.1:$fa/" "$pa" | sed 's/^churn\t//'
+  run_shape=${AB_SHAPE:-} run B "https://127.0.0.1:$fb/" "$pb" | sed 's/^churn\t//'
 done >results.tsv
 python3 - results.tsv "$rounds" <<'PY'
 import collections, statistics as st, sys

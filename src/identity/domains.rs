@@ -46,12 +46,58 @@ pub fn own_domain(cert: &Path) -> Option<String> {
 }
 
 /// Whether `name` is among the DNS names a domain may vouch for.
-fn vouches_for(patterns: &[String], name: &str) -> bool {
+pub fn vouches_for(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| match p.strip_prefix("*.") {
         Some(suffix) => name.strip_suffix(suffix).is_some_and(|head| {
             head.len() > 1 && head.ends_with('.') && !head[..head.len() - 1].contains('.')
         }),
         None => p == name,
+    })
+}
+
+/// Which bundle vouches for an identity: the node's own (`[tls] ca`), the `i`th
+/// `[[trust_domain]]`'s, or none (refused, and why). One rule for callers and for peers
+/// this node dials.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Bundle {
+    Own,
+    Other(usize),
+    Refused(String),
+}
+
+pub fn bundle_for(own: Option<&str>, domains: &[DomainSpec], identity: &str) -> Bundle {
+    match domain_of(identity) {
+        Some(d) => {
+            // `b.example.` is another domain than `b.example` to a comparison, and the
+            // same to whoever reads it later: no bundle vouches for such a spelling
+            if d.is_empty() || d.split('.').any(str::is_empty) {
+                return Bundle::Refused(format!("{identity} names a malformed trust domain"));
+            }
+            if let Some(i) = domains.iter().position(|x| x.name == d) {
+                return Bundle::Other(i);
+            }
+            match own {
+                Some(o) if o != d => Bundle::Refused(format!(
+                    "{identity} names trust domain {d:?}, for which this node has no bundle"
+                )),
+                _ => Bundle::Own,
+            }
+        }
+        None => domains
+            .iter()
+            .position(|x| vouches_for(&x.dns_names, identity))
+            .map_or(Bundle::Own, Bundle::Other),
+    }
+}
+
+/// Whether two DNS-name lists overlap: a name, or a name one wildcard covers.
+pub fn dns_overlap<'a>(a: &'a [String], b: &[String]) -> Option<&'a String> {
+    a.iter().find(|x| {
+        b.contains(x)
+            || vouches_for(b, x)
+            || b.iter().any(|y| vouches_for(std::slice::from_ref(*x), y))
+            || x.strip_prefix("*.")
+                .is_some_and(|xs| b.iter().any(|y| y.strip_prefix("*.") == Some(xs)))
     })
 }
 
@@ -82,13 +128,14 @@ fn verifier(ca: &Path, crl: Option<&Path>) -> Result<Arc<dyn ClientCertVerifier>
         .map_err(|e| IdentityError::Tls(e.to_string()))
 }
 
-/// One domain's loaded verifier.
+/// One domain's loaded verifier, or why its files do not load (then its identities
+/// are refused: a bundle or CRL that no longer loads must not leave an older one, which
+/// may still admit what was since revoked, vouching for them).
 struct Domain {
-    name: String,
-    verifier: Arc<dyn ClientCertVerifier>,
-    dns_names: Vec<String>,
-    /// What it was loaded from: a rotation keeps it only for the same domain and files.
-    spec: DomainSpec,
+    verifier: Result<Arc<dyn ClientCertVerifier>, String>,
+    /// Its CAs' subjects, to tell a certificate of this domain's CA used in another's
+    /// name without verifying it again.
+    subjects: Vec<DistinguishedName>,
 }
 
 /// Verifies a caller's certificate against the bundle of the trust domain its identity
@@ -100,6 +147,7 @@ pub struct DomainVerifier {
     own: Option<String>,
     /// `[tls] ca` (and `[tls] crl`).
     own_verifier: Arc<dyn ClientCertVerifier>,
+    specs: Vec<DomainSpec>,
     others: Vec<Domain>,
     hints: Vec<DistinguishedName>,
 }
@@ -110,48 +158,52 @@ impl std::fmt::Debug for DomainVerifier {
             .field("own", &self.own)
             .field(
                 "others",
-                &self.others.iter().map(|d| &d.name).collect::<Vec<_>>(),
+                &self.specs.iter().map(|d| &d.name).collect::<Vec<_>>(),
             )
             .finish()
     }
 }
 
 impl DomainVerifier {
-    /// Loads every bundle. With `previous` (a rotation), a domain whose files no longer
-    /// load keeps the bundle it had, so that one organisation's broken file neither
-    /// stops another's rotation nor locks its own callers out; the node's own bundle
-    /// must load.
+    /// Loads every bundle. The node's own must load; another domain whose files do not
+    /// load is refused (logged at error level, its identities failing the handshake as
+    /// `trust_domain`), and holds up neither the others nor a reload.
     pub fn load(
         own: Option<String>,
         ca: &Path,
         crl: Option<&Path>,
         domains: &[DomainSpec],
-        previous: Option<&DomainVerifier>,
     ) -> Result<Self, IdentityError> {
         let own_verifier = verifier(ca, crl)?;
         let mut hints = own_verifier.root_hint_subjects().to_vec();
         let mut others = Vec::new();
         for d in domains {
-            let kept = previous.and_then(|p| p.others.iter().find(|o| o.spec == *d));
-            let v = match (verifier(&d.ca, d.crl.as_deref()), kept) {
-                (Ok(v), _) => v,
-                (Err(e), Some(k)) => {
-                    tracing::warn!(trust_domain = %d.name, error = %e, "trust domain's new files refused; its previous bundle keeps serving");
-                    k.verifier.clone()
+            let domain = match verifier(&d.ca, d.crl.as_deref()) {
+                Ok(v) => {
+                    let subjects = v.root_hint_subjects().to_vec();
+                    hints.extend(subjects.iter().cloned());
+                    Domain {
+                        verifier: Ok(v),
+                        subjects,
+                    }
                 }
-                (Err(e), None) => return Err(e),
+                Err(e) => {
+                    tracing::error!(trust_domain = %d.name, error = %e, "trust domain's files do not load: its identities are refused until they do");
+                    Domain {
+                        verifier: Err(format!(
+                            "trust domain {:?}'s bundle does not load: {e}",
+                            d.name
+                        )),
+                        subjects: Vec::new(),
+                    }
+                }
             };
-            hints.extend(v.root_hint_subjects().iter().cloned());
-            others.push(Domain {
-                name: d.name.clone(),
-                verifier: v,
-                dns_names: d.dns_names.clone(),
-                spec: d.clone(),
-            });
+            others.push(domain);
         }
         Ok(Self {
             own,
             own_verifier,
+            specs: domains.to_vec(),
             others,
             hints,
         })
@@ -163,28 +215,35 @@ impl DomainVerifier {
             // no identity: verified as before, refused after the handshake
             return Ok(&self.own_verifier);
         };
-        match domain_of(id) {
-            Some(domain) => {
-                if let Some(d) = self.others.iter().find(|d| d.name == domain) {
-                    return Ok(&d.verifier);
-                }
-                match &self.own {
-                    Some(own) if own != domain => Err(format!(
-                        "{id} names trust domain {domain:?}, for which this node has no bundle"
-                    )),
-                    _ => Ok(&self.own_verifier),
-                }
-            }
-            None => Ok(self
-                .others
-                .iter()
-                .find(|d| vouches_for(&d.dns_names, id))
-                .map_or(&self.own_verifier, |d| &d.verifier)),
+        match bundle_for(self.own.as_deref(), &self.specs, id) {
+            Bundle::Own => Ok(&self.own_verifier),
+            Bundle::Other(i) => self.others[i].verifier.as_ref().map_err(Clone::clone),
+            Bundle::Refused(why) => Err(why),
         }
     }
 
-    fn all(&self) -> impl Iterator<Item = &Arc<dyn ClientCertVerifier>> {
-        std::iter::once(&self.own_verifier).chain(self.others.iter().map(|d| &d.verifier))
+    /// Whether a certificate that its identity's bundle refused was issued by the CA of
+    /// another bundle here: compared by name, not verified again (a stranger's chain
+    /// must cost one verification, not one per domain).
+    fn issued_by_another(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        chosen: &Arc<dyn ClientCertVerifier>,
+    ) -> bool {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity) else {
+            return false;
+        };
+        let issuer = cert.tbs_certificate.issuer.as_raw();
+        let own = (!Arc::ptr_eq(chosen, &self.own_verifier))
+            .then(|| self.own_verifier.root_hint_subjects())
+            .into_iter()
+            .flatten();
+        let others = self
+            .others
+            .iter()
+            .filter(|d| d.verifier.as_ref().is_ok_and(|v| !Arc::ptr_eq(v, chosen)))
+            .flat_map(|d| d.subjects.iter());
+        own.chain(others).any(|dn| dn.as_ref() == issuer)
     }
 }
 
@@ -213,17 +272,10 @@ impl ClientCertVerifier for DomainVerifier {
             // issued in another's name), not merely "unknown issuer"
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
-            )) if id.is_some()
-                && self
-                    .all()
-                    .filter(|o| !Arc::ptr_eq(o, v))
-                    .any(|o| o.verify_client_cert(end_entity, intermediates, now).is_ok()) =>
-            {
-                Err(refused(format!(
-                    "{} is signed by another trust domain's CA than the one its identity names",
-                    id.unwrap_or_default()
-                )))
-            }
+            )) if id.is_some() && self.issued_by_another(end_entity, v) => Err(refused(format!(
+                "{} is signed by another trust domain's CA than the one its identity names",
+                id.unwrap_or_default()
+            ))),
             Err(e) => Err(e),
         }
     }
@@ -264,6 +316,48 @@ mod tests {
         assert!(!vouches_for(&p, "a.api.svc.b.example"));
         assert!(!vouches_for(&p, "evilsvc.b.example"));
         assert!(!vouches_for(&p, "db.b.example.evil"));
+    }
+
+    #[test]
+    fn callers_and_peers_find_their_bundle_by_one_rule() {
+        let b = DomainSpec {
+            name: "b.example".into(),
+            ca: "b.pem".into(),
+            crl: None,
+            dns_names: vec!["db.b.example".into()],
+        };
+        let d = std::slice::from_ref(&b);
+        let own = Some("fed.test");
+        assert_eq!(bundle_for(own, d, "spiffe://fed.test/x"), Bundle::Own);
+        assert_eq!(bundle_for(own, d, "spiffe://b.example/x"), Bundle::Other(0));
+        // a DNS identity a domain vouches for is that domain's, a peer's as a caller's
+        assert_eq!(bundle_for(own, d, "db.b.example"), Bundle::Other(0));
+        assert_eq!(bundle_for(own, d, "api.fed.test"), Bundle::Own);
+        for refused in [
+            "spiffe://c.example/x",
+            "spiffe://b.example./x",
+            "spiffe://b..example/x",
+        ] {
+            assert!(
+                matches!(bundle_for(own, d, refused), Bundle::Refused(_)),
+                "{refused}"
+            );
+        }
+        // a node with no SPIFFE ID of its own: [tls] ca for the domains none names
+        assert_eq!(bundle_for(None, d, "spiffe://c.example/x"), Bundle::Own);
+        assert!(matches!(
+            bundle_for(None, d, "spiffe://c.example./x"),
+            Bundle::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn dns_names_overlap_through_wildcards() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(dns_overlap(&v(&["a.svc.x"]), &v(&["*.svc.x"])).is_some());
+        assert!(dns_overlap(&v(&["*.svc.x"]), &v(&["a.svc.x"])).is_some());
+        assert!(dns_overlap(&v(&["*.svc.x"]), &v(&["*.svc.x"])).is_some());
+        assert!(dns_overlap(&v(&["*.svc.x"]), &v(&["*.other.x", "svc.x"])).is_none());
     }
 
     #[test]

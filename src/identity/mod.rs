@@ -167,14 +167,13 @@ pub fn server_config(
         &files.ca,
         crl,
         trust_domains,
-        None,
     )?);
     server_config_with(files, alpn, allow_tls12, verifier)
 }
 
 /// [`server_config`] with the callers' verifier already loaded (a rotation keeps a
 /// trust domain's previous bundle when its new one does not load).
-pub fn server_config_with(
+fn server_config_with(
     files: &TlsFiles,
     alpn: &[&[u8]],
     allow_tls12: bool,
@@ -238,12 +237,12 @@ pub struct PeerTls {
     /// The node's own trust domain, and every other domain's bundle and CRL checks: a
     /// peer's certificate must chain to the bundle of the domain its identity names.
     own: Option<String>,
-    others: Vec<PeerDomain>,
+    specs: Vec<domains::DomainSpec>,
+    others: Vec<Result<PeerDomain, String>>,
 }
 
 #[derive(Debug, Clone)]
 struct PeerDomain {
-    name: String,
     roots: Arc<RootCertStore>,
     revocation: Option<Arc<rustls::client::WebPkiServerVerifier>>,
 }
@@ -288,23 +287,27 @@ impl PeerTls {
     ) -> Result<Self, IdentityError> {
         let roots = roots(&files.ca)?;
         let revocation = revocation(&roots, crl)?;
+        // a domain whose files do not load is refused (its peers are not dialled), as
+        // its callers are, and holds up nothing else
         let others = trust_domains
             .iter()
             .map(|d| {
-                let roots = domains::roots(&d.ca)?;
-                Ok(PeerDomain {
-                    name: d.name.clone(),
-                    revocation: self::revocation(&roots, d.crl.as_deref())?,
-                    roots,
-                })
+                let loaded = domains::roots(&d.ca).and_then(|roots| {
+                    Ok(PeerDomain {
+                        revocation: self::revocation(&roots, d.crl.as_deref())?,
+                        roots,
+                    })
+                });
+                loaded.map_err(|e| format!("trust domain {:?}'s bundle does not load: {e}", d.name))
             })
-            .collect::<Result<_, IdentityError>>()?;
+            .collect();
         Ok(Self {
             key: load_certified_key(files)?,
             roots,
             revocation,
             sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(1024)),
             own: domains::own_domain(&files.cert),
+            specs: trust_domains.to_vec(),
             others,
         })
     }
@@ -315,26 +318,25 @@ impl PeerTls {
         identity: &str,
         alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, IdentityError> {
-        // the bundle of the domain the peer's identity names
-        let (roots, revocation) = match domains::domain_of(identity) {
-            Some(domain) if self.own.as_deref().is_some_and(|own| own != domain) => {
-                let d = self
-                    .others
-                    .iter()
-                    .find(|d| d.name == domain)
-                    .ok_or_else(|| {
-                        IdentityError::Tls(format!(
-                            "peer identity {identity} names trust domain {domain:?}, for which this node has no bundle"
-                        ))
-                    })?;
-                (d.roots.clone(), d.revocation.clone())
-            }
-            Some(domain) => match self.others.iter().find(|d| d.name == domain) {
-                Some(d) => (d.roots.clone(), d.revocation.clone()),
-                None => (self.roots.clone(), self.revocation.clone()),
-            },
-            None => (self.roots.clone(), self.revocation.clone()),
+        // the bundle of the domain the peer's identity names (the rule callers are
+        // verified by); none: the peer is refused at every handshake, and logged
+        let refuse = |why: &str| {
+            tracing::error!(
+                peer_identity = identity,
+                why,
+                "no bundle vouches for this peer: it is not dialled"
+            );
+            (Arc::new(RootCertStore::empty()), None)
         };
+        let (roots, revocation) =
+            match domains::bundle_for(self.own.as_deref(), &self.specs, identity) {
+                domains::Bundle::Own => (self.roots.clone(), self.revocation.clone()),
+                domains::Bundle::Other(i) => match &self.others[i] {
+                    Ok(d) => (d.roots.clone(), d.revocation.clone()),
+                    Err(why) => refuse(why),
+                },
+                domains::Bundle::Refused(why) => refuse(&why),
+            };
         let verifier = Arc::new(PeerVerifier {
             roots,
             revocation,

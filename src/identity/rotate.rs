@@ -4,8 +4,8 @@
 //! material, established connections keep theirs, and a bad file is refused with a log
 //! line while the old material keeps serving.
 
-use super::domains::{own_domain, DomainSpec, DomainVerifier};
-use super::{server_config_with, IdentityError, TlsFiles};
+use super::domains::DomainSpec;
+use super::{server_config, IdentityError, TlsFiles};
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use std::path::PathBuf;
@@ -20,9 +20,6 @@ pub struct Rotating {
     files: TlsFiles,
     crl: Option<PathBuf>,
     domains: Vec<DomainSpec>,
-    /// The callers' verifier in use: a domain whose new files do not load keeps its
-    /// bundle from here.
-    verifier: Mutex<Arc<DomainVerifier>>,
     alpn: Vec<Vec<u8>>,
     allow_tls12: bool,
     stamps: Mutex<Vec<Stamp>>,
@@ -45,20 +42,12 @@ impl Rotating {
     ) -> Result<Self, IdentityError> {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
         let refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
-        let verifier = Arc::new(DomainVerifier::load(
-            own_domain(&files.cert),
-            &files.ca,
-            crl.as_deref(),
-            &domains,
-            None,
-        )?);
-        let cfg = server_config_with(&files, &refs, allow_tls12, verifier.clone())?;
+        let cfg = server_config(&files, &refs, allow_tls12, crl.as_deref(), &domains)?;
         let me = Self {
             current: ArcSwap::new(cfg),
             files,
             crl,
             domains,
-            verifier: Mutex::new(verifier),
             alpn,
             allow_tls12,
             stamps: Mutex::new(Vec::new()),
@@ -114,18 +103,13 @@ impl Rotating {
             *last = now;
         }
         let refs: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
-        let previous = self.verifier.lock().map(|v| v.clone()).ok();
-        let verifier = Arc::new(DomainVerifier::load(
-            own_domain(&self.files.cert),
-            &self.files.ca,
+        let cfg = server_config(
+            &self.files,
+            &refs,
+            self.allow_tls12,
             self.crl.as_deref(),
             &self.domains,
-            previous.as_deref(),
-        )?);
-        let cfg = server_config_with(&self.files, &refs, self.allow_tls12, verifier.clone())?;
-        if let Ok(mut v) = self.verifier.lock() {
-            *v = verifier;
-        }
+        )?;
         self.current.store(cfg);
         Ok(Reloaded::Swapped)
     }

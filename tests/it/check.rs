@@ -83,8 +83,20 @@ fn the_design_config_is_accepted_as_written() {
     std::fs::create_dir_all(dir.join("certs")).unwrap();
     std::fs::create_dir_all(dir.join("protos")).unwrap();
     std::fs::create_dir_all(dir.join("schemas")).unwrap();
-    std::fs::copy(&pki.node.cert, dir.join("certs/eu-west-a.pem")).unwrap();
-    std::fs::copy(&pki.node.key, dir.join("certs/eu-west-a.key")).unwrap();
+    // the node of the design's own trust domain, as its peers are
+    let node = pki
+        .authority
+        .issue(&fedport::identity::pki::LeafSpec {
+            common_name: "eu-west-a".into(),
+            spiffe: Some("spiffe://fed.example/node/eu-west-a".into()),
+            dns: vec!["localhost".into()],
+            ..Default::default()
+        })
+        .unwrap()
+        .write(dir, "eu-west-a")
+        .unwrap();
+    std::fs::copy(&node.cert, dir.join("certs/eu-west-a.pem")).unwrap();
+    std::fs::copy(&node.key, dir.join("certs/eu-west-a.key")).unwrap();
     std::fs::copy(&pki.ca, dir.join("certs/federation-ca.pem")).unwrap();
     std::fs::copy(
         examples.join("protos/orders.proto"),

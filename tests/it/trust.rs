@@ -98,8 +98,9 @@ fn each_trust_domain_vouches_only_for_its_own_identities() {
 }
 
 /// `check` refuses a `[[trust_domain]]` that is the node's own domain, one configured
-/// twice, a malformed name, and a DNS name vouched for by two domains, each with its
-/// line and a hint.
+/// twice, a malformed name (a trailing dot too), a DNS name two domains would vouch for
+/// (also through a wildcard), a CA that another bundle holds as well, and a peer whose
+/// domain has no bundle, each with its line and a hint.
 #[test]
 fn check_refuses_overlapping_or_malformed_trust_domains() {
     let pki = Pki::new();
@@ -133,6 +134,25 @@ fn check_refuses_overlapping_or_malformed_trust_domains() {
                 trust_domain("c.example", &c_ca)
             ),
             "is vouched for by trust domain \"b.example\" as well",
+        ),
+        (
+            format!(
+                "{}dns_names = [\"*.svc.shared.example\"]\n{}dns_names = [\"api.svc.shared.example\"]\n",
+                trust_domain("b.example", &b_ca),
+                trust_domain("c.example", &c_ca)
+            ),
+            "is vouched for by trust domain \"b.example\" as well",
+        ),
+        (trust_domain("b.example.", &b_ca), "is not a SPIFFE trust domain"),
+        (
+            trust_domain("b.example", &pki.ca),
+            "holds a CA that [tls] ca holds too",
+        ),
+        (
+            "[[peer]]\nname = \"z\"\nregion = \"r\"\naddress = \"127.0.0.1:1\"\n\
+             identity = \"spiffe://z.example/node/z\"\nservices = []\n"
+                .to_owned(),
+            "for which this node has no bundle",
         ),
     ];
     for (i, (extra, want)) in cases.iter().enumerate() {
@@ -243,19 +263,27 @@ fn two_organisations_federate_each_with_its_own_ca() {
     // the same node's identity, certified by a's own CA: a does not dial it
     let forged = node_b(&pki.authority, "node-b-forged");
     let cfg_forged = b_node(&forged, &pki.ca, pb, &up);
-    // (it admits a, so only a's own check can refuse the connection)
-    let _forged = Fedport::start(&cfg_forged);
+    // (in TLS 1.3 the client checks the server's certificate before it presents its
+    // own: a refuses the forged node before that node sees a's certificate)
+    let _forged = Fedport::start(&cfg_forged.replace(&trust_domain("fed.test", &pki.ca), ""));
     let a = Fedport::start(&a_cfg);
     std::thread::sleep(std::time::Duration::from_secs(1));
     let (code, v) = federation::get(&pki, pa, "far", &[]);
     assert_eq!(code, 503, "{v}");
     assert_eq!(up.hits(), 1, "nothing reached the forged node's service");
     assert_eq!(a.metric(r#"fedport_peer_up{peer="b"}"#), 0.0);
+    let log = a.log_text();
+    assert!(
+        log.contains("invalid peer certificate: UnknownIssuer"),
+        "a refused the forged node's certificate itself: {log}"
+    );
 }
 
-/// Each domain's bundle rotates on its own, without a restart: B's bundle file broken
-/// keeps B's callers admitted on the bundle B had, and C's bundle, rotated to a new CA
-/// meanwhile, takes effect for C's callers all the same.
+/// Each domain's bundle rotates on its own, without a restart: C's bundle, rotated to a
+/// new CA, takes effect for C's callers while B's file is broken. B's callers are
+/// refused meanwhile (a bundle or CRL that no longer loads must not leave an older one
+/// admitting what may since have been revoked), and admitted again once B's file is
+/// whole; the node's own callers are served throughout.
 #[test]
 fn each_domains_bundle_rotates_on_its_own() {
     let pki = Pki::new();
@@ -294,6 +322,13 @@ fn each_domains_bundle_rotates_on_its_own() {
         || status(&c_new) == 200,
     );
     assert_eq!(status(&c_old), 0, "C's old CA no longer vouches");
-    assert_eq!(status(&b_alice), 200, "B keeps the bundle it had");
+    assert_eq!(status(&b_alice), 0, "B's broken bundle vouches for nothing");
     assert_eq!(status(&pki.client), 200);
+    std::fs::write(&b_ca, b.cert_pem()).unwrap();
+    crate::support::wait_until(
+        "B's bundle whole again",
+        std::time::Duration::from_secs(10),
+        || status(&b_alice) == 200,
+    );
+    assert_eq!(status(&c_new), 200);
 }

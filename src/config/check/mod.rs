@@ -103,6 +103,26 @@ impl Checker<'_> {
             })
             .collect();
         let tls = tls.flatten();
+        // a peer is dialled only if a bundle vouches for its identity's domain
+        if let Some(t) = &tls {
+            let own = crate::identity::domains::own_domain(&t.files.cert);
+            for p in &raw.peer {
+                let id = &p.get_ref().identity;
+                if let crate::identity::domains::Bundle::Refused(why) =
+                    crate::identity::domains::bundle_for(
+                        own.as_deref(),
+                        &t.trust_domains,
+                        id.get_ref(),
+                    )
+                {
+                    self.sink.error(
+                        span(id),
+                        why,
+                        "add a [[trust_domain]] for the peer's organisation, with its CA bundle",
+                    );
+                }
+            }
+        }
         let node = node?;
         if self.sink.has_errors() {
             return None;

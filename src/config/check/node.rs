@@ -493,7 +493,7 @@ impl Checker<'_> {
         for d in domains {
             let r = d.get_ref();
             let name = r.name.get_ref();
-            let well_formed = !name.is_empty()
+            let well_formed = !name.split('.').any(str::is_empty)
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
@@ -529,6 +529,25 @@ impl Checker<'_> {
                 ok = false;
                 self.sink.error(span(&r.ca), e.to_string(), cert_hint(&e));
             }
+            // one CA in two bundles would vouch for both domains' identities: the
+            // separation the domains exist for (and the likely leftover of a merged
+            // bundle from before trust domains)
+            let certs = |p: &std::path::Path| identity::load_certs(p).unwrap_or_default();
+            let mine = certs(&ca);
+            let shared = std::iter::once(("[tls] ca".to_owned(), files.ca.clone()))
+                .chain(
+                    out.iter()
+                        .map(|o| (format!("trust domain {:?}", o.name), o.ca.clone())),
+                )
+                .find(|(_, p)| certs(p).iter().any(|c| mine.contains(c)));
+            if let Some((whose, _)) = shared {
+                ok = false;
+                self.sink.error(
+                    span(&r.ca),
+                    format!("trust domain {name:?}'s bundle holds a CA that {whose} holds too"),
+                    "each organisation's CA belongs in its own domain's bundle only: remove it from the other",
+                );
+            }
             let crl = r.crl.as_ref().map(|c| {
                 let p = self.path(c.get_ref());
                 if let Err(e) = identity::load_crls(&p) {
@@ -557,7 +576,9 @@ impl Checker<'_> {
                     );
                     continue;
                 }
-                if let Some(o) = out.iter().find(|o| o.dns_names.contains(v)) {
+                if let Some(o) = out.iter().find(|o| {
+                    identity::domains::dns_overlap(std::slice::from_ref(v), &o.dns_names).is_some()
+                }) {
                     ok = false;
                     self.sink.error(
                         span(n),
