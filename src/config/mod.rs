@@ -109,6 +109,8 @@ pub struct Node {
     pub upstream_connections: usize,
     /// The share of requests with an access log line (0: none, 1: all).
     pub access_log: f64,
+    /// What a call no rule allows gets, for services that do not say.
+    pub authorization: Authorization,
     /// Per-request metrics are recorded (off only to measure what they cost).
     pub request_metrics: bool,
     /// Requests from peers may be forwarded on to other peers.
@@ -164,6 +166,26 @@ pub struct Tls {
     /// `[[trust_domain]]`: the other organisations' bundles, each vouching only for
     /// its own domain's identities.
     pub trust_domains: Vec<crate::identity::domains::DomainSpec>,
+}
+
+/// What a call that no `[[allow]]` rule allows gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Authorization {
+    /// Refused: 403 / PERMISSION_DENIED.
+    #[default]
+    Enforce,
+    /// Served, and counted and logged as `would_deny`: to try default-deny rules on
+    /// live traffic before enforcing them.
+    Audit,
+}
+
+impl Authorization {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Authorization::Enforce => "enforce",
+            Authorization::Audit => "audit",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +292,8 @@ pub struct Service {
     pub authority: String,
     /// Overrides the listener's `stream_idle_timeout` for streams to this service.
     pub stream_idle_timeout: Option<Duration>,
+    /// Overrides the node's `authorization`.
+    pub authorization: Option<Authorization>,
     /// HTTP/1.1 sockets the node may open to each endpoint, shared evenly among the
     /// workers.
     pub max_connections: usize,

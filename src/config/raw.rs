@@ -104,6 +104,9 @@ pub struct RawNode {
     pub upstream_max_requests: Option<S<i64>>,
     /// One log line per request (target `fedport::access`); default false.
     pub access_log: Option<S<AccessLog>>,
+    /// `"enforce"` (default): a call no rule allows is refused; `"audit"`: it is served,
+    /// counted and logged as `would_deny`.
+    pub authorization: Option<S<String>>,
     /// Per-request metrics (counts, latency, bytes); default true.
     pub request_metrics: Option<bool>,
     /// Upstream HTTP/2 connections per worker per endpoint; default 2.
@@ -244,6 +247,8 @@ pub struct RawProxyProtocol {
 pub struct RawService {
     pub name: S<String>,
     pub protocol: S<String>,
+    /// `"enforce"` or `"audit"` for this service; default: the node's.
+    pub authorization: Option<S<String>>,
     #[serde(default)]
     pub endpoints: Vec<S<String>>,
     pub grpc_services: Option<Vec<S<String>>>,

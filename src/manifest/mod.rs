@@ -46,6 +46,8 @@ pub struct Service {
     pub idempotent: Vec<String>,
     /// What its endpoints are told as `Host` / `:authority`.
     pub authority: String,
+    /// `enforce` or `audit`: what a call no rule allows gets.
+    pub authorization: String,
 }
 
 /// A file whose contents matter, not just its name.
@@ -203,6 +205,11 @@ pub fn manifest(cfg: &Config) -> Manifest {
                     crate::grammar::Methods::Some(l) => l.iter().map(|m| m.to_string()).collect(),
                 },
                 authority: s.authority.clone(),
+                authorization: s
+                    .authorization
+                    .unwrap_or(cfg.node.authorization)
+                    .as_str()
+                    .to_owned(),
             }
         })
         .collect();
@@ -423,6 +430,13 @@ pub fn markdown(m: &Manifest) -> String {
     }
     for v in m.services.iter().filter(|v| v.limits != "-") {
         let _ = writeln!(s, "- service {}: {}", v.name, v.limits);
+    }
+    for v in m.services.iter().filter(|v| v.authorization == "audit") {
+        let _ = writeln!(
+            s,
+            "- service {}: authorization audit: calls no rule allows are served, counted and logged as would_deny",
+            v.name
+        );
     }
     for v in m.services.iter().filter(|v| !v.grpc_services.is_empty()) {
         let _ = writeln!(
@@ -672,6 +686,24 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
                     o.authority, s.authority
                 ),
             );
+        }
+        // audit serves what no rule allows: a switch is access lost or gained
+        match (o.authorization.as_str(), s.authorization.as_str()) {
+            ("audit", "enforce") => push(
+                "access",
+                '-',
+                format!(
+                    "service {name} authorization audit → enforce: calls no rule allows (served and counted as would_deny until now) are refused with 403 / PERMISSION_DENIED"
+                ),
+            ),
+            ("enforce", "audit") => push(
+                "access",
+                '+',
+                format!(
+                    "service {name} authorization enforce → audit: calls no rule allows are served (counted and logged as would_deny)"
+                ),
+            ),
+            _ => {}
         }
         // a gRPC service served is every method of it, for whoever may call this one
         for g in s

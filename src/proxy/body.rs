@@ -86,6 +86,8 @@ pub struct AccessEntry {
     pub listener: Arc<str>,
     /// The W3C trace id, or empty.
     pub trace_id: String,
+    /// No rule allows the call; audit mode served it.
+    pub would_deny: bool,
 }
 
 /// Counts a stream as active from its first moment: until dropped, or until the
@@ -170,6 +172,7 @@ impl Drop for Finish {
                 upstream = self.target.as_deref().unwrap_or(""),
                 request_id = a.request_id.to_str().unwrap_or("-"),
                 trace_id = %a.trace_id,
+                would_deny = a.would_deny,
                 "access"
             );
         }

@@ -451,7 +451,9 @@ fn decide<'w>(
     let w = &*conn.worker;
     let hygiene::Clean { host, headers_held } = hygiene::check(parts, conn)?;
     let (route, call) = routing::route(w, conn, parts, host, ct, routed)?;
-    let admit = admit::admit(w, conn, &route, call, stream)?;
+    let admitted = admit::admit(w, conn, &route, call, stream)?;
+    routed.would_deny = admitted.would_deny;
+    let admit = admitted.limits;
     let idempotent = route.service.idempotent.allows(call);
     let journey = journey::prepare(&mut parts.headers, w, conn, &route, &ex.rid)?;
     let plan = plan::plan(&parts.headers, body, conn, &route)?;

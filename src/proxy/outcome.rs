@@ -24,6 +24,8 @@ pub(super) struct Routed {
     pub service: Option<usize>,
     /// The schema method (`pkg.S/M`) or JSON Schema route the request matched.
     pub method: Option<Arc<str>>,
+    /// No rule allows it: served only because its service is in audit mode.
+    pub would_deny: bool,
 }
 
 /// A request's exchange, from its first moment until its answer is handed back.
@@ -56,6 +58,7 @@ impl Exchange {
                 request_id: rid.clone(),
                 listener: conn.listener.clone(),
                 trace_id: hop.trace_id.clone(),
+                would_deny: false,
             })
         });
         let span =
@@ -105,7 +108,10 @@ impl Exchange {
             method: routed.method,
             response_check: None,
             response_refusal: None,
-            access: self.access.map(|a| (a, name(service).to_owned())),
+            access: self.access.map(|mut a| {
+                a.would_deny = routed.would_deny;
+                (a, name(service).to_owned())
+            }),
             busy: None,
             metrics: w.service_metrics(conn.listener_idx, service),
             streams: conn.streams.clone(),

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub const DOMAIN: &str = "fed.sandbox";
+/// The second organisation's trust domain, with a CA of its own.
+pub const PARTNER: &str = "partner.example";
 
 /// The files and addresses a sandbox was set up with.
 pub struct Layout {
@@ -95,6 +97,16 @@ pub fn write(
             ..Default::default()
         })?
         .write(dir, "client")?;
+    // a second organisation: its own CA and trust domain, admitted to the inventory only
+    let partner = Authority::new("fedport sandbox partner CA")?;
+    let partner_ca = partner.write_ca(dir, "partner-ca")?;
+    partner
+        .issue(&LeafSpec {
+            common_name: "partner-client".into(),
+            spiffe: Some(format!("spiffe://{PARTNER}/client/demo")),
+            ..Default::default()
+        })?
+        .write(dir, "partner-client")?;
     w(dir.join("demo.proto"), DEMO_PROTO)?;
     let peer = |i: usize, services: &str| {
         if registry.is_some() {
@@ -116,7 +128,9 @@ pub fn write(
     };
     let rules = format!(
         "# default deny: who may reach what\n[[allow]]\nfrom = \"spiffe://{DOMAIN}/client/*\"\nto   = \"*\"\n\n\
-         [[allow]]\nfrom = \"spiffe://{DOMAIN}/node/*\"\nto   = \"*\"\n\n"
+         [[allow]]\nfrom = \"spiffe://{DOMAIN}/node/*\"\nto   = \"*\"\n\n\
+         # the partner organisation's callers: the inventory, nothing else\n\
+         [[allow]]\nfrom = \"spiffe://{PARTNER}/client/*\"\nto   = \"inventory\"\n\n"
     );
     let bodies = [
         // eu-a: the entry node; echo and an inventory here, pricing only in us
@@ -197,6 +211,11 @@ cert = "{cert}"
 key  = "{key}"
 ca   = "{ca}"
 
+# a second organisation, with its own CA: it vouches for spiffe://{partner}/… only
+[[trust_domain]]
+name = "{partner}"
+ca   = "{partner_ca}"
+
 [admin]
 bind = "127.0.0.1:0"
 
@@ -209,6 +228,8 @@ allow = ["127.0.0.0/8"]
                 cert = node.cert.display(),
                 key = node.key.display(),
                 ca = ca_path.display(),
+                partner = PARTNER,
+                partner_ca = partner_ca.display(),
                 port = ports[i],
             ),
         )?;
@@ -298,6 +319,19 @@ pub fn instructions(
             "  # metrics: where requests went, peers' round-trip times\n  curl -s http://{a}/metrics | grep -E 'fedport_(forwarded|peer_rtt)'\n"
         ));
     }
+    let partner = format!(
+        "--cacert {d}/federation-ca.pem --cert {d}/partner-client.pem --key {d}/partner-client.key"
+    );
+    s.push_str(&format!(
+        "  # a second organisation ({PARTNER}, its own CA) calls in: the inventory is open to it
+  curl {partner} https://localhost:{p}/v1/items -H 'fed-service: inventory'
+"
+    ));
+    s.push_str(&format!(
+        "  # and nothing else: 403 with a JSON reason
+  curl {partner} https://localhost:{p}/v1/prices -H 'fed-service: pricing'
+"
+    ));
     s.push_str("\nCtrl-C stops the sandbox.\n");
     s
 }

@@ -11,6 +11,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+pub mod audit;
 pub mod otlp;
 pub mod spike;
 pub mod trace;
@@ -113,6 +114,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub rejections: Family<ReasonLabels, Counter>,
+    /// Calls served in audit mode that enforcement would refuse.
+    pub audit: audit::Audit,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections_total: Family<ListenerLabels, Counter>,
     pub streams_active: Family<ListenerLabels, Gauge>,
@@ -176,6 +179,12 @@ impl Metrics {
             "rejections",
             "Requests and connections refused, by reason",
             rejections.clone(),
+        );
+        let audit = audit::Audit::default();
+        registry.register(
+            "authorization_audit_would_deny",
+            "Calls no rule allows, served because their service's authorization is audit, by service and identity",
+            audit.would_deny.clone(),
         );
         let connections_active = Family::<ListenerLabels, Gauge>::default();
         registry.register(
@@ -373,6 +382,7 @@ impl Metrics {
             requests,
             duration,
             rejections,
+            audit,
             connections_active,
             connections_total,
             streams_active,

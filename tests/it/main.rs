@@ -6,6 +6,7 @@ mod support;
 
 mod abuse;
 mod admission;
+mod audit;
 mod check;
 mod drain;
 mod federation;

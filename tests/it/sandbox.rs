@@ -118,6 +118,27 @@ fn sandbox(args: &[&str]) {
         assert!(run(cmd).status.success(), "{cmd}");
         crate::support::wait_until(then, Duration::from_secs(10), || served_by() == then);
     }
+    // the second organisation, with its own CA and trust domain: the inventory, and
+    // nothing else
+    let partner: Vec<&&String> = commands
+        .iter()
+        .filter(|c| c.contains("partner-client.pem"))
+        .collect();
+    assert_eq!(partner.len(), 2, "printed:\n{}", lines.join("\n"));
+    let out = run(partner[0]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("\"seen_peer\":\"spiffe://partner.example/client/demo\""),
+        "{}: {body}",
+        partner[0]
+    );
+    let out = run(partner[1]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("\"reason\":\"denied\""),
+        "{}: {body}",
+        partner[1]
+    );
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();

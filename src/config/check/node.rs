@@ -285,6 +285,9 @@ impl Checker<'_> {
                     0.0
                 }
             },
+            authorization: self
+                .authorization(r.authorization.as_ref())
+                .unwrap_or_default(),
             request_metrics: r.request_metrics.unwrap_or(true),
             transit: r.transit.unwrap_or(false),
             max_hops,
@@ -478,6 +481,23 @@ impl Checker<'_> {
             handshake_timeout,
             trust_domains: trust_domains?,
         })
+    }
+
+    /// `authorization = "enforce" | "audit"`.
+    pub(super) fn authorization(&mut self, v: Option<&S<String>>) -> Option<Authorization> {
+        let v = v?;
+        match v.get_ref().as_str() {
+            "enforce" => Some(Authorization::Enforce),
+            "audit" => Some(Authorization::Audit),
+            other => {
+                self.sink.error(
+                    span(v),
+                    format!("authorization {other:?} is neither \"enforce\" nor \"audit\""),
+                    "\"enforce\" (the default) refuses calls no rule allows; \"audit\" serves them and counts them as would_deny",
+                );
+                None
+            }
+        }
     }
 
     /// `[[trust_domain]]`s: each a well-formed SPIFFE trust domain other than the

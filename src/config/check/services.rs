@@ -168,7 +168,9 @@ impl Checker<'_> {
                 Some(m) => *m.get_ref() as usize,
                 None => DEFAULT_UPSTREAM_CONNECTIONS,
             };
+            let authorization = self.authorization(r.authorization.as_ref());
             out.push(Service {
+                authorization,
                 forwarded_headers: r.forwarded_headers.unwrap_or(false),
                 max_connections,
                 stream_idle_timeout,
