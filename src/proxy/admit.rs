@@ -30,19 +30,16 @@ pub(super) fn admit(
     let service = route.service;
     let mut would_deny = false;
     if !conn.grants.allows(route.idx, call) {
-        let identity = conn.identity.to_str().unwrap_or("?");
         let mode = service.authorization.unwrap_or(w.config.node.authorization);
         if mode == Authorization::Enforce {
             return Err(Reject::Denied {
-                identity: identity.to_owned(),
+                identity: conn.identity.to_str().unwrap_or("?").to_owned(),
                 service: service.name.clone(),
                 call: call.to_string(),
                 node: w.config.node.name.clone(),
             });
         }
-        w.metrics
-            .audit
-            .would_deny(&service.name, identity, &call.to_string());
+        // recorded once the request has passed every other stage (`decide`)
         would_deny = true;
     }
     if let Some(s) = stream {

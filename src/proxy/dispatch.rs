@@ -42,6 +42,9 @@ pub(super) struct Aim {
     pub timeout_ms: u64,
     /// The request is a gRPC call.
     pub grpc: bool,
+    /// No rule allows it; audit mode serves it, but only here: a peer authorizes a
+    /// forwarded call by this node's identity, so sending it on would widen access.
+    pub would_deny: bool,
 }
 
 /// An upstream's answer, with what must live as long as its body.

@@ -453,7 +453,10 @@ fn decide<'w>(
     let (route, call) = routing::route(w, conn, parts, host, ct, routed)?;
     let admitted = admit::admit(w, conn, &route, call, stream)?;
     routed.would_deny = admitted.would_deny;
-    let admit = admitted.limits;
+    // what the audit records, taken before the headers change (the call borrows them)
+    let audited = admitted
+        .would_deny
+        .then(|| crate::telemetry::audit::bounded(call, routed.method.as_deref()));
     let idempotent = route.service.idempotent.allows(call);
     let journey = journey::prepare(&mut parts.headers, w, conn, &route, &ex.rid)?;
     let plan = plan::plan(&parts.headers, body, conn, &route)?;
@@ -468,12 +471,19 @@ fn decide<'w>(
         deadline: ex.start + journey.timeout,
         timeout_ms: journey.timeout.as_millis() as u64,
         grpc: route.grpc,
+        would_deny: admitted.would_deny,
     };
+    if let Some(method) = audited {
+        // past every other check: what enforcement alone would have refused
+        w.metrics
+            .audit
+            .would_deny(&service.name, conn.identity.to_str().unwrap_or("?"), method);
+    }
     Ok(Decided {
         aim,
         plan,
         json: route.json,
-        admit,
+        admit: admitted.limits,
         headers_held,
     })
 }

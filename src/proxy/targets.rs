@@ -1,7 +1,7 @@
 //! Stage 6, targets: where a request may go, best first, worked out only as far as it
 //! is needed — available local endpoints (power of two choices first), then peers in the
 //! fleet's order, never back to the node it came from. Loop prevention decides whether
-//! peers may be used at all.
+//! peers may be used at all, and a call only audit mode admits never goes to one.
 
 use super::dispatch::Aim;
 use super::{ConnCtx, Worker, FED_ORIGIN};
@@ -40,7 +40,9 @@ impl<'a> Targets<'a> {
         let cfg = &w.config;
         let n = w.upstreams[service].len();
         let mut locals: Vec<usize> = (0..n).filter(|&e| w.fleet.available(service, e)).collect();
-        let no_peers = if conn.from_peer && !cfg.node.transit {
+        let no_peers = if aim.would_deny {
+            Some("no rule allows it: audit mode serves it here only, never through another node")
+        } else if conn.from_peer && !cfg.node.transit {
             Some("it came from a peer and this node is not a transit node")
         } else if aim.hops >= cfg.node.max_hops {
             Some("it has taken max_hops hops already")
@@ -49,6 +51,16 @@ impl<'a> Targets<'a> {
         };
         if locals.is_empty() {
             if w.fleet.has_peers(service) {
+                if aim.would_deny {
+                    // what enforcement would answer: the call is not this node's to
+                    // hand to another (which would judge it as this node's own)
+                    return Err(Reject::Denied {
+                        identity: conn.identity.to_str().unwrap_or("?").to_owned(),
+                        service: cfg.services[service].name.clone(),
+                        call: "it (audit mode serves locally only)".into(),
+                        node: cfg.node.name.clone(),
+                    });
+                }
                 if let Some(why) = no_peers {
                     return Err(Reject::Loop {
                         service: cfg.services[service].name.clone(),

@@ -158,3 +158,62 @@ fn the_nodes_authorization_holds_where_a_service_does_not_say() {
     assert!(err.contains("neither \"enforce\" nor \"audit\""), "{err}");
     assert!(err.contains("bad.toml:"), "{err}");
 }
+
+/// Audit mode never widens access through another node: a peer judges a forwarded call
+/// by the forwarding node's identity, so a call only audit admits is served by local
+/// endpoints or refused as enforcement would refuse it (403), never sent on.
+#[test]
+fn a_call_only_audit_admits_is_not_sent_to_a_peer() {
+    use crate::federation;
+    let pki = Pki::new();
+    let (pa, pb) = (crate::support::free_port(), crate::support::free_port());
+    let far = upstream::start(Proto::H2c);
+    let only_bob = "[[allow]]\nfrom = \"spiffe://fed.test/client/bob\"\nto = \"*\"\n\
+                    [[allow]]\nfrom = \"spiffe://fed.test/node/*\"\nto = \"*\"\n";
+    let a_cfg = federation::node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}",
+            federation::http_service("far", &[], "authorization = \"audit\""),
+            federation::peer("b", "eu-1", pb, &["far"]),
+        ),
+    )
+    .replace("[[allow]]\nfrom = \"*\"\nto = \"*\"\n", only_bob);
+    assert!(a_cfg.contains("client/bob") && !a_cfg.contains("from = \"*\""));
+    let a = Fedport::start(&a_cfg);
+    let _b = Fedport::start(&federation::node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}",
+            federation::http_service("far", &[far.url(Proto::H2c)], ""),
+            federation::peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+    crate::support::wait_until("b up at a", Duration::from_secs(10), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
+    });
+    let (code, v) = federation::get(&pki, pa, "far", &[]);
+    assert_eq!(code, 403, "{v}");
+    assert_eq!(far.hits(), 0, "nothing was sent on to b");
+    // bob, whom a rule allows, is forwarded as ever
+    let bob = pki.client_cert("bob");
+    let (code, body, _) = crate::support::curl(&[
+        "--cacert",
+        pki.ca.to_str().unwrap(),
+        "--cert",
+        bob.cert.to_str().unwrap(),
+        "--key",
+        bob.key.to_str().unwrap(),
+        "-H",
+        "fed-service: far",
+        &format!("https://localhost:{pa}/x"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(far.hits(), 1);
+}
