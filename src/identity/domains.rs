@@ -131,12 +131,7 @@ fn verifier(ca: &Path, crl: Option<&Path>) -> Result<Arc<dyn ClientCertVerifier>
 /// One domain's loaded verifier, or why its files do not load (then its identities
 /// are refused: a bundle or CRL that no longer loads must not leave an older one, which
 /// may still admit what was since revoked, vouching for them).
-struct Domain {
-    verifier: Result<Arc<dyn ClientCertVerifier>, String>,
-    /// Its CAs' subjects, to tell a certificate of this domain's CA used in another's
-    /// name without verifying it again.
-    subjects: Vec<DistinguishedName>,
-}
+type Domain = Result<Arc<dyn ClientCertVerifier>, String>;
 
 /// Verifies a caller's certificate against the bundle of the trust domain its identity
 /// names.
@@ -178,26 +173,13 @@ impl DomainVerifier {
         let mut hints = own_verifier.root_hint_subjects().to_vec();
         let mut others = Vec::new();
         for d in domains {
-            let domain = match verifier(&d.ca, d.crl.as_deref()) {
-                Ok(v) => {
-                    let subjects = v.root_hint_subjects().to_vec();
-                    hints.extend(subjects.iter().cloned());
-                    Domain {
-                        verifier: Ok(v),
-                        subjects,
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(trust_domain = %d.name, error = %e, "trust domain's files do not load: its identities are refused until they do");
-                    Domain {
-                        verifier: Err(format!(
-                            "trust domain {:?}'s bundle does not load: {e}",
-                            d.name
-                        )),
-                        subjects: Vec::new(),
-                    }
-                }
-            };
+            let domain = verifier(&d.ca, d.crl.as_deref()).map_err(|e| {
+                tracing::error!(trust_domain = %d.name, error = %e, "trust domain's files do not load: its identities are refused until they do");
+                format!("trust domain {:?}'s bundle does not load: {e}", d.name)
+            });
+            if let Ok(v) = &domain {
+                hints.extend(v.root_hint_subjects().iter().cloned());
+            }
             others.push(domain);
         }
         Ok(Self {
@@ -217,7 +199,7 @@ impl DomainVerifier {
         };
         match bundle_for(self.own.as_deref(), &self.specs, id) {
             Bundle::Own => Ok(&self.own_verifier),
-            Bundle::Other(i) => self.others[i].verifier.as_ref().map_err(Clone::clone),
+            Bundle::Other(i) => self.others[i].as_ref().map_err(Clone::clone),
             Bundle::Refused(why) => Err(why),
         }
     }
@@ -241,8 +223,9 @@ impl DomainVerifier {
         let others = self
             .others
             .iter()
-            .filter(|d| d.verifier.as_ref().is_ok_and(|v| !Arc::ptr_eq(v, chosen)))
-            .flat_map(|d| d.subjects.iter());
+            .filter_map(|d| d.as_ref().ok())
+            .filter(|v| !Arc::ptr_eq(v, chosen))
+            .flat_map(|v| v.root_hint_subjects());
         own.chain(others).any(|dn| dn.as_ref() == issuer)
     }
 }

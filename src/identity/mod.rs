@@ -153,7 +153,7 @@ pub fn load_crls(
 use domains::roots;
 
 /// TLS 1.3 (and, if allowed, TLS 1.2 with ring's suites, all AEAD with ECDHE), client
-/// certificate required and verified against the federation CA.
+/// certificate required and verified against the bundle of its identity's trust domain.
 pub fn server_config(
     files: &TlsFiles,
     alpn: &[&[u8]],
@@ -168,17 +168,6 @@ pub fn server_config(
         crl,
         trust_domains,
     )?);
-    server_config_with(files, alpn, allow_tls12, verifier)
-}
-
-/// [`server_config`] with the callers' verifier already loaded (a rotation keeps a
-/// trust domain's previous bundle when its new one does not load).
-fn server_config_with(
-    files: &TlsFiles,
-    alpn: &[&[u8]],
-    allow_tls12: bool,
-    verifier: Arc<domains::DomainVerifier>,
-) -> Result<Arc<ServerConfig>, IdentityError> {
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {

@@ -510,6 +510,11 @@ impl Checker<'_> {
         let own = identity::domains::own_domain(&files.cert);
         let mut out: Vec<DomainSpec> = Vec::new();
         let mut ok = true;
+        // every bundle's CA certificates, read once: [tls] ca's, then each domain's
+        let mut bundles = vec![(
+            "[tls] ca".to_owned(),
+            identity::load_certs(&files.ca).unwrap_or_default(),
+        )];
         for d in domains {
             let r = d.get_ref();
             let name = r.name.get_ref();
@@ -552,14 +557,10 @@ impl Checker<'_> {
             // one CA in two bundles would vouch for both domains' identities: the
             // separation the domains exist for (and the likely leftover of a merged
             // bundle from before trust domains)
-            let certs = |p: &std::path::Path| identity::load_certs(p).unwrap_or_default();
-            let mine = certs(&ca);
-            let shared = std::iter::once(("[tls] ca".to_owned(), files.ca.clone()))
-                .chain(
-                    out.iter()
-                        .map(|o| (format!("trust domain {:?}", o.name), o.ca.clone())),
-                )
-                .find(|(_, p)| certs(p).iter().any(|c| mine.contains(c)));
+            let mine = identity::load_certs(&ca).unwrap_or_default();
+            let shared = bundles
+                .iter()
+                .find(|(_, theirs)| theirs.iter().any(|c| mine.contains(c)));
             if let Some((whose, _)) = shared {
                 ok = false;
                 self.sink.error(
@@ -568,6 +569,7 @@ impl Checker<'_> {
                     "each organisation's CA belongs in its own domain's bundle only: remove it from the other",
                 );
             }
+            bundles.push((format!("trust domain {name:?}"), mine));
             let crl = r.crl.as_ref().map(|c| {
                 let p = self.path(c.get_ref());
                 if let Err(e) = identity::load_crls(&p) {
