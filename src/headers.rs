@@ -221,6 +221,55 @@ pub fn set_forwarded(h: &mut HeaderMap, carried: Carried, remote: &HeaderValue, 
 mod tests {
     use super::*;
 
+    /// The quoted strings of `is_claim`'s two lists, read from this file's text.
+    fn claim_lists() -> (Vec<&'static str>, Vec<&'static str>) {
+        let src = include_str!("headers.rs");
+        let body = &src[src.find("pub fn is_claim").unwrap()..];
+        let body = &body[..body.find("\n}\n").unwrap()];
+        let (names, prefixes) = body.split_at(body.find(") || [").unwrap());
+        let quoted = |t: &'static str| -> Vec<&'static str> {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.starts_with("//"))
+                .filter_map(|l| l.split('"').nth(1))
+                .filter(|q| q.len() > 1)
+                .collect()
+        };
+        let names = quoted(&names[names.find("matches!(\n        n,").unwrap()..]);
+        (names, quoted(prefixes))
+    }
+
+    #[test]
+    fn the_docs_list_every_header_that_names_the_caller() {
+        let docs = include_str!("../docs/lifecycle.md");
+        let sec = &docs[docs.find("## Headers that name the caller").unwrap()..];
+        let sec = &sec[..sec.find("\n## ").unwrap_or(sec.len())];
+        let (names, prefixes) = claim_lists();
+        assert!(
+            names.len() > 20 && prefixes.len() > 10,
+            "{names:?} {prefixes:?}"
+        );
+        let cell = |n: &str| format!("`{n}`");
+        let in_list = |head: &str, n: &str| {
+            let list = &sec[sec.find(head).unwrap()..];
+            let list = &list[..list.find("\n\n").unwrap_or(list.len())];
+            list.contains(&cell(n))
+        };
+        for n in &names {
+            assert!(in_list("Names:", n), "docs/lifecycle.md does not list {n}");
+            assert!(is_claim(&HeaderName::from_static(n)));
+        }
+        for p in &prefixes {
+            assert!(
+                in_list("Every name starting with:", p),
+                "docs/lifecycle.md does not list {p}"
+            );
+            assert!(is_claim(
+                &HeaderName::from_bytes(format!("{p}x").as_bytes()).unwrap()
+            ));
+        }
+    }
+
     #[test]
     fn claims_are_known_in_every_spelling() {
         for n in [

@@ -309,6 +309,27 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_in_the_readmes_refusal_table() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## What a caller sees when refused")
+            .expect("a refusal section");
+        let table = &readme[start..];
+        let table = &table[..table.find("\n\n## ").unwrap_or(table.len())];
+        for r in Reason::ALL {
+            let cell = format!("`{}`", r.as_str());
+            let in_first_column = table
+                .lines()
+                .filter(|l| l.starts_with("| `"))
+                .any(|l| l.split(" | ").next().is_some_and(|c| c.contains(&cell)));
+            assert!(
+                in_first_column,
+                "README.md's refusal table has no row for {cell}"
+            );
+        }
+    }
+
+    #[test]
     fn grpc_codes_are_read_strictly() {
         for (i, c) in CODES.iter().enumerate() {
             assert_eq!(c.0 as usize, i);

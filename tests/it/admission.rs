@@ -30,14 +30,23 @@ fn closed_silently(mut s: TcpStream) -> bool {
 }
 
 fn one_listener(pki: &Pki, listener_extra: &str, up: &upstream::Upstream) -> Fedport {
-    Fedport::start(&format!(
+    Fedport::start(&listener_config(pki, listener_extra, up, ""))
+}
+
+fn listener_config(
+    pki: &Pki,
+    listener_extra: &str,
+    up: &upstream::Upstream,
+    service_extra: &str,
+) -> String {
+    format!(
         "[node]\nname = \"gate\"\nregion = \"r\"\nworkers = 2\naccess_log = true\n{}\n[admin]\nbind = \"127.0.0.1:0\"\n\
          [[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
-         [[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+         [[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n{service_extra}\n\
          [[allow]]\nfrom = \"*\"\nto = \"*\"\n",
         pki.tls_section(),
         up.url(Proto::H2c)
-    ))
+    )
 }
 
 #[test]
@@ -322,11 +331,12 @@ fn haproxy_l4(to: SocketAddr) -> (Haproxy, u16, u16) {
 fn proxy_protocol_from_a_trusted_balancer_carries_the_client_address() {
     let pki = Pki::new();
     let up = upstream::start(Proto::H2c);
-    let fp = one_listener(
+    let fp = Fedport::start(&listener_config(
         &pki,
         "allow = [\"127.0.0.2/32\"]\nproxy_protocol = { trusted = [\"127.0.0.1/32\"], timeout = \"500ms\" }",
         &up,
-    );
+        "forwarded_headers = true",
+    ));
     let addr = fp.addr("internal");
     let (_lb, v1, v2) = haproxy_l4(addr);
     let c = pki.curl_client();
@@ -338,9 +348,16 @@ fn proxy_protocol_from_a_trusted_balancer_carries_the_client_address() {
         a.push(&url);
         curl(&a).0
     };
-    // the allowlist applies to the address the header carries, for v1 and v2
-    assert_eq!(via("127.0.0.2", v1, &[]), 200, "{}", fp.log_text());
-    assert_eq!(via("127.0.0.2", v2, &[]), 200);
+    // the allowlist applies to the address the header carries, for v1 and v2; the
+    // service is told that address (not the balancer's, nor the caller's own claim)
+    let forged = ["-H", "X-Forwarded-For: 6.6.6.6"];
+    assert_eq!(via("127.0.0.2", v1, &forged), 200, "{}", fp.log_text());
+    assert_eq!(via("127.0.0.2", v2, &forged), 200);
+    assert_eq!(
+        up.seen_header("x-forwarded-for"),
+        ["127.0.0.2", "127.0.0.2"],
+        "the PROXY-carried address"
+    );
     assert_eq!(via("127.0.0.3", v1, &[]), 0);
     assert_eq!(via("127.0.0.3", v2, &[]), 0);
     assert_eq!(up.hits(), 2);

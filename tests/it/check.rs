@@ -176,6 +176,48 @@ fn a_wildcard_allowlist_on_a_peer_listener_is_a_warning() {
     assert_eq!(out.status.code(), Some(1), "--deny-warnings refuses it");
 }
 
+/// Rules and `idempotent` entries whose meaning changed when paths came to be matched
+/// at `/` boundaries and verbs case-sensitively: `check` names each one.
+#[test]
+fn check_names_what_changed_in_a_rules_meaning() {
+    let pki = Pki::new();
+    let dir = pki.path();
+    std::fs::write(dir.join("item.json"), "{\"type\": \"object\"}\n").unwrap();
+    let cfg = dir.join("old.toml");
+    let text = format!(
+        "[node]\nname = \"a\"\nregion = \"r\"\n{}\n[[listener]]\nname = \"internal\"\nbind = \"127.0.0.1:7443\"\n\
+         [[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"http://127.0.0.1:8080\"]\n\
+         schema = {{ json = {{ \"POST /v1/items/{{id}}\" = \"{}/item.json\" }} }}\n\
+         idempotent = [\"POST /v1/item\", \"post /v1/search\"]\n\
+         [[allow]]\nfrom = \"spiffe://fed.test/client/*\"\nto = \"orders\"\nmethods = [\"POST /v1/item\", \"POST /v1/items\", \"get /v1/x\"]\n",
+        pki.tls_section(),
+        dir.display()
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    let (code, stderr) = check(&cfg);
+    assert_eq!(code, 0, "warnings only: {stderr}");
+    let line = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let (idem, rule) = (line("idempotent = "), line("methods = "));
+    for want in [
+        format!("old.toml:{idem}:15: warning: this idempotent entry used to match \"POST /v1/items/{{id}}\" as a prefix of its path"),
+        format!("old.toml:{idem}:32: warning: this idempotent entry matches nothing: methods are case-sensitive"),
+        format!("old.toml:{rule}:12: warning: this rule entry used to match \"POST /v1/items/{{id}}\" as a prefix of its path"),
+        format!("old.toml:{rule}:47: warning: this rule entry matches nothing: methods are case-sensitive"),
+    ] {
+        assert!(stderr.contains(&want), "expected\n  {want}\nin:\n{stderr}");
+    }
+    // `POST /v1/items` covers the route at a boundary: nothing to say of it
+    assert_eq!(stderr.matches("used to match").count(), 2, "{stderr}");
+    // a partial wildcard, as a glob would have been written, is refused
+    std::fs::write(&cfg, text.replace("POST /v1/items\"", "POST /v1/item*\"")).unwrap();
+    let (code, stderr) = check(&cfg);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("old.toml:{rule}:29: error: ")),
+        "{stderr}"
+    );
+}
+
 /// Every key the config accepts (a field of a `Raw*` struct in src/config/raw.rs) is
 /// named in docs/config.md: adding a key without documenting it fails here.
 #[test]

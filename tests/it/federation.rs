@@ -823,4 +823,31 @@ fn headers_naming_the_caller_are_set_by_fedport_never_by_the_caller() {
             "{v}"
         );
     }
+    // the default (forwarded_headers = false): the caller's copies are removed and
+    // none is set in their place
+    for http in ["--http1.1", "--http2"] {
+        let mut args = extra.clone();
+        args.push(http);
+        let (code, v) = get(&pki, pb, "plain", &args);
+        assert_eq!(code, 200, "{v}");
+        let headers = v["headers"].as_object().unwrap();
+        for (name, values) in headers {
+            let n = name.replace('_', "-");
+            let joined = values.to_string();
+            assert!(
+                !joined.contains("6.6.6.6")
+                    && !joined.contains("root")
+                    && !joined.contains("admin"),
+                "plain {http}: {name}: {joined} reached the service"
+            );
+            assert!(
+                !(n.starts_with("x-forwarded-")
+                    || n.starts_with("x-envoy-")
+                    || n.starts_with("l5d-")
+                    || n == "forwarded"
+                    || n == "x-real-ip"),
+                "plain {http}: {name} reached the service"
+            );
+        }
+    }
 }

@@ -331,6 +331,15 @@ proptest! {
         prop_assert_eq!(&whole, &pieces);
         prop_assert_eq!(refused, refused2);
         prop_assert!(stream.starts_with(&whole));
+        // not refused: every whole message was passed on, and what is left is the
+        // start of one still incomplete
+        if !refused {
+            let rest = &stream[whole.len()..];
+            if rest.len() >= 5 {
+                let declared = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+                prop_assert!(rest.len() < 5 + declared, "a whole message of {} held back", declared);
+            }
+        }
     }
 
     /// Arbitrary bytes: the framer never panics.

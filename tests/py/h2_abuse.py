@@ -187,18 +187,20 @@ def stall(c, n, seconds):
     return n
 
 
-def started_resets(c, n, pad, how):
+def started_resets(c, n, pad, how, denied=None):
     """Streams that reach the service and are then reset: by the client's RST_STREAM,
     or by frames that make the server reset them (MadeYouReset, CVE-2025-8671): a
     WINDOW_UPDATE overflowing the stream's window, DATA on a stream the client already
     ended, a stream made to depend on itself. Each is padded with `pad` cheap streams
-    (an unknown service: answered 404 at once) that are reset too."""
+    (an unknown service: answered 404 at once; with `denied`, every other one a service
+    no rule lets the caller reach: 403) that are reset too."""
     sent = 0
     sid = 1
     for i in range(n):
-        for _ in range(pad):
+        for j in range(pad):
+            service = denied if denied and j % 2 else "nope"
             cheap = HeadersFrame(
-                sid, c.request_block(service="nope"), flags=["END_HEADERS", "END_STREAM"]
+                sid, c.request_block(service=service), flags=["END_HEADERS", "END_STREAM"]
             ).serialize() + RstStreamFrame(sid, error_code=8).serialize()
             if not c.send(cheap, drain=False):
                 return sent
@@ -347,6 +349,7 @@ def main():
     p.add_argument("--service", default="orders")
     p.add_argument("--path", default="/x")
     p.add_argument("--pad", type=int, default=0)
+    p.add_argument("--pad-denied", help="a service padding streams are denied, besides unknown ones")
     # HTTP/2 by its preface alone, with no ALPN in the handshake
     p.add_argument("--no-alpn", action="store_true")
     args = p.parse_args()
@@ -368,7 +371,7 @@ def main():
         print(json.dumps(c.result(a, sent)))
         return
     elif a.startswith("started_"):
-        sent = started_resets(c, n, args.pad, a[len("started_"):])
+        sent = started_resets(c, n, args.pad, a[len("started_"):], args.pad_denied)
     elif a == "continuation_flood":
         sent = continuation_flood(c, n)
     elif a == "oversized_headers":

@@ -48,6 +48,7 @@ impl Checker<'_> {
         let peer_names: HashMap<&str, ()> = peers.iter().map(|p| (p.name.as_str(), ())).collect();
         self.federation(&raw, &peers, &service_names);
         let rules = self.rules(&raw.allow, &service_names, &peer_names);
+        self.prefix_changes(&raw.allow, &raw.service, &services);
         if raw.allow.is_empty() && !raw.service.is_empty() && !raw.listener.is_empty() {
             self.sink.warn(
                 span(&raw.node),

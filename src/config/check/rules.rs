@@ -148,4 +148,61 @@ impl Checker<'_> {
             }
         }
     }
+
+    /// Names what changed in a `VERB /path` entry's meaning: entries used to match a
+    /// path as a plain prefix of the request's, so `GET /v1/item` also granted (or made
+    /// retryable) `/v1/items`. They now match at `/` boundaries only. Where the
+    /// service's JSON Schema routes name such a longer path, `check` says so.
+    pub(super) fn prefix_changes(
+        &mut self,
+        allow: &[S<raw::RawAllow>],
+        raw_services: &[S<raw::RawService>],
+        services: &[Service],
+    ) {
+        let longer = |svc: &Service, entry: &str| -> Option<String> {
+            let (verb, path) = entry.split_once(' ')?;
+            if path.contains('*') || path.ends_with('/') {
+                return None;
+            }
+            svc.json.iter().find_map(|r| {
+                let (m, template) = r.route.split_once(' ')?;
+                let literal = &template[..template.find('{').unwrap_or(template.len())];
+                let longer = literal.len() > path.len()
+                    && literal.starts_with(path)
+                    && literal.as_bytes()[path.len()] != b'/';
+                (longer && (verb == "*" || verb == m)).then(|| r.route.to_string())
+            })
+        };
+        let warn = |me: &mut Self, at: &S<String>, what: &str, route: String| {
+            me.sink.warn(
+                span(at),
+                format!("this {what} entry used to match {route:?} as a prefix of its path; it now matches its own path and the paths below it at a '/' boundary only"),
+                "to keep the longer path, list it too (or end the entry with /* for the segments below)",
+            );
+        };
+        for a in allow {
+            let r = a.get_ref();
+            let to = r.to.get_ref();
+            for m in r.methods.iter().flatten() {
+                let hit = services
+                    .iter()
+                    .filter(|s| to == "*" || &s.name == to)
+                    .find_map(|s| longer(s, m.get_ref()));
+                if let Some(route) = hit {
+                    warn(self, m, "rule", route);
+                }
+            }
+        }
+        for rs in raw_services {
+            let r = rs.get_ref();
+            let Some(svc) = services.iter().find(|s| &s.name == r.name.get_ref()) else {
+                continue;
+            };
+            for m in r.idempotent.iter().flatten() {
+                if let Some(route) = longer(svc, m.get_ref()) {
+                    warn(self, m, "idempotent", route);
+                }
+            }
+        }
+    }
 }

@@ -178,12 +178,7 @@ impl Fedport {
 
     /// [`Fedport::start_in`] with more arguments for `fedport` (before `run`).
     pub fn start_with(netns: Option<&str>, config: &str, args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = dir.path().join("fedport.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let ready = dir.path().join("ready.json");
-        let log = dir.path().join("fedport.log");
-        let mut cmd = match netns {
+        let cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, bin()]);
@@ -191,6 +186,23 @@ impl Fedport {
             }
             None => Command::new(bin()),
         };
+        Self::launch(cmd, netns, config, args)
+    }
+
+    /// [`Fedport::start`] with its soft RLIMIT_NOFILE lowered to `soft` (the hard one
+    /// kept), as a login shell or a supervisor may leave it.
+    pub fn start_with_soft_nofile(config: &str, soft: u64) -> Self {
+        let mut c = Command::new("prlimit");
+        c.arg(format!("--nofile={soft}:")).arg(bin());
+        Self::launch(c, None, config, &[])
+    }
+
+    fn launch(mut cmd: Command, netns: Option<&str>, config: &str, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("fedport.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let ready = dir.path().join("ready.json");
+        let log = dir.path().join("fedport.log");
         let child = cmd
             .args(args)
             .args(["run", "-c"])
