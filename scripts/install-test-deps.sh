@@ -34,3 +34,8 @@ if ! "$py" -c 'import grpc' >/dev/null 2>&1; then
   echo "install-test-deps: pip install grpcio"
   "$py" -m pip install -q --disable-pip-version-check 'grpcio>=1.60'
 fi
+# SPIFFE bundles read by libraries nobody here wrote: py-spiffe (with PyJWT, cryptography)
+if ! "$py" -c 'import spiffe, jwt, cryptography' >/dev/null 2>&1; then
+  echo "install-test-deps: pip install spiffe"
+  "$py" -m pip install -q --disable-pip-version-check 'spiffe>=0.3,<0.4'
+fi

@@ -17,6 +17,7 @@
 //!   compiled at load
 //! - [`upstream`]: pooled connections, load balancing, what a failure allows (`Retry`)
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
+//! - [`exchange`]: trust bundles served to and fetched from other trust domains
 //! - [`reason`], [`errors`]: the one vocabulary of refusals; refusal → HTTP status /
 //!   gRPC code
 //! - [`config`], [`server`], [`runtime`], [`admin`], [`telemetry`], [`registry`], [`cli`],
@@ -31,6 +32,7 @@ pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod errors;
+pub mod exchange;
 pub mod federation;
 pub mod firewall;
 pub mod grammar;

@@ -42,6 +42,8 @@ pub struct State {
     pub fleet: ArcSwap<crate::federation::Fleet>,
     /// The etcd registry's state, when one is configured.
     pub registry: std::sync::OnceLock<Arc<crate::registry::Status>>,
+    /// Each fetched trust bundle's state (`exchange`).
+    pub bundles: Arc<crate::exchange::Status>,
     /// The file-descriptor limits, once raised at start.
     pub nofile: std::sync::OnceLock<crate::limits::nofile::Nofile>,
     ready: AtomicBool,
@@ -230,6 +232,7 @@ impl Server {
             metrics: metrics.clone(),
             fleet: ArcSwap::new(p.shared.fleet.clone()),
             registry: std::sync::OnceLock::new(),
+            bundles: Arc::default(),
             nofile: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
         });

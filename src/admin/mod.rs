@@ -62,6 +62,10 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
             if let Some(r) = st.registry.get() {
                 detail["registry"] = r.detail();
             }
+            let bundles = st.bundles.detail();
+            if bundles.as_object().is_some_and(|b| !b.is_empty()) {
+                detail["trust_bundles"] = bundles;
+            }
             if let Some(n) = st.nofile.get() {
                 detail["nofile"] = serde_json::json!({
                     "soft": n.soft,

@@ -80,8 +80,17 @@ where
             listen(SignalKind::interrupt())?,
             listen(SignalKind::hangup())?,
         );
+        // trust bundles: this node's served, other domains' fetched
+        let mut exchange = crate::exchange::Exchange::default();
+        exchange
+            .apply(&cfg, &server.state.bundles, &server.state.metrics)
+            .map_err(|e| CliError::Io("bundle endpoint".into(), e))?;
+        let mut bound = server.bound();
+        if let Some(a) = exchange.bound() {
+            bound.push(("bundle_endpoint".to_owned(), a));
+        }
         server.state.set_ready(true);
-        on_ready(&server.bound(), admin)?;
+        on_ready(&bound, admin)?;
         for (name, addr) in &server.bound() {
             tracing::info!(listener = %name, %addr, "listening");
         }
@@ -127,6 +136,7 @@ where
                     let rebuilt = reloaded.is_some();
                     if let Some(c) = reloaded {
                         file_cfg = c;
+                        follow(&mut exchange, &server);
                     }
                     server.reload_tls(true, !rebuilt);
                 }
@@ -152,6 +162,7 @@ where
                     if watch.changed(&cfg.path) {
                         if let Some(c) = reload(&server, &cfg.path, &mut watch, &members.borrow()) {
                             file_cfg = c;
+                            follow(&mut exchange, &server);
                         }
                     }
                     ticks += 1;
@@ -238,6 +249,15 @@ impl Watch {
 /// Reads, checks and swaps in the config file. A file that does not check is refused
 /// with the same `file:line:col` messages as `fedport check`, counted, and the running
 /// configuration keeps serving.
+/// The bundle exchange follows a reloaded configuration; a bundle endpoint that cannot
+/// bind is logged, and the rest serves on.
+fn follow(exchange: &mut crate::exchange::Exchange, server: &Server) {
+    let cfg = server.state.config.load_full();
+    if let Err(e) = exchange.apply(&cfg, &server.state.bundles, &server.state.metrics) {
+        tracing::error!(error = %e, "bundle endpoint cannot be served as reconfigured");
+    }
+}
+
 fn reload(
     server: &Server,
     path: &std::path::Path,

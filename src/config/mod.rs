@@ -166,6 +166,15 @@ pub struct Tls {
     /// `[[trust_domain]]`: the other organisations' bundles, each vouching only for
     /// its own domain's identities.
     pub trust_domains: Vec<crate::identity::domains::DomainSpec>,
+    /// `[bundle_endpoint]`: this node serves its own domain's bundle.
+    pub serve_bundle: Option<ServeBundle>,
+}
+
+/// Where and how this node serves its own trust domain's bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeBundle {
+    pub bind: std::net::SocketAddr,
+    pub refresh_hint: Duration,
 }
 
 /// What a call that no `[[allow]]` rule allows gets.

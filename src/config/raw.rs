@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub limit: Vec<S<RawLimit>>,
     #[serde(default)]
     pub trust_domain: Vec<S<RawTrustDomain>>,
+    /// `[bundle_endpoint]`: where this node serves its own trust domain's bundle.
+    pub bundle_endpoint: Option<S<RawServeBundle>>,
     /// Not spanned: `[registry.etcd]` leaves `registry` an implicit table.
     pub registry: Option<RawRegistry>,
 }
@@ -176,11 +178,35 @@ pub struct RawTls {
 pub struct RawTrustDomain {
     /// The trust domain, e.g. `"b.example"`.
     pub name: S<String>,
-    /// Its CA bundle (PEM).
-    pub ca: S<String>,
+    /// Its CA bundle (PEM); or
+    pub ca: Option<S<String>>,
+    /// its SPIFFE bundle (JWKS), where a fetch from `bundle_endpoint` keeps it.
+    pub bundle: Option<S<String>>,
     pub crl: Option<S<String>>,
     /// DNS-SAN identities it may vouch for (`"db.b.example"`, `"*.svc.b.example"`).
     pub dns_names: Option<Vec<S<String>>>,
+    pub bundle_endpoint: Option<S<RawBundleEndpoint>>,
+}
+
+/// `bundle_endpoint = { url, profile, spiffe_id }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBundleEndpoint {
+    pub url: S<String>,
+    /// `"https_spiffe"` (the default) or `"https_web"`.
+    pub profile: Option<S<String>>,
+    /// The SPIFFE ID the endpoint presents (`https_spiffe`).
+    pub spiffe_id: Option<S<String>>,
+}
+
+/// `[bundle_endpoint]`: this node's own bundle, served over TLS (its own certificate,
+/// no client certificate asked for) at `/`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServeBundle {
+    pub bind: S<String>,
+    /// `spiffe_refresh_hint` of the served bundle; default 5m.
+    pub refresh_hint: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,7 @@
 //! the domain its SPIFFE ID names; a DNS-SAN identity against the node's own bundle,
 //! unless a trust domain lists the name among those it may vouch for.
 
+use super::bundle::Authorities;
 use super::{load_certs, load_crls, provider, IdentityError};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -19,11 +20,40 @@ use std::sync::Arc;
 pub struct DomainSpec {
     /// The SPIFFE trust domain, e.g. `b.example`.
     pub name: String,
-    /// Its CA bundle (PEM).
-    pub ca: PathBuf,
+    /// Its CA certificates: `ca` (PEM) or `bundle` (SPIFFE bundle).
+    pub authorities: Authorities,
     pub crl: Option<PathBuf>,
     /// DNS-SAN identities this domain may vouch for: exact names, or `*.suffix`.
     pub dns_names: Vec<String>,
+    /// Where its bundle is fetched from, kept in the `bundle` file.
+    pub endpoint: Option<BundleEndpoint>,
+}
+
+/// `bundle_endpoint = { url, profile, spiffe_id }` of the SPIFFE federation
+/// specification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpoint {
+    pub url: String,
+    pub profile: Profile,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Profile {
+    /// `https_web`: the endpoint's certificate is checked against the system's roots
+    /// and the URL's host name.
+    Web,
+    /// `https_spiffe`: the endpoint presents this SPIFFE ID, verified against the bundle
+    /// of its trust domain (for a domain serving its own, the bundle last fetched).
+    Spiffe(String),
+}
+
+impl Profile {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Web => "https_web",
+            Self::Spiffe(_) => "https_spiffe",
+        }
+    }
 }
 
 /// A handshake refused because the certificate does not chain to the bundle of the
@@ -102,18 +132,33 @@ pub fn dns_overlap<'a>(a: &'a [String], b: &[String]) -> Option<&'a String> {
 }
 
 pub(super) fn roots(ca: &Path) -> Result<Arc<RootCertStore>, IdentityError> {
+    store(ca, load_certs(ca)?)
+}
+
+/// The roots of a domain's authorities, wherever they come from.
+pub(super) fn authority_roots(a: &Authorities) -> Result<Arc<RootCertStore>, IdentityError> {
+    store(a.path(), a.load()?)
+}
+
+fn store(
+    path: &Path,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<Arc<RootCertStore>, IdentityError> {
     let mut store = RootCertStore::empty();
-    for c in load_certs(ca)? {
+    for c in certs {
         store
             .add(c)
-            .map_err(|e| IdentityError::BadCertificate(ca.to_owned(), e.to_string()))?;
+            .map_err(|e| IdentityError::BadCertificate(path.to_owned(), e.to_string()))?;
     }
     Ok(Arc::new(store))
 }
 
 /// A client verifier for one bundle (and its CRL).
-fn verifier(ca: &Path, crl: Option<&Path>) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
-    let mut builder = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider());
+fn verifier(
+    roots: Arc<RootCertStore>,
+    crl: Option<&Path>,
+) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     if let Some(path) = crl {
         // a leaf whose issuer has no CRL here is not refused for that: with two CAs in
         // the bundle (a rotation) or leaves from an intermediate, a CRL of one issuer
@@ -169,11 +214,13 @@ impl DomainVerifier {
         crl: Option<&Path>,
         domains: &[DomainSpec],
     ) -> Result<Self, IdentityError> {
-        let own_verifier = verifier(ca, crl)?;
+        let own_verifier = verifier(roots(ca)?, crl)?;
         let mut hints = own_verifier.root_hint_subjects().to_vec();
         let mut others = Vec::new();
         for d in domains {
-            let domain = verifier(&d.ca, d.crl.as_deref()).map_err(|e| {
+            let domain = authority_roots(&d.authorities)
+                .and_then(|r| verifier(r, d.crl.as_deref()))
+                .map_err(|e| {
                 tracing::error!(trust_domain = %d.name, error = %e, "trust domain's files do not load: its identities are refused until they do");
                 format!("trust domain {:?}'s bundle does not load: {e}", d.name)
             });
@@ -305,9 +352,10 @@ mod tests {
     fn callers_and_peers_find_their_bundle_by_one_rule() {
         let b = DomainSpec {
             name: "b.example".into(),
-            ca: "b.pem".into(),
+            authorities: Authorities::Pem("b.pem".into()),
             crl: None,
             dns_names: vec!["db.b.example".into()],
+            endpoint: None,
         };
         let d = std::slice::from_ref(&b);
         let own = Some("fed.test");

@@ -3,6 +3,7 @@
 //! (SPIFFE URI SAN, else DNS SAN) from its certificate. Which CA may vouch for which
 //! identity is `domains`' (one bundle per trust domain).
 
+pub mod bundle;
 pub mod domains;
 pub mod pki;
 pub mod rotate;
@@ -281,7 +282,7 @@ impl PeerTls {
         let others = trust_domains
             .iter()
             .map(|d| {
-                let loaded = domains::roots(&d.ca).and_then(|roots| {
+                let loaded = domains::authority_roots(&d.authorities).and_then(|roots| {
                     Ok(PeerDomain {
                         revocation: self::revocation(&roots, d.crl.as_deref())?,
                         roots,

@@ -8,7 +8,7 @@ use super::domains::DomainSpec;
 use super::{server_config, IdentityError, TlsFiles};
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -64,16 +64,18 @@ impl Rotating {
         self.current.load_full()
     }
 
-    fn paths(&self) -> Vec<&PathBuf> {
+    fn paths(&self) -> Vec<&Path> {
         let f = &self.files;
-        // every trust domain's bundle and CRL too: rotating one reloads it
+        // every trust domain's bundle and CRL too: rotating one (or a fetch from its
+        // bundle endpoint writing it) reloads it
         [&f.cert, &f.key, &f.ca]
             .into_iter()
             .chain(self.crl.as_ref())
+            .map(PathBuf::as_path)
             .chain(
                 self.domains
                     .iter()
-                    .flat_map(|d| std::iter::once(&d.ca).chain(d.crl.as_ref())),
+                    .flat_map(|d| std::iter::once(d.authorities.path()).chain(d.crl.as_deref())),
             )
             .collect()
     }

@@ -73,9 +73,15 @@ pub struct Trust {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DomainTrust {
     pub name: String,
+    /// Its authorities' file: `ca` (PEM) or `bundle` (SPIFFE bundle).
     pub ca: FileRef,
+    /// `"pem"` or `"spiffe"`.
+    pub format: &'static str,
     pub crl: Option<FileRef>,
     pub dns_names: Vec<String>,
+    /// `url profile [spiffe_id]` of its bundle endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_endpoint: Option<String>,
 }
 
 /// An identity pattern's access to a service.
@@ -281,9 +287,19 @@ pub fn manifest(cfg: &Config) -> Manifest {
             .iter()
             .map(|d| DomainTrust {
                 name: d.name.clone(),
-                ca: file(&d.ca),
+                ca: file(d.authorities.path()),
+                format: match d.authorities {
+                    crate::identity::bundle::Authorities::Pem(_) => "pem",
+                    crate::identity::bundle::Authorities::Spiffe(_) => "spiffe",
+                },
                 crl: d.crl.as_deref().map(file),
                 dns_names: d.dns_names.clone(),
+                bundle_endpoint: d.endpoint.as_ref().map(|e| match &e.profile {
+                    crate::identity::domains::Profile::Web => format!("{} https_web", e.url),
+                    crate::identity::domains::Profile::Spiffe(id) => {
+                        format!("{} https_spiffe {id}", e.url)
+                    }
+                }),
             })
             .collect(),
     });
@@ -459,7 +475,7 @@ pub fn markdown(m: &Manifest) -> String {
         for d in &t.domains {
             let _ = writeln!(
                 s,
-                "- trust domain {}: its identities (spiffe://{}/…{}) must chain to {}; revoked: {}",
+                "- trust domain {}: its identities (spiffe://{}/…{}) must chain to {}{}; revoked: {}{}",
                 d.name,
                 d.name,
                 if d.dns_names.is_empty() {
@@ -468,7 +484,11 @@ pub fn markdown(m: &Manifest) -> String {
                     format!(", and DNS names {}", d.dns_names.join(", "))
                 },
                 d.ca.path,
-                d.crl.as_ref().map_or("no CRL", |c| c.path.as_str())
+                if d.format == "spiffe" { " (SPIFFE bundle)" } else { "" },
+                d.crl.as_ref().map_or("no CRL", |c| c.path.as_str()),
+                d.bundle_endpoint
+                    .as_ref()
+                    .map_or(String::new(), |e| format!("; fetched from {e}"))
             );
         }
     }
@@ -847,6 +867,18 @@ pub fn plan(old: &Manifest, new: &Manifest) -> Vec<Change> {
                         "trust",
                         '~',
                         format!("trust domain {}: its CRL changes what is revoked", n.name),
+                    );
+                }
+                if o.bundle_endpoint != n.bundle_endpoint {
+                    push(
+                        "trust",
+                        '~',
+                        format!(
+                            "trust domain {}: bundle endpoint {} → {}: who may change which of its certificates are admitted changes",
+                            n.name,
+                            o.bundle_endpoint.as_deref().unwrap_or("none"),
+                            n.bundle_endpoint.as_deref().unwrap_or("none")
+                        ),
                     );
                 }
                 if o.dns_names != n.dns_names {

@@ -93,6 +93,17 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabels {
+    pub trust_domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainResultLabels {
+    pub trust_domain: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -149,6 +160,13 @@ pub struct Metrics {
     pub registry_members: Gauge,
     pub registry_updates: Counter,
     pub registry_errors: Counter,
+    /// Fetches of other trust domains' bundles, by result; the held bundle's sequence,
+    /// when it was last fetched, and whether the last fetch failed (the last good one
+    /// keeps serving).
+    pub bundle_fetches: Family<DomainResultLabels, Counter>,
+    pub bundle_sequence: Family<DomainLabels, Gauge>,
+    pub bundle_last_success: Family<DomainLabels, Gauge>,
+    pub bundle_stale: Family<DomainLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -365,6 +383,30 @@ impl Metrics {
             "Registry sessions that failed (etcd unreachable, no quorum, lease lost)",
             registry_errors.clone(),
         );
+        let bundle_fetches = Family::<DomainResultLabels, Counter>::default();
+        registry.register(
+            "trust_bundle_fetches",
+            "Fetches of a trust domain's bundle from its bundle endpoint, by result: updated, unchanged, unreachable, invalid, older_sequence, write_error",
+            bundle_fetches.clone(),
+        );
+        let bundle_sequence = Family::<DomainLabels, Gauge>::default();
+        registry.register(
+            "trust_bundle_sequence",
+            "The spiffe_sequence of the bundle held for a trust domain",
+            bundle_sequence.clone(),
+        );
+        let bundle_last_success = Family::<DomainLabels, Gauge>::default();
+        registry.register(
+            "trust_bundle_last_success_timestamp_seconds",
+            "When a trust domain's bundle was last fetched (Unix time)",
+            bundle_last_success.clone(),
+        );
+        let bundle_stale = Family::<DomainLabels, Gauge>::default();
+        registry.register(
+            "trust_bundle_stale",
+            "1 while the last fetch of a trust domain's bundle failed: the last good bundle keeps serving",
+            bundle_stale.clone(),
+        );
         let config_info = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
@@ -416,6 +458,10 @@ impl Metrics {
             registry_members,
             registry_updates,
             registry_errors,
+            bundle_fetches,
+            bundle_sequence,
+            bundle_last_success,
+            bundle_stale,
         })
     }
 

@@ -9,6 +9,7 @@ mod admission;
 mod audit;
 mod check;
 mod drain;
+mod exchange;
 mod federation;
 mod firewall;
 mod formats;

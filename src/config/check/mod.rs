@@ -21,7 +21,10 @@ fn span<T>(s: &S<T>) -> std::ops::Range<usize> {
 impl Checker<'_> {
     pub(super) fn run(&mut self, raw: RawConfig, path: &Path, text: &str) -> Option<Config> {
         let node = self.node(&raw.node);
-        let tls = raw.tls.as_ref().map(|t| self.tls(t, &raw.trust_domain));
+        let tls = raw
+            .tls
+            .as_ref()
+            .map(|t| self.tls(t, &raw.trust_domain, raw.bundle_endpoint.as_ref()));
         let admin = raw.admin.as_ref().and_then(|a| {
             let addr = self.socket_addr(&a.get_ref().bind)?;
             if !addr.ip().is_loopback() {
@@ -64,6 +67,13 @@ impl Checker<'_> {
             );
         }
         let needs_tls = listeners.iter().any(|l| l.role == Role::Peer);
+        if let (Some(b), None) = (&raw.bundle_endpoint, &raw.tls) {
+            self.sink.error(
+                span(b),
+                "[bundle_endpoint] serves this node's trust bundle, but there is no [tls] section",
+                "add [tls] with cert, key and ca: the bundle served is [tls] ca, over TLS with [tls] cert",
+            );
+        }
         if needs_tls && raw.tls.is_none() {
             let first = raw
                 .listener

@@ -2,7 +2,8 @@
 //! federation-wide checks that read several sections.
 
 use super::*;
-use crate::identity::domains::DomainSpec;
+use crate::identity::bundle::Authorities;
+use crate::identity::domains::{BundleEndpoint, DomainSpec, Profile};
 
 impl Checker<'_> {
     pub(super) fn registry(
@@ -390,6 +391,7 @@ impl Checker<'_> {
         &mut self,
         t: &S<raw::RawTls>,
         domains: &[S<raw::RawTrustDomain>],
+        serve: Option<&S<raw::RawServeBundle>>,
     ) -> Option<Tls> {
         let r = t.get_ref();
         let files = TlsFiles {
@@ -474,12 +476,49 @@ impl Checker<'_> {
             }
         };
         let trust_domains = self.trust_domains(&files, domains);
+        let serve_bundle = match serve {
+            Some(b) => Some(self.serve_bundle(&files, b)?),
+            None => None,
+        };
         ok.then_some(Tls {
             files,
             allow_tls12,
             crl,
             handshake_timeout,
             trust_domains: trust_domains?,
+            serve_bundle,
+        })
+    }
+
+    /// `[bundle_endpoint]`: an address, a refresh hint, and a node whose certificate
+    /// names the trust domain whose bundle it serves.
+    fn serve_bundle(
+        &mut self,
+        files: &TlsFiles,
+        b: &S<raw::RawServeBundle>,
+    ) -> Option<crate::config::ServeBundle> {
+        let r = b.get_ref();
+        let bind = self.socket_addr(&r.bind);
+        let refresh_hint = self.duration(r.refresh_hint.as_ref(), Duration::from_secs(300));
+        if refresh_hint < Duration::from_secs(1) {
+            self.sink.error(
+                span(r.refresh_hint.as_ref().unwrap_or(&r.bind)),
+                "a refresh hint under 1s",
+                "fetchers ask again this often: give seconds to minutes, e.g. \"5m\"",
+            );
+            return None;
+        }
+        if identity::domains::own_domain(&files.cert).is_none() {
+            self.sink.error(
+                span(b),
+                "[bundle_endpoint] serves this node's trust domain's bundle, but its certificate names no trust domain",
+                "give the node a certificate with a SPIFFE ID (spiffe://DOMAIN/...): its fetchers verify the endpoint by it",
+            );
+            return None;
+        }
+        Some(crate::config::ServeBundle {
+            bind: bind?,
+            refresh_hint,
         })
     }
 
@@ -549,22 +588,73 @@ impl Checker<'_> {
                 );
                 continue;
             }
-            let ca = self.path(r.ca.get_ref());
-            if let Err(e) = identity::check_cert_file(&ca) {
+            let Some((authorities, at)) = self.authorities(r) else {
                 ok = false;
-                self.sink.error(span(&r.ca), e.to_string(), cert_hint(&e));
+                continue;
+            };
+            let endpoint = match &r.bundle_endpoint {
+                Some(e) => match self.bundle_endpoint(name, r, e) {
+                    Some(e) => Some(e),
+                    None => {
+                        ok = false;
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let loaded = authorities.load();
+            // an https_spiffe endpoint of the domain itself is verified by the domain's
+            // bundle: the first one must be there (brought out of band, once)
+            let self_served = matches!(
+                endpoint.as_ref().map(|e| &e.profile),
+                Some(Profile::Spiffe(id)) if identity::domains::domain_of(id) == Some(name.as_str())
+            );
+            match &loaded {
+                Err(e) if self_served => {
+                    ok = false;
+                    self.sink.error(
+                        span(at),
+                        format!("{e}: trust domain {name:?} serves its own bundle over https_spiffe, and its endpoint can only be verified by a bundle of the domain already held"),
+                        "put a first bundle there once (e.g. curl --cacert THEIR_CA https://…/ > FILE, or their CA as a bundle), or use profile = \"https_web\"",
+                    );
+                }
+                // a bundle its endpoint will bring need not exist yet: until the first
+                // fetch the domain's identities are refused
+                Err(e) if endpoint.is_some() && !authorities.path().exists() => {
+                    self.sink.warn(
+                        span(at),
+                        format!("{e}: until the first fetch from the bundle endpoint, trust domain {name:?}'s identities are refused"),
+                        "the fetch writes the bundle there; the directory must be writable by fedport",
+                    );
+                }
+                Err(e) => {
+                    ok = false;
+                    self.sink.error(
+                        span(at),
+                        e.to_string(),
+                        match authorities {
+                            Authorities::Pem(_) => {
+                                "ca holds the domain's CA certificates, PEM-encoded"
+                            }
+                            Authorities::Spiffe(_) => {
+                                "bundle holds a SPIFFE trust bundle: a JWKS whose keys of use \"x509-svid\" carry each CA in x5c"
+                            }
+                        },
+                    );
+                }
+                Ok(_) => {}
             }
             // one CA in two bundles would vouch for both domains' identities: the
             // separation the domains exist for (and the likely leftover of a merged
             // bundle from before trust domains)
-            let mine = identity::load_certs(&ca).unwrap_or_default();
+            let mine = loaded.unwrap_or_default();
             let shared = bundles
                 .iter()
                 .find(|(_, theirs)| theirs.iter().any(|c| mine.contains(c)));
             if let Some((whose, _)) = shared {
                 ok = false;
                 self.sink.error(
-                    span(&r.ca),
+                    span(at),
                     format!("trust domain {name:?}'s bundle holds a CA that {whose} holds too"),
                     "each organisation's CA belongs in its own domain's bundle only: remove it from the other",
                 );
@@ -613,11 +703,137 @@ impl Checker<'_> {
             }
             out.push(DomainSpec {
                 name: name.clone(),
-                ca,
+                authorities,
                 crl,
                 dns_names,
+                endpoint,
             });
         }
+        // an https_spiffe endpoint is verified by the bundle of its SPIFFE ID's domain:
+        // one this node has
+        for (d, r) in out.iter().zip(domains.iter().map(|d| d.get_ref())) {
+            let Some(Profile::Spiffe(id)) = d.endpoint.as_ref().map(|e| &e.profile) else {
+                continue;
+            };
+            if let identity::domains::Bundle::Refused(why) =
+                identity::domains::bundle_for(own.as_deref(), &out, id)
+            {
+                ok = false;
+                let at = r.bundle_endpoint.as_ref().map_or(&r.name, |e| {
+                    e.get_ref().spiffe_id.as_ref().unwrap_or(&e.get_ref().url)
+                });
+                self.sink.error(
+                    span(at),
+                    format!("the bundle endpoint of {:?} cannot be verified: {why}", d.name),
+                    "an https_spiffe endpoint presents a SPIFFE ID of a domain this node has a bundle for (usually the domain itself)",
+                );
+            }
+        }
         ok.then_some(out)
+    }
+
+    /// A domain's `ca` or `bundle` (one of the two), and where it was written.
+    fn authorities<'r>(
+        &mut self,
+        r: &'r raw::RawTrustDomain,
+    ) -> Option<(Authorities, &'r S<String>)> {
+        match (&r.ca, &r.bundle) {
+            (Some(ca), None) => Some((Authorities::Pem(self.path(ca.get_ref())), ca)),
+            (None, Some(b)) => Some((Authorities::Spiffe(self.path(b.get_ref())), b)),
+            (Some(ca), Some(_)) => {
+                self.sink.error(
+                    span(ca),
+                    format!("trust domain {:?} has both ca and bundle", r.name.get_ref()),
+                    "give its CAs one way: ca (PEM) or bundle (a SPIFFE bundle, JWKS)",
+                );
+                None
+            }
+            (None, None) => {
+                self.sink.error(
+                    span(&r.name),
+                    format!("trust domain {:?} has neither ca nor bundle", r.name.get_ref()),
+                    "give ca = \"PATH\" (PEM CA certificates) or bundle = \"PATH\" (a SPIFFE bundle)",
+                );
+                None
+            }
+        }
+    }
+
+    /// `bundle_endpoint = { url, profile, spiffe_id }`: an https URL; `https_spiffe`
+    /// (the default) with the SPIFFE ID the endpoint presents, `https_web` without.
+    fn bundle_endpoint(
+        &mut self,
+        name: &str,
+        r: &raw::RawTrustDomain,
+        e: &S<raw::RawBundleEndpoint>,
+    ) -> Option<BundleEndpoint> {
+        let er = e.get_ref();
+        if r.bundle.is_none() {
+            self.sink.error(
+                span(e),
+                format!("trust domain {name:?} fetches its bundle but has no bundle file to keep it in"),
+                "give bundle = \"PATH\" (instead of ca): the last good bundle is kept there, through outages and restarts; for https_spiffe it must hold the first one",
+            );
+            return None;
+        }
+        let url = er.url.get_ref();
+        let parsed = url
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.scheme_str() == Some("https") && u.host().is_some_and(|h| !h.is_empty()));
+        if parsed.is_none() {
+            self.sink.error(
+                span(&er.url),
+                format!("{url:?} is not an https:// URL"),
+                "a bundle endpoint is fetched over TLS: \"https://host:port/path\"",
+            );
+            return None;
+        }
+        let profile = match (
+            er.profile.as_ref().map(|p| (p, p.get_ref().as_str())),
+            &er.spiffe_id,
+        ) {
+            (None | Some((_, "https_spiffe")), Some(id)) => {
+                let v = id.get_ref();
+                if identity::domains::domain_of(v).is_none_or(|d| d.is_empty()) {
+                    self.sink.error(
+                        span(id),
+                        format!("{v:?} is not a SPIFFE ID"),
+                        "the SPIFFE ID the endpoint's certificate carries, e.g. \"spiffe://b.example/node/b\"",
+                    );
+                    return None;
+                }
+                Profile::Spiffe(v.clone())
+            }
+            (None | Some((_, "https_spiffe")), None) => {
+                self.sink.error(
+                    span(e),
+                    "an https_spiffe bundle endpoint needs the spiffe_id it presents",
+                    "add spiffe_id = \"spiffe://DOMAIN/...\", or profile = \"https_web\" for an endpoint with a Web PKI certificate",
+                );
+                return None;
+            }
+            (Some((_, "https_web")), None) => Profile::Web,
+            (Some((_, "https_web")), Some(id)) => {
+                self.sink.error(
+                    span(id),
+                    "spiffe_id is for the https_spiffe profile",
+                    "an https_web endpoint is verified by the system's roots and the URL's host",
+                );
+                return None;
+            }
+            (Some((p, other)), _) => {
+                self.sink.error(
+                    span(p),
+                    format!("bundle endpoint profile {other:?} is neither https_spiffe nor https_web"),
+                    "profile = \"https_spiffe\" (the endpoint presents a SPIFFE ID) or \"https_web\" (a Web PKI certificate)",
+                );
+                return None;
+            }
+        };
+        Some(BundleEndpoint {
+            url: url.clone(),
+            profile,
+        })
     }
 }

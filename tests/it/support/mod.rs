@@ -197,6 +197,12 @@ impl Fedport {
         Self::launch(c, None, config, &[])
     }
 
+    /// [`Fedport::start`] run by `cmd` (which names the binary and what goes before
+    /// `run`), e.g. `env VAR=… fedport`.
+    pub fn start_by(cmd: Command, config: &str) -> Self {
+        Self::launch(cmd, None, config, &[])
+    }
+
     fn launch(mut cmd: Command, netns: Option<&str>, config: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("fedport.toml");
