@@ -55,6 +55,10 @@ pub struct PlanArgs {
     pub new: PathBuf,
     #[arg(long)]
     pub json: bool,
+    /// A JSON access log (`fedport --log-format json run`, `access_log` on): every
+    /// request in it is decided under both configurations, and what changes is listed.
+    #[arg(long)]
+    pub replay: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -210,13 +214,35 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
                 &crate::manifest::manifest(&old),
                 &crate::manifest::manifest(&new),
             );
+            let replay = match &a.replay {
+                Some(p) => {
+                    let f = std::fs::File::open(p)
+                        .map_err(|e| CliError::Io(p.display().to_string(), e))?;
+                    Some(
+                        crate::manifest::replay::replay(
+                            std::sync::Arc::new(old),
+                            std::sync::Arc::new(new),
+                            std::io::BufReader::new(f),
+                        )
+                        .map_err(|e| CliError::Io(p.display().to_string(), e))?,
+                    )
+                }
+                None => None,
+            };
             if a.json {
-                let v = serde_json::json!({ "changes": changes, "count": changes.len() });
+                let mut v = serde_json::json!({ "changes": changes, "count": changes.len() });
+                if let Some(r) = &replay {
+                    v["replay"] = serde_json::to_value(r).unwrap_or_default();
+                }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 print!("{}", crate::manifest::plan_text(&changes));
+                if let Some(r) = &replay {
+                    print!("{}", crate::manifest::replay::replay_text(r));
+                }
             }
-            Ok(if changes.is_empty() { 0 } else { 2 })
+            let shifted = replay.as_ref().is_some_and(|r| !r.shifts.is_empty());
+            Ok(if changes.is_empty() && !shifted { 0 } else { 2 })
         }
         Command::Bench(a) => bench(a),
         Command::Firewall(a) => {

@@ -4,6 +4,8 @@
 //! effect, not by text: ports opened, closed or moved, identities that gain or lose
 //! access, allowlist ranges added or removed, limits and schemas changed.
 
+pub mod replay;
+
 use crate::config::{Config, Protocol, Role};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};

@@ -84,6 +84,11 @@ pub struct AccessEntry {
     pub path: String,
     pub request_id: http::HeaderValue,
     pub listener: Arc<str>,
+    /// What routing reads, for `plan --replay`: the authority named (`:authority`, else
+    /// `Host`), `fed-service`, and the content type (every field, joined with ", ").
+    pub authority: String,
+    pub fed_service: String,
+    pub content_type: String,
     /// The W3C trace id, or empty.
     pub trace_id: String,
     /// No rule allows the call; audit mode served it.
@@ -161,6 +166,9 @@ impl Drop for Finish {
                 identity = a.identity.to_str().unwrap_or("?"),
                 method = %a.method,
                 path = %a.path,
+                authority = %a.authority,
+                fed_service = %a.fed_service,
+                content_type = %a.content_type,
                 service = %service,
                 rpc = self.method.as_deref().unwrap_or(""),
                 status = self.http_status,

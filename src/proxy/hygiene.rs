@@ -18,6 +18,12 @@ pub(super) struct Clean<'p> {
 pub(super) fn check<'p>(parts: &'p Parts, conn: &ConnCtx) -> Result<Clean<'p>, Reject> {
     let headers_held = Held::connection_only(conn.memory.clone(), header_list_size(&parts.headers))
         .map_err(Reject::Memory)?;
+    let host = read(parts)?;
+    Ok(Clean { host, headers_held })
+}
+
+/// The request's head read one way, or refused: its one host.
+pub(super) fn read(parts: &Parts) -> Result<Option<Host<'_>>, Reject> {
     if !request::path_is_normal(parts.uri.path()) {
         return Err(Reject::BadRequest(
             "the path has dot segments or encoded separators; send it normalised (RFC 3986 section 5.2.4)",
@@ -33,7 +39,5 @@ pub(super) fn check<'p>(parts: &'p Parts, conn: &ConnCtx) -> Result<Clean<'p>, R
             "the method is a standard method in another case; methods are case-sensitive (RFC 9110 section 9.1): send it in upper case",
         ));
     }
-    let host =
-        request::host(&parts.uri, &parts.headers).map_err(|e| Reject::BadRequest(e.message()))?;
-    Ok(Clean { host, headers_held })
+    request::host(&parts.uri, &parts.headers).map_err(|e| Reject::BadRequest(e.message()))
 }

@@ -24,6 +24,7 @@ mod hygiene;
 mod journey;
 mod outcome;
 mod plan;
+pub mod replay;
 mod routing;
 mod targets;
 

@@ -55,6 +55,32 @@ impl Exchange {
                 identity: conn.identity.clone(),
                 method: req.method().clone(),
                 path: req.uri().path().to_owned(),
+                authority: req
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| {
+                        req.headers()
+                            .get(http::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                    })
+                    .unwrap_or("")
+                    .to_owned(),
+                fed_service: req
+                    .headers()
+                    .get("fed-service")
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned(),
+                content_type: {
+                    let all: Vec<&str> = req
+                        .headers()
+                        .get_all(http::header::CONTENT_TYPE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    all.join(", ")
+                },
                 request_id: rid.clone(),
                 listener: conn.listener.clone(),
                 trace_id: hop.trace_id.clone(),

@@ -37,17 +37,36 @@ pub(super) fn route<'w, 'c, 'p>(
     ct_field: &'c ContentTypeField,
     routed: &mut Routed,
 ) -> Result<(Route<'w, 'c>, Call<'p>), Reject> {
+    route_in(
+        &w.table,
+        &w.config,
+        conn.dedicated.as_deref(),
+        parts,
+        host,
+        ct_field,
+        routed,
+    )
+}
+
+/// [`route`] by a configuration's routing table, for a listener dedicated to a
+/// service or not: what `plan --replay` judges recorded requests by, too.
+pub(super) fn route_in<'w, 'c, 'p>(
+    table: &crate::route::Table,
+    config: &'w crate::config::Config,
+    dedicated: Option<&str>,
+    parts: &'p Parts,
+    host: Option<Host<'_>>,
+    ct_field: &'c ContentTypeField,
+    routed: &mut Routed,
+) -> Result<(Route<'w, 'c>, Call<'p>), Reject> {
     let claims_grpc = ct_field.claims_grpc();
-    let idx = match &conn.dedicated {
-        Some(name) => w
-            .table
+    let idx = match dedicated {
+        Some(name) => table
             .by_name(name)
-            .ok_or_else(|| Reject::UnknownService(name.clone()))?,
-        None => w
-            .table
-            .route(parts.uri.path(), &parts.headers, host.as_ref(), claims_grpc)?,
+            .ok_or_else(|| Reject::UnknownService(name.to_owned()))?,
+        None => table.route(parts.uri.path(), &parts.headers, host.as_ref(), claims_grpc)?,
     };
-    let service = &w.config.services[idx];
+    let service = &config.services[idx];
     routed.service = Some(idx);
     // which of two content types would the service read? and what is not a media type
     // is none: refused by a service that checks formats, before anything else
@@ -63,7 +82,7 @@ pub(super) fn route<'w, 'c, 'p>(
     // a host naming another service than the one the request is for: the service would
     // be told one name and fedport have checked another
     if let Some(h) = &host {
-        if w.table.by_name(h.first_label()).is_some_and(|o| o != idx) {
+        if table.by_name(h.first_label()).is_some_and(|o| o != idx) {
             return Err(Reject::Misdirected {
                 service: service.name.clone(),
                 host: h.0.to_string(),

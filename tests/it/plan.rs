@@ -109,3 +109,136 @@ fn describe_is_the_port_manifest() {
     );
     assert_eq!(v["admin"]["bind"], "127.0.0.1:9901");
 }
+
+/// `plan OLD NEW --replay FILE`: traffic recorded by a running node (its JSON access
+/// log) is decided under both configurations. Removing one of alice's methods and
+/// granting carol one shows exactly those two, with their counts; everything else
+/// recorded is decided the same way.
+#[test]
+fn a_replay_shows_exactly_who_loses_and_gains_what() {
+    use crate::support::upstream::{self, Proto};
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let service = format!(
+        "[[service]]\nname = \"orders\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+        up.url(Proto::H2c)
+    );
+    let rules = |alice: &str, carol: bool| {
+        format!(
+            "[[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"orders\"\nmethods = [{alice}]\n\
+             [[allow]]\nfrom = \"spiffe://fed.test/client/bob\"\nto = \"orders\"\n{}",
+            if carol {
+                "[[allow]]\nfrom = \"spiffe://fed.test/client/carol\"\nto = \"orders\"\nmethods = [\"GET /v1/items\"]\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let cfg = |alice: &str, carol: bool| {
+        crate::support::node_config_with_rules(&pki, &service, &rules(alice, carol))
+            .replace("[node]\n", "[node]\naccess_log = true\n")
+    };
+    let old = cfg(r#""GET /v1/items", "POST /v1/orders""#, false);
+    let fp = crate::support::Fedport::start_with(None, &old, &["--log-format", "json"]);
+    let port = fp.port("internal");
+    let (bob, carol) = (pki.client_cert("bob"), pki.client_cert("carol"));
+    let call = |who: &fedport::identity::pki::IssuedFiles, method: &str, path: &str| {
+        let (ca, c, k) = (
+            pki.ca.display().to_string(),
+            who.cert.display().to_string(),
+            who.key.display().to_string(),
+        );
+        let url = format!("https://localhost:{port}{path}");
+        crate::support::curl(&[
+            "--cacert",
+            &ca,
+            "--cert",
+            &c,
+            "--key",
+            &k,
+            "-X",
+            method,
+            "-H",
+            "fed-service: orders",
+            &url,
+        ])
+        .0
+    };
+    for _ in 0..3 {
+        assert_eq!(call(&pki.client, "GET", "/v1/items/7"), 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(call(&pki.client, "POST", "/v1/orders"), 200);
+    }
+    for _ in 0..4 {
+        assert_eq!(call(&bob, "POST", "/v1/orders"), 200);
+    }
+    assert_eq!(call(&carol, "GET", "/v1/items"), 403);
+    crate::support::wait_until(
+        "every access line",
+        std::time::Duration::from_secs(5),
+        || fp.log_text().matches("\"fedport::access\"").count() == 10,
+    );
+    let dir = pki.path();
+    let log = dir.join("access.json");
+    std::fs::write(&log, fp.log_text()).unwrap();
+    let (o, n) = (dir.join("old.toml"), dir.join("new.toml"));
+    std::fs::write(&o, &old).unwrap();
+    std::fs::write(&n, cfg(r#""GET /v1/items""#, true)).unwrap();
+    let args = |json: bool| {
+        let mut a = vec![
+            "plan".to_owned(),
+            o.display().to_string(),
+            n.display().to_string(),
+        ];
+        a.extend(["--replay".to_owned(), log.display().to_string()]);
+        if json {
+            a.push("--json".to_owned());
+        }
+        a
+    };
+    let a = args(true);
+    let (code, out, err) = fedport(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 2, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &v["replay"];
+    assert_eq!(r["requests"], 10, "{r}");
+    assert_eq!(r["skipped"], 0, "{r}");
+    let shifts = r["shifts"].as_array().unwrap();
+    assert_eq!(shifts.len(), 2, "exactly the two affected: {r}");
+    let lose = shifts.iter().find(|s| s["kind"] == "lose").unwrap();
+    assert_eq!(lose["identity"], "spiffe://fed.test/client/alice", "{r}");
+    assert_eq!(lose["service"], "orders");
+    assert_eq!(lose["method"], "POST /v1/orders");
+    assert_eq!(lose["requests"], 2);
+    assert_eq!(
+        (lose["old"].as_str(), lose["new"].as_str()),
+        (Some("allowed"), Some("denied"))
+    );
+    assert!(lose["first_seen"].as_str().unwrap() <= lose["last_seen"].as_str().unwrap());
+    assert!(
+        lose["first_seen"].as_str().unwrap().starts_with("20"),
+        "{lose}"
+    );
+    let gain = shifts.iter().find(|s| s["kind"] == "gain").unwrap();
+    assert_eq!(gain["identity"], "spiffe://fed.test/client/carol", "{r}");
+    assert_eq!(gain["method"], "GET /v1/items");
+    assert_eq!(gain["requests"], 1);
+    let a = args(false);
+    let (code, out, _) = fedport(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 2);
+    assert!(
+        out.contains("- spiffe://fed.test/client/alice loses orders POST /v1/orders: 2 request(s), allowed → denied"),
+        "{out}"
+    );
+    // the same configuration: nothing changes, exit 0
+    let (code, out, _) = fedport(&[
+        "plan",
+        &o.display().to_string(),
+        &o.display().to_string(),
+        "--replay",
+        &log.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("every one is decided the same way"), "{out}");
+}
