@@ -229,6 +229,13 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
                 }
                 None => None,
             };
+            if let (Some(r), Some(p)) = (&replay, &a.replay) {
+                // nothing read is no evidence that nothing changes
+                if r.requests == 0 {
+                    eprintln!("{}: no access line of fedport's JSON log (run with --log-format json and [node] access_log on)", p.display());
+                    return Ok(1);
+                }
+            }
             if a.json {
                 let mut v = serde_json::json!({ "changes": changes, "count": changes.len() });
                 if let Some(r) = &replay {

@@ -68,6 +68,8 @@ pub struct Fetchers {
     running: Vec<(DomainSpec, tokio::task::JoinHandle<()>)>,
     /// What the tasks were started with, to tell when a reload changes it.
     key: Option<(TlsFiles, Option<PathBuf>, Vec<DomainSpec>)>,
+    /// The domains whose gauges are set.
+    labelled: Vec<String>,
 }
 
 impl Fetchers {
@@ -83,16 +85,33 @@ impl Fetchers {
             task.abort();
         }
         self.key = key;
-        let Some((files, crl, domains)) = self.key.clone() else {
-            status.forget_others(&[]);
-            return;
-        };
+        let (files, crl, domains) = self.key.clone().unwrap_or_else(|| {
+            (
+                TlsFiles {
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                    ca: PathBuf::new(),
+                },
+                None,
+                Vec::new(),
+            )
+        });
         let fetched: Vec<String> = domains
             .iter()
             .filter(|d| d.endpoint.is_some())
             .map(|d| d.name.clone())
             .collect();
         status.forget_others(&fetched);
+        // a domain no longer fetched leaves no series behind (its stale alert with it)
+        for gone in std::mem::take(&mut self.labelled) {
+            if !fetched.contains(&gone) {
+                let l = crate::telemetry::DomainLabels { trust_domain: gone };
+                metrics.bundle_stale.remove(&l);
+                metrics.bundle_sequence.remove(&l);
+                metrics.bundle_last_success.remove(&l);
+            }
+        }
+        self.labelled = fetched.clone();
         for d in domains.iter().filter(|d| d.endpoint.is_some()) {
             let task = tokio::spawn(run(
                 d.clone(),
@@ -155,7 +174,13 @@ async fn run(domain: DomainSpec, cx: Ctx) {
         let attempt =
             tokio::time::timeout(FETCH_TIMEOUT, get(&endpoint.url, &endpoint.profile, &cx));
         let result = match attempt.await {
-            Ok(Ok(bytes)) => take(&path, bytes),
+            Ok(Ok(bytes)) => {
+                // file reads, the write and its fsync: off the control loop's thread
+                let (path, others) = (path.clone(), others_of(&domain, &cx));
+                tokio::task::spawn_blocking(move || take(&path, bytes, &others))
+                    .await
+                    .unwrap_or_else(|e| Err(FetchError::Http(e.to_string())))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(FetchError::Timeout),
         };
@@ -229,18 +254,38 @@ async fn run(domain: DomainSpec, cx: Ctx) {
     }
 }
 
+/// Every CA certificate another bundle here holds: `[tls] ca`'s and the other
+/// domains'. A fetched bundle holding one is refused: it would let that domain vouch
+/// for another's identities, and `check` refuses such a configuration at every reload.
+fn others_of(domain: &DomainSpec, cx: &Ctx) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    let mut out = crate::identity::load_certs(&cx.files.ca).unwrap_or_default();
+    for d in cx.domains.iter().filter(|d| d.name != domain.name) {
+        out.extend(d.authorities.load().unwrap_or_default());
+    }
+    out
+}
+
 /// Takes a fetched document: `Ok(true)` when it replaced the held bundle.
-fn take(path: &Path, bytes: Bytes) -> Result<bool, FetchError> {
+fn take(
+    path: &Path,
+    bytes: Bytes,
+    others: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<bool, FetchError> {
     let got = bundle::parse(&bytes)?;
+    if got.authorities.iter().any(|c| others.contains(c)) {
+        return Err(FetchError::Bundle(BundleError::Shared));
+    }
     let current = held(path);
     if let Some((old_bytes, old)) = &current {
-        if let (Some(g), Some(h)) = (got.sequence, old.sequence) {
-            if g < h {
-                return Err(FetchError::Older { got: g, held: h });
-            }
-        }
-        if *old_bytes == bytes {
+        if *old_bytes == bytes || old.authorities == got.authorities && got.sequence <= old.sequence
+        {
             return Ok(false);
+        }
+        // a bundle without a sequence cannot roll one back that has one
+        match (got.sequence, old.sequence) {
+            (Some(g), Some(h)) if g < h => return Err(FetchError::Older { got: g, held: h }),
+            (None, Some(h)) => return Err(FetchError::Older { got: 0, held: h }),
+            _ => {}
         }
     }
     write_atomically(path, &bytes).map_err(|e| FetchError::Write(path.to_owned(), e))?;
@@ -253,8 +298,13 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut tmp, bytes)?;
+    // a bundle is public: readable as a file the operator wrote would be
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
+    // the rename itself survives a crash once the directory is synced
+    std::fs::File::open(dir).and_then(|d| d.sync_all())?;
     Ok(())
 }
 
@@ -310,7 +360,13 @@ async fn get(url: &str, profile: &Profile, cx: &Ctx) -> Result<Bytes, FetchError
     let body = Limited::new(resp.into_body(), bundle::MAX_BYTES)
         .collect()
         .await
-        .map_err(|_| FetchError::Bundle(BundleError::TooLarge))?;
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                FetchError::Bundle(BundleError::TooLarge)
+            } else {
+                FetchError::Http(e.to_string())
+            }
+        })?;
     Ok(body.to_bytes())
 }
 

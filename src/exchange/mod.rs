@@ -121,7 +121,9 @@ impl Exchange {
                 return Ok(());
             }
         }
-        let socket = match self.served.take() {
+        // a new address is bound before the old one is let go: if it cannot be, the
+        // old one serves on
+        let socket = match &self.served {
             Some(s) if s.cfg.bind == want.bind => s.socket.try_clone()?,
             _ => {
                 let s = std::net::TcpListener::bind(want.bind)?;
@@ -129,6 +131,7 @@ impl Exchange {
                 s
             }
         };
+        self.served = None;
         let listener = tokio::net::TcpListener::from_std(socket.try_clone()?)?;
         let task = tokio::spawn(serve::serve(
             listener,

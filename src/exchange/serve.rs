@@ -2,10 +2,11 @@
 //! `[tls] ca` as a SPIFFE bundle, at `/`, over TLS with the node's certificate (the
 //! `https_spiffe` profile: fetchers check the node's SPIFFE ID) and no client
 //! certificate asked for, as the SPIFFE federation specification says. Its
-//! `spiffe_sequence` is the CA file's modification time in seconds, so that it only
-//! grows as the file is replaced; the document and the TLS material are built again
-//! when the files change. The port is open to strangers: one request per connection, a
-//! handshake and a request within 10 s each, at most 256 connections at once.
+//! `spiffe_sequence` is the newest CA's notBefore (seconds since 1970), so that nodes
+//! serving the same CAs agree and a rotation raises it; the document and the TLS
+//! material are built again when the files change. The port is open to strangers: one
+//! request per connection, the handshake within 3 s and the whole exchange within 5 s,
+//! at most 256 connections at once and 8 from one address.
 
 use crate::config::ServeBundle;
 use crate::identity::{bundle, load_certified_key, TlsFiles};
@@ -21,7 +22,43 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 const MAX_CONNECTIONS: usize = 256;
-const TIMEOUT: Duration = Duration::from_secs(10);
+const PER_SOURCE: usize = 8;
+const HANDSHAKE: Duration = Duration::from_secs(3);
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A place of one source address's, given back when dropped.
+struct Source(
+    Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    std::net::IpAddr,
+);
+
+impl Source {
+    fn take(
+        map: &Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut m = map.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self(map.clone(), ip))
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0.lock() {
+            if let Some(n) = m.get_mut(&self.1) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.1);
+                }
+            }
+        }
+    }
+}
 
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
@@ -36,6 +73,8 @@ struct Served {
     files: TlsFiles,
     refresh_hint: Duration,
     current: Mutex<Option<Arc<Material>>>,
+    /// The files' stamp when they last failed to load.
+    failed: Mutex<Option<Stamp>>,
 }
 
 fn stamp(files: &TlsFiles) -> Stamp {
@@ -58,25 +97,23 @@ impl Served {
         if let Some(m) = cur.as_ref().filter(|m| m.stamp == now) {
             return Some(m.clone());
         }
-        match self.build(now) {
+        if self.failed.lock().ok()?.as_ref() == Some(&now) {
+            return cur.clone();
+        }
+        match self.build(now.clone()) {
             Ok(m) => {
                 let m = Arc::new(m);
                 *cur = Some(m.clone());
                 Some(m)
             }
             Err(e) => {
-                tracing::error!(error = %e, "bundle endpoint: the node's files do not load; the last bundle that did keeps being served");
-                // not tried again until the files change once more
-                if let Some(old) = cur.take() {
-                    let kept = Arc::new(Material {
-                        stamp: stamp(&self.files),
-                        tls: old.tls.clone(),
-                        doc: old.doc.clone(),
-                    });
-                    *cur = Some(kept.clone());
-                    return Some(kept);
+                // not tried again, nor logged again, until the files change once more
+                let mut failed = self.failed.lock().ok()?;
+                if failed.as_ref() != Some(&now) {
+                    tracing::error!(error = %e, "bundle endpoint: the node's files do not load; the last bundle that did keeps being served");
+                    *failed = Some(now.clone());
                 }
-                None
+                cur.clone()
             }
         }
     }
@@ -87,11 +124,15 @@ impl Served {
         let chain = crate::identity::load_certs(&self.files.cert).map_err(|e| e.to_string())?;
         let key = crate::identity::load_key(&self.files.key).map_err(|e| e.to_string())?;
         let cas = crate::identity::load_certs(&self.files.ca).map_err(|e| e.to_string())?;
-        let sequence = std::fs::metadata(&self.files.ca)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+        // from the contents, so that replicas serving the same CAs agree: the newest
+        // CA's notBefore, which a rotation (adding a newer CA) raises
+        let sequence = cas
+            .iter()
+            .filter_map(|c| crate::identity::validity(c, &self.files.ca).ok())
+            .filter_map(|(from, _)| from.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .max()
+            .unwrap_or(0);
         let doc = bundle::render(&cas, sequence, self.refresh_hint).map_err(|e| e.to_string())?;
         let mut tls = rustls::ServerConfig::builder_with_provider(crate::identity::provider())
             .with_safe_default_protocol_versions()
@@ -129,11 +170,13 @@ pub async fn serve(
         files,
         refresh_hint: cfg.refresh_hint,
         current: Mutex::new(None),
+        failed: Mutex::new(None),
     });
+    let per_source: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     let _ = served.material();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, remote)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -141,12 +184,18 @@ pub async fn serve(
             metrics.reject("bundle_endpoint", Reason::MaxConnections);
             continue;
         };
+        // no one source holds more than a few of the places
+        let ip = remote.ip().to_canonical();
+        let Some(source) = Source::take(&per_source, ip) else {
+            metrics.reject("bundle_endpoint", Reason::MaxConnections);
+            continue;
+        };
         let Some(m) = served.material() else { continue };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let (_slot, _source) = (slot, source);
             let acceptor = tokio_rustls::TlsAcceptor::from(m.tls.clone());
-            let Ok(Ok(tls)) = tokio::time::timeout(TIMEOUT, acceptor.accept(tcp)).await else {
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await else {
                 metrics.reject("bundle_endpoint", Reason::Tls);
                 return;
             };
@@ -177,12 +226,14 @@ pub async fn serve(
                     Ok::<_, Infallible>(r)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(TIMEOUT)
                 .keep_alive(false)
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
+                .serve_connection(TokioIo::new(tls), svc);
+            // the whole exchange within one deadline: a reader too slow for a bundle
+            // gives its place back
+            let _ = tokio::time::timeout(TIMEOUT, conn).await;
         });
     }
 }

@@ -33,7 +33,16 @@ pub enum BundleError {
     TooLarge,
     #[error("{0}: key type cannot be written as a JWK")]
     KeyType(String),
+    #[error("the bundle's CA names come to more than {MAX_NAME_BYTES} bytes")]
+    NamesTooLong,
+    #[error("the bundle holds a CA that another bundle here holds (the node's own, or another domain's): refused")]
+    Shared,
 }
+
+/// At most this many bytes of CA subject names in one bundle: they are sent in every
+/// handshake's certificate request, whose list of them TLS bounds at 64 KiB for all
+/// the domains together.
+pub const MAX_NAME_BYTES: usize = 16 << 10;
 
 /// A parsed bundle: its X.509 authorities and what it says of its version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +78,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle, BundleError> {
     }
     let doc: Doc = serde_json::from_slice(bytes).map_err(|e| BundleError::Json(e.to_string()))?;
     let mut authorities = Vec::new();
+    let mut names = 0;
     for (i, k) in doc.keys.iter().enumerate() {
         if k.usage.as_deref() != Some("x509-svid") {
             continue;
@@ -77,8 +87,12 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle, BundleError> {
         let der = STANDARD
             .decode(first)
             .map_err(|e| BundleError::Base64(i, e.to_string()))?;
-        x509_parser::parse_x509_certificate(&der)
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| BundleError::Certificate(i, e.to_string()))?;
+        names += cert.subject().as_raw().len();
+        if names > MAX_NAME_BYTES {
+            return Err(BundleError::NamesTooLong);
+        }
         if authorities.len() == MAX_AUTHORITIES {
             return Err(BundleError::TooMany);
         }

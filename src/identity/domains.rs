@@ -173,6 +173,9 @@ fn verifier(
         .map_err(|e| IdentityError::Tls(e.to_string()))
 }
 
+/// The CA names a certificate request may carry, all bundles together.
+const MAX_HINT_BYTES: usize = 48 << 10;
+
 /// One domain's loaded verifier, or why its files do not load (then its identities
 /// are refused: a bundle or CRL that no longer loads must not leave an older one, which
 /// may still admit what was since revoked, vouching for them).
@@ -228,6 +231,13 @@ impl DomainVerifier {
                 hints.extend(v.root_hint_subjects().iter().cloned());
             }
             others.push(domain);
+        }
+        // TLS bounds a certificate request's list of CA names at 64 KiB: past a safe
+        // share of it, none is sent (a client then offers its certificate unhinted)
+        let bytes: usize = hints.iter().map(|h| h.as_ref().len() + 2).sum();
+        if bytes > MAX_HINT_BYTES {
+            tracing::warn!(bytes, "the trust domains' CA names are too long to send in a certificate request: none is sent");
+            hints.clear();
         }
         Ok(Self {
             own,

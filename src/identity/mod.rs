@@ -433,6 +433,25 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
 /// neither, when it has more than one SPIFFE ID (SPIFFE allows exactly one; which would
 /// be meant?), when its SPIFFE ID is outside the SPIFFE grammar, or when the name is
 /// `local`, which stands for the local listener's callers in rules.
+/// The DNS names a certificate's SAN lists, lower-case, as written (wildcards too).
+pub fn dns_sans(der: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn identity_of(der: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

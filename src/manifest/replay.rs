@@ -10,6 +10,11 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::sync::Arc;
 
+/// Groups listed at most (identity × service × call); the rest count as "(other calls)".
+const MAX_GROUPS: usize = 10_000;
+/// An access line is far shorter; a longer line is skipped.
+const MAX_LINE: usize = 64 << 10;
+
 /// A group of recorded requests whose decision changes.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Shift {
@@ -43,15 +48,25 @@ fn record(line: &str) -> Option<(Recorded, String)> {
     }
     let f = &v["fields"];
     let s = |k: &str| f[k].as_str().map(str::to_owned);
+    // fields the log writes quoted (as the caller sent them): their text
+    let q = |k: &str| {
+        s(k).map(|v| {
+            if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') {
+                serde_json::from_str::<String>(&v).unwrap_or(v)
+            } else {
+                v
+            }
+        })
+    };
     Some((
         Recorded {
             listener: s("listener")?,
             identity: s("identity")?,
             method: s("method")?,
             path: s("path")?,
-            authority: s("authority").unwrap_or_default(),
-            fed_service: s("fed_service").unwrap_or_default(),
-            content_type: s("content_type").unwrap_or_default(),
+            authority: q("authority").unwrap_or_default(),
+            fed_service: q("fed_service").unwrap_or_default(),
+            content_type: q("content_type").unwrap_or_default(),
         },
         v["timestamp"].as_str().unwrap_or("").to_owned(),
     ))
@@ -63,9 +78,22 @@ pub fn replay(old: Arc<Config>, new: Arc<Config>, log: impl BufRead) -> std::io:
     let mut out = Replay::default();
     type Key = (String, String, String, Outcome, Outcome);
     let mut groups: BTreeMap<Key, (u64, String, String)> = BTreeMap::new();
-    for line in log.lines() {
-        let line = line?;
-        let Some((r, at)) = record(&line) else {
+    let mut log = log;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if log.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        // a line that is not text, or longer than any access line, is no request
+        let Some(line) = std::str::from_utf8(&buf)
+            .ok()
+            .filter(|l| l.len() <= MAX_LINE)
+        else {
+            out.skipped += 1;
+            continue;
+        };
+        let Some((r, at)) = record(line) else {
             // other log lines are not requests; an access line missing a field is
             if line.contains("\"fedport::access\"") {
                 out.skipped += 1;
@@ -77,14 +105,22 @@ pub fn replay(old: Arc<Config>, new: Arc<Config>, log: impl BufRead) -> std::io:
         if va.outcome == vb.outcome {
             continue;
         }
-        let service = vb.service.or(va.service).unwrap_or_else(|| "-".into());
+        let service = match (va.service, vb.service) {
+            (Some(a), Some(b)) if a != b => format!("{a} → {b}"),
+            (a, b) => b.or(a).unwrap_or_else(|| "-".into()),
+        };
         let method = if vb.method == va.method {
             vb.method
         } else {
             va.method
         };
+        let mut key = (r.identity, service, method, va.outcome, vb.outcome);
+        // bounded: past MAX_GROUPS, a new group's calls count under "(other calls)"
+        if groups.len() >= MAX_GROUPS && !groups.contains_key(&key) {
+            key.2 = "(other calls)".into();
+        }
         let g = groups
-            .entry((r.identity, service, method, va.outcome, vb.outcome))
+            .entry(key)
             .or_insert_with(|| (0, at.clone(), at.clone()));
         g.0 += 1;
         if at < g.1 {

@@ -166,9 +166,11 @@ impl Drop for Finish {
                 identity = a.identity.to_str().unwrap_or("?"),
                 method = %a.method,
                 path = %a.path,
-                authority = %a.authority,
-                fed_service = %a.fed_service,
-                content_type = %a.content_type,
+                // as the caller sent them, before hygiene: quoted, so that a text log
+                // line cannot be given fields of the caller's making
+                authority = ?a.authority,
+                fed_service = ?a.fed_service,
+                content_type = ?a.content_type,
                 service = %service,
                 rpc = self.method.as_deref().unwrap_or(""),
                 status = self.http_status,

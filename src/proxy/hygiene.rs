@@ -23,6 +23,7 @@ pub(super) fn check<'p>(parts: &'p Parts, conn: &ConnCtx) -> Result<Clean<'p>, R
 }
 
 /// The request's head read one way, or refused: its one host.
+#[inline(always)]
 pub(super) fn read(parts: &Parts) -> Result<Option<Host<'_>>, Reject> {
     if !request::path_is_normal(parts.uri.path()) {
         return Err(Reject::BadRequest(

@@ -28,6 +28,16 @@ pub(super) struct Routed {
     pub would_deny: bool,
 }
 
+/// Every field of a name, joined with ", " as the access log records them.
+fn joined(h: &http::HeaderMap, name: impl http::header::AsHeaderName) -> String {
+    let all: Vec<&str> = h
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not UTF-8)"))
+        .collect();
+    all.join(", ")
+}
+
 /// A request's exchange, from its first moment until its answer is handed back.
 pub(super) struct Exchange {
     /// When the request began: its deadline counts from here.
@@ -55,32 +65,16 @@ impl Exchange {
                 identity: conn.identity.clone(),
                 method: req.method().clone(),
                 path: req.uri().path().to_owned(),
-                authority: req
-                    .uri()
-                    .authority()
-                    .map(|a| a.as_str())
-                    .or_else(|| {
-                        req.headers()
-                            .get(http::header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                    })
-                    .unwrap_or("")
-                    .to_owned(),
-                fed_service: req
-                    .headers()
-                    .get("fed-service")
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned(),
-                content_type: {
-                    let all: Vec<&str> = req
-                        .headers()
-                        .get_all(http::header::CONTENT_TYPE)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect();
-                    all.join(", ")
+                authority: {
+                    // the one authority of HTTP/2, else every Host field
+                    let h = req.headers();
+                    match req.uri().authority() {
+                        Some(a) => a.as_str().to_owned(),
+                        None => joined(h, http::header::HOST),
+                    }
                 },
+                fed_service: joined(req.headers(), "fed-service"),
+                content_type: joined(req.headers(), http::header::CONTENT_TYPE),
                 request_id: rid.clone(),
                 listener: conn.listener.clone(),
                 trace_id: hop.trace_id.clone(),

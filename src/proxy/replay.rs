@@ -139,20 +139,28 @@ impl Judge {
     }
 }
 
-/// The request's head as it arrived, rebuilt from what was recorded.
+/// The request's head as it arrived, rebuilt from what was recorded: the authority as
+/// a `Host` field (read, and refused when malformed, as a live one is), and each field
+/// the log joined with ", " as the fields it was.
 fn head(r: &Recorded) -> Option<http::request::Parts> {
     let method = http::Method::from_bytes(r.method.as_bytes()).ok()?;
-    let uri: http::Uri = if r.authority.is_empty() {
-        r.path.parse().ok()?
-    } else {
-        format!("https://{}{}", r.authority, r.path).parse().ok()?
-    };
+    let uri: http::Uri = r.path.parse().ok()?;
     let mut b = http::Request::builder().method(method).uri(uri);
-    if !r.fed_service.is_empty() {
-        b = b.header("fed-service", &r.fed_service);
+    let fields = |v: &str| -> Vec<String> {
+        if v.is_empty() {
+            Vec::new()
+        } else {
+            v.split(", ").map(str::to_owned).collect()
+        }
+    };
+    for h in fields(&r.authority) {
+        b = b.header(http::header::HOST, h);
     }
-    if !r.content_type.is_empty() {
-        b = b.header(http::header::CONTENT_TYPE, &r.content_type);
+    for v in fields(&r.fed_service) {
+        b = b.header("fed-service", v);
+    }
+    for v in fields(&r.content_type) {
+        b = b.header(http::header::CONTENT_TYPE, v);
     }
     Some(b.body(()).ok()?.into_parts().0)
 }

@@ -50,6 +50,7 @@ pub(super) fn route<'w, 'c, 'p>(
 
 /// [`route`] by a configuration's routing table, for a listener dedicated to a
 /// service or not: what `plan --replay` judges recorded requests by, too.
+#[inline(always)]
 pub(super) fn route_in<'w, 'c, 'p>(
     table: &crate::route::Table,
     config: &'w crate::config::Config,

@@ -307,12 +307,29 @@ fn an_https_web_endpoint_is_followed_and_an_older_sequence_refused() {
     );
     assert_eq!(call_b(&b, &pki.client, port).0, 200);
     assert_eq!(fb.metric(seq), 5.0);
+    // a newer bundle that holds B's own CA (public: B serves it) would let fed.test
+    // vouch for B's identities: refused as invalid
+    make("7", &[&pki.ca, &b.ca]);
+    let invalid = r#"fedport_trust_bundle_fetches_total{trust_domain="fed.test",result="invalid"}"#;
+    wait_until(
+        "the bundle holding B's CA refused",
+        Duration::from_secs(10),
+        || fb.metric(invalid) >= 1.0,
+    );
+    assert_eq!(fb.metric(seq), 5.0);
     // not a bundle at all: refused as invalid
     std::fs::write(&served, "{\"keys\": []}").unwrap();
-    let invalid = r#"fedport_trust_bundle_fetches_total{trust_domain="fed.test",result="invalid"}"#;
     wait_until("the empty bundle refused", Duration::from_secs(10), || {
-        fb.metric(invalid) >= 1.0
+        fb.metric(invalid) >= 2.0
     });
+    let v: serde_json::Value = serde_json::from_str(&fb.admin_get("/readyz?verbose")).unwrap();
+    assert!(
+        v["trust_bundles"]["fed.test"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("x509-svid"),
+        "{v}"
+    );
     assert_eq!(call_b(&b, &pki.client, port).0, 200);
 }
 
@@ -372,6 +389,14 @@ fn check_refuses_malformed_bundle_exchange() {
         (
             td(&format!("bundle = \"{}\"", bad.display())),
             "x5c[0] is not an X.509 certificate",
+        ),
+        (
+            format!(
+                "{}[[trust_domain]]\nname = \"c.example\"\nbundle = \"{}\"\nbundle_endpoint = {{ url = \"https://c.example/\", profile = \"https_web\" }}\n",
+                td(&format!("bundle = \"{}\"\nbundle_endpoint = {{ url = \"https://b.example/\", profile = \"https_web\" }}", missing.display())),
+                dir.join(".").join("missing.json").display()
+            ),
+            "names the bundle file of trust domain \"b.example\"",
         ),
     ];
     for (extra, want) in cases {

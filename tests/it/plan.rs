@@ -241,4 +241,20 @@ fn a_replay_shows_exactly_who_loses_and_gains_what() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("every one is decided the same way"), "{out}");
+    // a log with no access line (a text log, say) is no evidence of no change
+    let text = dir.join("text.log");
+    std::fs::write(
+        &text,
+        "2026-12-02T12:00:00Z INFO fedport::access: access listener=internal\n",
+    )
+    .unwrap();
+    let (code, _, err) = fedport(&[
+        "plan",
+        &o.display().to_string(),
+        &n.display().to_string(),
+        "--replay",
+        &text.display().to_string(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no access line"), "{err}");
 }

@@ -99,7 +99,7 @@ fn each_trust_domain_vouches_only_for_its_own_identities() {
 
 /// `check` refuses a `[[trust_domain]]` that is the node's own domain, one configured
 /// twice, a malformed name (a trailing dot too), a DNS name two domains would vouch for
-/// (also through a wildcard), a CA that another bundle holds as well, and a peer whose
+/// (also through a wildcard) or one of the node's own, a CA that another bundle holds as well, and a peer whose
 /// domain has no bundle, each with its line and a hint.
 #[test]
 fn check_refuses_overlapping_or_malformed_trust_domains() {
@@ -144,6 +144,11 @@ fn check_refuses_overlapping_or_malformed_trust_domains() {
             "is vouched for by trust domain \"b.example\" as well",
         ),
         (trust_domain("b.example.", &b_ca), "is not a SPIFFE trust domain"),
+        (
+            // the node's certificate names *.fed.test
+            format!("{}dns_names = [\"api.fed.test\"]\n", trust_domain("b.example", &b_ca)),
+            "covers a DNS name of this node's own certificate",
+        ),
         (
             trust_domain("b.example", &pki.ca),
             "holds a CA that [tls] ca holds too",

@@ -508,6 +508,16 @@ impl Checker<'_> {
             );
             return None;
         }
+        if let Ok(cas) = identity::load_certs(&files.ca) {
+            if let Err(e) = identity::bundle::render(&cas, 0, refresh_hint) {
+                self.sink.error(
+                    span(b),
+                    format!("[tls] ca cannot be served as a SPIFFE bundle: {e}"),
+                    "a bundle's keys are RSA, EC P-256/P-384/P-521 or Ed25519 CA certificates",
+                );
+                return None;
+            }
+        }
         if identity::domains::own_domain(&files.cert).is_none() {
             self.sink.error(
                 span(b),
@@ -547,6 +557,10 @@ impl Checker<'_> {
         domains: &[S<raw::RawTrustDomain>],
     ) -> Option<Vec<DomainSpec>> {
         let own = identity::domains::own_domain(&files.cert);
+        let own_dns: Vec<String> = identity::load_certs(&files.cert)
+            .ok()
+            .and_then(|c| c.first().map(identity::dns_sans))
+            .unwrap_or_default();
         let mut out: Vec<DomainSpec> = Vec::new();
         let mut ok = true;
         // every bundle's CA certificates, read once: [tls] ca's, then each domain's
@@ -592,6 +606,23 @@ impl Checker<'_> {
                 ok = false;
                 continue;
             };
+            // one file per domain: two fetches writing one file would let each domain's
+            // CAs vouch for the other's identities in turn
+            if let Some(o) = out
+                .iter()
+                .find(|o| same_file(o.authorities.path(), authorities.path()))
+            {
+                ok = false;
+                self.sink.error(
+                    span(at),
+                    format!(
+                        "trust domain {name:?} names the bundle file of trust domain {:?}",
+                        o.name
+                    ),
+                    "give each trust domain a file of its own",
+                );
+                continue;
+            }
             let endpoint = match &r.bundle_endpoint {
                 Some(e) => match self.bundle_endpoint(name, r, e) {
                     Some(e) => Some(e),
@@ -685,6 +716,17 @@ impl Checker<'_> {
                         span(n),
                         format!("{v:?} is not a DNS name"),
                         "list lower-case host names (\"db.b.example\") or one-label wildcards (\"*.svc.b.example\")",
+                    );
+                    continue;
+                }
+                // the node's own DNS names are its own domain's: another organisation
+                // vouching for one could pass for this node to its peers
+                if identity::domains::dns_overlap(std::slice::from_ref(v), &own_dns).is_some() {
+                    ok = false;
+                    self.sink.error(
+                        span(n),
+                        format!("{v:?} covers a DNS name of this node's own certificate"),
+                        "the node's own names are vouched for by [tls] ca only: list the other organisation's names",
                     );
                     continue;
                 }
@@ -836,4 +878,14 @@ impl Checker<'_> {
             profile,
         })
     }
+}
+
+/// Whether two paths name one file: compared by their directory as it resolves and
+/// their file name (the file itself may not exist yet).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let norm = |p: &Path| {
+        let dir = p.parent().and_then(|d| std::fs::canonicalize(d).ok());
+        (dir, p.file_name().map(|n| n.to_owned()))
+    };
+    a == b || norm(a) == norm(b)
 }
