@@ -111,6 +111,16 @@ pub fn is_claim(name: &HeaderName) -> bool {
             | "x-goog-authenticated-user-email"
             | "x-goog-authenticated-user-id"
             | "x-goog-iap-jwt-assertion"
+            | "x-endpoint-api-userinfo"
+            | "x-apigateway-api-userinfo"
+            | "x-webauth-user"
+            | "x-consumer-username"
+            | "x-consumer-id"
+            | "x-consumer-custom-id"
+            | "x-credential-identifier"
+            | "cf-access-authenticated-user-email"
+            | "cf-access-jwt-assertion"
+            | "x-jwt-assertion"
     ) || [
         "fed-",
         // x-forwarded-for, -proto, -host, -client-cert, -tls-client-cert (Traefik), …
@@ -127,6 +137,7 @@ pub fn is_claim(name: &HeaderName) -> bool {
         "x-auth-request-",
         "x-amzn-oidc-",
         "x-ms-client-principal",
+        "x-pomerium-",
     ]
     .iter()
     .any(|p| n.starts_with(p))

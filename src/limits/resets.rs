@@ -66,6 +66,18 @@ impl Resets {
     }
 }
 
+impl Resets {
+    /// Whether `identity` is past `allowance` now (nothing counted): asked once per new
+    /// connection.
+    pub fn over(&self, identity: &str, allowance: u32) -> bool {
+        let Ok(mut m) = self.by_identity.lock() else {
+            return false;
+        };
+        m.get_mut(identity)
+            .is_some_and(|c| c.at(Instant::now()) >= f64::from(allowance.max(1)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -204,6 +204,18 @@ where
             _ = tick.tick() => trip.check_slow(),
         }
     };
+    // an identity past its allowance is cut on a new connection at once, before any
+    // stream of it starts: a caller that opens a connection for each burst and closes
+    // it before the cut would otherwise start a burst of work every time
+    {
+        let ctx = &shared.ctx;
+        let id = ctx.identity.to_str().unwrap_or_default();
+        if !ctx.current.worker().peer_identities.contains(id)
+            && shared.resets.over(id, shared.allowance)
+        {
+            trip.trip(Reason::H2RapidReset);
+        }
+    }
     let mut pings = conn.ping_pong();
     let mut ping_sent: Option<Instant> = None;
     let mut last_ping = Instant::now();
@@ -581,10 +593,14 @@ impl End {
                     .metrics
                     .reject(&shared.ctx.listener, Reason::StreamIdle);
                 log_idle(&shared.ctx.listener, shared.ctx.remote, s.state.idle());
+                // a started call fedport cancels because the caller left it: the
+                // caller's cancellation as much as its own RST_STREAM would be
+                End::Reset.finish(s);
             }
             End::Memory(over) => {
                 shared.metrics.reject(&shared.ctx.listener, Reason::Memory);
                 log_unread(&shared.ctx.listener, shared.ctx.remote, over);
+                End::Reset.finish(s);
             }
             End::Reset => {
                 // not for peer nodes (as the configuration in force says): their

@@ -409,6 +409,13 @@ impl Body for Tracked {
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
+            // the service's answer is all read: its HTTP/1.1 socket goes back to the
+            // pool now, not when a caller that stopped reading takes the last of it
+            if this.inner.is_end_stream() {
+                if let Some(f) = this.finish.as_mut() {
+                    f.h1.take();
+                }
+            }
             if frame.is_trailers() {
                 // the service answered what it was given; the caller's call still failed
                 if let Some(r) = refused(this.finish) {

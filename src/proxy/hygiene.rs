@@ -9,6 +9,9 @@ use crate::memory::{header_list_size, Held};
 use crate::request::{self, Host};
 use http::request::Parts;
 
+/// Header lists up to this are charged to their connection only.
+const SMALL_HEADERS: u64 = 4096;
+
 /// What hygiene lets through: the request's one host, and its header list held.
 pub(super) struct Clean<'p> {
     pub host: Option<Host<'p>>,
@@ -16,8 +19,16 @@ pub(super) struct Clean<'p> {
 }
 
 pub(super) fn check<'p>(parts: &'p Parts, conn: &ConnCtx) -> Result<Clean<'p>, Reject> {
-    let headers_held = Held::connection_only(conn.memory.clone(), header_list_size(&parts.headers))
-        .map_err(Reject::Memory)?;
+    // a header list of the usual size is charged to the connection only (no shared
+    // counter on every request); a larger one to the caller's share and the node's
+    // budget too, so that many connections of large lists are bounded by them
+    let size = header_list_size(&parts.headers);
+    let headers_held = if size > SMALL_HEADERS {
+        Held::with(conn.memory.clone(), size)
+    } else {
+        Held::connection_only(conn.memory.clone(), size)
+    }
+    .map_err(Reject::Memory)?;
     let host = read(parts)?;
     Ok(Clean { host, headers_held })
 }

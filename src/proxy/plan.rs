@@ -81,7 +81,14 @@ pub(super) fn plan(
     // compressed messages: only in an encoding the service accepts
     let mut gzip = false;
     if let Some(enc) = headers.get(GRPC_ENCODING).filter(|_| grpc) {
-        let e = enc.to_str().unwrap_or("?").to_ascii_lowercase();
+        // one field, one coding: a service may read the last of two, or a list, and
+        // decode other bytes than fedport validated
+        let mut fields = headers.get_all(GRPC_ENCODING).iter();
+        let (_, second) = (fields.next(), fields.next());
+        let e = match second {
+            Some(_) => "(two grpc-encoding fields)".to_owned(),
+            None => enc.to_str().unwrap_or("?").to_ascii_lowercase(),
+        };
         if e != "identity" && !service.encodings.contains(&e) {
             let accepted = std::iter::once("identity")
                 .chain(service.encodings.iter().map(String::as_str))

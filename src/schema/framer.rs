@@ -24,6 +24,33 @@ pub enum Refusal {
 
 /// Inflated bytes per turn: about a third of a millisecond of work.
 const SLICE: u64 = 256 * 1024;
+/// Compressed bytes read per turn: bounds a turn whose input inflates to little.
+const IN_SLICE: usize = 16 * 1024;
+
+/// A compressed message, read at most `allowance` bytes a turn (then `WouldBlock`,
+/// which the gzip decoder passes up without losing its place).
+struct Paced {
+    data: Bytes,
+    at: usize,
+    allowance: usize,
+}
+
+impl std::io::Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.data.len() - self.at;
+        if left == 0 {
+            return Ok(0);
+        }
+        if self.allowance == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(left).min(self.allowance);
+        buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+        self.at += n;
+        self.allowance -= n;
+        Ok(n)
+    }
+}
 /// A worker inflates for at most `SHARE` of every `WINDOW`; past it, inflation waits for
 /// the next window while everything else on the worker goes on.
 const WINDOW: Duration = Duration::from_millis(100);
@@ -95,7 +122,7 @@ impl Step {
 struct Inflation {
     /// Where the message ends in `pending`.
     end: usize,
-    decoder: flate2::read::MultiGzDecoder<std::io::Cursor<Bytes>>,
+    decoder: flate2::read::MultiGzDecoder<Paced>,
     plain: Vec<u8>,
     compressed: usize,
 }
@@ -189,10 +216,15 @@ impl Framer {
                 };
             }
             use std::io::Read;
+            // bounded by what a turn reads as well as by what it makes: a message that
+            // inflates to little (empty deflate blocks) costs CPU per byte read
+            inf.decoder.get_mut().allowance = IN_SLICE;
             let read = (&mut inf.decoder).take(SLICE).read_to_end(&mut inf.plain);
             share_use(now.elapsed());
             let k = match read {
                 Ok(k) => k,
+                // this turn's input read: go on at the next
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => SLICE as usize,
                 Err(e) => {
                     let r = Refusal::Invalid(format!("gzip message does not decompress: {e}"));
                     return self.refuse(None, r);
@@ -269,7 +301,11 @@ impl Framer {
         self.inflating = Some(Inflation {
             end,
             compressed: compressed.len(),
-            decoder: flate2::read::MultiGzDecoder::new(std::io::Cursor::new(compressed)),
+            decoder: flate2::read::MultiGzDecoder::new(Paced {
+                data: compressed,
+                at: 0,
+                allowance: 0,
+            }),
             plain: Vec::new(),
         });
         Ok(())

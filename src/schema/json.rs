@@ -80,7 +80,7 @@ impl<'de> Visitor<'de> for Unique {
         let mut out = Map::new();
         let mut seen = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.to_lowercase()) {
+            if !seen.insert(fold(&key)) {
                 let twice = if out.contains_key(&key) {
                     format!("the key {key:?} is given twice")
                 } else {
@@ -95,8 +95,57 @@ impl<'de> Visitor<'de> for Unique {
     }
 }
 
+/// A key as case-insensitive decoders read it: each character upper-cased after
+/// lower-casing (Go's `encoding/json` folding: `ſ` is `S`, `K` (Kelvin) is `K`, `ı` and
+/// `İ` are `I`), so that no two keys a service could take for one pass as two.
+fn fold(key: &str) -> String {
+    if key.is_ascii() {
+        return key.to_ascii_uppercase();
+    }
+    let one = |mut it: std::iter::Peekable<std::vec::IntoIter<char>>, c: char| match (
+        it.next(),
+        it.peek(),
+    ) {
+        (Some(x), None) => x,
+        _ => c,
+    };
+    key.chars()
+        .map(|c| {
+            if c == '\u{130}' {
+                return 'I';
+            }
+            let lower = one(
+                c.to_lowercase().collect::<Vec<_>>().into_iter().peekable(),
+                c,
+            );
+            one(
+                lower
+                    .to_uppercase()
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .peekable(),
+                lower,
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn keys_one_unicode_fold_apart_are_one_key() {
+        for (a, b) in [
+            ("is_admin", "iſ_admin"),
+            ("is_admin", "IS_ADMIN"),
+            ("kind", "\u{212a}ind"),
+            ("id", "\u{131}d"),
+            ("id", "\u{130}d"),
+        ] {
+            assert_eq!(super::fold(a), super::fold(b), "{a} {b}");
+        }
+        assert_ne!(super::fold("is"), super::fold("iss"));
+    }
+
     #[test]
     fn one_reading_or_none() {
         assert!(super::parse(br#"{"a": [1, {"b": null}], "c": "x", "d": 1.5}"#).is_ok());

@@ -13,8 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Each attack as an identity of its own: the reset allowance is an identity's, and an
+/// identity past it is cut on its next connection before anything else is looked at.
 fn attack(pki: &Pki, port: u16, name: &str, extra: &[&str]) -> serde_json::Value {
-    crate::hostile::abuse(pki, port, name, extra)
+    let who = pki.client_cert(&format!("attack-{}", name.replace('_', "-")));
+    crate::hostile::abuse_as(pki, port, &who, name, extra)
 }
 
 /// Asserts that the attacker was sent GOAWAY with `code` and cut, and that the cut was

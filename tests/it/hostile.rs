@@ -29,8 +29,26 @@ fn abuse_meanwhile(
 }
 
 fn attacker(pki: &Pki, port: u16, attack: &str, extra: &[&str]) -> PyClient {
+    attacker_as(pki, port, &pki.client, attack, extra)
+}
+
+fn attacker_as(pki: &Pki, port: u16, who: &IssuedFiles, attack: &str, extra: &[&str]) -> PyClient {
     let args: Vec<&str> = [attack].into_iter().chain(extra.iter().copied()).collect();
-    PyClient::new(pki, "h2_abuse.py", port, &pki.client, &args)
+    PyClient::new(pki, "h2_abuse.py", port, who, &args)
+}
+
+/// [`abuse`] as another identity: the reset allowance is an identity's, so attacks
+/// that each must meet their own guard come from identities of their own.
+pub(crate) fn abuse_as(
+    pki: &Pki,
+    port: u16,
+    who: &IssuedFiles,
+    attack: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let v = attacker_as(pki, port, who, attack, extra).json();
+    eprintln!("{attack}: {v}");
+    v
 }
 
 /// One well-formed gRPC call (`test.Echo/Say`) in raw frames as `who`; the answer's
@@ -187,6 +205,49 @@ fn not_held_up(before: Duration, during: Duration) {
         during <= before * 4 + Duration::from_millis(500),
         "a call took {during:?} while the answers were held, {before:?} before"
     );
+}
+
+/// Answers a caller leaves unread do not hold the HTTP/1.1 sockets they came on: a
+/// socket goes back to the pool once the service's answer is all read, so the cap on
+/// sockets (`max_connections`) is not one caller's to take.
+#[test]
+fn answers_left_unread_do_not_hold_their_http1_sockets() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::Http1);
+    let fp = Fedport::start(&one_worker(node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"legacy\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+             max_connections = 4\ntimeout = \"1500ms\"\n",
+            up.url(Proto::Http1)
+        ),
+    )));
+    let port = fp.port("internal");
+    assert_eq!(others_served(&pki, port, "legacy", 20_000, 2, 10), 2);
+    // a dozen answers of 20 kB, of which the caller's connection window takes three
+    let held = [
+        "--count",
+        "12",
+        "--service",
+        "legacy",
+        "--path",
+        "/big?n=20000",
+        "--seconds",
+        "6",
+    ];
+    let attacker = abuse_meanwhile(&pki, port, "stall", &held);
+    let streams = r#"fedport_streams_active{listener="internal"}"#;
+    wait_until("the answers held", Duration::from_secs(5), || {
+        fp.metric(streams) >= 9.0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        others_served(&pki, port, "legacy", 20_000, 5, 5),
+        5,
+        "other callers get sockets while a dozen answers sit unread"
+    );
+    let v = attacker.join().unwrap();
+    assert_eq!(v["server_resets"], 0, "the answers were still held: {v}");
 }
 
 /// What the windows let a service send and the caller not yet read counts against the
@@ -522,9 +583,11 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     for how in ["rst", "window_overflow", "data_after_end", "self_priority"] {
         for pad in ["0", "4"] {
             let before = (up.hits(), fp.metric(cut));
-            let v = abuse(
+            let who = pki.client_cert(&format!("r-{how}-{pad}"));
+            let v = abuse_as(
                 &pki,
                 port,
+                &who,
                 &format!("started_{how}"),
                 &[
                     "--count",
@@ -574,10 +637,13 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     // burst is cut as soon as it spends what is left
     let before = up.hits();
     let mut cuts = 0;
+    // the identity of the first calls above, with their 20 resets counted
+    let burst = &pki.client;
     for _ in 0..8 {
-        let v = abuse(
+        let v = abuse_as(
             &pki,
             port,
+            burst,
             "started_rst",
             &["--count", "10", "--path", "/slow?ms=3000", "--wait", "1"],
         );
@@ -590,6 +656,22 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     assert!(
         reached <= max_streams,
         "{reached} started-then-cancelled calls over 8 connections"
+    );
+    // past its allowance, the caller's next connection is cut before its streams start:
+    // a burst sent in one go reaches the service hardly at all
+    let before = up.hits();
+    let v = abuse_as(
+        &pki,
+        port,
+        burst,
+        "started_rst",
+        &["--count", "30", "--path", "/slow?ms=3000", "--wait", "1"],
+    );
+    assert_eq!(v["goaway"]["debug"], "h2_rapid_reset", "{v}");
+    let reached = up.hits() - before;
+    assert!(
+        reached <= 3,
+        "{reached} calls of a caller past its allowance started"
     );
 }
 /// An `http://` endpoint gets no more sockets from the node than its service's

@@ -351,3 +351,50 @@ proptest! {
         let _ = frame_all(&cut(&bytes, &cuts));
     }
 }
+
+/// A gzip message that inflates to nothing (a megabyte of empty deflate blocks) is
+/// inflated a bounded slice of its input at a time: the worker is given back between
+/// turns even though no turn produces anything. Without the input bound the whole
+/// message went in one turn.
+#[test]
+fn a_message_that_inflates_to_nothing_is_read_a_slice_at_a_time() {
+    use fedport::schema::More;
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    for _ in 0..200_000 {
+        enc.flush().unwrap(); // an empty stored block each: 5 bytes
+    }
+    let gz = enc.finish().unwrap();
+    assert!(gz.len() > 900_000, "{}", gz.len());
+    let mut msg = vec![1u8];
+    msg.extend((gz.len() as u32).to_be_bytes());
+    msg.extend(&gz);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proto");
+    let mut c = protox::Compiler::new([dir]).unwrap();
+    c.open_file("test.proto").unwrap();
+    let m = c.descriptor_pool().get_message_by_name("test.Msg").unwrap();
+    let check = fedport::schema::ProtoCheck {
+        message: std::sync::Arc::new(fedport::schema::wire::Compiled::new(&m)),
+        strict: true,
+    };
+    let mut f = fedport::schema::Framer::new(check, 8 << 20, true);
+    let mut step = f.push(bytes::Bytes::from(msg.clone()));
+    let mut turns = 1;
+    let mut out = Vec::new();
+    loop {
+        out.extend(step.out.take().unwrap_or_default());
+        assert!(step.refusal.is_none(), "{:?}", step.refusal);
+        match step.more {
+            More::No => break,
+            More::Now | More::At(_) => {
+                step = f.resume();
+                turns += 1;
+            }
+        }
+    }
+    assert_eq!(out, msg, "an empty message, passed on whole");
+    assert!(
+        turns > 10,
+        "the input was read a slice at a time: {turns} turns"
+    );
+}
