@@ -411,8 +411,9 @@ impl Body for Tracked {
             };
             // the service's answer is all read: its HTTP/1.1 socket goes back to the
             // pool now, not when a caller that stopped reading takes the last of it
-            if this.inner.is_end_stream() {
-                if let Some(f) = this.finish.as_mut() {
+            // (asked only of HTTP/1.1 answers: an HTTP/2 body's answer takes a lock)
+            if let Some(f) = this.finish.as_mut().filter(|f| f.h1.is_some()) {
+                if this.inner.is_end_stream() {
                     f.h1.take();
                 }
             }
