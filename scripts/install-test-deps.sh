@@ -3,7 +3,7 @@
 # real clients and peers (curl, openssl, h2load, nginx, haproxy) and Python grpcio.
 set -euo pipefail
 need=()
-for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2 promtool:prometheus tmux:tmux; do
+for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2 promtool:prometheus tmux:tmux redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -20,6 +20,8 @@ if [ ${#need[@]} -gt 0 ]; then
   for f in /run/nginx.pid /run/haproxy.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
   pkill -x prometheus 2>/dev/null || true
   pkill -x etcd 2>/dev/null || true
+  # the packaged Redis too: tests start their own on loopback ports of their own
+  pkill -x redis-server 2>/dev/null || true
 fi
 py=${PYTHON:-python3}
 if ! "$py" -c 'import prometheus_client' >/dev/null 2>&1; then

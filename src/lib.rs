@@ -18,6 +18,7 @@
 //! - [`upstream`]: pooled connections, load balancing, what a failure allows (`Retry`)
 //! - [`federation`]: peers, health, failover order, retry budget; the control thread
 //! - [`exchange`]: trust bundles served to and fetched from other trust domains
+//! - [`tcp`]: TCP services, authorized and spliced to their endpoints
 //! - [`reason`], [`errors`]: the one vocabulary of refusals; refusal → HTTP status /
 //!   gRPC code
 //! - [`config`], [`server`], [`runtime`], [`admin`], [`telemetry`], [`registry`], [`cli`],
@@ -52,6 +53,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod schema;
 pub mod server;
+pub mod tcp;
 pub mod telemetry;
 pub mod top;
 pub mod upstream;

@@ -252,6 +252,8 @@ pub struct IdentityLimit {
 pub enum Protocol {
     Grpc,
     Http,
+    /// Bytes spliced to `tcp://` endpoints, through a listener dedicated to the service.
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -262,6 +264,8 @@ pub enum Scheme {
     H2c,
     /// `https://`: TLS, ALPN h2 preferred.
     Https,
+    /// `tcp://`: a TCP service's endpoint, bytes spliced as they come.
+    Tcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

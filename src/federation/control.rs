@@ -242,6 +242,11 @@ async fn check_endpoint(
 /// for the health path of HTTP ones.
 async fn probe(pool: &Arc<EndpointPool>, hc: &HealthCheck, protocol: Protocol) -> bool {
     let ep: &Endpoint = &pool.endpoint;
+    // a TCP service's endpoint: it accepts a connection
+    if protocol == Protocol::Tcp {
+        let connect = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port));
+        return matches!(tokio::time::timeout(hc.timeout, connect).await, Ok(Ok(_)));
+    }
     let scheme = if ep.scheme == Scheme::Https {
         "https"
     } else {
@@ -259,7 +264,7 @@ async fn probe(pool: &Arc<EndpointPool>, hc: &HealthCheck, protocol: Protocol) -
             framed.extend_from_slice(&msg);
             ("/grpc.health.v1.Health/Check", Bytes::from(framed), true)
         }
-        Protocol::Http => (hc.path.as_str(), Bytes::new(), false),
+        Protocol::Http | Protocol::Tcp => (hc.path.as_str(), Bytes::new(), false),
     };
     let mut req = http::Request::builder().method(if grpc { "POST" } else { "GET" });
     req = if pool.speaks_h2() {

@@ -64,6 +64,8 @@ pub fn needed(cfg: &Config) -> u64 {
                 // an https endpoint may speak HTTP/1.1 too
                 Scheme::Https => h2.max(h1) + 1,
                 Scheme::H2c => h2 + 1,
+                // one a spliced connection: counted with the listener's
+                Scheme::Tcp => 0,
             }
         })
         .sum();

@@ -269,6 +269,13 @@ async fn serve(
                 tls: false,
                 worker: acc.worker.clone(),
             });
+            if is_tcp(&acc) {
+                use std::os::fd::AsRawFd;
+                let fd = stream.as_raw_fd();
+                crate::tcp::serve(stream, fd, ctx, acc.spec.idle_timeout).await;
+                active.dec();
+                return;
+            }
             let io = h2guard::Guarded::new(stream, guard_limits(&acc.spec), false);
             run_http(io, ctx, &acc, watcher, false).await;
         }
@@ -346,6 +353,13 @@ async fn serve(
                 identity,
                 worker: acc.worker.clone(),
             });
+            if is_tcp(&acc) {
+                use std::os::fd::AsRawFd;
+                let fd = tls_stream.get_ref().0.as_raw_fd();
+                crate::tcp::serve(tls_stream, fd, ctx, acc.spec.idle_timeout).await;
+                active.dec();
+                return;
+            }
             // without ALPN h2 a client may still speak HTTP/2 (hyper's auto builder
             // follows the preface): the guard then decides from the preface, as on a
             // cleartext port, so no connection speaks HTTP/2 unguarded
@@ -354,6 +368,17 @@ async fn serve(
         }
     }
     active.dec();
+}
+
+/// Whether the listener is dedicated to a TCP service: its connections are spliced,
+/// not read as HTTP.
+fn is_tcp(acc: &Accepting) -> bool {
+    let w = &acc.worker;
+    acc.spec
+        .service
+        .as_deref()
+        .and_then(|n| w.table.by_name(n))
+        .is_some_and(|i| w.config.services[i].protocol == crate::config::Protocol::Tcp)
 }
 
 fn handshake_failed(acc: &Accepting, remote: SocketAddr, reason: Reason) {

@@ -121,9 +121,18 @@ pub fn manifest(cfg: &Config) -> Manifest {
         .map(|l| Port {
             name: l.name.clone(),
             bind: l.bind.to_string(),
-            protocol: match l.role {
-                Role::Peer => "HTTP/2 (h2) and HTTP/1.1 over TLS".into(),
-                Role::Local => "HTTP/1.1 and h2c, cleartext".into(),
+            protocol: {
+                let tcp = l.service.as_ref().is_some_and(|n| {
+                    cfg.services
+                        .iter()
+                        .any(|s| &s.name == n && s.protocol == Protocol::Tcp)
+                });
+                match (l.role, tcp) {
+                    (Role::Peer, false) => "HTTP/2 (h2) and HTTP/1.1 over TLS".into(),
+                    (Role::Local, false) => "HTTP/1.1 and h2c, cleartext".into(),
+                    (Role::Peer, true) => "TCP over TLS, spliced to the service".into(),
+                    (Role::Local, true) => "TCP, cleartext, spliced to the service".into(),
+                }
             },
             tls: match (l.role, &cfg.tls) {
                 (Role::Local, _) => "none (loopback only)".into(),
@@ -188,10 +197,10 @@ pub fn manifest(cfg: &Config) -> Manifest {
             });
             Service {
                 name: s.name.clone(),
-                protocol: if s.protocol == Protocol::Grpc {
-                    "grpc"
-                } else {
-                    "http"
+                protocol: match s.protocol {
+                    Protocol::Grpc => "grpc",
+                    Protocol::Http => "http",
+                    Protocol::Tcp => "tcp",
                 }
                 .into(),
                 endpoints: s.endpoints.iter().map(|e| e.url.clone()).collect(),

@@ -93,6 +93,14 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    pub listener: String,
+    pub service: String,
+    /// `in` (from the caller to the service) or `out`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DomainLabels {
     pub trust_domain: String,
 }
@@ -112,6 +120,11 @@ pub struct ResultLabels {
 pub struct UpstreamLabels {
     pub service: String,
     pub result: String,
+}
+
+fn connection_histogram() -> Histogram {
+    // 1 ms … ~1.2 h: connections last from a request to a session
+    Histogram::new(exponential_buckets(0.001, 4.0, 12))
 }
 
 fn duration_histogram() -> Histogram {
@@ -164,6 +177,11 @@ pub struct Metrics {
     /// when it was last fetched, and whether the last fetch failed (the last good one
     /// keeps serving).
     pub bundle_fetches: Family<DomainResultLabels, Counter>,
+    /// TCP services: connections open and in all, bytes each way, how long they lasted.
+    pub tcp_open: Family<ServiceLabels, Gauge>,
+    pub tcp_connections: Family<ServiceLabels, Counter>,
+    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
+    pub tcp_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub bundle_sequence: Family<DomainLabels, Gauge>,
     pub bundle_last_success: Family<DomainLabels, Gauge>,
     pub bundle_stale: Family<DomainLabels, Gauge>,
@@ -383,6 +401,33 @@ impl Metrics {
             "Registry sessions that failed (etcd unreachable, no quorum, lease lost)",
             registry_errors.clone(),
         );
+        let tcp_open = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "tcp_connections_open",
+            "Connections of TCP services spliced to their endpoints now",
+            tcp_open.clone(),
+        );
+        let tcp_connections = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "tcp_connections",
+            "Connections of TCP services spliced to an endpoint",
+            tcp_connections.clone(),
+        );
+        let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
+        registry.register(
+            "tcp_bytes",
+            "Bytes of TCP services: in (caller to service) and out",
+            tcp_bytes.clone(),
+        );
+        let tcp_duration =
+            Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                connection_histogram,
+            );
+        registry.register(
+            "tcp_connection_duration_seconds",
+            "How long spliced connections of TCP services lasted",
+            tcp_duration.clone(),
+        );
         let bundle_fetches = Family::<DomainResultLabels, Counter>::default();
         registry.register(
             "trust_bundle_fetches",
@@ -459,6 +504,10 @@ impl Metrics {
             registry_updates,
             registry_errors,
             bundle_fetches,
+            tcp_open,
+            tcp_connections,
+            tcp_bytes,
+            tcp_duration,
             bundle_sequence,
             bundle_last_success,
             bundle_stale,

@@ -255,6 +255,7 @@ impl EndpointPool {
         match self.endpoint.scheme {
             Scheme::Http1 => false,
             Scheme::H2c => true,
+            Scheme::Tcp => false,
             Scheme::Https => !self.https_is_h1.load(Ordering::Relaxed),
         }
     }
@@ -486,6 +487,8 @@ impl EndpointPool {
         .map_err(|e| fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         match ep.scheme {
+            // spliced by `tcp`, never asked an HTTP request
+            Scheme::Tcp => Err(fail("a tcp:// endpoint carries no HTTP".into())),
             Scheme::Http1 => h1_handshake(tcp, permit).await.map_err(fail),
             Scheme::H2c => h2_handshake(tcp, &self.settings).await.map_err(fail),
             Scheme::Https => {

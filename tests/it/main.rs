@@ -30,5 +30,6 @@ mod spelling;
 mod spikes;
 mod streaming;
 mod structure;
+mod tcp;
 mod top;
 mod trust;

@@ -205,4 +205,56 @@ impl Checker<'_> {
             }
         }
     }
+
+    /// TCP services: reached through a listener of their own, by rules without methods,
+    /// with nothing of HTTP's (formats, schemas) to check.
+    pub(super) fn tcp_services(
+        &mut self,
+        raw: &raw::RawConfig,
+        services: &[Service],
+        listeners: &[Listener],
+    ) {
+        let tcp = |name: &str| {
+            services
+                .iter()
+                .any(|s| s.name == name && s.protocol == Protocol::Tcp)
+        };
+        for a in &raw.allow {
+            let r = a.get_ref();
+            let methods = r.methods.as_ref().filter(|m| !m.is_empty());
+            if let (true, Some(m)) = (tcp(r.to.get_ref()), methods) {
+                self.sink.error(
+                    span(&m[0]),
+                    format!("a rule for TCP service {:?} names methods", r.to.get_ref()),
+                    "a TCP connection has no method: leave methods out (the rule admits the identity to the service)",
+                );
+            }
+        }
+        for rs in &raw.service {
+            let r = rs.get_ref();
+            let Some(s) = services
+                .iter()
+                .find(|s| &s.name == r.name.get_ref() && s.protocol == Protocol::Tcp)
+            else {
+                continue;
+            };
+            if r.schema.is_some() || r.formats.is_some() || r.grpc_services.is_some() {
+                self.sink.error(
+                    span(&r.protocol),
+                    format!("TCP service {:?} has formats, a schema or gRPC services", s.name),
+                    "a TCP service's bytes are spliced, not read: remove formats, schema and grpc_services",
+                );
+            }
+            if !listeners
+                .iter()
+                .any(|l| l.service.as_deref() == Some(s.name.as_str()))
+            {
+                self.sink.warn(
+                    span(&r.name),
+                    format!("TCP service {:?} has no listener of its own: nothing reaches it", s.name),
+                    "add a [[listener]] with service = \"NAME\" (role = \"local\" for the node's own applications)",
+                );
+            }
+        }
+    }
 }

@@ -21,11 +21,12 @@ impl Checker<'_> {
             let protocol = match r.protocol.get_ref().as_str() {
                 "grpc" => Protocol::Grpc,
                 "http" => Protocol::Http,
+                "tcp" => Protocol::Tcp,
                 other => {
                     self.sink.error(
                         span(&r.protocol),
                         format!("unknown protocol {other:?}"),
-                        "protocol is \"grpc\" or \"http\"",
+                        "protocol is \"grpc\", \"http\" or \"tcp\"",
                     );
                     Protocol::Http
                 }
@@ -33,6 +34,18 @@ impl Checker<'_> {
             let mut endpoints = Vec::new();
             for e in &r.endpoints {
                 if let Some(ep) = self.endpoint(e) {
+                    if (protocol == Protocol::Tcp) != (ep.scheme == Scheme::Tcp) {
+                        self.sink.error(
+                            span(e),
+                            if protocol == Protocol::Tcp {
+                                format!("TCP service {:?} has endpoint {}, which is not tcp://", r.name.get_ref(), ep.url)
+                            } else {
+                                format!("endpoint {} is tcp://, but service {:?} is not protocol = \"tcp\"", ep.url, r.name.get_ref())
+                            },
+                            "a TCP service's endpoints are tcp://host:port; an HTTP or gRPC service's are http://, h2c:// or https://",
+                        );
+                        continue;
+                    }
                     if protocol == Protocol::Grpc && ep.scheme == Scheme::Http1 {
                         self.sink.error(
                             span(e),
@@ -327,7 +340,7 @@ impl Checker<'_> {
     pub(super) fn endpoint(&mut self, e: &S<String>) -> Option<Endpoint> {
         let text = e.get_ref();
         let hint =
-            "write scheme://host:port with scheme http (HTTP/1.1), h2c (HTTP/2 cleartext) or https";
+            "write scheme://host:port with scheme http (HTTP/1.1), h2c (HTTP/2 cleartext), https, or tcp (a TCP service's)";
         let Some((scheme, rest)) = text.split_once("://") else {
             self.sink
                 .error(span(e), format!("endpoint {text:?} has no scheme"), hint);
@@ -337,6 +350,7 @@ impl Checker<'_> {
             "http" => Scheme::Http1,
             "h2c" => Scheme::H2c,
             "https" => Scheme::Https,
+            "tcp" => Scheme::Tcp,
             other => {
                 self.sink.error(
                     span(e),
@@ -359,10 +373,19 @@ impl Checker<'_> {
             );
             return None;
         };
-        let port = auth.port_u16().unwrap_or(match scheme {
-            Scheme::Https => 443,
-            _ => 80,
-        });
+        let port = match (auth.port_u16(), scheme) {
+            (Some(p), _) => p,
+            (None, Scheme::Tcp) => {
+                self.sink.error(
+                    span(e),
+                    format!("endpoint {text:?} has no port"),
+                    "a tcp:// endpoint names its port: tcp://host:port",
+                );
+                return None;
+            }
+            (None, Scheme::Https) => 443,
+            (None, _) => 80,
+        };
         Some(Endpoint {
             url: text.clone(),
             scheme,

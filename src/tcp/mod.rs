@@ -1,0 +1,231 @@
+//! TCP services (`protocol = "tcp"`): a connection on a listener dedicated to one is
+//! authorized as identity × service (a rule names no methods for it), then spliced to a
+//! local endpoint: the available ones with the fewest connections first, the next
+//! tried when one refuses, each outcome feeding the endpoint's health and ejection. The
+//! bytes are copied as they come; a half-close is passed on, a reset on one side is
+//! answered with a reset on the other, and a connection on which nothing moves either
+//! way for the listener's `idle_timeout` is closed. A connection in progress stays on
+//! its endpoint. A refusal closes the connection (a TCP caller has no protocol to be
+//! told in), counted by reason and logged once.
+
+use crate::grammar::Call;
+use crate::proxy::ConnCtx;
+use crate::reason::Reason;
+use crate::telemetry::{ServiceLabels, TcpBytesLabels};
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// An endpoint must accept a connection within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The call a TCP connection is authorized as: no method, so only rules that name the
+/// service without methods (or with `* /`) admit it.
+pub const CALL: Call<'static> = Call::Http("CONNECT", "/");
+
+/// Serves one caller connection of a TCP service. `caller_fd` is the caller's socket,
+/// for answering a reset with one.
+pub async fn serve<S>(io: S, caller_fd: RawFd, ctx: Arc<ConnCtx>, idle: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let w = ctx.worker.clone();
+    let listener = ctx.listener.clone();
+    let refuse = |reason: Reason, why: &str| {
+        w.metrics.reject(&listener, reason);
+        if crate::telemetry::log_due(reason) {
+            tracing::info!(listener = &*listener, remote = %ctx.remote, identity = ctx.identity.to_str().unwrap_or("?"), reason = reason.as_str(), "TCP connection refused: {why}");
+        }
+    };
+    let Some(idx) = ctx.dedicated.as_deref().and_then(|n| w.table.by_name(n)) else {
+        refuse(
+            Reason::UnknownService,
+            "the listener's service is not configured",
+        );
+        return;
+    };
+    let service = &w.config.services[idx];
+    if !ctx.grants.allows(idx, CALL) {
+        refuse(
+            Reason::Denied,
+            &format!(
+                "no [[allow]] rule lets this identity reach {}",
+                service.name
+            ),
+        );
+        return;
+    }
+    // the available endpoints, fewest connections first; with none available, all of
+    // them (nowhere else has the service here)
+    let pools = &w.upstreams[idx];
+    let mut order: Vec<usize> = (0..pools.len())
+        .filter(|&e| w.fleet.available(idx, e))
+        .collect();
+    if order.is_empty() {
+        order = (0..pools.len()).collect();
+    }
+    order.sort_by_key(|&e| pools[e].outstanding());
+    let mut upstream = None;
+    for e in order {
+        let ep = &pools[e].endpoint;
+        let connect = TcpStream::connect((ep.host.as_str(), ep.port));
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(s)) => {
+                w.fleet.record(idx, e, true);
+                upstream = Some((s, pools[e].begin()));
+                break;
+            }
+            _ => w.fleet.record(idx, e, false),
+        }
+    }
+    let Some((upstream, _outstanding)) = upstream else {
+        refuse(
+            Reason::NoHealthyTarget,
+            &format!("no endpoint of {} accepted a connection", service.name),
+        );
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    let labels = ServiceLabels {
+        listener: listener.to_string(),
+        service: service.name.clone(),
+    };
+    let m = &w.metrics;
+    m.tcp_connections.get_or_create(&labels).inc();
+    let open = m.tcp_open.get_or_create(&labels).clone();
+    open.inc();
+    let started = Instant::now();
+    let (sent, received) = splice(io, caller_fd, upstream, idle).await;
+    open.dec();
+    m.tcp_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    let bytes = |direction| TcpBytesLabels {
+        listener: listener.to_string(),
+        service: service.name.clone(),
+        direction,
+    };
+    m.tcp_bytes.get_or_create(&bytes("in")).inc_by(sent);
+    m.tcp_bytes.get_or_create(&bytes("out")).inc_by(received);
+}
+
+/// Counts what is read, and when anything last moved.
+struct Counted<R> {
+    inner: R,
+    bytes: u64,
+    moved: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.bytes += n;
+            let now = self.epoch.elapsed().as_millis() as u64;
+            self.moved.store(now, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// Sets SO_LINGER 0, so that closing the socket resets the connection.
+fn reset_on_close(fd: RawFd) {
+    // SAFETY: the fd belongs to a socket that is open for the whole of `splice`
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+}
+
+/// Copies both ways until both are done: (bytes to the service, bytes to the caller).
+/// An end of one direction is passed on as a half-close; a read error (a reset) ends
+/// both, the other side reset too; nothing moving for `idle` ends both.
+async fn splice<S>(caller: S, caller_fd: RawFd, upstream: TcpStream, idle: Duration) -> (u64, u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    use std::os::fd::AsRawFd;
+    let upstream_fd = upstream.as_raw_fd();
+    let epoch = Instant::now();
+    let moved = Arc::new(AtomicU64::new(0));
+    let (cr, mut cw) = tokio::io::split(caller);
+    let (ur, mut uw) = upstream.into_split();
+    let mut from_caller = Counted {
+        inner: cr,
+        bytes: 0,
+        moved: moved.clone(),
+        epoch,
+    };
+    let mut from_upstream = Counted {
+        inner: ur,
+        bytes: 0,
+        moved: moved.clone(),
+        epoch,
+    };
+    enum Side {
+        Caller,
+        Upstream,
+    }
+    let up = async {
+        match tokio::io::copy(&mut from_caller, &mut uw).await {
+            Ok(_) => {
+                let _ = uw.shutdown().await;
+                Ok(())
+            }
+            Err(_) => Err(Side::Caller),
+        }
+    };
+    let down = async {
+        match tokio::io::copy(&mut from_upstream, &mut cw).await {
+            Ok(_) => {
+                let _ = cw.shutdown().await;
+                Ok(())
+            }
+            Err(_) => Err(Side::Upstream),
+        }
+    };
+    let both = async {
+        tokio::pin!(up, down);
+        let (mut a, mut b) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut up, if a.is_none() => { r?; a = Some(()); }
+                r = &mut down, if b.is_none() => { r?; b = Some(()); }
+            }
+            if a.is_some() && b.is_some() {
+                return Ok(());
+            }
+        }
+    };
+    let watch = async {
+        let step = (idle / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(step).await;
+            let last = Duration::from_millis(moved.load(Ordering::Relaxed));
+            if epoch.elapsed().saturating_sub(last) >= idle {
+                return;
+            }
+        }
+    };
+    let ended = tokio::select! {
+        r = both => r,
+        () = watch => Ok(()),
+    };
+    match ended {
+        // the caller's side failed: the service is reset, and the other way round
+        Err(Side::Caller) => reset_on_close(upstream_fd),
+        Err(Side::Upstream) => reset_on_close(caller_fd),
+        Ok(()) => {}
+    }
+    (from_caller.bytes, from_upstream.bytes)
+}

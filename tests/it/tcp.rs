@@ -1,0 +1,249 @@
+//! TCP services with Debian's Redis: `redis-cli` on a node's local port and, over mTLS,
+//! on its peer port reaches Redis through fedport; a caller no rule admits and a
+//! stranger's certificate are refused; a large value passes intact; a half-close is
+//! passed on; a stopped endpoint's new connections go to the next.
+
+use crate::support::{free_port, node_config_with_rules, wait_until, Fedport, Pki};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A Redis server on a port of its own, stopped when dropped.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/install-test-deps.sh)");
+        let r = Self { child, port };
+        wait_until("redis up", Duration::from_secs(10), || {
+            cli(&["-p", &port.to_string(), "PING"]) == "PONG"
+        });
+        r
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// redis-cli over TLS with a client certificate, to the node's TCP port.
+fn cli_tls(
+    pki: &Pki,
+    who: &fedport::identity::pki::IssuedFiles,
+    port: u16,
+    args: &[&str],
+) -> String {
+    let (ca, c, k, p) = (
+        pki.ca.display().to_string(),
+        who.cert.display().to_string(),
+        who.key.display().to_string(),
+        port.to_string(),
+    );
+    let mut a = vec![
+        "--tls",
+        "--cacert",
+        &ca,
+        "--cert",
+        &c,
+        "--key",
+        &k,
+        "-h",
+        "localhost",
+        "-p",
+        &p,
+    ];
+    a.extend(args);
+    cli(&a)
+}
+
+fn config(pki: &Pki, endpoints: &[u16]) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|p| format!("\"tcp://127.0.0.1:{p}\""))
+        .collect();
+    node_config_with_rules(
+        pki,
+        &format!(
+            "[[service]]\nname = \"cache\"\nprotocol = \"tcp\"\nendpoints = [{}]\n\
+             [[listener]]\nname = \"cache-local\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"cache\"\n\
+             [[listener]]\nname = \"cache-tls\"\nbind = \"127.0.0.1:0\"\nservice = \"cache\"\n",
+            eps.join(", ")
+        ),
+        "[[allow]]\nfrom = \"spiffe://fed.test/client/alice\"\nto = \"cache\"\n\
+         [[allow]]\nfrom = \"local\"\nto = \"cache\"\n",
+    )
+}
+
+#[test]
+fn redis_is_reached_through_a_tcp_service_and_strangers_are_not() {
+    let pki = Pki::new();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    let fp = Fedport::start(&config(&pki, &[r1.port, r2.port]));
+    let local = fp.port("cache-local").to_string();
+    let tls = fp.port("cache-tls");
+
+    // the node's own applications, in cleartext on loopback
+    assert_eq!(cli(&["-p", &local, "SET", "greeting", "hello"]), "OK");
+    let on = cli(&["-p", &local, "INFO", "server"]);
+    let first: u16 = on
+        .lines()
+        .find_map(|l| l.strip_prefix("tcp_port:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(first == r1.port || first == r2.port);
+    // alice over mTLS
+    assert_eq!(cli_tls(&pki, &pki.client, tls, &["PING"]), "PONG");
+    // bob has a certificate, but no rule: the connection is closed, counted and logged
+    let bob = pki.client_cert("bob");
+    assert_ne!(cli_tls(&pki, &bob, tls, &["PING"]), "PONG");
+    wait_until("the denial counted", Duration::from_secs(3), || {
+        fp.metric(r#"fedport_rejections_total{listener="cache-tls",reason="denied"}"#) >= 1.0
+    });
+    // a stranger's certificate fails the handshake
+    assert_ne!(cli_tls(&pki, &pki.stranger, tls, &["PING"]), "PONG");
+    assert!(
+        fp.metric(
+            r#"fedport_tls_handshake_failures_total{listener="cache-tls",reason="unknown_ca"}"#
+        ) >= 1.0
+    );
+
+    // a 4 MiB value, in and out intact (by checksum)
+    let value: String = (0..4 << 20)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let file = pki.path().join("big.txt");
+    std::fs::write(&file, &value).unwrap();
+    for p in [r1.port, r2.port] {
+        // the same value on both, so that whichever endpoint is chosen has it
+        let mut c = Command::new("redis-cli")
+            .args(["-p", &p.to_string(), "-x", "SET", "big"])
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&c.stdout).trim(), "OK");
+        c.stdout.clear();
+    }
+    let got = Command::new("redis-cli")
+        .args(["-p", &local, "--raw", "GET", "big"])
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&got.stdout);
+    assert_eq!(got.trim_end().len(), value.len());
+    assert!(got.trim_end() == value, "the value came back whole");
+    let sent_in = fp.metric(
+        r#"fedport_tcp_bytes_total{listener="cache-local",service="cache",direction="out"}"#,
+    );
+    assert!(sent_in > 4_000_000.0, "{sent_in}");
+
+    // a half-close is passed on: the caller ends its side, and still reads the answer
+    let py = format!(
+        "import socket; s = socket.create_connection(('127.0.0.1', {local})); s.sendall(b'PING\\r\\n'); \
+         s.shutdown(socket.SHUT_WR); b = b''\nwhile True:\n    d = s.recv(100)\n    if not d: break\n    b += d\nprint(b.decode().strip())"
+    );
+    let out = Command::new("python3").args(["-c", &py]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "+PONG",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // the endpoint in use stops: new connections go to the other
+    let (gone, other) = if first == r1.port { (r1, r2) } else { (r2, r1) };
+    drop(gone);
+    let on = cli(&["-p", &local, "INFO", "server"]);
+    assert!(on.contains(&format!("tcp_port:{}", other.port)), "{on}");
+    assert!(
+        fp.metric(r#"fedport_tcp_connections_total{listener="cache-local",service="cache"}"#)
+            >= 5.0
+    );
+}
+
+/// `check` refuses a rule that names methods for a TCP service, a tcp:// endpoint of an
+/// HTTP service and an http:// one of a TCP service; it warns of a TCP service no
+/// listener is dedicated to.
+#[test]
+fn check_refuses_tcp_services_written_as_http_ones() {
+    let pki = Pki::new();
+    let cases = [
+        (
+            "[[service]]\nname = \"db\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:5432\"]\n\
+             [[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nservice = \"db\"\n\
+             [[allow]]\nfrom = \"*\"\nto = \"db\"\nmethods = [\"GET /\"]\n",
+            "a rule for TCP service \"db\" names methods",
+        ),
+        (
+            "[[service]]\nname = \"web\"\nprotocol = \"http\"\nendpoints = [\"tcp://127.0.0.1:80\"]\n",
+            "is tcp://, but service \"web\" is not protocol = \"tcp\"",
+        ),
+        (
+            "[[service]]\nname = \"db\"\nprotocol = \"tcp\"\nendpoints = [\"http://127.0.0.1:5432\"]\n",
+            "has endpoint http://127.0.0.1:5432, which is not tcp://",
+        ),
+        (
+            "[[service]]\nname = \"db\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1\"]\n",
+            "has no port",
+        ),
+    ];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        let path = pki.path().join(format!("tcp-{i}.toml"));
+        std::fs::write(&path, node_config_with_rules(&pki, extra, "")).unwrap();
+        let out = Command::new(crate::support::bin())
+            .arg("check")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "case {i}: {err}");
+        assert!(err.contains(want), "case {i}: {err}");
+        assert!(err.contains(&format!("tcp-{i}.toml:")), "{err}");
+    }
+    let path = pki.path().join("tcp-alone.toml");
+    std::fs::write(
+        &path,
+        node_config_with_rules(
+            &pki,
+            "[[service]]\nname = \"db\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:5432\"]\n",
+            "[[allow]]\nfrom = \"*\"\nto = \"db\"\n",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(crate::support::bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("has no listener of its own"), "{err}");
+}
