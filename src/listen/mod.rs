@@ -272,7 +272,14 @@ async fn serve(
             if is_tcp(&acc) {
                 use std::os::fd::AsRawFd;
                 let fd = stream.as_raw_fd();
-                crate::tcp::serve(stream, fd, ctx, acc.spec.idle_timeout).await;
+                crate::tcp::serve(
+                    stream,
+                    fd,
+                    ctx,
+                    acc.spec.idle_timeout,
+                    watcher.signal.clone(),
+                )
+                .await;
                 active.dec();
                 return;
             }
@@ -356,7 +363,14 @@ async fn serve(
             if is_tcp(&acc) {
                 use std::os::fd::AsRawFd;
                 let fd = tls_stream.get_ref().0.as_raw_fd();
-                crate::tcp::serve(tls_stream, fd, ctx, acc.spec.idle_timeout).await;
+                crate::tcp::serve(
+                    tls_stream,
+                    fd,
+                    ctx,
+                    acc.spec.idle_timeout,
+                    watcher.signal.clone(),
+                )
+                .await;
                 active.dec();
                 return;
             }

@@ -68,6 +68,14 @@ pub(super) fn route_in<'w, 'c, 'p>(
         None => table.route(parts.uri.path(), &parts.headers, host.as_ref(), claims_grpc)?,
     };
     let service = &config.services[idx];
+    // a TCP service's bytes are spliced on its own listeners: no HTTP request is one of
+    // its calls (nor may one make its endpoints look down)
+    if service.protocol == crate::config::Protocol::Tcp {
+        return Err(Reject::UnknownService(format!(
+            "{} (a TCP service, reached on its own listeners)",
+            service.name
+        )));
+    }
     routed.service = Some(idx);
     // which of two content types would the service read? and what is not a media type
     // is none: refused by a service that checks formats, before anything else

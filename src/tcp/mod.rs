@@ -30,8 +30,13 @@ pub const CALL: Call<'static> = Call::Http("CONNECT", "/");
 
 /// Serves one caller connection of a TCP service. `caller_fd` is the caller's socket,
 /// for answering a reset with one.
-pub async fn serve<S>(io: S, caller_fd: RawFd, ctx: Arc<ConnCtx>, idle: Duration)
-where
+pub async fn serve<S>(
+    io: S,
+    caller_fd: RawFd,
+    ctx: Arc<ConnCtx>,
+    idle: Duration,
+    drain: tokio::sync::watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let w = ctx.worker.clone();
@@ -60,6 +65,25 @@ where
         );
         return;
     }
+    // the service's limits and [[limit]] rules: a connection is a call (rate: connections
+    // a second; concurrency: connections open), its place held while it is spliced
+    let _admitted = match w.limits.admit(idx, &ctx.limits, &service.name) {
+        Ok(a) => a,
+        Err(crate::limits::Over::Rate(who)) => {
+            refuse(
+                Reason::RateLimited,
+                &format!("over the rate limit of {who}"),
+            );
+            return;
+        }
+        Err(crate::limits::Over::Concurrency(who)) => {
+            refuse(
+                Reason::Overloaded,
+                &format!("over the concurrency limit of {who}"),
+            );
+            return;
+        }
+    };
     // the available endpoints, fewest connections first; with none available, all of
     // them (nowhere else has the service here)
     let pools = &w.upstreams[idx];
@@ -100,7 +124,7 @@ where
     let open = m.tcp_open.get_or_create(&labels).clone();
     open.inc();
     let started = Instant::now();
-    let (sent, received) = splice(io, caller_fd, upstream, idle).await;
+    let (sent, received) = splice(io, caller_fd, upstream, idle, drain).await;
     open.dec();
     m.tcp_duration
         .get_or_create(&labels)
@@ -118,6 +142,8 @@ where
 struct Counted<R> {
     inner: R,
     bytes: u64,
+    /// Its read failed (a reset, or a TLS stream cut without close_notify).
+    failed: bool,
     moved: Arc<AtomicU64>,
     epoch: Instant,
 }
@@ -130,6 +156,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Err(_))) {
+            self.failed = true;
+        }
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.bytes += n;
@@ -150,7 +179,13 @@ fn reset_on_close(fd: RawFd) {
 /// Copies both ways until both are done: (bytes to the service, bytes to the caller).
 /// An end of one direction is passed on as a half-close; a read error (a reset) ends
 /// both, the other side reset too; nothing moving for `idle` ends both.
-async fn splice<S>(caller: S, caller_fd: RawFd, upstream: TcpStream, idle: Duration) -> (u64, u64)
+async fn splice<S>(
+    caller: S,
+    caller_fd: RawFd,
+    mut upstream: TcpStream,
+    idle: Duration,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) -> (u64, u64)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -159,16 +194,20 @@ where
     let epoch = Instant::now();
     let moved = Arc::new(AtomicU64::new(0));
     let (cr, mut cw) = tokio::io::split(caller);
-    let (ur, mut uw) = upstream.into_split();
+    // borrowed halves: dropping them sends nothing (an owned write half would send a
+    // FIN ahead of the reset that answers a reset)
+    let (ur, mut uw) = upstream.split();
     let mut from_caller = Counted {
         inner: cr,
         bytes: 0,
+        failed: false,
         moved: moved.clone(),
         epoch,
     };
     let mut from_upstream = Counted {
         inner: ur,
         bytes: 0,
+        failed: false,
         moved: moved.clone(),
         epoch,
     };
@@ -176,13 +215,15 @@ where
         Caller,
         Upstream,
     }
+    // which side failed: the one whose read failed, else the one written to
     let up = async {
         match tokio::io::copy(&mut from_caller, &mut uw).await {
             Ok(_) => {
                 let _ = uw.shutdown().await;
                 Ok(())
             }
-            Err(_) => Err(Side::Caller),
+            Err(_) if from_caller.failed => Err(Side::Caller),
+            Err(_) => Err(Side::Upstream),
         }
     };
     let down = async {
@@ -191,7 +232,8 @@ where
                 let _ = cw.shutdown().await;
                 Ok(())
             }
-            Err(_) => Err(Side::Upstream),
+            Err(_) if from_upstream.failed => Err(Side::Upstream),
+            Err(_) => Err(Side::Caller),
         }
     };
     let both = async {
@@ -217,15 +259,29 @@ where
             }
         }
     };
+    // a draining node lets a spliced connection go once it has been quiet for a second:
+    // a TCP caller has no GOAWAY to be told, and what is in flight gets its answer
+    let drained = async {
+        let _ = drain.wait_for(|d| *d).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let last = Duration::from_millis(moved.load(Ordering::Relaxed));
+            if epoch.elapsed().saturating_sub(last) >= Duration::from_secs(1) {
+                return;
+            }
+        }
+    };
     let ended = tokio::select! {
         r = both => r,
         () = watch => Ok(()),
+        () = drained => Ok(()),
     };
+    let (sent, received) = (from_caller.bytes, from_upstream.bytes);
     match ended {
         // the caller's side failed: the service is reset, and the other way round
         Err(Side::Caller) => reset_on_close(upstream_fd),
         Err(Side::Upstream) => reset_on_close(caller_fd),
         Ok(()) => {}
     }
-    (from_caller.bytes, from_upstream.bytes)
+    (sent, received)
 }

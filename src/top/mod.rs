@@ -168,6 +168,28 @@ impl Snapshot {
                         None => c.buckets.push((le, x.value)),
                     }
                 }
+                // a TCP service: its connections as its calls, how long they lasted
+                "fedport_tcp_connections_total" => {
+                    let c = s
+                        .services
+                        .entry(format!("{} (tcp)", label(x, "service")))
+                        .or_default();
+                    c.requests += x.value;
+                }
+                "fedport_tcp_connection_duration_seconds_bucket" => {
+                    let le = match label(x, "le").as_str() {
+                        "+Inf" => f64::INFINITY,
+                        v => v.parse().unwrap_or(f64::INFINITY),
+                    };
+                    let c = s
+                        .services
+                        .entry(format!("{} (tcp)", label(x, "service")))
+                        .or_default();
+                    match c.buckets.iter_mut().find(|(b, _)| *b == le) {
+                        Some(b) => b.1 += x.value,
+                        None => c.buckets.push((le, x.value)),
+                    }
+                }
                 "fedport_peer_up" => {
                     s.peers.entry(label(x, "peer")).or_default().up = Some(x.value == 1.0)
                 }

@@ -247,3 +247,80 @@ fn check_refuses_tcp_services_written_as_http_ones() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("has no listener of its own"), "{err}");
 }
+
+/// A Python TCP service of tests/py/tcp_peer.py in `mode`, stopped when dropped.
+struct Peer(std::process::Child, u16);
+
+impl Peer {
+    fn start(mode: &str) -> Self {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/tcp_peer.py");
+        let mut c = Command::new("python3")
+            .arg(script)
+            .arg(mode)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port = line.trim().parse().unwrap();
+        Peer(c, port)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A half-close reaches the service (it answers only once it has read to the end); a
+/// service's reset reaches the caller as a reset; HTTP on another listener cannot call
+/// a TCP service.
+#[test]
+fn half_close_and_reset_pass_through_and_http_cannot_call_a_tcp_service() {
+    let pki = Pki::new();
+    let (eof, reset) = (Peer::start("eof-echo"), Peer::start("reset"));
+    let fp = Fedport::start(&node_config_with_rules(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"eof\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:{}\"]\n\
+             [[service]]\nname = \"rst\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:{}\"]\n\
+             [[listener]]\nname = \"eof\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"eof\"\n\
+             [[listener]]\nname = \"rst\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"rst\"\n",
+            eof.1, reset.1
+        ),
+        "[[allow]]\nfrom = \"*\"\nto = \"*\"\n",
+    ));
+    let run = |script: &str| {
+        let out = Command::new("python3")
+            .args(["-c", script])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // 100,000 bytes, then a half-close: the service reads to the end and answers
+    let got = run(&format!(
+        "import socket; s = socket.create_connection(('127.0.0.1', {})); s.sendall(b'x' * 100000); \
+         s.shutdown(socket.SHUT_WR); s.settimeout(10); b = b''\nwhile True:\n    d = s.recv(100)\n    if not d: break\n    b += d\nprint(b.decode())",
+        fp.port("eof")
+    ));
+    assert_eq!(got, "got 100000");
+    // the service resets: so is the caller's connection
+    let got = run(&format!(
+        "import socket; s = socket.create_connection(('127.0.0.1', {})); s.sendall(b'hello'); s.settimeout(10)\n\
+         try:\n    d = s.recv(100)\n    print('closed' if not d else 'data')\nexcept ConnectionResetError:\n    print('reset')",
+        fp.port("rst")
+    ));
+    assert_eq!(got, "reset");
+    // the TCP service's name on an HTTP listener routes nowhere
+    let c = pki.curl_client();
+    let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
+    let url = format!("https://localhost:{}/x", fp.port("internal"));
+    a.extend(["-H", "fed-service: eof", &url]);
+    assert_eq!(crate::support::curl(&a).0, 404);
+}
