@@ -64,13 +64,26 @@ pub fn needed(cfg: &Config) -> u64 {
                 // an https endpoint may speak HTTP/1.1 too
                 Scheme::Https => h2.max(h1) + 1,
                 Scheme::H2c => h2 + 1,
-                // one a spliced connection: counted with the listener's
+                // one for each connection the TCP listeners may splice (counted below)
                 Scheme::Tcp => 0,
             }
         })
         .sum();
     let peers = cfg.peers.len() as u64 * (h2 + 1);
-    listeners + endpoints + peers + cfg.listeners.len() as u64 * workers + 64
+    // a TCP listener's connection holds one socket to the service as well
+    let spliced: u64 = cfg
+        .listeners
+        .iter()
+        .filter(|l| {
+            l.service.as_ref().is_some_and(|n| {
+                cfg.services
+                    .iter()
+                    .any(|s| &s.name == n && s.protocol == crate::config::Protocol::Tcp)
+            })
+        })
+        .map(|l| l.max_connections as u64)
+        .sum();
+    listeners + spliced + endpoints + peers + cfg.listeners.len() as u64 * workers + 64
 }
 
 #[cfg(test)]

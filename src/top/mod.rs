@@ -493,6 +493,27 @@ fedport_traffic_spike{service="orders",peer="",kind="rate"} 1
     }
 
     #[test]
+    fn tcp_services_show_their_connections() {
+        let b = Snapshot::from_samples(&parse(
+            r#"fedport_tcp_connections_total{listener="cache",service="cache"} 10
+fedport_tcp_connection_duration_seconds_bucket{le="0.016",listener="cache",service="cache"} 10
+fedport_tcp_connection_duration_seconds_bucket{le="+Inf",listener="cache",service="cache"} 10
+"#,
+        ));
+        let a = Snapshot::from_samples(&parse(
+            r#"fedport_tcp_connections_total{listener="cache",service="cache"} 30
+fedport_tcp_connection_duration_seconds_bucket{le="0.016",listener="cache",service="cache"} 20
+fedport_tcp_connection_duration_seconds_bucket{le="+Inf",listener="cache",service="cache"} 30
+"#,
+        ));
+        let (s, _) = rows(&b, &a, 2.0);
+        assert_eq!(s[0].name, "cache (tcp)");
+        assert_eq!(s[0].rate, 10.0, "connections a second");
+        assert_eq!(s[0].p50, Some(0.016));
+        assert_eq!(s[0].p99, Some(f64::INFINITY));
+    }
+
+    #[test]
     fn labels_with_escapes_parse() {
         let s = parse(r#"x{a="1",b="say \"hi\"",c="p/q"} 3"#);
         assert_eq!(s[0].labels["b"], "say \"hi\"");

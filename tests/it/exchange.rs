@@ -56,23 +56,9 @@ fn b_config(pki: &Pki, b: &OrgB, up: &upstream::Upstream, domain: &str) -> Strin
 
 /// A `fed.test` caller's call to B's node: (HTTP status, curl's exit code).
 fn call_b(b: &OrgB, who: &IssuedFiles, port: u16) -> (u16, i32) {
-    let (ca, c, k) = (
-        b.ca.display().to_string(),
-        who.cert.display().to_string(),
-        who.key.display().to_string(),
-    );
     let url = format!("https://localhost:{port}/x");
-    let (status, _, rc) = curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &c,
-        "--key",
-        &k,
-        "-H",
-        "fed-service: up",
-        &url,
-    ]);
+    let (status, _, rc) =
+        crate::support::curl_tls(&b.ca, &who.cert, &who.key, &["-H", "fed-service: up", &url]);
     (status, rc)
 }
 
@@ -253,24 +239,14 @@ fn an_https_web_endpoint_is_followed_and_an_older_sequence_refused() {
         assert!(py(&refs).status.success());
     };
     make("5", &[&pki.ca]);
-    let mut server = Reaped(
-        Command::new("python3")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/spiffe_bundle.py"))
-            .args(["serve"])
-            .arg(&site.cert)
-            .arg(&site.key)
-            .arg(&served)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (cert, key, file) = (
+        site.cert.display().to_string(),
+        site.key.display().to_string(),
+        served.display().to_string(),
     );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let web_port: u16 = line.trim().parse().unwrap();
+    let server =
+        crate::support::PyServer::start("spiffe_bundle.py", &["serve", &cert, &key, &file]);
+    let web_port = server.port;
 
     let kept = pki.path().join("fed-bundle.json");
     let up = upstream::start(Proto::H2c);
@@ -331,16 +307,6 @@ fn an_https_web_endpoint_is_followed_and_an_older_sequence_refused() {
         "{v}"
     );
     assert_eq!(call_b(&b, &pki.client, port).0, 200);
-}
-
-/// A child process killed and reaped when the test ends, passed or not.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `check` refuses a `[[trust_domain]]` with both `ca` and `bundle`, a bundle endpoint

@@ -143,26 +143,9 @@ fn a_replay_shows_exactly_who_loses_and_gains_what() {
     let port = fp.port("internal");
     let (bob, carol) = (pki.client_cert("bob"), pki.client_cert("carol"));
     let call = |who: &fedport::identity::pki::IssuedFiles, method: &str, path: &str| {
-        let (ca, c, k) = (
-            pki.ca.display().to_string(),
-            who.cert.display().to_string(),
-            who.key.display().to_string(),
-        );
         let url = format!("https://localhost:{port}{path}");
-        crate::support::curl(&[
-            "--cacert",
-            &ca,
-            "--cert",
-            &c,
-            "--key",
-            &k,
-            "-X",
-            method,
-            "-H",
-            "fed-service: orders",
-            &url,
-        ])
-        .0
+        let more = ["-X", method, "-H", "fed-service: orders", &url];
+        crate::support::curl_tls(&pki.ca, &who.cert, &who.key, &more).0
     };
     for _ in 0..3 {
         assert_eq!(call(&pki.client, "GET", "/v1/items/7"), 200);

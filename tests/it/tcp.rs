@@ -248,43 +248,16 @@ fn check_refuses_tcp_services_written_as_http_ones() {
     assert!(err.contains("has no listener of its own"), "{err}");
 }
 
-/// A Python TCP service of tests/py/tcp_peer.py in `mode`, stopped when dropped.
-struct Peer(std::process::Child, u16);
-
-impl Peer {
-    fn start(mode: &str) -> Self {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/tcp_peer.py");
-        let mut c = Command::new("python3")
-            .arg(script)
-            .arg(mode)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(c.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let port = line.trim().parse().unwrap();
-        Peer(c, port)
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A half-close reaches the service (it answers only once it has read to the end); a
 /// service's reset reaches the caller as a reset; HTTP on another listener cannot call
 /// a TCP service.
 #[test]
 fn half_close_and_reset_pass_through_and_http_cannot_call_a_tcp_service() {
     let pki = Pki::new();
-    let (eof, reset) = (Peer::start("eof-echo"), Peer::start("reset"));
+    let (eof, reset) = (
+        crate::support::PyServer::start("tcp_peer.py", &["eof-echo"]),
+        crate::support::PyServer::start("tcp_peer.py", &["reset"]),
+    );
     let fp = Fedport::start(&node_config_with_rules(
         &pki,
         &format!(
@@ -292,7 +265,7 @@ fn half_close_and_reset_pass_through_and_http_cannot_call_a_tcp_service() {
              [[service]]\nname = \"rst\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:{}\"]\n\
              [[listener]]\nname = \"eof\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"eof\"\n\
              [[listener]]\nname = \"rst\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"rst\"\n",
-            eof.1, reset.1
+            eof.port, reset.port
         ),
         "[[allow]]\nfrom = \"*\"\nto = \"*\"\n",
     ));

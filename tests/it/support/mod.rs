@@ -344,23 +344,57 @@ fn node_spec(name: &str, serial: Option<u64>) -> LeafSpec {
 
 /// curl to `https://localhost:PORT/x` for service `up`, presenting `cert` and `key`.
 pub fn curl_as(pki: &Pki, cert: &Path, key: &Path, port: u16) -> (u16, String, i32) {
-    let (c, k, ca) = (
+    let url = format!("https://localhost:{port}/x");
+    curl_tls(&pki.ca, cert, key, &["-H", "fed-service: up", &url])
+}
+
+/// curl trusting `ca` and presenting `cert` and `key`, with more arguments (the URL
+/// among them).
+pub fn curl_tls(ca: &Path, cert: &Path, key: &Path, more: &[&str]) -> (u16, String, i32) {
+    let (ca, c, k) = (
+        ca.display().to_string(),
         cert.display().to_string(),
         key.display().to_string(),
-        pki.ca.display().to_string(),
     );
-    let url = format!("https://localhost:{port}/x");
-    curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &c,
-        "--key",
-        &k,
-        "-H",
-        "fed-service: up",
-        &url,
-    ])
+    let mut a = vec!["--cacert", &ca, "--cert", &c, "--key", &k];
+    a.extend(more);
+    curl(&a)
+}
+
+/// A test helper server of tests/py: started with `args`, it prints its port on its
+/// first line; killed and reaped when dropped.
+pub struct PyServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl PyServer {
+    pub fn start(script: &str, args: &[&str]) -> Self {
+        let mut child = Command::new("python3")
+            .arg(py(script))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{script}: {line:?}"));
+        Self { child, port }
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs curl; returns (http status, body, exit code). `-w` appends the status.
