@@ -368,13 +368,8 @@ fn check_refuses_malformed_bundle_exchange() {
     for (extra, want) in cases {
         let cfg = dir.join("c.toml");
         std::fs::write(&cfg, format!("{}\n{extra}", node_config(&pki, ""))).unwrap();
-        let out = Command::new(crate::support::bin())
-            .arg("check")
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{want}: {err}");
+        let (code, err) = crate::support::check(&cfg);
+        assert_eq!(code, Some(1), "{want}: {err}");
         assert!(err.contains(want), "{want}: {err}");
         assert!(err.contains("c.toml:"), "with its position: {err}");
     }
@@ -389,13 +384,8 @@ fn check_refuses_malformed_bundle_exchange() {
         ),
     )
     .unwrap();
-    let out = Command::new(crate::support::bin())
-        .arg("check")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let (code, err) = crate::support::check(&cfg);
+    assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("until the first fetch"), "{err}");
     // [bundle_endpoint] without [tls]
     let cfg = dir.join("n.toml");
@@ -404,12 +394,7 @@ fn check_refuses_malformed_bundle_exchange() {
         "[node]\nname = \"n\"\nregion = \"r\"\n[bundle_endpoint]\nbind = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let out = Command::new(crate::support::bin())
-        .arg("check")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = crate::support::check(&cfg);
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("no [tls] section"), "{err}");
 }

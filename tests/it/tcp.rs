@@ -218,13 +218,8 @@ fn check_refuses_tcp_services_written_as_http_ones() {
     for (i, (extra, want)) in cases.iter().enumerate() {
         let path = pki.path().join(format!("tcp-{i}.toml"));
         std::fs::write(&path, node_config_with_rules(&pki, extra, "")).unwrap();
-        let out = Command::new(crate::support::bin())
-            .arg("check")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "case {i}: {err}");
+        let (code, err) = crate::support::check(&path);
+        assert_eq!(code, Some(1), "case {i}: {err}");
         assert!(err.contains(want), "case {i}: {err}");
         assert!(err.contains(&format!("tcp-{i}.toml:")), "{err}");
     }
@@ -238,13 +233,8 @@ fn check_refuses_tcp_services_written_as_http_ones() {
         ),
     )
     .unwrap();
-    let out = Command::new(crate::support::bin())
-        .arg("check")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let (code, err) = crate::support::check(&path);
+    assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("has no listener of its own"), "{err}");
 }
 

@@ -397,6 +397,15 @@ impl Drop for PyServer {
     }
 }
 
+/// `fedport check FILE`: its exit code and what it wrote to stderr.
+pub fn check(file: &Path) -> (Option<i32>, String) {
+    let out = Command::new(bin()).arg("check").arg(file).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs curl; returns (http status, body, exit code). `-w` appends the status.
 pub fn curl(args: &[&str]) -> (u16, String, i32) {
     let out: Output = Command::new("curl")
