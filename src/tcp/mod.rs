@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+/// What one spliced connection is charged against the memory budgets: two 8 KiB copy
+/// buffers, and TLS's send and receive buffers on the caller's side.
+pub const SPLICE_BYTES: u64 = 64 << 10;
+
 /// An endpoint must accept a connection within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -80,6 +84,18 @@ pub async fn serve<S>(
             refuse(
                 Reason::Overloaded,
                 &format!("over the concurrency limit of {who}"),
+            );
+            return;
+        }
+    };
+    // what a splice holds (two copy buffers, and TLS's on the caller's side) counts
+    // against the connection's, the caller's and the node's memory budgets
+    let _held = match crate::memory::Held::with(ctx.memory.clone(), SPLICE_BYTES) {
+        Ok(h) => h,
+        Err(over) => {
+            refuse(
+                Reason::Memory,
+                &format!("holding the connection would pass {over}"),
             );
             return;
         }

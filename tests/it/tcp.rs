@@ -236,6 +236,70 @@ fn check_refuses_tcp_services_written_as_http_ones() {
     let (code, err) = crate::support::check(&path);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("has no listener of its own"), "{err}");
+    // a rule to every service opens the TCP services too: said; a TCP listener whose
+    // idle timeout is 0 would cut every connection: refused
+    std::fs::write(
+        &path,
+        node_config_with_rules(
+            &pki,
+            "[[service]]\nname = \"db\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:5432\"]\n\
+             [[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nservice = \"db\"\nidle_timeout = \"0s\"\n",
+            "[[allow]]\nfrom = \"spiffe://fed.test/client/*\"\nto = \"*\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, err) = crate::support::check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("grants every service, the TCP services' connections included"),
+        "{err}"
+    );
+    assert!(err.contains("must be more than 0"), "{err}");
+}
+
+/// What a splice holds counts against the memory budgets: with a node budget of
+/// 256 KiB, the local identity's share (a quarter) holds one connection, and a second
+/// at the same time is closed and counted as `memory`.
+#[test]
+fn a_spliced_connection_counts_against_the_memory_budget() {
+    let pki = Pki::new();
+    let eof = crate::support::PyServer::start("tcp_peer.py", &["eof-echo"]);
+    let fp = Fedport::start(
+        &node_config_with_rules(
+            &pki,
+            &format!(
+                "[[service]]\nname = \"eof\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:{}\"]\n\
+                 [[listener]]\nname = \"eof\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"eof\"\n",
+                eof.port
+            ),
+            "[[allow]]\nfrom = \"local\"\nto = \"eof\"\n",
+        )
+        .replace("[node]\n", "[node]\nmemory_budget = \"256KiB\"\n"),
+    );
+    let port = fp.port("eof");
+    let held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_until("the first spliced", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_tcp_connections_open{listener="eof",service="eof"}"#) == 1.0
+    });
+    let mut second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut second, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the second connection is closed");
+    wait_until("counted as memory", Duration::from_secs(3), || {
+        fp.metric(r#"fedport_rejections_total{listener="eof",reason="memory"}"#) >= 1.0
+    });
+    drop(held);
+    // once the first is gone, a connection is spliced again
+    wait_until("the first let go", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_tcp_connections_open{listener="eof",service="eof"}"#) == 0.0
+    });
+    let _again = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_until("spliced again", Duration::from_secs(5), || {
+        fp.metric(r#"fedport_tcp_connections_total{listener="eof",service="eof"}"#) >= 2.0
+    });
 }
 
 /// A half-close reaches the service (it answers only once it has read to the end); a

@@ -90,7 +90,9 @@ impl Checker<'_> {
                     .and_then(|p| p.get_ref().timeout.as_ref()),
                 Duration::from_secs(3),
             );
-            let idle_timeout = self.duration(r.idle_timeout.as_ref(), Duration::from_secs(300));
+            // 0 would cut every connection the moment it is idle (a TCP service's at once)
+            let idle_timeout =
+                self.nonzero_duration(r.idle_timeout.as_ref(), Duration::from_secs(300));
             let header_timeout = self.duration(r.header_timeout.as_ref(), Duration::from_secs(10));
             let stream_idle_timeout =
                 self.nonzero_duration(r.stream_idle_timeout.as_ref(), DEFAULT_STREAM_IDLE);

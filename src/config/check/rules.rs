@@ -219,9 +219,18 @@ impl Checker<'_> {
                 .iter()
                 .any(|s| s.name == name && s.protocol == Protocol::Tcp)
         };
+        let any_tcp = services.iter().any(|s| s.protocol == Protocol::Tcp);
         for a in &raw.allow {
             let r = a.get_ref();
             let methods = r.methods.as_ref().filter(|m| !m.is_empty());
+            // `to = "*"` with no methods admits the TCP services' bytes too
+            if any_tcp && r.to.get_ref() == "*" && methods.is_none() {
+                self.sink.warn(
+                    span(&r.to),
+                    "this rule grants every service, the TCP services' connections included",
+                    "name the TCP services a rule should open, or give this one methods (which no TCP connection has)",
+                );
+            }
             if let (true, Some(m)) = (tcp(r.to.get_ref()), methods) {
                 self.sink.error(
                     span(&m[0]),
