@@ -93,10 +93,10 @@ impl Judge {
         let Some(parts) = head(r) else {
             return refused(None, call_of(r), Reason::BadRequest);
         };
-        if let Err(e) = hygiene::read(&parts) {
-            return refused(None, call_of(r), e.reason());
-        }
-        let host = hygiene::read(&parts).ok().flatten();
+        let host = match hygiene::read(&parts) {
+            Ok(h) => h,
+            Err(e) => return refused(None, call_of(r), e.reason()),
+        };
         let ct = ContentTypeField::of(&parts.headers);
         let mut routed = Routed::default();
         let (route, call) = match routing::route_in(

@@ -185,6 +185,34 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     }
 }
 
+/// A side of a spliced connection.
+enum Side {
+    Caller,
+    Upstream,
+}
+
+/// One direction: `from`'s bytes to `to`, then a half-close. Which side failed, if one
+/// did: `from`'s when its read failed, else the one written to.
+async fn pass<R, W>(
+    from: &mut Counted<R>,
+    to: &mut W,
+    reads: Side,
+    writes: Side,
+) -> Result<(), Side>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match tokio::io::copy(from, to).await {
+        Ok(_) => {
+            let _ = to.shutdown().await;
+            Ok(())
+        }
+        Err(_) if from.failed => Err(reads),
+        Err(_) => Err(writes),
+    }
+}
+
 /// Sets SO_LINGER 0, so that closing the socket resets the connection.
 fn reset_on_close(fd: RawFd) {
     // SAFETY: the fd belongs to a socket that is open for the whole of `splice`
@@ -227,31 +255,8 @@ where
         moved: moved.clone(),
         epoch,
     };
-    enum Side {
-        Caller,
-        Upstream,
-    }
-    // which side failed: the one whose read failed, else the one written to
-    let up = async {
-        match tokio::io::copy(&mut from_caller, &mut uw).await {
-            Ok(_) => {
-                let _ = uw.shutdown().await;
-                Ok(())
-            }
-            Err(_) if from_caller.failed => Err(Side::Caller),
-            Err(_) => Err(Side::Upstream),
-        }
-    };
-    let down = async {
-        match tokio::io::copy(&mut from_upstream, &mut cw).await {
-            Ok(_) => {
-                let _ = cw.shutdown().await;
-                Ok(())
-            }
-            Err(_) if from_upstream.failed => Err(Side::Upstream),
-            Err(_) => Err(Side::Caller),
-        }
-    };
+    let up = pass(&mut from_caller, &mut uw, Side::Caller, Side::Upstream);
+    let down = pass(&mut from_upstream, &mut cw, Side::Upstream, Side::Caller);
     let both = async {
         tokio::pin!(up, down);
         let (mut a, mut b) = (None, None);
