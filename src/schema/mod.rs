@@ -364,8 +364,17 @@ impl Body for Guarded {
         polled
     }
 
+    /// Only once everything was passed on and nothing was refused: the codec sends
+    /// END_STREAM with a frame that is followed by none, and after a refusal the next
+    /// poll is the error that resets the service's side.
     fn is_end_stream(&self) -> bool {
-        self.held.is_empty() && self.inner.is_end_stream()
+        self.held.is_empty()
+            && self.inner.is_end_stream()
+            && self
+                .framer
+                .as_ref()
+                .is_none_or(|f| !f.busy() && !f.unfinished())
+            && !self.tripped.refused()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -53,6 +53,44 @@ fn run_client(script: &str, fp: &Fedport, pki: &Pki) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// gRPC calls in raw frames (tests/py/raw_request.py), each body in one DATA frame
+/// that ends the stream; one report each.
+fn raw_grpc<const N: usize>(
+    pki: &Pki,
+    fp: &Fedport,
+    calls: [(&str, Vec<u8>); N],
+) -> [serde_json::Value; N] {
+    let cases: Vec<_> = calls
+        .iter()
+        .map(|(path, body)| {
+            serde_json::json!({
+                "proto": "h2", "method": "POST", "path": path, "authority": "localhost",
+                "headers": [["content-type", "application/grpc"], ["te", "trailers"]],
+                "body_hex": body.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cases.json");
+    std::fs::write(&file, serde_json::Value::from(cases).to_string()).unwrap();
+    let file = file.display().to_string();
+    let out = crate::support::PyClient::new(
+        pki,
+        "raw_request.py",
+        fp.port("internal"),
+        &pki.client,
+        &[&file],
+    )
+    .stdout();
+    let reports: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    reports
+        .try_into()
+        .unwrap_or_else(|r| panic!("{N} reports expected: {r:?}"))
+}
+
 #[test]
 fn grpcio_unary_and_bidi_streaming_with_status_and_trailers() {
     let pki = Pki::new();
@@ -199,6 +237,29 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
         v["upstream_chat_completed"], 0,
         "the service did not complete the call the caller was told failed"
     );
+    // the same with the whole stream in one DATA frame that ends it: the valid message
+    // goes on, and the service's side is still reset, never ended cleanly
+    let frame = |m: &[u8]| {
+        let mut f = vec![0u8, 0, 0, 0, m.len() as u8];
+        f.extend_from_slice(m);
+        f
+    };
+    let mut chat = frame(b"\x0a\x02m0");
+    chat.extend(frame(b"\x0a\x02\xff\xfe"));
+    let [chat, stats] = raw_grpc(
+        &pki,
+        &fp,
+        [
+            ("/test.Echo/Chat", chat),
+            ("/test.Echo/Stats", vec![0u8; 5]),
+        ],
+    );
+    assert_eq!(chat["headers"]["grpc-status"], "3", "{chat}");
+    let counts = stats["body"].as_str().unwrap();
+    assert!(
+        counts.ends_with(&format!("/{}/0", v["upstream_say_received"])),
+        "the one-frame call was not completed by the service either: {counts}"
+    );
 
     // gzip: decompressed to be validated; a bomb is refused by its decompressed size
     assert_eq!(v["gzip_valid"]["code"], "OK", "{}", v["gzip_valid"]);
@@ -270,7 +331,7 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    assert_eq!(rejected("schema"), 9.0, "{m}");
+    assert_eq!(rejected("schema"), 10.0, "{m}");
     assert_eq!(rejected("response_schema"), 1.0, "{m}");
     let by_method = |service: &str, method: &str, reason: &str| {
         fp.metric(&format!(
@@ -280,7 +341,7 @@ fn protobuf_messages_are_validated_against_the_schema_as_they_stream() {
     assert_eq!(by_method("echo", "test.Echo/Say", "schema"), 5.0);
     assert_eq!(by_method("echo", "test.Echo/Say", "size"), 1.0);
     assert_eq!(by_method("echo", "test.Echo/Say", "encoding"), 1.0);
-    assert_eq!(by_method("echo", "test.Echo/Chat", "schema"), 1.0);
+    assert_eq!(by_method("echo", "test.Echo/Chat", "schema"), 2.0);
     assert_eq!(by_method("legacy", "legacy.Shop/Place", "schema"), 3.0);
     assert_eq!(
         by_method("legacy", "legacy.Shop/Broken", "response_schema"),

@@ -8,6 +8,7 @@ tells, in initial metadata `seen-peer`, the `fed-peer` header fedport passed on.
 Prints the bound port on stdout, then serves until killed.
 """
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -34,11 +35,16 @@ CHAT_COMPLETED = []
 
 def chat(it, ctx):
     ctx.send_initial_metadata((("seen-peer", _peer(ctx)),))
+    ended = threading.Event()
+    ctx.add_callback(ended.set)  # runs when the call ends: at once if it was reset
     for m in it:
         CHAT_RECEIVED.append(m)
         yield m
-    # a reset call ends the iteration too, but leaves the call inactive
-    if ctx.is_active():
+    # A reset call ends the iteration too, and then the call ends. grpcio learns the two
+    # from separate events, so the iteration may end an instant before the call is
+    # known to be cancelled: it is given a moment. A call whose stream ended cleanly
+    # stays active until this handler returns.
+    if not ended.wait(0.2) and ctx.is_active():
         CHAT_COMPLETED.append(1)
 
 
