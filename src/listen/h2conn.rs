@@ -129,6 +129,9 @@ struct Shared {
     streams: Streams,
     /// The stream window callers on this connection get.
     window: u32,
+    /// The listener's `idle_timeout` (a peer's CONNECT tunnels close when nothing moves
+    /// for it) and the node's drain signal.
+    tunnels: (Duration, tokio::sync::watch::Receiver<bool>),
 }
 
 /// Serves an HTTP/2 connection until it ends; returns the bounded reason when fedport
@@ -179,6 +182,7 @@ where
         metrics: acc.metrics.clone(),
         streams: Streams::default(),
         window,
+        tunnels: (spec.idle_timeout, drain.signal.clone()),
     });
     let activity = shared.ctx.activity.clone();
     let mut signal = drain.signal.clone();
@@ -372,6 +376,19 @@ fn spawn_stream(
     shared: &Arc<Shared>,
 ) {
     let (parts, recv) = req.into_parts();
+    if parts.method == http::Method::CONNECT && shared.ctx.from_peer {
+        // a peer carrying a connection to a TCP service (src/tcp)
+        let (idle, drain) = shared.tunnels.clone();
+        tokio::spawn(crate::tcp::tunnel(
+            parts,
+            recv,
+            respond,
+            shared.ctx.clone(),
+            idle,
+            drain,
+        ));
+        return;
+    }
     let state = Arc::new(StreamState::new(shared.idle));
     let length = content_length(&parts.headers);
     // what the codec may hold of a body still to come counts against the budgets (not

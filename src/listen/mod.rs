@@ -270,9 +270,7 @@ async fn serve(
                 worker: acc.worker.clone(),
             });
             if is_tcp(&acc) {
-                use std::os::fd::AsRawFd;
-                let fd = stream.as_raw_fd();
-                return serve_tcp(stream, fd, ctx, &acc, &watcher).await;
+                return serve_tcp(stream, ctx, &acc, &watcher).await;
             }
             let io = h2guard::Guarded::new(stream, guard_limits(&acc.spec), false);
             run_http(io, ctx, &acc, watcher, false).await;
@@ -352,9 +350,7 @@ async fn serve(
                 worker: acc.worker.clone(),
             });
             if is_tcp(&acc) {
-                use std::os::fd::AsRawFd;
-                let fd = tls_stream.get_ref().0.as_raw_fd();
-                return serve_tcp(tls_stream, fd, ctx, &acc, &watcher).await;
+                return serve_tcp(tls_stream, ctx, &acc, &watcher).await;
             }
             // without ALPN h2 a client may still speak HTTP/2 (hyper's auto builder
             // follows the preface): the guard then decides from the preface, as on a
@@ -367,16 +363,11 @@ async fn serve(
 }
 
 /// A connection of a listener dedicated to a TCP service, spliced to it.
-async fn serve_tcp<S>(
-    io: S,
-    fd: std::os::fd::RawFd,
-    ctx: Arc<ConnCtx>,
-    acc: &Accepting,
-    drain: &Drain,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+async fn serve_tcp<S>(io: S, ctx: Arc<ConnCtx>, acc: &Accepting, drain: &Drain)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + crate::tcp::Reset + Unpin + Send,
 {
-    crate::tcp::serve(io, fd, ctx, acc.spec.idle_timeout, drain.signal.clone()).await;
+    crate::tcp::serve(io, ctx, acc.spec.idle_timeout, drain.signal.clone()).await;
     acc.connections_active.dec();
 }
 

@@ -259,7 +259,7 @@ pub(super) async fn dispatch(
     // later attempt starts after the failed ones
     let mut had_from = replay.as_ref().map(|_| Instant::now());
     let mut pending = Some(Request::from_parts(parts, first_body));
-    let mut target = targets.next();
+    let mut target = targets.next_target();
     let mut last = Reject::NoHealthyTarget(service.name.clone());
     // the first failure of an attempt that may have reached a service: once there is
     // one, the request does not end as a refusal another node may serve (that would
@@ -271,7 +271,7 @@ pub(super) async fn dispatch(
         if !worth_another(retry, can_resend, aim.idempotent) {
             return None;
         }
-        let next = targets.next()?;
+        let next = targets.next_target()?;
         match retry {
             Retry::Unprocessed => counters.unsent.inc(),
             _ if budget.withdraw() => counters.idempotent.inc(),
@@ -399,7 +399,7 @@ pub(super) async fn dispatch(
                 }
                 if let Some(back) = unsent {
                     // it never left fedport: it goes on as it is, whatever its method
-                    let Some(next) = targets.next() else { break };
+                    let Some(next) = targets.next_target() else { break };
                     counters.unsent.inc();
                     pending = Some(back);
                     target = Some(next);

@@ -36,6 +36,12 @@ pub(super) fn check<'p>(parts: &'p Parts, conn: &ConnCtx) -> Result<Clean<'p>, R
 /// The request's head read one way, or refused: its one host.
 #[inline(always)]
 pub(super) fn read(parts: &Parts) -> Result<Option<Host<'_>>, Reject> {
+    if parts.method == http::Method::CONNECT {
+        // a peer node's CONNECT carries a TCP service and never reaches here (src/tcp)
+        return Err(Reject::BadRequest(
+            "CONNECT carries TCP services between fedport's peer nodes only; reach a TCP service on its own listener",
+        ));
+    }
     if !request::path_is_normal(parts.uri.path()) {
         return Err(Reject::BadRequest(
             "the path has dot segments or encoded separators; send it normalised (RFC 3986 section 5.2.4)",

@@ -26,7 +26,7 @@ mod outcome;
 mod plan;
 pub mod replay;
 mod routing;
-mod targets;
+pub mod targets;
 
 use crate::caller::{self, CallerBody, StreamState};
 use crate::config::Config;
@@ -354,7 +354,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// listener's new index and dedicated service, the caller's grants under the new rules,
 /// and whether it is (still) a peer. A listener that was removed keeps its old view
 /// while its connections drain.
-fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
+pub fn current(conn: Arc<ConnCtx>) -> Arc<ConnCtx> {
     if conn.current.is(&conn.worker) {
         return conn;
     }
@@ -513,7 +513,14 @@ async fn forward(
     let tripped = Arc::new(schema::Tripped::default());
     let size = body.size_hint().exact();
     let guarded = schema::Guarded::new(body, d.plan.limit, tripped.clone(), d.plan.framer);
-    let mut targets = Targets::new(w, conn, d.aim.service, &parts.headers, &d.aim)?;
+    let mut targets = Targets::new(
+        w,
+        conn,
+        d.aim.service,
+        parts.headers.get(&FED_ORIGIN),
+        d.aim.hops,
+        d.aim.would_deny,
+    )?;
     let take = plan::Take::of(d.json, d.aim.grpc, size, targets.alternatives());
     let out = plan::take(take, guarded, service, conn, &d.aim, &tripped).await?;
     let fwd = Box::pin(dispatch::dispatch(

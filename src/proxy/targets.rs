@@ -2,21 +2,21 @@
 //! is needed — available local endpoints (power of two choices first), then peers in the
 //! fleet's order, never back to the node it came from. Loop prevention decides whether
 //! peers may be used at all, and a call only audit mode admits never goes to one.
+//! TCP connections (src/tcp) are aimed by the same order.
 
-use super::dispatch::Aim;
-use super::{ConnCtx, Worker, FED_ORIGIN};
+use super::{ConnCtx, Worker};
 use crate::errors::Reject;
 use crate::upstream;
-use http::HeaderMap;
+use http::HeaderValue;
 
 /// Where a request may go, best first, worked out as far as needed: available local
 /// endpoints (power of two choices first), then peers in the fleet's order.
-pub(super) enum Target {
+pub enum Target {
     Local(usize),
     Peer(usize),
 }
 
-pub(super) struct Targets<'a> {
+pub struct Targets<'a> {
     w: &'a Worker,
     service: usize,
     locals: Vec<usize>,
@@ -30,28 +30,31 @@ pub(super) struct Targets<'a> {
 }
 
 impl<'a> Targets<'a> {
-    pub(super) fn new(
+    /// `origin`: the request's `fed-origin` as it arrived; `hops`: its `fed-hops`;
+    /// `would_deny`: only audit mode admits it.
+    pub fn new(
         w: &'a Worker,
         conn: &ConnCtx,
         service: usize,
-        headers: &HeaderMap,
-        aim: &Aim,
+        origin: Option<&HeaderValue>,
+        hops: u8,
+        would_deny: bool,
     ) -> Result<Self, Reject> {
         let cfg = &w.config;
         let n = w.upstreams[service].len();
         let mut locals: Vec<usize> = (0..n).filter(|&e| w.fleet.available(service, e)).collect();
-        let no_peers = if aim.would_deny {
+        let no_peers = if would_deny {
             Some("no rule allows it: audit mode serves it here only, never through another node")
         } else if conn.from_peer && !cfg.node.transit {
             Some("it came from a peer and this node is not a transit node")
-        } else if aim.hops >= cfg.node.max_hops {
+        } else if hops >= cfg.node.max_hops {
             Some("it has taken max_hops hops already")
         } else {
             None
         };
         if locals.is_empty() {
             if w.fleet.has_peers(service) {
-                if aim.would_deny {
+                if would_deny {
                     // what enforcement would answer: the call is not this node's to
                     // hand to another (which would judge it as this node's own)
                     return Err(Reject::Denied {
@@ -86,8 +89,7 @@ impl<'a> Targets<'a> {
             .ok()
             .and_then(|id| w.peer_by_identity.get(id))
             .map(|&i| cfg.peers[i].name.as_str());
-        let origin = headers
-            .get(&FED_ORIGIN)
+        let origin = origin
             .and_then(|v| v.to_str().ok())
             .and_then(|o| cfg.peers.iter().find(|p| p.name == o))
             .map(|p| p.name.as_str());
@@ -104,11 +106,11 @@ impl<'a> Targets<'a> {
     }
 
     /// Whether more than one target could be tried.
-    pub(super) fn alternatives(&self) -> bool {
+    pub fn alternatives(&self) -> bool {
         self.locals.len() > 1 || (self.no_peers.is_none() && self.w.fleet.has_peers(self.service))
     }
 
-    pub(super) fn next(&mut self) -> Option<Target> {
+    pub fn next_target(&mut self) -> Option<Target> {
         if let Some(&e) = self.locals.get(self.next_local) {
             self.next_local += 1;
             return Some(Target::Local(e));

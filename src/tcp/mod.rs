@@ -1,18 +1,29 @@
 //! TCP services (`protocol = "tcp"`): a connection on a listener dedicated to one is
-//! authorized as identity × service (a rule names no methods for it), then spliced to a
-//! local endpoint: the available ones with the fewest connections first, the next
-//! tried when one refuses, each outcome feeding the endpoint's health and ejection. The
-//! bytes are copied as they come; a half-close is passed on, a reset on one side is
-//! answered with a reset on the other, and a connection on which nothing moves either
-//! way for the listener's `idle_timeout` is closed. A connection in progress stays on
-//! its endpoint. A refusal closes the connection (a TCP caller has no protocol to be
-//! told in), counted by reason and logged once.
+//! authorized as identity × service (a rule names no methods for it), then spliced to
+//! where the service is: a local endpoint (the available ones first, the next tried
+//! when one refuses, each outcome feeding the endpoint's health and ejection), else a
+//! peer that offers it, as an HTTP/2 CONNECT stream (RFC 9113 §8.5) on the mTLS peer
+//! connections, in the fleet's order and under the same loop prevention and hop limits
+//! as HTTP. The far node authorizes the stream as the near node's identity × service
+//! ([`tunnel`]) and splices it on. The bytes are copied as they come; a half-close is
+//! passed on, a reset on one side is answered with a reset on the other, and a
+//! connection on which nothing moves either way for the listener's `idle_timeout` is
+//! closed. A connection in progress stays where it went. A refusal closes the
+//! connection (a TCP caller has no protocol to be told in; a peer's CONNECT is answered
+//! in HTTP, with `fed-refused`), counted by reason and logged once.
 
+pub mod h2io;
+
+use crate::errors::Reject;
 use crate::grammar::Call;
-use crate::proxy::ConnCtx;
+use crate::proxy::targets::{Target, Targets};
+use crate::proxy::{ConnCtx, Worker, FED_CALLER, FED_HOPS, FED_ORIGIN};
 use crate::reason::Reason;
 use crate::telemetry::{ServiceLabels, TcpBytesLabels};
-use std::os::fd::RawFd;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode};
+use http_body_util::{Either, Full};
+use hyper_util::rt::TokioIo;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,114 +36,281 @@ use tokio::net::TcpStream;
 /// buffers, and TLS's send and receive buffers on the caller's side.
 pub const SPLICE_BYTES: u64 = 64 << 10;
 
-/// An endpoint must accept a connection within this.
+/// An endpoint must accept a connection (a peer answer its CONNECT) within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The call a TCP connection is authorized as: no method, so only rules that name the
 /// service without methods (or with `* /`) admit it.
 pub const CALL: Call<'static> = Call::Http("CONNECT", "/");
 
-/// Serves one caller connection of a TCP service. `caller_fd` is the caller's socket,
-/// for answering a reset with one.
+/// Counts a refusal and logs it once per interval.
+fn refused(ctx: &ConnCtx, reject: &Reject) {
+    let reason = reject.reason();
+    ctx.worker.metrics.reject(&ctx.listener, reason);
+    if crate::telemetry::log_due(reason) {
+        tracing::info!(listener = &*ctx.listener, remote = %ctx.remote, identity = ctx.identity.to_str().unwrap_or("?"), reason = reason.as_str(), "TCP connection refused: {reject}");
+    }
+}
+
+/// A connection admitted to a TCP service: its place under the limits and its memory,
+/// held while it is spliced.
+struct Admitted {
+    service: usize,
+    _limits: crate::limits::Admit,
+    _held: crate::memory::Held,
+}
+
+/// The service by name, if it is a TCP service the caller may reach, within its limits
+/// and the memory budgets.
+fn admit(ctx: &ConnCtx, name: Option<&str>) -> Result<Admitted, Reject> {
+    let w = &*ctx.worker;
+    let unknown = || Reject::UnknownService(name.unwrap_or("(none)").to_owned());
+    let idx = name.and_then(|n| w.table.by_name(n)).ok_or_else(unknown)?;
+    let service = &w.config.services[idx];
+    if service.protocol != crate::config::Protocol::Tcp {
+        return Err(unknown());
+    }
+    if !ctx.grants.allows(idx, CALL) {
+        return Err(Reject::Denied {
+            identity: ctx.identity.to_str().unwrap_or("?").to_owned(),
+            service: service.name.clone(),
+            call: "a connection".into(),
+            node: w.config.node.name.clone(),
+        });
+    }
+    // the service's limits and [[limit]] rules: a connection is a call (rate: connections
+    // a second; concurrency: connections open), its place held while it is spliced
+    let limits = w
+        .limits
+        .admit(idx, &ctx.limits, &service.name)
+        .map_err(|over| match over {
+            crate::limits::Over::Rate(who) => Reject::RateLimited(who),
+            crate::limits::Over::Concurrency(who) => Reject::Overloaded(who),
+        })?;
+    // what a splice holds (two copy buffers, and TLS's on the caller's side) counts
+    // against the connection's, the caller's and the node's memory budgets
+    let held =
+        crate::memory::Held::with(ctx.memory.clone(), SPLICE_BYTES).map_err(Reject::Memory)?;
+    Ok(Admitted {
+        service: idx,
+        _limits: limits,
+        _held: held,
+    })
+}
+
+/// Where a connection went: a local endpoint's socket, or a peer's CONNECT stream.
+enum Opened {
+    Local(TcpStream, crate::upstream::Outstanding),
+    Peer(
+        TokioIo<hyper::upgrade::Upgraded>,
+        crate::upstream::Outstanding,
+    ),
+}
+
+/// Serves one caller connection of a TCP service.
 pub async fn serve<S>(
     io: S,
-    caller_fd: RawFd,
     ctx: Arc<ConnCtx>,
     idle: Duration,
     drain: tokio::sync::watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Reset + Unpin + Send,
 {
-    let w = ctx.worker.clone();
-    let listener = ctx.listener.clone();
-    let refuse = |reason: Reason, why: &str| {
-        w.metrics.reject(&listener, reason);
-        if crate::telemetry::log_due(reason) {
-            tracing::info!(listener = &*listener, remote = %ctx.remote, identity = ctx.identity.to_str().unwrap_or("?"), reason = reason.as_str(), "TCP connection refused: {why}");
-        }
-    };
-    let Some(idx) = ctx.dedicated.as_deref().and_then(|n| w.table.by_name(n)) else {
-        refuse(
-            Reason::UnknownService,
-            "the listener's service is not configured",
-        );
-        return;
-    };
-    let service = &w.config.services[idx];
-    if !ctx.grants.allows(idx, CALL) {
-        refuse(
-            Reason::Denied,
-            &format!(
-                "no [[allow]] rule lets this identity reach {}",
-                service.name
-            ),
-        );
-        return;
-    }
-    // the service's limits and [[limit]] rules: a connection is a call (rate: connections
-    // a second; concurrency: connections open), its place held while it is spliced
-    let _admitted = match w.limits.admit(idx, &ctx.limits, &service.name) {
+    let admitted = match admit(&ctx, ctx.dedicated.as_deref()) {
         Ok(a) => a,
-        Err(crate::limits::Over::Rate(who)) => {
-            refuse(
-                Reason::RateLimited,
-                &format!("over the rate limit of {who}"),
-            );
-            return;
-        }
-        Err(crate::limits::Over::Concurrency(who)) => {
-            refuse(
-                Reason::Overloaded,
-                &format!("over the concurrency limit of {who}"),
-            );
-            return;
-        }
+        Err(r) => return refused(&ctx, &r),
     };
-    // what a splice holds (two copy buffers, and TLS's on the caller's side) counts
-    // against the connection's, the caller's and the node's memory budgets
-    let _held = match crate::memory::Held::with(ctx.memory.clone(), SPLICE_BYTES) {
-        Ok(h) => h,
-        Err(over) => {
-            refuse(
-                Reason::Memory,
-                &format!("holding the connection would pass {over}"),
-            );
-            return;
-        }
+    let opened = match open(&ctx, admitted.service, None, 0).await {
+        Ok(o) => o,
+        Err(r) => return refused(&ctx, &r),
     };
-    // the available endpoints, fewest connections first; with none available, all of
-    // them (nowhere else has the service here)
-    let pools = &w.upstreams[idx];
-    let mut order: Vec<usize> = (0..pools.len())
-        .filter(|&e| w.fleet.available(idx, e))
-        .collect();
-    if order.is_empty() {
-        order = (0..pools.len()).collect();
+    carry(io, opened, &ctx, admitted.service, idle, drain).await;
+}
+
+/// Serves a peer's CONNECT stream for a TCP service (`fed-service`): authorized as the
+/// peer's identity, within the service's limits, then spliced on as a caller's
+/// connection is. Answered 200 once the connection is made; a refusal is answered in
+/// HTTP with `fed-refused`, so that the peer knows whether another node may serve it.
+pub async fn tunnel(
+    parts: http::request::Parts,
+    recv: h2::RecvStream,
+    mut respond: h2::server::SendResponse<Bytes>,
+    ctx: Arc<ConnCtx>,
+    idle: Duration,
+    drain: tokio::sync::watch::Receiver<bool>,
+) {
+    let ctx = crate::proxy::current(ctx);
+    let _busy = ctx.activity.begin();
+    let h = &parts.headers;
+    let name = h
+        .get(crate::route::FED_SERVICE)
+        .and_then(|v| v.to_str().ok());
+    let opened = async {
+        if !ctx.from_peer {
+            // no longer a peer after a reload: a caller does not CONNECT
+            return Err(Reject::BadRequest(
+                "CONNECT is for fedport's peer nodes only",
+            ));
+        }
+        let admitted = admit(&ctx, name)?;
+        // a peer always says how far the connection came; a value that cannot be read
+        // counts as the farthest allowed
+        let hops = match h.get(&FED_HOPS) {
+            None => 0,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse::<u8>().ok())
+                .unwrap_or(ctx.worker.config.node.max_hops),
+        };
+        let caller = h.get(&FED_CALLER).cloned();
+        let to = open_from(&ctx, admitted.service, h.get(&FED_ORIGIN), hops, caller).await?;
+        Ok::<_, Reject>((admitted, to))
     }
-    order.sort_by_key(|&e| pools[e].outstanding());
-    let mut upstream = None;
-    for e in order {
-        let ep = &pools[e].endpoint;
-        let connect = TcpStream::connect((ep.host.as_str(), ep.port));
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(s)) => {
-                w.fleet.record(idx, e, true);
-                upstream = Some((s, pools[e].begin()));
-                break;
+    .await;
+    let (admitted, opened) = match opened {
+        Ok(o) => o,
+        Err(r) => {
+            refused(&ctx, &r);
+            let (head, body) = r.answer(false, "-");
+            let resp = http::Response::from_parts(head, ());
+            if let Ok(mut tx) = respond.send_response(resp, body.is_empty()) {
+                let _ = tx.send_data(body, true);
             }
-            _ => w.fleet.record(idx, e, false),
+            return;
         }
-    }
-    let Some((upstream, _outstanding)) = upstream else {
-        refuse(
-            Reason::NoHealthyTarget,
-            &format!("no endpoint of {} accepted a connection", service.name),
-        );
+    };
+    let Ok(send) = respond.send_response(http::Response::new(()), false) else {
         return;
     };
-    let _ = upstream.set_nodelay(true);
+    let io = h2io::H2Io::new(send, recv);
+    carry(io, opened, &ctx, admitted.service, idle, drain).await;
+}
+
+/// The connection's target: a local endpoint, else a peer, in the same order and under
+/// the same loop prevention as an HTTP request (src/proxy/targets.rs).
+async fn open(
+    ctx: &ConnCtx,
+    service: usize,
+    origin: Option<&HeaderValue>,
+    hops: u8,
+) -> Result<Opened, Reject> {
+    open_from(ctx, service, origin, hops, None).await
+}
+
+async fn open_from(
+    ctx: &ConnCtx,
+    idx: usize,
+    origin: Option<&HeaderValue>,
+    hops: u8,
+    caller: Option<HeaderValue>,
+) -> Result<Opened, Reject> {
+    let w = &*ctx.worker;
+    let service = &w.config.services[idx];
+    let mut targets = Targets::new(w, ctx, idx, origin, hops, false)?;
+    let mut last = Reject::NoHealthyTarget(service.name.clone());
+    while let Some(t) = targets.next_target() {
+        match t {
+            Target::Local(e) => {
+                let pool = &w.upstreams[idx][e];
+                let ep = &pool.endpoint;
+                let connect = TcpStream::connect((ep.host.as_str(), ep.port));
+                match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                    Ok(Ok(s)) => {
+                        w.fleet.record(idx, e, true);
+                        return Ok(Opened::Local(s, pool.begin()));
+                    }
+                    _ => w.fleet.record(idx, e, false),
+                }
+            }
+            Target::Peer(p) => {
+                let caller = caller.clone().unwrap_or_else(|| ctx.identity.clone());
+                let origin = origin.cloned().unwrap_or_else(|| w.origin.clone());
+                match connect_peer(w, p, idx, hops, origin, caller).await {
+                    Ok(o) => return Ok(o),
+                    Err(Some(r)) => return Err(r),
+                    Err(None) => last = Reject::NoHealthyTarget(service.name.clone()),
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Opens a CONNECT stream for the service to peer `p`. `Err(None)`: it did not take
+/// the connection and another node may (it could not be reached, or refused it as
+/// `no_healthy_target`, `draining` or `loop`); `Err(Some)`: a refusal that stands.
+async fn connect_peer(
+    w: &Worker,
+    p: usize,
+    idx: usize,
+    hops: u8,
+    origin: HeaderValue,
+    caller: HeaderValue,
+) -> Result<Opened, Option<Reject>> {
+    let service = &w.config.services[idx];
+    let pool = &w.peer_pools[p];
+    let uri = http::Uri::builder()
+        .authority(service.name.as_str())
+        .build()
+        .map_err(|_| Some(Reject::UnknownService(service.name.clone())))?;
+    let mut req = Request::new(Either::Right(Full::<Bytes>::default()));
+    *req.method_mut() = Method::CONNECT;
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_2;
+    let h = req.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&service.name) {
+        h.insert(crate::route::FED_SERVICE, v);
+    }
+    h.insert(FED_HOPS, HeaderValue::from(u16::from(hops) + 1));
+    h.insert(FED_ORIGIN, origin);
+    h.insert(FED_CALLER, caller);
+    let outstanding = pool.begin();
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let sent = tokio::time::timeout_at(deadline, pool.send(req, deadline)).await;
+    let resp = match sent {
+        Ok(Ok((resp, _))) => resp,
+        _ => return Err(None),
+    };
+    if resp.status() == StatusCode::OK {
+        let up = tokio::time::timeout_at(deadline, hyper::upgrade::on(resp)).await;
+        return match up {
+            Ok(Ok(up)) => Ok(Opened::Peer(TokioIo::new(up), outstanding)),
+            _ => Err(None),
+        };
+    }
+    let reason = resp
+        .headers()
+        .get(crate::errors::FED_REFUSED)
+        .and_then(|r| Reason::parse(r.as_bytes()));
+    match reason {
+        Some(r) if r.elsewhere_may_serve() => Err(None),
+        Some(r) => Err(Some(Reject::Upstream(
+            service.name.clone(),
+            format!(
+                "peer {} refused the connection ({r})",
+                w.config.peers[p].name
+            ),
+        ))),
+        None => Err(None),
+    }
+}
+
+/// Splices the caller's connection to where it was opened, with its metrics.
+async fn carry<S>(
+    io: S,
+    opened: Opened,
+    ctx: &ConnCtx,
+    idx: usize,
+    idle: Duration,
+    drain: tokio::sync::watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Reset + Unpin + Send,
+{
+    let w = &*ctx.worker;
+    let service = &w.config.services[idx];
     let labels = ServiceLabels {
-        listener: listener.to_string(),
+        listener: ctx.listener.to_string(),
         service: service.name.clone(),
     };
     let m = &w.metrics;
@@ -140,13 +318,19 @@ pub async fn serve<S>(
     let open = m.tcp_open.get_or_create(&labels).clone();
     open.inc();
     let started = Instant::now();
-    let (sent, received) = splice(io, caller_fd, upstream, idle, drain).await;
+    let (sent, received) = match opened {
+        Opened::Local(s, _outstanding) => {
+            let _ = s.set_nodelay(true);
+            splice(io, s, idle, drain).await
+        }
+        Opened::Peer(up, _outstanding) => splice(io, up, idle, drain).await,
+    };
     open.dec();
     m.tcp_duration
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
     let bytes = |direction| TcpBytesLabels {
-        listener: listener.to_string(),
+        listener: ctx.listener.to_string(),
         service: service.name.clone(),
         direction,
     };
@@ -213,34 +397,65 @@ where
     }
 }
 
-/// Sets SO_LINGER 0, so that closing the socket resets the connection.
-fn reset_on_close(fd: RawFd) {
-    // SAFETY: the fd belongs to a socket that is open for the whole of `splice`
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+/// A side of a spliced connection that can be reset, as the answer to a reset of the
+/// other side.
+pub trait Reset {
+    /// Makes closing it a reset.
+    fn reset(self);
+}
+
+/// SO_LINGER 0: closing the socket resets the connection.
+fn linger_zero(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+impl Reset for TcpStream {
+    fn reset(self) {
+        linger_zero(&self);
+    }
+}
+
+impl Reset for tokio_rustls::server::TlsStream<TcpStream> {
+    fn reset(self) {
+        linger_zero(self.get_ref().0);
+    }
+}
+
+/// The far end of a CONNECT tunnel: RST_STREAM with CONNECT_ERROR, as RFC 9113 §8.5
+/// answers a TCP reset.
+impl Reset for h2io::H2Io {
+    fn reset(self) {
+        self.reset_connect_error();
+    }
+}
+
+/// The near end of a CONNECT tunnel: dropped before it ended, hyper resets the stream
+/// (CANCEL), which the far end reads as a failed read and answers with a reset.
+impl Reset for TokioIo<hyper::upgrade::Upgraded> {
+    fn reset(self) {}
 }
 
 /// Copies both ways until both are done: (bytes to the service, bytes to the caller).
 /// An end of one direction is passed on as a half-close; a read error (a reset) ends
-/// both, the other side reset too; nothing moving for `idle` ends both.
-async fn splice<S>(
+/// both, the other side reset too (a socket by SO_LINGER 0, a CONNECT stream by being
+/// dropped unended, which h2 answers with RST_STREAM); nothing moving for `idle` ends
+/// both.
+async fn splice<S, U>(
     caller: S,
-    caller_fd: RawFd,
-    mut upstream: TcpStream,
+    upstream: U,
     idle: Duration,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> (u64, u64)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Reset + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Reset + Unpin + Send,
 {
-    use std::os::fd::AsRawFd;
-    let upstream_fd = upstream.as_raw_fd();
     let epoch = Instant::now();
     let moved = Arc::new(AtomicU64::new(0));
-    let (cr, mut cw) = tokio::io::split(caller);
-    // borrowed halves: dropping them sends nothing (an owned write half would send a
+    // split halves send nothing when dropped (a socket's owned write half would send a
     // FIN ahead of the reset that answers a reset)
-    let (ur, mut uw) = upstream.split();
+    let (cr, mut cw) = tokio::io::split(caller);
+    let (ur, mut uw) = tokio::io::split(upstream);
     let mut from_caller = Counted {
         inner: cr,
         bytes: 0,
@@ -300,8 +515,8 @@ where
     let (sent, received) = (from_caller.bytes, from_upstream.bytes);
     match ended {
         // the caller's side failed: the service is reset, and the other way round
-        Err(Side::Caller) => reset_on_close(upstream_fd),
-        Err(Side::Upstream) => reset_on_close(caller_fd),
+        Err(Side::Caller) => from_upstream.inner.unsplit(uw).reset(),
+        Err(Side::Upstream) => from_caller.inner.unsplit(cw).reset(),
         Ok(()) => {}
     }
     (sent, received)

@@ -190,8 +190,8 @@ fn redis_is_reached_through_a_tcp_service_and_strangers_are_not() {
 }
 
 /// `check` refuses a rule that names methods for a TCP service, a tcp:// endpoint of an
-/// HTTP service and an http:// one of a TCP service; it warns of a TCP service no
-/// listener is dedicated to.
+/// HTTP service and an http:// one of a TCP service; a TCP service with endpoints and
+/// no listener (reached by peers' CONNECT streams) is no fault.
 #[test]
 fn check_refuses_tcp_services_written_as_http_ones() {
     let pki = Pki::new();
@@ -228,14 +228,15 @@ fn check_refuses_tcp_services_written_as_http_ones() {
         &path,
         node_config_with_rules(
             &pki,
-            "[[service]]\nname = \"db\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:5432\"]\n",
-            "[[allow]]\nfrom = \"*\"\nto = \"db\"\n",
+            "[[service]]\nname = \"mq\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:5672\"]\n",
+            "[[allow]]\nfrom = \"*\"\nto = \"mq\"\n",
         ),
     )
     .unwrap();
     let (code, err) = crate::support::check(&path);
     assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("has no listener of its own"), "{err}");
+    // with endpoints and no listener, peers reach it by CONNECT: nothing to say
+    assert!(!err.contains("mq"), "{err}");
     // a rule to every service opens the TCP services too: said; a TCP listener whose
     // idle timeout is 0 would cut every connection: refused
     std::fs::write(
@@ -302,6 +303,40 @@ fn a_spliced_connection_counts_against_the_memory_budget() {
     });
 }
 
+fn python(script: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Sends 100,000 bytes to `port`, then half-closes: what the service answered after
+/// reading to the end (tests/py/tcp_peer.py eof-echo says "got N").
+fn half_close(port: u16) -> String {
+    python(&format!(
+        "import socket; s = socket.create_connection(('127.0.0.1', {port})); s.sendall(b'x' * 100000); \
+         s.shutdown(socket.SHUT_WR); s.settimeout(10); b = b''\nwhile True:\n    d = s.recv(100)\n    if not d: break\n    b += d\nprint(b.decode())"
+    ))
+}
+
+/// Sends a few bytes to `port` and reads: `reset`, `closed` or `data`.
+fn reset_seen(port: u16) -> String {
+    python(&format!(
+        "import socket; s = socket.create_connection(('127.0.0.1', {port})); s.sendall(b'hello'); s.settimeout(10)\n\
+         try:\n    d = s.recv(100)\n    print('closed' if not d else 'data')\nexcept ConnectionResetError:\n    print('reset')"
+    ))
+}
+
+/// redis-cli on a node's local port: the Redis port that answered (`INFO server`).
+fn redis_port_behind(local: u16) -> u16 {
+    let on = cli(&["-p", &local.to_string(), "INFO", "server"]);
+    on.lines()
+        .find_map(|l| l.strip_prefix("tcp_port:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Redis answered: {on:?}"))
+}
+
 /// A half-close reaches the service (it answers only once it has read to the end); a
 /// service's reset reaches the caller as a reset; HTTP on another listener cannot call
 /// a TCP service.
@@ -323,31 +358,155 @@ fn half_close_and_reset_pass_through_and_http_cannot_call_a_tcp_service() {
         ),
         "[[allow]]\nfrom = \"*\"\nto = \"*\"\n",
     ));
-    let run = |script: &str| {
-        let out = Command::new("python3")
-            .args(["-c", script])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    // 100,000 bytes, then a half-close: the service reads to the end and answers
-    let got = run(&format!(
-        "import socket; s = socket.create_connection(('127.0.0.1', {})); s.sendall(b'x' * 100000); \
-         s.shutdown(socket.SHUT_WR); s.settimeout(10); b = b''\nwhile True:\n    d = s.recv(100)\n    if not d: break\n    b += d\nprint(b.decode())",
-        fp.port("eof")
-    ));
-    assert_eq!(got, "got 100000");
-    // the service resets: so is the caller's connection
-    let got = run(&format!(
-        "import socket; s = socket.create_connection(('127.0.0.1', {})); s.sendall(b'hello'); s.settimeout(10)\n\
-         try:\n    d = s.recv(100)\n    print('closed' if not d else 'data')\nexcept ConnectionResetError:\n    print('reset')",
-        fp.port("rst")
-    ));
-    assert_eq!(got, "reset");
+    assert_eq!(half_close(fp.port("eof")), "got 100000");
+    assert_eq!(reset_seen(fp.port("rst")), "reset");
     // the TCP service's name on an HTTP listener routes nowhere
     let c = pki.curl_client();
     let mut a: Vec<&str> = c.iter().map(String::as_str).collect();
     let url = format!("https://localhost:{}/x", fp.port("internal"));
     a.extend(["-H", "fed-service: eof", &url]);
     assert_eq!(crate::support::curl(&a).0, 404);
+}
+
+/// A TCP service with no endpoint on node a is carried to the peers that offer it, as
+/// HTTP/2 CONNECT streams on the peer connections: `redis-cli` on a's local port
+/// reaches Redis on b (the nearer), a large value passes intact, a half-close and a
+/// reset pass through the tunnel; with b's Redis stopped, new connections go to c. A
+/// caller that is not a peer node may not CONNECT.
+#[test]
+fn a_tcp_service_is_carried_to_a_peer_and_fails_over_to_another() {
+    use crate::federation::{node_config, peer};
+    let pki = Pki::new();
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let (rb, rc) = (Redis::start(), Redis::start());
+    let (eof, reset) = (
+        crate::support::PyServer::start("tcp_peer.py", &["eof-echo"]),
+        crate::support::PyServer::start("tcp_peer.py", &["reset"]),
+    );
+    let tcp = |name: &str, endpoint: Option<u16>, local: bool| {
+        let ep = endpoint.map_or(String::new(), |p| format!("\"tcp://127.0.0.1:{p}\""));
+        let mut s =
+            format!("[[service]]\nname = \"{name}\"\nprotocol = \"tcp\"\nendpoints = [{ep}]\n");
+        if local {
+            s += &format!(
+                "[[listener]]\nname = \"{name}\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"{name}\"\n"
+            );
+        }
+        s
+    };
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "{}{}{}{}{}",
+            tcp("cache", None, true),
+            tcp("eof", None, true),
+            tcp("rst", None, true),
+            peer("b", "eu-1", pb, &["cache", "eof", "rst"]),
+            peer("c", "us-1", pc, &["cache"]),
+        ),
+    ));
+    let b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "{}{}{}{}",
+            tcp("cache", Some(rb.port), false),
+            tcp("eof", Some(eof.port), false),
+            tcp("rst", Some(reset.port), false),
+            peer("a", "eu-1", pa, &[]),
+        ),
+    ));
+    let c = Fedport::start(&node_config(
+        &pki,
+        "c",
+        "us-1",
+        pc,
+        &format!(
+            "{}{}",
+            tcp("cache", Some(rc.port), false),
+            peer("a", "eu-1", pa, &[])
+        ),
+    ));
+    wait_until("peers up", Duration::from_secs(10), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
+            && a.metric(r#"fedport_peer_up{peer="c"}"#) == 1.0
+    });
+    let local = a.port("cache");
+    assert_eq!(cli(&["-p", &local.to_string(), "PING"]), "PONG");
+    assert_eq!(
+        redis_port_behind(local),
+        rb.port,
+        "b is in a's region: it comes first"
+    );
+    assert!(
+        b.metric(r#"fedport_tcp_connections_total{listener="internal",service="cache"}"#) >= 2.0,
+        "b spliced the CONNECT streams that came over its peer listener"
+    );
+
+    // a 4 MiB value, through the tunnel and back, intact
+    let value: String = (0..4 << 20)
+        .map(|i| (b'a' + (i % 23) as u8) as char)
+        .collect();
+    let file = pki.path().join("big.txt");
+    std::fs::write(&file, &value).unwrap();
+    let set = Command::new("redis-cli")
+        .args(["-p", &local.to_string(), "-x", "SET", "big"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "OK");
+    assert_eq!(
+        cli(&["-p", &rb.port.to_string(), "STRLEN", "big"]),
+        value.len().to_string(),
+        "b's Redis holds it whole"
+    );
+    let got = Command::new("redis-cli")
+        .args(["-p", &local.to_string(), "--raw", "GET", "big"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&got.stdout).trim_end() == value,
+        "the value came back whole"
+    );
+
+    // a half-close and a reset, each way across the tunnel
+    assert_eq!(half_close(a.port("eof")), "got 100000");
+    assert_eq!(reset_seen(a.port("rst")), "reset");
+
+    // a caller that is not a peer node may not CONNECT (refused, nothing spliced)
+    let case = serde_json::json!([{
+        "proto": "h2", "method": "CONNECT", "authority": "cache",
+        "headers": [["fed-service", "cache"]], "path": "",
+    }]);
+    let cases = pki.path().join("connect.json");
+    std::fs::write(&cases, case.to_string()).unwrap();
+    let cases = cases.display().to_string();
+    let before = b.metric(r#"fedport_tcp_connections_total{listener="internal",service="cache"}"#);
+    let v =
+        crate::support::PyClient::new(&pki, "raw_request.py", pb, &pki.client, &[&cases]).json();
+    assert_eq!(v["status"], 400, "{v}");
+    assert!(v["body"].as_str().unwrap().contains("bad_request"), "{v}");
+    assert_eq!(
+        b.metric(r#"fedport_tcp_connections_total{listener="internal",service="cache"}"#),
+        before
+    );
+
+    // b's Redis stops: b refuses the next connection as no_healthy_target, and a
+    // sends it to c
+    drop(rb);
+    assert_eq!(redis_port_behind(local), rc.port, "failed over to c");
+    assert!(
+        b.metric(r#"fedport_rejections_total{listener="internal",reason="no_healthy_target"}"#)
+            >= 1.0
+    );
+    assert!(
+        c.metric(r#"fedport_tcp_connections_total{listener="internal",service="cache"}"#) >= 1.0
+    );
+    assert_eq!(cli(&["-p", &local.to_string(), "SET", "k", "v"]), "OK");
+    assert_eq!(cli(&["-p", &rc.port.to_string(), "GET", "k"]), "v");
 }

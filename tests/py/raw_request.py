@@ -5,7 +5,8 @@ or duplicate fields, odd methods and a `host` beside `:authority` go out as writ
 
     raw_request.py CASES_JSON --port P [--ca CA --cert CERT --key KEY]
 
-CASES_JSON is a file holding a list of requests: {"proto": "h1"|"h2", "method", "path",
+CASES_JSON is a file holding a list of requests: {"proto": "h1"|"h2", "method", "path" (none
+for CONNECT over HTTP/2),
 "authority" (h2: `:authority`, omitted when null), "headers": [[name, value], ...],
 "body_hex"}. Prints one JSON line per request: the status, the response headers (names
 lower-cased, values joined with ", "), the body as text, and for HTTP/2 the reset code if
@@ -83,11 +84,15 @@ def h2req(args, case):
     conn = h2.connection.H2Connection(config=cfg)
     conn.initiate_connection()
     body = bytes.fromhex(case.get("body_hex", ""))
-    hdrs = [(":method", case["method"]), (":scheme", "https" if args.ca else "http"), (":path", case["path"])]
+    if case["method"] == "CONNECT":
+        # RFC 9113 8.5: :authority only
+        hdrs = [(":method", "CONNECT")]
+    else:
+        hdrs = [(":method", case["method"]), (":scheme", "https" if args.ca else "http"), (":path", case["path"])]
     if case.get("authority") is not None:
         hdrs.append((":authority", case["authority"]))
     hdrs += [(k, v) for k, v in case["headers"]]
-    conn.send_headers(1, hdrs, end_stream=not body)
+    conn.send_headers(1, hdrs, end_stream=not body and case["method"] != "CONNECT")
     if body:
         conn.send_data(1, body, end_stream=True)
     s.sendall(conn.data_to_send())

@@ -52,7 +52,7 @@ impl Checker<'_> {
         self.federation(&raw, &peers, &service_names);
         let rules = self.rules(&raw.allow, &service_names, &peer_names);
         self.prefix_changes(&raw.allow, &raw.service, &services);
-        self.tcp_services(&raw, &services, &listeners);
+        self.tcp_services(&raw, &services);
         if raw.allow.is_empty() && !raw.service.is_empty() && !raw.listener.is_empty() {
             self.sink.warn(
                 span(&raw.node),

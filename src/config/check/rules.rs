@@ -206,14 +206,9 @@ impl Checker<'_> {
         }
     }
 
-    /// TCP services: reached through a listener of their own, by rules without methods,
-    /// with nothing of HTTP's (formats, schemas) to check.
-    pub(super) fn tcp_services(
-        &mut self,
-        raw: &raw::RawConfig,
-        services: &[Service],
-        listeners: &[Listener],
-    ) {
+    /// TCP services: reached through a listener of their own or peers' CONNECT streams,
+    /// by rules without methods, with nothing of HTTP's (formats, schemas) to check.
+    pub(super) fn tcp_services(&mut self, raw: &raw::RawConfig, services: &[Service]) {
         let tcp = |name: &str| {
             services
                 .iter()
@@ -254,16 +249,9 @@ impl Checker<'_> {
                     "a TCP service's bytes are spliced, not read: remove formats, schema and grpc_services",
                 );
             }
-            if !listeners
-                .iter()
-                .any(|l| l.service.as_deref() == Some(s.name.as_str()))
-            {
-                self.sink.warn(
-                    span(&r.name),
-                    format!("TCP service {:?} has no listener of its own: nothing reaches it", s.name),
-                    "add a [[listener]] with service = \"NAME\" (role = \"local\" for the node's own applications)",
-                );
-            }
+            // no listener of its own is no fault: peers reach it by CONNECT streams on
+            // the peer listeners (and one with no endpoints is refused above unless a
+            // [[peer]] offers it)
         }
     }
 }
