@@ -96,7 +96,7 @@ fn prepare(
                 t.files.clone(),
                 t.crl.clone(),
                 t.trust_domains.clone(),
-                &[b"h2", b"http/1.1"],
+                &[b"h2", b"http/1.1", crate::federation::reverse::ALPN],
                 t.allow_tls12,
             )?),
             t.handshake_timeout,
@@ -114,6 +114,7 @@ fn prepare(
         metrics: Some(metrics.clone()),
         keepalive: upstream::KEEPALIVE,
         stream_window: upstream::STREAM_WINDOW,
+        reverse: None,
     };
     // connections to peers verify the peer's own identity, and PING as often as the
     // peer probes do, so a blackholed link is noticed on them as well
@@ -126,6 +127,7 @@ fn prepare(
         )?),
         _ => None,
     };
+    let fleet = crate::federation::Fleet::new(config, metrics.clone(), running.map(|r| &*r.fleet));
     for p in &config.peers {
         let tls = match &peer_tls {
             Some(t) => Some(t.config(&p.identity, &[b"h2"])?),
@@ -138,10 +140,12 @@ fn prepare(
                 config.node.peer_ping_timeout,
             ),
             stream_window: upstream::PEER_STREAM_WINDOW,
+            reverse: p
+                .accepts_reverse()
+                .then(|| (fleet.links.clone(), p.name.clone())),
             ..settings.clone()
         });
     }
-    let fleet = crate::federation::Fleet::new(config, metrics.clone(), running.map(|r| &*r.fleet));
     let traffic = crate::telemetry::spike::Traffic::new(config);
     let detector = crate::telemetry::spike::Detector::new(config, traffic.clone(), metrics);
     crate::telemetry::record_certificates(config, metrics);
@@ -545,6 +549,90 @@ struct Loop {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A reverse link this worker keeps up to a peer (this node dials out), served as a
+/// connection of the listener whose accepting state it follows.
+struct Dialer {
+    accepting: Arc<ArcSwap<Accepting>>,
+    /// The TLS it dials with, renewed by each generation (a rotated certificate).
+    tls: Arc<ArcSwap<rustls::ClientConfig>>,
+    stop: watch::Sender<bool>,
+}
+
+/// (peer name, address, identity, listener): what a dialer is for.
+type DialerKey = (String, String, String, String);
+
+/// Starts, keeps or stops this worker's reverse-link dialers for `config`: one per peer
+/// this node dials (`[[peer]] reverse = true` with an address), served as connections of
+/// its first peer listener that serves HTTP.
+fn keep_dialers(
+    dialers: &mut HashMap<DialerKey, Dialer>,
+    config: &Config,
+    peer_settings: &[upstream::Settings],
+    loops: &HashMap<String, Loop>,
+    live: &Arc<()>,
+) {
+    let listener = config
+        .listeners
+        .iter()
+        .find(|l| l.role == Role::Peer && l.service.is_none())
+        .map(|l| l.name.clone());
+    let mut wanted = std::collections::HashSet::new();
+    for (p, st) in config.peers.iter().zip(peer_settings) {
+        let (Some(listener), Some(tls)) = (&listener, &st.tls) else {
+            continue;
+        };
+        if !p.dials_reverse() {
+            continue;
+        }
+        let Some(l) = loops.get(listener) else {
+            continue;
+        };
+        let mut cfg = (**tls).clone();
+        cfg.alpn_protocols = vec![crate::federation::reverse::ALPN.to_vec()];
+        let key = (
+            p.name.clone(),
+            p.address.clone(),
+            p.identity.clone(),
+            listener.clone(),
+        );
+        wanted.insert(key.clone());
+        if let Some(d) = dialers.get(&key) {
+            if Arc::ptr_eq(&d.accepting, &l.accepting) {
+                d.tls.store(Arc::new(cfg));
+                continue;
+            }
+        }
+        let tls = Arc::new(ArcSwap::from_pointee(cfg));
+        let (stop, signal) = watch::channel(false);
+        tokio::spawn(listen::dial_reverse(
+            p.clone(),
+            tls.clone(),
+            l.accepting.clone(),
+            listen::Drain {
+                signal,
+                live: live.clone(),
+            },
+        ));
+        if let Some(old) = dialers.insert(
+            key,
+            Dialer {
+                accepting: l.accepting.clone(),
+                tls,
+                stop,
+            },
+        ) {
+            let _ = old.stop.send(true);
+        }
+    }
+    dialers.retain(|k, d| {
+        let keep = wanted.contains(k);
+        if !keep {
+            let _ = d.stop.send(true);
+        }
+        keep
+    });
+}
+
 async fn worker_main(
     metrics: Arc<Metrics>,
     mut generations: mpsc::UnboundedReceiver<Generation>,
@@ -552,6 +640,7 @@ async fn worker_main(
 ) {
     let live = Arc::new(());
     let mut loops: HashMap<String, Loop> = HashMap::new();
+    let mut dialers: HashMap<DialerKey, Dialer> = HashMap::new();
     let mut drain = std::time::Duration::from_secs(30);
     loop {
         let g = tokio::select! {
@@ -638,6 +727,7 @@ async fn worker_main(
                 }
             }
         }
+        keep_dialers(&mut dialers, &config, &peer_settings, &loops, &live);
         // listeners no longer configured stop accepting; their connections drain
         let gone: Vec<String> = loops
             .keys()
@@ -653,6 +743,9 @@ async fn worker_main(
     }
     for l in loops.values() {
         let _ = l.stop.send(true);
+    }
+    for d in dialers.values() {
+        let _ = d.stop.send(true);
     }
     for (_, l) in loops {
         let _ = l.task.await;

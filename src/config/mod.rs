@@ -320,9 +320,26 @@ pub struct Peer {
     pub name: String,
     pub region: String,
     pub zone: Option<String>,
+    /// Empty for a reverse peer that dials this node.
     pub address: String,
     pub identity: String,
     pub services: Vec<String>,
+    /// `reverse = true`: one link, opened by the side that has the other's address.
+    pub reverse: bool,
+}
+
+impl Peer {
+    /// This node dials the peer and serves the peer's requests on that link (this node
+    /// is the site that can only dial out).
+    pub fn dials_reverse(&self) -> bool {
+        self.reverse && !self.address.is_empty()
+    }
+
+    /// The peer dials this node, and this node's requests to it go over the links the
+    /// peer opened.
+    pub fn accepts_reverse(&self) -> bool {
+        self.reverse && self.address.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]

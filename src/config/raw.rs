@@ -329,10 +329,14 @@ pub struct RawPeer {
     pub name: S<String>,
     pub region: S<String>,
     pub zone: Option<S<String>>,
-    pub address: S<String>,
+    /// Required, unless `reverse` (then the peer dials this node).
+    pub address: Option<S<String>>,
     pub identity: S<String>,
     #[serde(default)]
     pub services: Vec<S<String>>,
+    /// The link is opened by the side that has the other's address (a site that can
+    /// only dial out), and serves the other side's requests.
+    pub reverse: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -47,6 +47,11 @@ pub fn spawn(
                     // none of this node's services costs no connection and no PINGs
                     continue;
                 }
+                if peer.accepts_reverse() {
+                    // it dials this node: probed over the links it opened
+                    tasks.spawn(probe_reverse(config.clone(), peer, i, fleet.clone()));
+                    continue;
+                }
                 match tls.config(&peer.identity, &[b"h2"]) {
                     Ok(cfg) => {
                         tasks.spawn(probe_peer(config.clone(), peer, i, fleet.clone(), cfg));
@@ -166,6 +171,33 @@ async fn probe_peer(
             }
             tokio::time::sleep(interval).await;
         }
+    }
+}
+
+/// Probes a peer that dials this node over the links it opened, every
+/// `peer_ping_interval`: an answer within `peer_ping_timeout` is a round-trip time
+/// sample; none, or no link at all, marks the peer down.
+async fn probe_reverse(config: Arc<Config>, peer: Peer, index: usize, fleet: Arc<Fleet>) {
+    let state = fleet.peers[index].clone();
+    let (interval, timeout) = (
+        config.node.peer_ping_interval,
+        config.node.peer_ping_timeout,
+    );
+    loop {
+        match super::reverse::ping(&fleet.links, &peer.name, timeout).await {
+            Ok(rtt) => {
+                state.sample_rtt(rtt);
+                if state.set_up(true) {
+                    tracing::info!(peer = %peer.name, rtt_ms = rtt.as_secs_f64() * 1e3, "peer up (over its reverse link)");
+                }
+            }
+            Err(e) => {
+                if state.set_up(false) {
+                    tracing::warn!(peer = %peer.name, error = %e, "peer down (its reverse link): traffic moves away");
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 

@@ -4,6 +4,7 @@
 //! are tried, and the retry budget. The control thread ([`control`]) keeps it current.
 
 pub mod control;
+pub mod reverse;
 
 use crate::config::{Config, Outlier};
 use crate::telemetry::{EndpointLabels, Metrics, PeerLabels};
@@ -76,8 +77,11 @@ pub struct Fleet {
     /// endpoints at once cannot together pass `max_ejected_percent`.
     ejecting: Vec<std::sync::Mutex<()>>,
     names: Vec<(String, Vec<String>)>,
-    /// By peer index: what a peer's state belongs to (name, address, identity, probed).
-    peer_keys: Vec<(String, String, String, bool)>,
+    /// By peer index: what a peer's state belongs to (name, address, identity, probed,
+    /// reverse).
+    peer_keys: Vec<(String, String, String, bool, bool)>,
+    /// The reverse links peers opened to this node (kept across reloads).
+    pub links: Arc<reverse::Links>,
     metrics: Arc<Metrics>,
 }
 
@@ -134,7 +138,7 @@ impl Fleet {
                     .collect()
             })
             .collect();
-        let peer_keys: Vec<(String, String, String, bool)> = config
+        let peer_keys: Vec<(String, String, String, bool, bool)> = config
             .peers
             .iter()
             .map(|p| {
@@ -143,6 +147,7 @@ impl Fleet {
                     p.address.clone(),
                     p.identity.clone(),
                     !p.services.is_empty(),
+                    p.reverse,
                 )
             })
             .collect();
@@ -167,11 +172,13 @@ impl Fleet {
                         metrics.peer_rtt.get_or_create(&label).clone(),
                     )
                 };
-                up_gauge.set(1);
+                // optimistic until the first PING says otherwise: a request to a peer
+                // that cannot be reached fails over before anything is sent; a peer
+                // that dials this node is down until its first link is up
+                let up = !p.accepts_reverse();
+                up_gauge.set(up as i64);
                 Arc::new(PeerState {
-                    // optimistic until the first PING says otherwise: a request to a
-                    // peer that cannot be reached fails over before anything is sent
-                    up: AtomicBool::new(true),
+                    up: AtomicBool::new(up),
                     rtt_us: AtomicU64::new(0),
                     up_gauge,
                     rtt_gauge,
@@ -194,6 +201,7 @@ impl Fleet {
         Arc::new(Self {
             // ejection deadlines are kept as times since the epoch: it is kept too
             epoch: previous.map_or_else(Instant::now, |p| p.epoch),
+            links: previous.map(|p| p.links.clone()).unwrap_or_default(),
             peer_keys,
             endpoints,
             peers,
@@ -383,12 +391,21 @@ impl Fleet {
             .zip(&self.peers)
             .map(|(p, st)| {
                 let probed = !p.services.is_empty();
+                // a reverse link: which side dials, and the links open
+                let reverse = if p.dials_reverse() {
+                    serde_json::json!({ "this_node": "dials" })
+                } else if p.accepts_reverse() {
+                    serde_json::json!({ "this_node": "accepts", "links": self.links.count(&p.name) })
+                } else {
+                    serde_json::Value::Null
+                };
                 serde_json::json!({
                     "peer": p.name,
                     "region": p.region,
                     "probed": probed,
                     "up": probed.then(|| st.is_up()),
                     "rtt_ms": st.rtt().map(|r| r.as_secs_f64() * 1e3),
+                    "reverse": reverse,
                 })
             })
             .collect();

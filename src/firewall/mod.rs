@@ -34,15 +34,14 @@ pub struct Opening {
 
 /// Every port of the config and its admitted sources.
 pub fn openings(cfg: &Config) -> Vec<Opening> {
-    let peers: Vec<IpNet> = cfg
-        .peers
-        .iter()
+    // a reverse link is opened by this node (a peer with an address) or comes from an
+    // address this node is not told (a peer without one): neither opens a port to it
+    let inbound = || cfg.peers.iter().filter(|p| !p.reverse);
+    let peers: Vec<IpNet> = inbound()
         .filter_map(|p| host_ip(&p.address))
         .map(IpNet::from)
         .collect();
-    let named: Vec<String> = cfg
-        .peers
-        .iter()
+    let named: Vec<String> = inbound()
         .filter(|p| host_ip(&p.address).is_none())
         .map(|p| p.address.clone())
         .collect();

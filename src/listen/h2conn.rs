@@ -146,6 +146,22 @@ pub(super) async fn serve<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    serve_with(io, ctx, acc, drain, trip, KEEPALIVE).await
+}
+
+/// [`serve`], with the keepalive PING's interval and timeout: a reverse link this node
+/// dialled PINGs as often as peer probes do, so that a cut link is dialled again soon.
+pub(super) async fn serve_with<I>(
+    io: I,
+    ctx: Arc<ConnCtx>,
+    acc: &Accepting,
+    drain: &Drain,
+    trip: Arc<Trip>,
+    keepalive: (Duration, Duration),
+) -> Option<Reason>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let spec = &acc.spec;
     let window = if ctx.from_peer {
         PEER_STREAM_WINDOW
@@ -263,11 +279,11 @@ where
                 }
                 // keepalive: a connection whose PING goes unanswered is gone
                 match ping_sent {
-                    Some(t) if t.elapsed() > KEEPALIVE.1 => {
+                    Some(t) if t.elapsed() > keepalive.1 => {
                         tracing::debug!(listener = &*acc.name, "keepalive PING unanswered; closing");
                         break;
                     }
-                    None if last_ping.elapsed() >= KEEPALIVE.0 => {
+                    None if last_ping.elapsed() >= keepalive.0 => {
                         if let Some(p) = pings.as_mut() {
                             if p.send_ping(h2::Ping::opaque()).is_ok() {
                                 ping_sent = Some(Instant::now());
@@ -376,6 +392,14 @@ fn spawn_stream(
     shared: &Arc<Shared>,
 ) {
     let (parts, recv) = req.into_parts();
+    if shared.ctx.from_peer && crate::federation::reverse::is_ping(&parts) {
+        // a peer probing the reverse link this node opened: answered at once
+        let mut respond = respond;
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = http::StatusCode::NO_CONTENT;
+        let _ = respond.send_response(resp, true);
+        return;
+    }
     if parts.method == http::Method::CONNECT && shared.ctx.from_peer {
         // a peer carrying a connection to a TCP service (src/tcp)
         let (idle, drain) = shared.tunnels.clone();

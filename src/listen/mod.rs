@@ -303,52 +303,19 @@ async fn serve(
                 return;
             };
             let h2 = session.alpn_protocol() == Some(b"h2");
+            let reverse = session.alpn_protocol() == Some(crate::federation::reverse::ALPN);
             acc.metrics
                 .tls_handshakes
                 .get_or_create(&crate::telemetry::ListenerLabels {
                     listener: acc.spec.name.clone(),
                 })
                 .inc();
-            let peer = acc
-                .worker
-                .peer_by_identity
-                .get(identity.to_str().unwrap_or_default())
-                .copied();
-            let ctx = Arc::new(ConnCtx {
-                peer,
-                current,
-                listener: acc.name.clone(),
-                listener_idx: acc.index,
-                streams: streams.clone(),
-                dedicated: acc.spec.service.clone(),
-                grants: acc
-                    .worker
-                    .policy
-                    .grants(identity.to_str().unwrap_or_default()),
-                limits: Arc::new(
-                    acc.worker
-                        .limits
-                        .caller(identity.to_str().unwrap_or_default()),
-                ),
-                refreshed: Arc::default(),
-                from_peer: acc
-                    .worker
-                    .peer_identities
-                    .contains(identity.to_str().unwrap_or_default()),
-                activity: Arc::default(),
-                remote,
-                forwarded_for: crate::headers::forwarded_for(remote.ip()),
-                memory: crate::memory::Connection::new(
-                    acc.worker.memory.clone(),
-                    acc.spec.connection_memory_budget,
-                    // a peer node's connections carry many callers: no share of one
-                    Some(identity.to_str().unwrap_or_default())
-                        .filter(|id| !acc.worker.peer_identities.contains(*id)),
-                ),
-                tls: true,
-                identity,
-                worker: acc.worker.clone(),
-            });
+            let ctx = tls_ctx(&acc, identity, remote, current);
+            if reverse {
+                adopt_reverse(tls_stream, ctx, &acc, watcher).await;
+                active.dec();
+                return;
+            }
             if is_tcp(&acc) {
                 return serve_tcp(tls_stream, ctx, &acc, &watcher).await;
             }
@@ -369,6 +336,162 @@ where
 {
     crate::tcp::serve(io, ctx, acc.spec.idle_timeout, drain.signal.clone()).await;
     acc.connections_active.dec();
+}
+
+/// What a TLS connection knows of its caller, verified: its identity, and whether it is
+/// a peer node.
+fn tls_ctx(
+    acc: &Accepting,
+    identity: HeaderValue,
+    remote: SocketAddr,
+    current: Arc<arc_swap::ArcSwap<Accepting>>,
+) -> Arc<ConnCtx> {
+    let id = identity.to_str().unwrap_or_default();
+    let w = &acc.worker;
+    Arc::new(ConnCtx {
+        peer: w.peer_by_identity.get(id).copied(),
+        current,
+        listener: acc.name.clone(),
+        listener_idx: acc.index,
+        streams: acc.streams.clone(),
+        dedicated: acc.spec.service.clone(),
+        grants: w.policy.grants(id),
+        limits: Arc::new(w.limits.caller(id)),
+        refreshed: Arc::default(),
+        from_peer: w.peer_identities.contains(id),
+        activity: Arc::default(),
+        remote,
+        forwarded_for: crate::headers::forwarded_for(remote.ip()),
+        memory: crate::memory::Connection::new(
+            w.memory.clone(),
+            acc.spec.connection_memory_budget,
+            // a peer node's connections carry many callers: no share of one
+            Some(id).filter(|id| !w.peer_identities.contains(*id)),
+        ),
+        tls: true,
+        identity,
+        worker: w.clone(),
+    })
+}
+
+/// A connection opened with the reverse-link ALPN: taken as a link of a peer that
+/// dials this node (`[[peer]] reverse = true` without an address), on a listener that
+/// serves HTTP; anyone else's is closed, counted and logged.
+async fn adopt_reverse<I>(io: I, ctx: Arc<ConnCtx>, acc: &Accepting, drain: Drain)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let w = &acc.worker;
+    let peer = ctx
+        .peer
+        .map(|i| &w.config.peers[i])
+        .filter(|p| p.accepts_reverse() && acc.spec.service.is_none());
+    let Some(peer) = peer else {
+        acc.metrics.reject(&acc.name, Reason::Alpn);
+        if crate::telemetry::log_due(Reason::Alpn) {
+            tracing::warn!(listener = &*acc.name, remote = %ctx.remote, identity = ctx.identity.to_str().unwrap_or("?"), "reverse link refused: not a [[peer]] with reverse = true and no address, or a listener dedicated to a service");
+        }
+        return;
+    };
+    let keepalive = (
+        w.config.node.peer_ping_interval,
+        w.config.node.peer_ping_timeout,
+    );
+    crate::federation::reverse::adopt(
+        io,
+        &peer.name,
+        &w.fleet.links,
+        keepalive,
+        drain.signal.clone(),
+    )
+    .await;
+    drop(drain);
+}
+
+/// Keeps a reverse link to `peer` up (this node is the site that dials out): dials
+/// its address with the reverse-link ALPN, verifies its certificate as any peer link
+/// does, and serves the peer's requests on the link as a connection of the listener
+/// `current`, until `drain` says stop. A link that fails or ends is dialled again
+/// with jittered backoff.
+pub async fn dial_reverse(
+    peer: crate::config::Peer,
+    tls: Arc<arc_swap::ArcSwap<rustls::ClientConfig>>,
+    current: Arc<arc_swap::ArcSwap<Accepting>>,
+    drain: Drain,
+) {
+    let mut stop = drain.signal.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let acc = current.load_full();
+        let dialled = tokio::select! {
+            d = tokio::time::timeout(Duration::from_secs(10), dial(&peer, tls.load_full())) => d,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match dialled {
+            Ok(Ok((stream, remote))) => {
+                backoff = Duration::from_millis(100);
+                let Some(identity) = HeaderValue::from_str(&peer.identity).ok() else {
+                    return;
+                };
+                acc.connections_total.inc();
+                acc.connections_active.inc();
+                let ctx = tls_ctx(&acc, identity, remote, current.clone());
+                tracing::info!(peer = %peer.name, address = %peer.address, "reverse link up: serving the peer's requests on the link this node opened");
+                let io = h2guard::Guarded::new(stream, guard_limits(&acc.spec), true);
+                let keepalive = (
+                    acc.worker.config.node.peer_ping_interval,
+                    acc.worker.config.node.peer_ping_timeout,
+                );
+                let trip = io.trip();
+                let _ = h2conn::serve_with(io, ctx, &acc, &drain, trip, keepalive).await;
+                acc.connections_active.dec();
+                tracing::info!(peer = %peer.name, "reverse link ended: dialling again");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %peer.name, address = %peer.address, error = %e, "reverse link: cannot reach the peer");
+            }
+            Err(_) => {
+                tracing::warn!(peer = %peer.name, address = %peer.address, "reverse link: dialling timed out");
+            }
+        }
+        let wait = backoff.mul_f64(0.8 + fastrand::f64() * 0.4);
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// TCP and TLS to the peer, the reverse-link ALPN agreed.
+async fn dial(
+    peer: &crate::config::Peer,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, SocketAddr), String> {
+    let tcp = TcpStream::connect(peer.address.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let remote = tcp.peer_addr().map_err(|e| e.to_string())?;
+    let host = peer
+        .address
+        .rsplit_once(':')
+        .map_or(peer.address.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    if stream.get_ref().1.alpn_protocol() != Some(crate::federation::reverse::ALPN) {
+        return Err("the peer does not take reverse links on this port (ALPN)".into());
+    }
+    Ok((stream, remote))
 }
 
 /// Whether the listener is dedicated to a TCP service: its connections are spliced,

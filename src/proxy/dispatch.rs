@@ -399,7 +399,9 @@ pub(super) async fn dispatch(
                 }
                 if let Some(back) = unsent {
                     // it never left fedport: it goes on as it is, whatever its method
-                    let Some(next) = targets.next_target() else { break };
+                    let Some(next) = targets.next_target() else {
+                        break;
+                    };
                     counters.unsent.inc();
                     pending = Some(back);
                     target = Some(next);

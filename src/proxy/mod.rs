@@ -162,7 +162,12 @@ impl Worker {
                 let (host, port) = p.address.rsplit_once(':').unwrap_or((&p.address, "0"));
                 let host = host.trim_start_matches('[').trim_end_matches(']');
                 let endpoint = crate::config::Endpoint {
-                    url: format!("https://{}", p.address),
+                    // a peer that dials this node is reached over the links it opened
+                    url: if p.accepts_reverse() {
+                        format!("reverse://{}", p.name)
+                    } else {
+                        format!("https://{}", p.address)
+                    },
                     scheme: crate::config::Scheme::Https,
                     host: host.to_owned(),
                     port: port.parse().unwrap_or(0),

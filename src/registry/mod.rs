@@ -109,6 +109,7 @@ impl Member {
             address: self.address.clone(),
             identity: self.identity.clone(),
             services: self.services.clone(),
+            reverse: false,
         }
     }
 }

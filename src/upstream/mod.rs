@@ -127,6 +127,9 @@ pub struct Settings {
     /// HTTP/2 allows, so that answers nobody reads never hold back the other callers'
     /// answers on the same connection.
     pub stream_window: u32,
+    /// A peer that dials this node (`[[peer]] reverse = true`, no address): requests go
+    /// over the links it opened, found by its name, and no connection is dialled.
+    pub reverse: Option<(Arc<crate::federation::reverse::Links>, String)>,
 }
 
 /// The stream window for local endpoints (loopback: a small window covers the round
@@ -273,6 +276,9 @@ impl EndpointPool {
         req: Request<ProxyBody>,
         deadline: tokio::time::Instant,
     ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
+        if let Some((links, peer)) = &self.settings.reverse {
+            return self.send_reverse(links, peer, req).await;
+        }
         if self.speaks_h2() {
             let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
             let mut req = req;
@@ -336,6 +342,35 @@ impl EndpointPool {
             },
         };
         self.send_h1(sender, req).await
+    }
+
+    /// Sends over a link the peer opened to this node; with none up, the request comes
+    /// back unsent (another target may take it).
+    async fn send_reverse(
+        &self,
+        links: &crate::federation::reverse::Links,
+        peer: &str,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
+        let Some(mut sender) = links.pick(peer) else {
+            return Err(Failed {
+                error: UpstreamError::Connect(
+                    self.endpoint.url.clone(),
+                    "the peer has no reverse link open to this node".into(),
+                ),
+                unsent: Some(req),
+            });
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(mut e) => match e.take_message() {
+                Some(back) => Err(Failed {
+                    error: UpstreamError::Connect(self.endpoint.url.clone(), describe(e.error())),
+                    unsent: Some(back),
+                }),
+                None => Err(Failed::sent(exchange_error(e.error()))),
+            },
+        }
     }
 
     /// An idle HTTP/1.1 connection that is still usable.
@@ -615,6 +650,7 @@ mod tests {
                 metrics: None,
                 keepalive: KEEPALIVE,
                 stream_window: STREAM_WINDOW,
+                reverse: None,
             },
             UNCAPPED,
         )

@@ -24,6 +24,7 @@ mod plan;
 mod properties;
 mod registry;
 mod reload;
+mod reverse;
 mod rotation;
 mod sandbox;
 mod spelling;

@@ -53,6 +53,7 @@ impl Checker<'_> {
         let rules = self.rules(&raw.allow, &service_names, &peer_names);
         self.prefix_changes(&raw.allow, &raw.service, &services);
         self.tcp_services(&raw, &services);
+        self.reverse_peers(&raw.peer, &listeners);
         if raw.allow.is_empty() && !raw.service.is_empty() && !raw.listener.is_empty() {
             self.sink.warn(
                 span(&raw.node),

@@ -17,17 +17,32 @@ impl Checker<'_> {
                     "give every peer its own name",
                 );
             }
-            let addr = r.address.get_ref();
-            let ok_addr = addr.parse::<SocketAddr>().is_ok()
-                || addr
-                    .rsplit_once(':')
-                    .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
-            if !ok_addr {
-                self.sink.error(
-                    span(&r.address),
-                    format!("peer address {addr:?} is not host:port"),
-                    "write the peer's internal port, e.g. \"10.1.0.7:7443\"",
-                );
+            let reverse = r.reverse.as_ref().is_some_and(|v| *v.get_ref());
+            let addr = r
+                .address
+                .as_ref()
+                .map(|a| a.get_ref().clone())
+                .unwrap_or_default();
+            match &r.address {
+                None if !reverse => self.sink.error(
+                    span(&r.name),
+                    format!("peer {:?} has no address", r.name.get_ref()),
+                    "write the peer's internal port, e.g. address = \"10.1.0.7:7443\"; or, for a site that dials this node, reverse = true",
+                ),
+                None => {}
+                Some(a) => {
+                    let ok_addr = addr.parse::<SocketAddr>().is_ok()
+                        || addr
+                            .rsplit_once(':')
+                            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+                    if !ok_addr {
+                        self.sink.error(
+                            span(a),
+                            format!("peer address {addr:?} is not host:port"),
+                            "write the peer's internal port, e.g. \"10.1.0.7:7443\"",
+                        );
+                    }
+                }
             }
             let id = r.identity.get_ref();
             if !crate::grammar::pattern::is_identity(id) {
@@ -41,12 +56,43 @@ impl Checker<'_> {
                 name: r.name.get_ref().clone(),
                 region: r.region.get_ref().clone(),
                 zone: r.zone.as_ref().map(|z| z.get_ref().clone()),
-                address: addr.clone(),
+                address: addr,
                 identity: id.clone(),
                 services: r.services.iter().map(|s| s.get_ref().clone()).collect(),
+                reverse,
             });
         }
         out
+    }
+
+    /// Reverse peers: either way the link is served on a peer listener that serves
+    /// HTTP — the one the peer dials, or the one whose settings the link this node
+    /// dials is served with.
+    pub(super) fn reverse_peers(&mut self, raw: &[S<raw::RawPeer>], listeners: &[Listener]) {
+        let http_peer = listeners
+            .iter()
+            .any(|l| l.role == Role::Peer && l.service.is_none());
+        for p in raw {
+            let r = p.get_ref();
+            let Some(rev) = r.reverse.as_ref().filter(|v| *v.get_ref()) else {
+                continue;
+            };
+            if http_peer {
+                continue;
+            }
+            let (what, hint) = if r.address.is_some() {
+                (
+                    format!("this node dials peer {:?} and serves its requests on that link, as a connection of a peer listener: there is none that serves HTTP", r.name.get_ref()),
+                    "add a [[listener]] (role = \"peer\", the default, with no service): its rules, limits and timeouts apply to the link; nothing need reach its port",
+                )
+            } else {
+                (
+                    format!("peer {:?} dials this node, but no peer listener serves HTTP for it to dial", r.name.get_ref()),
+                    "add a [[listener]] (role = \"peer\", the default, with no service) on an address the peer can reach",
+                )
+            };
+            self.sink.error(span(rev), what, hint);
+        }
     }
 
     pub(super) fn rules(
