@@ -42,6 +42,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
         ("inventory@eu-b", demo::Kind::Json),
         ("inventory@us-a", demo::Kind::Json),
         ("pricing@us-a", demo::Kind::Json),
+        ("kv@us-a", demo::Kind::Kv),
     ];
     let mut instances = Vec::new();
     let mut listeners = Vec::new();
@@ -56,6 +57,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
         echo: instances[0].addr,
         inventory: [instances[1].addr, instances[2].addr, instances[3].addr],
         pricing: instances[4].addr,
+        kv: instances[5].addr,
         control: control.local_addr().map_err(io)?,
     };
     let all = Arc::new(instances);
@@ -115,7 +117,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
             let _ = writeln!(
                 out,
                 "{}",
-                sandbox::instructions(&layout, &demos, peer, local, admin)
+                sandbox::instructions(&layout, &demos, peer, (local, find("kv")), admin)
             );
             let _ = out.flush();
         }

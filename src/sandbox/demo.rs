@@ -1,8 +1,10 @@
 //! The sandbox's demo services: a gRPC echo (`demo.Echo`, any method answers with the
 //! messages it was sent; `Fail` answers NOT_FOUND) over h2c, and JSON HTTP/1.1
 //! services that tell the caller which instance answered and which identity fedport
-//! vouched for. Each instance can be stopped and started again (as a crash and a
-//! restart would) through the sandbox's control port, to watch traffic move.
+//! vouched for, and a TCP key-value store speaking enough of Redis's protocol (RESP:
+//! PING, SET, GET, DEL, in arrays as redis-cli sends them or inline as `nc` does) for
+//! redis-cli. Each instance can be stopped and started again (as a crash and a restart
+//! would) through the sandbox's control port, to watch traffic move.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -38,6 +40,8 @@ impl Instance {
 pub enum Kind {
     GrpcEcho,
     Json,
+    /// A TCP service: the key-value store.
+    Kv,
 }
 
 /// Binds an instance on a free loopback port; [`run`] serves it.
@@ -88,8 +92,12 @@ pub async fn run(inst: std::sync::Arc<Instance>, first: std::net::TcpListener, k
 }
 
 async fn serve_conn(s: tokio::net::TcpStream, kind: Kind, name: String) {
+    if let Kind::Kv = kind {
+        return kv(s, &name).await;
+    }
     let io = TokioIo::new(s);
     match kind {
+        Kind::Kv => {}
         Kind::GrpcEcho => {
             let svc =
                 service_fn(|req: Request<Incoming>| async move { Ok::<_, Infallible>(echo(req)) });
@@ -105,6 +113,100 @@ async fn serve_conn(s: tokio::net::TcpStream, kind: Kind, name: String) {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, svc)
                 .await;
+        }
+    }
+}
+
+/// The key-value store's keys, shared by its connections (at most 10,000 keys of at
+/// most 64 KiB each: a demo, not a cache).
+static KV: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, Vec<u8>>>> =
+    std::sync::Mutex::new(None);
+
+/// Serves one connection of the key-value store until the caller closes it.
+async fn kv(s: tokio::net::TcpStream, name: &str) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut r).take(70_000).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let head = String::from_utf8_lossy(&line).trim().to_owned();
+        // a RESP array (`*N`, then N bulk strings), or an inline command
+        let args: Vec<Vec<u8>> = match head.strip_prefix('*').map(str::parse::<usize>) {
+            Some(Ok(n)) if n <= 8 => {
+                let mut args = Vec::new();
+                for _ in 0..n {
+                    line.clear();
+                    if (&mut r)
+                        .take(100)
+                        .read_until(b'\n', &mut line)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let len = String::from_utf8_lossy(&line)
+                        .trim()
+                        .strip_prefix('$')
+                        .and_then(|l| l.parse::<usize>().ok());
+                    let Some(len) = len.filter(|&l| l <= 64 << 10) else {
+                        let _ = w
+                            .write_all(b"-ERR bulk string too long or malformed\r\n")
+                            .await;
+                        return;
+                    };
+                    let mut arg = vec![0; len + 2];
+                    if r.read_exact(&mut arg).await.is_err() {
+                        return;
+                    }
+                    arg.truncate(len);
+                    args.push(arg);
+                }
+                args
+            }
+            Some(_) => return,
+            None => head
+                .split_whitespace()
+                .map(|a| a.as_bytes().to_vec())
+                .collect(),
+        };
+        let Some(cmd) = args.first().map(|c| c.to_ascii_uppercase()) else {
+            continue;
+        };
+        if cmd == b"QUIT" {
+            let _ = w.write_all(b"+OK\r\n").await;
+            return;
+        }
+        let reply: Vec<u8> = {
+            let mut g = KV.lock().unwrap_or_else(|e| e.into_inner());
+            let map = g.get_or_insert_with(Default::default);
+            match (cmd.as_slice(), &args[1..]) {
+                (b"PING", []) => b"+PONG\r\n".to_vec(),
+                (b"SET", [k, v]) if map.len() < 10_000 || map.contains_key(k) => {
+                    map.insert(k.clone(), v.clone());
+                    b"+OK\r\n".to_vec()
+                }
+                (b"SET", [_, _]) => b"-ERR the demo store is full\r\n".to_vec(),
+                (b"GET", [k]) => match map.get(k) {
+                    Some(v) => [format!("${}\r\n", v.len()).as_bytes(), v, b"\r\n"].concat(),
+                    None => b"$-1\r\n".to_vec(),
+                },
+                (b"DEL", [k]) => format!(":{}\r\n", map.remove(k).is_some() as u8).into_bytes(),
+                // redis-cli asks for its command table when it starts: none here
+                (b"COMMAND", _) => b"*0\r\n".to_vec(),
+                (b"INFO", _) => {
+                    let text = format!("# Server\r\nserved_by:{name}\r\n");
+                    format!("${}\r\n{text}\r\n", text.len()).into_bytes()
+                }
+                _ => b"-ERR the demo store knows PING, SET, GET, DEL and INFO\r\n".to_vec(),
+            }
+        };
+        if w.write_all(&reply).await.is_err() {
+            return;
         }
     }
 }

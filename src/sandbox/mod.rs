@@ -19,6 +19,8 @@ pub struct Layout {
     pub ca: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// eu-b dials eu-a (a reverse link): without a registry.
+    pub reverse: bool,
 }
 
 /// Where the demo instances listen.
@@ -27,6 +29,8 @@ pub struct Demos {
     /// inventory on eu-a, eu-b and us-a
     pub inventory: [SocketAddr; 3],
     pub pricing: SocketAddr,
+    /// The key-value store on us-a (a TCP service).
+    pub kv: SocketAddr,
     /// The sandbox's control port (stop and start instances).
     pub control: SocketAddr,
 }
@@ -119,6 +123,23 @@ pub fn write(
             ports[i]
         )
     };
+    // eu-b is a site that can only dial out: it opens the link to eu-a, and eu-a sends
+    // eu-b's share of its traffic over that link (with a registry, members are ordinary)
+    let reverse = |i: usize, dials: bool, services: &str| {
+        if registry.is_none() {
+            let (name, region) = NODES[i];
+            let address = if dials {
+                format!("address  = \"127.0.0.1:{}\"\n", ports[i])
+            } else {
+                "# no address: it dials this node\n".to_owned()
+            };
+            return format!(
+                "[[peer]]\nname     = \"{name}\"\nregion   = \"{region}\"\n{address}\
+                 identity = \"spiffe://{DOMAIN}/node/{name}\"\nreverse  = true\nservices = [{services}]\n\n"
+            );
+        }
+        peer(i, services)
+    };
     let health = "health    = { interval = \"500ms\", path = \"/healthz\" }\n";
     let inventory = |addr: SocketAddr| {
         format!(
@@ -152,26 +173,47 @@ name      = "pricing"
 protocol  = "http"
 formats   = ["application/json"]
 
+# a TCP service (a key-value store speaking Redis's protocol) that lives on us-a: the
+# node's own applications reach it on the local port "kv", carried there as an HTTP/2
+# CONNECT stream on the peer connection
+[[service]]
+name      = "kv"
+protocol  = "tcp"
+endpoints = []
+
+[[listener]]
+name    = "kv"
+role    = "local"
+bind    = "127.0.0.1:0"
+service = "kv"
+
 {peers}{rules}[[allow]]
 from = "local"
 to   = "inventory"
 methods = ["GET /v1/"]
+
+[[allow]]
+from = "local"
+to   = "kv"
 "#,
             echo = demos.echo,
             inv = inventory(demos.inventory[0]),
-            peers = peer(1, "\"inventory\"") + &peer(2, "\"inventory\", \"pricing\""),
+            peers = reverse(1, false, "\"inventory\"")
+                + &peer(2, "\"inventory\", \"pricing\", \"kv\""),
         ),
         format!(
             "{}{}{}{rules}",
             inventory(demos.inventory[1]),
-            peer(0, ""),
+            reverse(0, true, ""),
             peer(2, "\"inventory\"")
         ),
         format!(
             "{}[[service]]\nname      = \"pricing\"\nprotocol  = \"http\"\nendpoints = [\"http://{}\"]\n\
-             formats   = [\"application/json\"]\n{health}\n{}{}{rules}",
+             formats   = [\"application/json\"]\n{health}\n\
+             [[service]]\nname      = \"kv\"\nprotocol  = \"tcp\"\nendpoints = [\"tcp://{}\"]\n\n{}{}{rules}",
             inventory(demos.inventory[2]),
             demos.pricing,
+            demos.kv,
             peer(0, ""),
             peer(1, "")
         ),
@@ -241,6 +283,7 @@ allow = ["127.0.0.0/8"]
         ca: ca_path,
         client_cert: client.cert,
         client_key: client.key,
+        reverse: registry.is_none(),
     })
 }
 
@@ -262,7 +305,7 @@ pub fn instructions(
     l: &Layout,
     demos: &Demos,
     peer: SocketAddr,
-    local: SocketAddr,
+    (local, kv): (SocketAddr, Option<SocketAddr>),
     admin: Option<SocketAddr>,
 ) -> String {
     let d = l.dir.display();
@@ -284,7 +327,7 @@ pub fn instructions(
         s.push_str(&format!("  eu-a admin        http://{a}\n"));
     }
     s.push_str(&format!(
-        "  demo instances    http://{ctl}/  (inventory@eu-a, inventory@eu-b, inventory@us-a, pricing@us-a, echo@eu-a)\n\nTry:\n"
+        "  demo instances    http://{ctl}/  (inventory@eu-a, inventory@eu-b, inventory@us-a, pricing@us-a, echo@eu-a, kv@us-a)\n\nTry:\n"
     ));
     let inventory = format!(
         "curl {cert} --resolve inventory.{DOMAIN}:{p}:127.0.0.1 https://inventory.{DOMAIN}:{p}/v1/items"
@@ -332,6 +375,19 @@ pub fn instructions(
   curl {partner} https://localhost:{p}/v1/prices -H 'fed-service: pricing'
 "
     ));
+    if let Some(kv) = kv {
+        s.push_str(&format!(
+            "  # a TCP service: the key-value store lives on us-a only; eu-a's local port carries\n  # the connection there (HTTP/2 CONNECT on the peer link). redis-cli, or: printf 'PING\\r\\n' | nc 127.0.0.1 {p}\n  redis-cli -p {p} SET greeting hello\n  redis-cli -p {p} INFO\n",
+            p = kv.port()
+        ));
+    }
+    if let Some(a) = admin {
+        if l.reverse {
+            s.push_str(&format!(
+                "  # eu-b can only dial out: it opened the link, and eu-a reaches it over that link\n  curl -s 'http://{a}/readyz?verbose' | python3 -m json.tool | grep -B3 -A3 accepts\n"
+            ));
+        }
+    }
     s.push_str("\nCtrl-C stops the sandbox.\n");
     s
 }

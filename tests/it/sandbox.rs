@@ -139,6 +139,35 @@ fn sandbox(args: &[&str]) {
         "{}: {body}",
         partner[1]
     );
+    // the TCP service, as printed: redis-cli on eu-a's local port reaches the key-value
+    // store on us-a, carried over the peer link
+    let bash = |cmd: &str| {
+        let out = Command::new("bash")
+            .args(["-c", cmd.trim()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let redis: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("  redis-cli"))
+        .collect();
+    assert_eq!(redis.len(), 2, "printed:\n{}", lines.join("\n"));
+    crate::support::wait_until("kv through us-a", Duration::from_secs(15), || {
+        bash(redis[0]) == "OK"
+    });
+    let info = bash(redis[1]);
+    assert!(info.contains("served_by:kv@us-a"), "{info}");
+    // without a registry eu-b dials eu-a (a reverse link), as printed; eu-b's inventory
+    // was reached over it above
+    let reverse: Vec<&&String> = commands.iter().filter(|c| c.contains("readyz")).collect();
+    if args.is_empty() {
+        assert_eq!(reverse.len(), 1, "printed:\n{}", lines.join("\n"));
+        let out = bash(reverse[0]);
+        assert!(out.contains("\"this_node\": \"accepts\""), "{out}");
+    } else {
+        assert!(reverse.is_empty());
+    }
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
