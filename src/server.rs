@@ -142,7 +142,7 @@ fn prepare(
             stream_window: upstream::PEER_STREAM_WINDOW,
             reverse: p
                 .accepts_reverse()
-                .then(|| (fleet.links.clone(), p.name.clone())),
+                .then(|| (fleet.links.clone(), p.name.clone(), p.identity.clone())),
             ..settings.clone()
         });
     }

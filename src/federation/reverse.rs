@@ -25,8 +25,12 @@ pub const ALPN: &[u8] = b"fedport-reverse";
 /// link's round-trip time, and proof that it still carries requests.
 pub const FED_PING: http::HeaderName = http::HeaderName::from_static("fed-ping");
 
-/// One peer's links, each with the id it was added under.
-type PeerLinks = Vec<(u64, http2::SendRequest<ProxyBody>)>;
+/// One peer's links: the id each was added under, the identity its certificate
+/// carried, and its sender.
+type PeerLinks = Vec<(u64, String, http2::SendRequest<ProxyBody>)>;
+
+/// The most links one peer may have open to this node (a worker keeps one each).
+const MAX_LINKS: usize = 64;
 
 /// The links peers opened to this node, by peer name; shared by every worker and kept
 /// across reloads.
@@ -38,16 +42,21 @@ pub struct Links {
 }
 
 impl Links {
-    /// A live link to `peer`, in turn among its links.
-    pub fn pick(&self, peer: &str) -> Option<http2::SendRequest<ProxyBody>> {
+    /// A live link to `peer` whose certificate carried `identity`, in turn among them.
+    pub fn pick(&self, peer: &str, identity: &str) -> Option<http2::SendRequest<ProxyBody>> {
         let mut g = self.by_peer.lock().ok()?;
         let links = g.get_mut(peer)?;
-        links.retain(|(_, s)| !s.is_closed());
-        if links.is_empty() {
+        links.retain(|(_, _, s)| !s.is_closed());
+        let n = links.iter().filter(|(_, id, _)| id == identity).count();
+        if n == 0 {
             return None;
         }
-        let i = self.turn.fetch_add(1, Ordering::Relaxed) % links.len();
-        Some(links[i].1.clone())
+        let k = self.turn.fetch_add(1, Ordering::Relaxed) % n;
+        links
+            .iter()
+            .filter(|(_, id, _)| id == identity)
+            .nth(k)
+            .map(|(_, _, s)| s.clone())
     }
 
     /// How many links `peer` has open to this node.
@@ -57,38 +66,52 @@ impl Links {
             .ok()
             .and_then(|g| {
                 g.get(peer)
-                    .map(|l| l.iter().filter(|(_, s)| !s.is_closed()).count())
+                    .map(|l| l.iter().filter(|(_, _, s)| !s.is_closed()).count())
             })
             .unwrap_or(0)
     }
 
-    fn add(&self, peer: &str, sender: http2::SendRequest<ProxyBody>) -> u64 {
+    /// Files a link; `None` when the peer has [`MAX_LINKS`] open already.
+    fn add(
+        &self,
+        peer: &str,
+        identity: &str,
+        sender: http2::SendRequest<ProxyBody>,
+    ) -> Option<u64> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut g) = self.by_peer.lock() {
-            g.entry(peer.to_owned()).or_default().push((id, sender));
+        let mut g = self.by_peer.lock().ok()?;
+        let links = g.entry(peer.to_owned()).or_default();
+        links.retain(|(_, _, s)| !s.is_closed());
+        if links.len() >= MAX_LINKS {
+            return None;
         }
-        id
+        links.push((id, identity.to_owned(), sender));
+        Some(id)
     }
 
     fn remove(&self, peer: &str, id: u64) {
         if let Ok(mut g) = self.by_peer.lock() {
             if let Some(l) = g.get_mut(peer) {
-                l.retain(|(i, _)| *i != id);
+                l.retain(|(i, _, _)| *i != id);
             }
         }
     }
 }
 
-/// Serves a link that peer `peer` opened to this node (TLS done, its identity
-/// verified): this node is the HTTP/2 client on it, and its requests to the peer go
-/// over it until it ends, or until the node drains (then it takes no new request, and
-/// closes once those in flight are answered).
+/// Serves a link that peer `peer` opened to this node (TLS done, its certificate
+/// verified as carrying `identity`): this node is the HTTP/2 client on it, and its
+/// requests to the peer go over it until it ends, until the node drains, or until a new
+/// configuration generation (`changed` resolves) — a reload may have changed the peer or
+/// revoked its certificate, so the link is let go and the peer dials again, verified
+/// afresh. A link let go takes no new request and closes once those in flight are
+/// answered.
 pub async fn adopt<I>(
     io: I,
-    peer: &str,
+    (peer, identity): (&str, &str),
     links: &Links,
     keepalive: (Duration, Duration),
     mut drain: tokio::sync::watch::Receiver<bool>,
+    changed: impl std::future::Future<Output = ()>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -108,7 +131,13 @@ pub async fn adopt<I>(
             return;
         }
     };
-    let id = links.add(peer, sender);
+    let Some(id) = links.add(peer, identity, sender) else {
+        tracing::warn!(
+            peer,
+            "reverse link refused: the peer has {MAX_LINKS} open already"
+        );
+        return;
+    };
     tracing::info!(
         peer,
         "reverse link up: requests for the peer go over the link it opened"
@@ -121,6 +150,9 @@ pub async fn adopt<I>(
             return;
         }
         _ = drain.wait_for(|d| *d) => {}
+        () = changed => {
+            tracing::info!(peer, "configuration reloaded: the reverse link is let go, for the peer to dial again");
+        }
     }
     // no new request takes it; with the last sender gone, hyper closes it once the
     // requests in flight are answered
@@ -134,8 +166,12 @@ pub fn is_ping(parts: &http::request::Parts) -> bool {
 }
 
 /// One probe of the peer over one of its links: the round-trip time, or why not.
-pub async fn ping(links: &Links, peer: &str, timeout: Duration) -> Result<Duration, String> {
-    let mut sender = links.pick(peer).ok_or("no reverse link")?;
+pub async fn ping(
+    links: &Links,
+    (peer, identity): (&str, &str),
+    timeout: Duration,
+) -> Result<Duration, String> {
+    let mut sender = links.pick(peer, identity).ok_or("no reverse link")?;
     let mut req = http::Request::new(http_body_util::Either::Right(http_body_util::Full::<
         bytes::Bytes,
     >::default()));

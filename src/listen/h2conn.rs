@@ -392,26 +392,32 @@ fn spawn_stream(
     shared: &Arc<Shared>,
 ) {
     let (parts, recv) = req.into_parts();
-    if shared.ctx.from_peer && crate::federation::reverse::is_ping(&parts) {
-        // a peer probing the reverse link this node opened: answered at once
-        let mut respond = respond;
-        let mut resp = http::Response::new(());
-        *resp.status_mut() = http::StatusCode::NO_CONTENT;
-        let _ = respond.send_response(resp, true);
-        return;
-    }
-    if parts.method == http::Method::CONNECT && shared.ctx.from_peer {
-        // a peer carrying a connection to a TCP service (src/tcp)
-        let (idle, drain) = shared.tunnels.clone();
-        tokio::spawn(crate::tcp::tunnel(
-            parts,
-            recv,
-            respond,
-            shared.ctx.clone(),
-            idle,
-            drain,
-        ));
-        return;
+    if matches!(parts.method, http::Method::CONNECT | http::Method::OPTIONS)
+        && proxy::current(shared.ctx.clone()).from_peer
+    {
+        if crate::federation::reverse::is_ping(&parts) {
+            // a peer probing the reverse link this node opened: answered at once, and
+            // the link is not idle while it does
+            drop(shared.ctx.activity.begin());
+            let mut respond = respond;
+            let mut resp = http::Response::new(());
+            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+            let _ = respond.send_response(resp, true);
+            return;
+        }
+        if parts.method == http::Method::CONNECT {
+            // a peer carrying a connection to a TCP service (src/tcp)
+            let (idle, drain) = shared.tunnels.clone();
+            tokio::spawn(crate::tcp::tunnel(
+                parts,
+                recv,
+                respond,
+                shared.ctx.clone(),
+                idle,
+                drain,
+            ));
+            return;
+        }
     }
     let state = Arc::new(StreamState::new(shared.idle));
     let length = content_length(&parts.headers);

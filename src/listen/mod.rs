@@ -397,12 +397,22 @@ where
         w.config.node.peer_ping_interval,
         w.config.node.peer_ping_timeout,
     );
+    // a new generation (a reload, a rotation) lets the link go: the peer dials again and
+    // is verified and found under the configuration now in force
+    let current = ctx.current.clone();
+    let adopted_under = w.clone();
+    let changed = async move {
+        while current.is(&adopted_under) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
     crate::federation::reverse::adopt(
         io,
-        &peer.name,
+        (&peer.name, &peer.identity),
         &w.fleet.links,
         keepalive,
         drain.signal.clone(),
+        changed,
     )
     .await;
     drop(drain);
@@ -432,7 +442,7 @@ pub async fn dial_reverse(
         };
         match dialled {
             Ok(Ok((stream, remote))) => {
-                backoff = Duration::from_millis(100);
+                let began = std::time::Instant::now();
                 let Some(identity) = HeaderValue::from_str(&peer.identity).ok() else {
                     return;
                 };
@@ -448,6 +458,11 @@ pub async fn dial_reverse(
                 let trip = io.trip();
                 let _ = h2conn::serve_with(io, ctx, &acc, &drain, trip, keepalive).await;
                 acc.connections_active.dec();
+                // a link that lived a while starts the backoff afresh; one the peer ends
+                // at once (it takes no reverse link from this node) backs off
+                if began.elapsed() >= Duration::from_secs(10) {
+                    backoff = Duration::from_millis(100);
+                }
                 tracing::info!(peer = %peer.name, "reverse link ended: dialling again");
             }
             Ok(Err(e)) => {

@@ -85,6 +85,8 @@ pub struct Worker {
     pub fleet: Arc<crate::federation::Fleet>,
     /// This worker's connections to each peer (by peer index).
     pub peer_pools: Vec<Arc<EndpointPool>>,
+    /// This worker's connections to each peer for TCP services' CONNECT streams.
+    pub tunnel_pools: Vec<Arc<EndpointPool>>,
     /// Peer index by the identity its certificate carries.
     pub peer_by_identity: std::collections::HashMap<String, usize>,
     /// By service index: the retry budget, and where requests went.
@@ -154,32 +156,44 @@ impl Worker {
                     .clone()
             })
             .collect();
-        let peer_pools = config
-            .peers
-            .iter()
-            .zip(peer_settings)
-            .map(|(p, st)| {
-                let (host, port) = p.address.rsplit_once(':').unwrap_or((&p.address, "0"));
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let endpoint = crate::config::Endpoint {
-                    // a peer that dials this node is reached over the links it opened
-                    url: if p.accepts_reverse() {
-                        format!("reverse://{}", p.name)
-                    } else {
-                        format!("https://{}", p.address)
-                    },
-                    scheme: crate::config::Scheme::Https,
-                    host: host.to_owned(),
-                    port: port.parse().unwrap_or(0),
-                };
-                EndpointPool::new(
-                    endpoint,
-                    &format!("peer:{}", p.name),
-                    st.clone(),
-                    upstream::UNCAPPED,
-                )
-            })
-            .collect();
+        let pools = |window: Option<u32>| -> Vec<Arc<EndpointPool>> {
+            config
+                .peers
+                .iter()
+                .zip(peer_settings)
+                .map(|(p, st)| {
+                    let mut st = st.clone();
+                    // a peer that dials this node: its links' window, whatever carries
+                    if let Some(w) = window.filter(|_| st.reverse.is_none()) {
+                        st.stream_window = w;
+                    }
+                    let (host, port) = p.address.rsplit_once(':').unwrap_or((&p.address, "0"));
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let endpoint = crate::config::Endpoint {
+                        // a peer that dials this node is reached over the links it opened
+                        url: if p.accepts_reverse() {
+                            format!("reverse://{}", p.name)
+                        } else {
+                            format!("https://{}", p.address)
+                        },
+                        scheme: crate::config::Scheme::Https,
+                        host: host.to_owned(),
+                        port: port.parse().unwrap_or(0),
+                    };
+                    EndpointPool::new(
+                        endpoint,
+                        &format!("peer:{}", p.name),
+                        st,
+                        upstream::UNCAPPED,
+                    )
+                })
+                .collect()
+        };
+        let peer_pools = pools(None);
+        // TCP connections carried to peers ride connections of their own, with the
+        // stream window of a local endpoint's: what one holds unread is charged to its
+        // caller (src/tcp), and HTTP to the peer shares no connection budget with them
+        let tunnel_pools = pools(Some(upstream::STREAM_WINDOW));
         let counters = config
             .services
             .iter()
@@ -263,6 +277,7 @@ impl Worker {
             by_service,
             fleet,
             peer_pools,
+            tunnel_pools,
             budgets,
             counters,
             traffic,

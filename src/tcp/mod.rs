@@ -57,12 +57,17 @@ fn refused(ctx: &ConnCtx, reject: &Reject) {
 struct Admitted {
     service: usize,
     _limits: crate::limits::Admit,
-    _held: crate::memory::Held,
+    held: crate::memory::Held,
 }
 
 /// The service by name, if it is a TCP service the caller may reach, within its limits
-/// and the memory budgets.
-fn admit(ctx: &ConnCtx, name: Option<&str>) -> Result<Admitted, Reject> {
+/// and `memory` (the budget its splice is charged to, `charge` bytes to begin with).
+fn admit(
+    ctx: &ConnCtx,
+    name: Option<&str>,
+    memory: Arc<crate::memory::Connection>,
+    charge: u64,
+) -> Result<Admitted, Reject> {
     let w = &*ctx.worker;
     let unknown = || Reject::UnknownService(name.unwrap_or("(none)").to_owned());
     let idx = name.and_then(|n| w.table.by_name(n)).ok_or_else(unknown)?;
@@ -87,14 +92,11 @@ fn admit(ctx: &ConnCtx, name: Option<&str>) -> Result<Admitted, Reject> {
             crate::limits::Over::Rate(who) => Reject::RateLimited(who),
             crate::limits::Over::Concurrency(who) => Reject::Overloaded(who),
         })?;
-    // what a splice holds (two copy buffers, and TLS's on the caller's side) counts
-    // against the connection's, the caller's and the node's memory budgets
-    let held =
-        crate::memory::Held::with(ctx.memory.clone(), SPLICE_BYTES).map_err(Reject::Memory)?;
+    let held = crate::memory::Held::with(memory, charge).map_err(Reject::Memory)?;
     Ok(Admitted {
         service: idx,
         _limits: limits,
-        _held: held,
+        held,
     })
 }
 
@@ -116,11 +118,25 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Reset + Unpin + Send,
 {
-    let admitted = match admit(&ctx, ctx.dedicated.as_deref()) {
+    // what a splice holds (two copy buffers, and TLS's on the caller's side) counts
+    // against the connection's, the caller's and the node's memory budgets
+    let mut admitted = match admit(
+        &ctx,
+        ctx.dedicated.as_deref(),
+        ctx.memory.clone(),
+        SPLICE_BYTES,
+    ) {
         Ok(a) => a,
         Err(r) => return refused(&ctx, &r),
     };
-    let opened = match open(&ctx, admitted.service, None, 0).await {
+    let aim = Aim {
+        origin: None,
+        hops: 0,
+        caller: None,
+        deadline: tokio::time::Instant::now() + CONNECT_TIMEOUT,
+        idle,
+    };
+    let opened = match open(&ctx, admitted.service, &aim, &mut admitted.held).await {
         Ok(o) => o,
         Err(r) => return refused(&ctx, &r),
     };
@@ -145,6 +161,17 @@ pub async fn tunnel(
     let name = h
         .get(crate::route::FED_SERVICE)
         .and_then(|v| v.to_str().ok());
+    let ms = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    // the near node's time for the connection to be made, and its idle timeout: the far
+    // node keeps within the one and closes on neither side of the other
+    let deadline = tokio::time::Instant::now()
+        + ms(FED_TIMEOUT).map_or(CONNECT_TIMEOUT, |t| t.min(CONNECT_TIMEOUT));
+    let idle = ms(FED_IDLE).map_or(idle, |t| t.clamp(Duration::from_secs(1), MAX_IDLE));
     let opened = async {
         if !ctx.from_peer {
             // no longer a peer after a reload: a caller does not CONNECT
@@ -152,7 +179,17 @@ pub async fn tunnel(
                 "CONNECT is for fedport's peer nodes only",
             ));
         }
-        let admitted = admit(&ctx, name)?;
+        if ctx.dedicated.is_some() {
+            return Err(Reject::BadRequest(
+                "CONNECT is not taken on a listener dedicated to a service",
+            ));
+        }
+        // what the stream may hold unread (the window this node grants a peer's
+        // streams) and the splice's buffers count against the node's budget, not the
+        // peer connection's, which its HTTP requests share
+        let memory = crate::memory::Connection::new(ctx.worker.memory.clone(), u64::MAX, None);
+        let charge = SPLICE_BYTES + u64::from(crate::listen::h2conn::PEER_STREAM_WINDOW);
+        let mut admitted = admit(&ctx, name, memory, charge)?;
         // a peer always says how far the connection came; a value that cannot be read
         // counts as the farthest allowed
         let hops = match h.get(&FED_HOPS) {
@@ -163,8 +200,14 @@ pub async fn tunnel(
                 .and_then(|s| s.parse::<u8>().ok())
                 .unwrap_or(ctx.worker.config.node.max_hops),
         };
-        let caller = h.get(&FED_CALLER).cloned();
-        let to = open_from(&ctx, admitted.service, h.get(&FED_ORIGIN), hops, caller).await?;
+        let aim = Aim {
+            origin: h.get(&FED_ORIGIN).cloned(),
+            hops,
+            caller: h.get(&FED_CALLER).cloned(),
+            deadline,
+            idle,
+        };
+        let to = open(&ctx, admitted.service, &aim, &mut admitted.held).await?;
         Ok::<_, Reject>((admitted, to))
     }
     .await;
@@ -187,35 +230,50 @@ pub async fn tunnel(
     carry(io, opened, &ctx, admitted.service, idle, drain).await;
 }
 
-/// The connection's target: a local endpoint, else a peer, in the same order and under
-/// the same loop prevention as an HTTP request (src/proxy/targets.rs).
-async fn open(
-    ctx: &ConnCtx,
-    service: usize,
-    origin: Option<&HeaderValue>,
-    hops: u8,
-) -> Result<Opened, Reject> {
-    open_from(ctx, service, origin, hops, None).await
-}
-
-async fn open_from(
-    ctx: &ConnCtx,
-    idx: usize,
-    origin: Option<&HeaderValue>,
+/// How a connection is aimed: where it came from (a peer's `fed-origin`, `fed-hops`
+/// and `fed-caller`), when it must be made by, and its idle timeout (passed on).
+struct Aim {
+    origin: Option<HeaderValue>,
     hops: u8,
     caller: Option<HeaderValue>,
+    deadline: tokio::time::Instant,
+    idle: Duration,
+}
+
+/// `fed-timeout` on a CONNECT: the milliseconds the near node gives the connection to
+/// be made.
+const FED_TIMEOUT: &str = "fed-timeout";
+/// `fed-idle`: the near node's idle timeout for the connection, in milliseconds.
+const FED_IDLE: &str = "fed-idle";
+/// The longest idle timeout a peer may ask a tunnel to be kept for.
+const MAX_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// The connection's target: a local endpoint, else a peer, in the same order and under
+/// the same loop prevention as an HTTP request (src/proxy/targets.rs). Going to a peer,
+/// `held` grows by the stream window of the connection it rides on (what the tunnel may
+/// hold unread here).
+async fn open(
+    ctx: &ConnCtx,
+    idx: usize,
+    aim: &Aim,
+    held: &mut crate::memory::Held,
 ) -> Result<Opened, Reject> {
     let w = &*ctx.worker;
     let service = &w.config.services[idx];
-    let mut targets = Targets::new(w, ctx, idx, origin, hops, false)?;
+    let mut targets = Targets::new(w, ctx, idx, aim.origin.as_ref(), aim.hops, false)?;
     let mut last = Reject::NoHealthyTarget(service.name.clone());
     while let Some(t) = targets.next_target() {
+        let now = tokio::time::Instant::now();
+        if now >= aim.deadline {
+            break;
+        }
         match t {
             Target::Local(e) => {
                 let pool = &w.upstreams[idx][e];
                 let ep = &pool.endpoint;
                 let connect = TcpStream::connect((ep.host.as_str(), ep.port));
-                match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                let until = aim.deadline.min(now + CONNECT_TIMEOUT);
+                match tokio::time::timeout_at(until, connect).await {
                     Ok(Ok(s)) => {
                         w.fleet.record(idx, e, true);
                         return Ok(Opened::Local(s, pool.begin()));
@@ -224,9 +282,9 @@ async fn open_from(
                 }
             }
             Target::Peer(p) => {
-                let caller = caller.clone().unwrap_or_else(|| ctx.identity.clone());
-                let origin = origin.cloned().unwrap_or_else(|| w.origin.clone());
-                match connect_peer(w, p, idx, hops, origin, caller).await {
+                let window = u64::from(w.tunnel_pools[p].stream_window());
+                held.set(SPLICE_BYTES + window).map_err(Reject::Memory)?;
+                match connect_peer(w, ctx, p, idx, aim).await {
                     Ok(o) => return Ok(o),
                     Err(Some(r)) => return Err(r),
                     Err(None) => last = Reject::NoHealthyTarget(service.name.clone()),
@@ -242,14 +300,13 @@ async fn open_from(
 /// `no_healthy_target`, `draining` or `loop`); `Err(Some)`: a refusal that stands.
 async fn connect_peer(
     w: &Worker,
+    ctx: &ConnCtx,
     p: usize,
     idx: usize,
-    hops: u8,
-    origin: HeaderValue,
-    caller: HeaderValue,
+    aim: &Aim,
 ) -> Result<Opened, Option<Reject>> {
     let service = &w.config.services[idx];
-    let pool = &w.peer_pools[p];
+    let pool = &w.tunnel_pools[p];
     let uri = http::Uri::builder()
         .authority(service.name.as_str())
         .build()
@@ -262,15 +319,33 @@ async fn connect_peer(
     if let Ok(v) = HeaderValue::from_str(&service.name) {
         h.insert(crate::route::FED_SERVICE, v);
     }
-    h.insert(FED_HOPS, HeaderValue::from(u16::from(hops) + 1));
-    h.insert(FED_ORIGIN, origin);
-    h.insert(FED_CALLER, caller);
+    h.insert(FED_HOPS, HeaderValue::from(u16::from(aim.hops) + 1));
+    h.insert(
+        FED_ORIGIN,
+        aim.origin.clone().unwrap_or_else(|| w.origin.clone()),
+    );
+    h.insert(
+        FED_CALLER,
+        aim.caller.clone().unwrap_or_else(|| ctx.identity.clone()),
+    );
+    let left = aim
+        .deadline
+        .saturating_duration_since(tokio::time::Instant::now());
+    h.insert(FED_TIMEOUT, HeaderValue::from(left.as_millis() as u64));
+    h.insert(FED_IDLE, HeaderValue::from(aim.idle.as_millis() as u64));
+    let deadline = aim.deadline;
     let outstanding = pool.begin();
-    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let sent = tokio::time::timeout_at(deadline, pool.send(req, deadline)).await;
     let resp = match sent {
         Ok(Ok((resp, _))) => resp,
-        _ => return Err(None),
+        Ok(Err(f)) => {
+            tracing::debug!(peer = %w.config.peers[p].name, service = %service.name, error = %f.error, "CONNECT to the peer failed");
+            return Err(None);
+        }
+        Err(_) => {
+            tracing::debug!(peer = %w.config.peers[p].name, service = %service.name, "CONNECT to the peer got no answer in time");
+            return Err(None);
+        }
     };
     if resp.status() == StatusCode::OK {
         let up = tokio::time::timeout_at(deadline, hyper::upgrade::on(resp)).await;

@@ -129,7 +129,8 @@ pub struct Settings {
     pub stream_window: u32,
     /// A peer that dials this node (`[[peer]] reverse = true`, no address): requests go
     /// over the links it opened, found by its name, and no connection is dialled.
-    pub reverse: Option<(Arc<crate::federation::reverse::Links>, String)>,
+    /// (the links, the peer's name, its identity)
+    pub reverse: Option<(Arc<crate::federation::reverse::Links>, String, String)>,
 }
 
 /// The stream window for local endpoints (loopback: a small window covers the round
@@ -276,8 +277,8 @@ impl EndpointPool {
         req: Request<ProxyBody>,
         deadline: tokio::time::Instant,
     ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
-        if let Some((links, peer)) = &self.settings.reverse {
-            return self.send_reverse(links, peer, req).await;
+        if let Some((links, peer, identity)) = &self.settings.reverse {
+            return self.send_reverse(links, (peer, identity), req).await;
         }
         if self.speaks_h2() {
             let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
@@ -349,10 +350,10 @@ impl EndpointPool {
     async fn send_reverse(
         &self,
         links: &crate::federation::reverse::Links,
-        peer: &str,
+        (peer, identity): (&str, &str),
         req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {
-        let Some(mut sender) = links.pick(peer) else {
+        let Some(mut sender) = links.pick(peer, identity) else {
             return Err(Failed {
                 error: UpstreamError::Connect(
                     self.endpoint.url.clone(),

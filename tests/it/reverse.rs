@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn node(pki: &Pki, name: &str, region: &str, rest: &str) -> String {
+    node_with(pki, name, region, "", rest)
+}
+
+/// [`node`] with more lines for its `internal` listener.
+fn node_with(pki: &Pki, name: &str, region: &str, listener: &str, rest: &str) -> String {
     let cert = pki.node_cert(name);
     format!(
         r#"[node]
@@ -34,6 +39,7 @@ bind = "127.0.0.1:9901"
 [[listener]]
 name = "internal"
 bind = "0.0.0.0:7443"
+{listener}
 
 [[allow]]
 from = "*"
@@ -195,10 +201,12 @@ fn a_site_that_only_dials_out_is_reached_over_the_link_it_opened() {
             ),
         ),
     );
-    let b_config = node(
+    // b's listener closes connections idle for 2 s: a's probes keep the link from idling
+    let b_config = node_with(
         &pki,
         "b",
         "eu-1",
+        "idle_timeout = \"2s\"",
         &format!(
             "{}[[service]]\nname = \"echo\"\nprotocol = \"grpc\"\nendpoints = [\"h2c://127.0.0.1:{grpc_port}\"]\n\
              [[service]]\nname = \"cache\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:6379\"]\n\
@@ -314,6 +322,16 @@ fn a_site_that_only_dials_out_is_reached_over_the_link_it_opened() {
     assert!(rules.contains("7443"), "{rules}");
     assert!(!rules.contains(&format!("10.{o}.1.1")), "{rules}");
 
+    // b's listener idles connections out after 2 s, but not the links a probes: quiet
+    // for 3 s, and the links are still the ones that carried the calls above
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        b.metric(r#"fedport_rejections_total{listener="internal",reason="idle_timeout"}"#),
+        0.0,
+        "a's probes keep b's links from idling"
+    );
+    assert_eq!(a.metric(r#"fedport_peer_up{peer="b"}"#), 1.0);
+
     // the link is cut: a's traffic moves to c within peer_ping_timeout + 1 s
     cut(&nb, &ba, true);
     let cut_at = Instant::now();
@@ -346,5 +364,17 @@ fn a_site_that_only_dials_out_is_reached_over_the_link_it_opened() {
     wait_until("traffic back at b", Duration::from_secs(30), || {
         where_from_a(&na, &pki) == (200, "b".into())
     });
+
+    // a reload at a lets b's links go (a reload may have changed b's entry or revoked
+    // its certificate): b dials again, is verified afresh, and is reached again
+    a.signal("HUP");
+    wait_until("the links let go", Duration::from_secs(10), || {
+        a.log_text().contains("the reverse link is let go")
+    });
+    wait_until(
+        "b reached again after the reload",
+        Duration::from_secs(15),
+        || where_from_a(&na, &pki) == (200, "b".into()),
+    );
     drop(procs);
 }

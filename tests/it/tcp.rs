@@ -510,3 +510,51 @@ fn a_tcp_service_is_carried_to_a_peer_and_fails_over_to_another() {
     assert_eq!(cli(&["-p", &local.to_string(), "SET", "k", "v"]), "OK");
     assert_eq!(cli(&["-p", &rc.port.to_string(), "GET", "k"]), "v");
 }
+
+/// A connection carried to a peer holds more than a local splice: what the tunnel's
+/// stream window lets the far node send unread. It counts that against the caller's
+/// share: with a node budget of 4 MiB (the local identity's share 1 MiB), three tunneled
+/// connections of 64 KiB + 256 KiB are held, and a fourth is closed as `memory`.
+#[test]
+fn a_tunneled_connection_counts_its_window_against_the_memory_budget() {
+    use crate::federation::{node_config, peer};
+    let pki = Pki::new();
+    let (pa, pb) = (free_port(), free_port());
+    let r = Redis::start();
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        pa,
+        &format!(
+            "[[service]]\nname = \"cache\"\nprotocol = \"tcp\"\nendpoints = []\n\
+             [[listener]]\nname = \"cache\"\nrole = \"local\"\nbind = \"127.0.0.1:0\"\nservice = \"cache\"\n{}",
+            peer("b", "eu-1", pb, &["cache"])
+        ),
+    )
+    .replace("workers = 2\n", "workers = 2\nmemory_budget = \"4MiB\"\n"));
+    let _b = Fedport::start(&node_config(
+        &pki,
+        "b",
+        "eu-1",
+        pb,
+        &format!(
+            "[[service]]\nname = \"cache\"\nprotocol = \"tcp\"\nendpoints = [\"tcp://127.0.0.1:{}\"]\n{}",
+            r.port,
+            peer("a", "eu-1", pa, &[])
+        ),
+    ));
+    wait_until("b up at a", Duration::from_secs(10), || {
+        a.metric(r#"fedport_peer_up{peer="b"}"#) == 1.0
+    });
+    // six connections held open at once, each asking PING: how many were answered
+    let answered = python(&format!(
+        "import socket\nheld = []\nn = 0\nfor _ in range(6):\n    s = socket.create_connection(('127.0.0.1', {})); s.settimeout(5)\n    held.append(s)\n    try:\n        s.sendall(b'PING\\r\\n')\n        n += s.recv(100) == b'+PONG\\r\\n'\n    except OSError:\n        pass\nprint(n)",
+        a.port("cache")
+    ));
+    assert_eq!(
+        answered, "3",
+        "three tunnels fit the local identity's 1 MiB share"
+    );
+    assert!(a.metric(r#"fedport_rejections_total{listener="cache",reason="memory"}"#) >= 3.0);
+}
