@@ -29,7 +29,7 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
 # Starts fedport on a config and waits for its ready file; sets fp_pid.
 start_fedport() { # CONFIG READY_FILE LOG
-  FEDPORT_LOG=warn "$here/target/release/fedport" run -c "$1" --ready-file "$2" 2>"$3" & fp_pid=$!
+  FEDPORT_LOG=warn "${FEDPORT_BIN:-$here/target/release/fedport}" run -c "$1" --ready-file "$2" 2>"$3" & fp_pid=$!
   for _ in $(seq 100); do [ -s "$2" ] && break; sleep 0.05; done
   [ -s "$2" ] || { echo "fedport did not start:" >&2; cat "$3" >&2; exit 1; }
 }

@@ -8,6 +8,8 @@
 #
 #   bench/tcp.sh [ROUNDS] [REQUESTS]
 #
+# FEDPORT_BIN=PATH measures another build; TUNNEL=0 leaves the tunnel row out (a build
+# from before TCP services went to peers).
 # Uses target/release/fedport (build it first), Debian's redis-server, redis-benchmark
 # and haproxy (scripts/install-test-deps.sh).
 set -euo pipefail
@@ -36,8 +38,10 @@ redis-server --port "$r" --bind 127.0.0.1 --save "" --appendonly no >redis.log 2
   printf '[[allow]]\nfrom = "local"\nto = "cache"\n'
   printf '[[peer]]\nname = "far"\nregion = "local"\naddress = "127.0.0.1:%s"\nidentity = "spiffe://bench/node"\nservices = ["cache"]\n' "$fi"
 } > near.toml
-start_fedport near.toml near.ready near.log
-near_pid=$fp_pid
+if [ "${TUNNEL:-1}" = 1 ]; then
+  start_fedport near.toml near.ready near.log
+  near_pid=$fp_pid
+fi
 start_fedport fedport.toml fedport.ready fedport.log
 cat > haproxy.cfg <<EOF
 global
@@ -76,7 +80,7 @@ for _ in $(seq "$rounds"); do
   measure fedport-local "$fp_pid" "$fl"
   measure fedport-tls "$fp_pid" "$ft" "${tls[@]}"
   measure haproxy-tls "$hp" "$h" "${tls[@]}"
-  measure fedport-tunnel "$near_pid $fp_pid" "$nl"
+  if [ "${TUNNEL:-1}" = 1 ]; then measure fedport-tunnel "$near_pid $fp_pid" "$nl"; fi
 done > results.tsv
 python3 - results.tsv "$rounds" "$n" <<'PY'
 import collections, statistics as st, sys

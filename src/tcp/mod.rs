@@ -472,11 +472,35 @@ where
     }
 }
 
-/// A side of a spliced connection that can be reset, as the answer to a reset of the
-/// other side.
-pub trait Reset {
+/// A side of a spliced connection: split into halves that copy each way (a socket's
+/// own halves, which take no lock; others through tokio's split), joined again to be
+/// reset as the answer to a reset of the other side.
+pub trait Reset: AsyncRead + AsyncWrite + Sized {
+    type R: AsyncRead + Unpin + Send;
+    type W: AsyncWrite + Unpin + Send;
+
+    fn halves(self) -> (Self::R, Self::W);
+
+    fn rejoin(r: Self::R, w: Self::W) -> Self;
+
     /// Makes closing it a reset.
     fn reset(self);
+}
+
+/// Halves through tokio's split, for the sides that have none of their own.
+macro_rules! split_halves {
+    () => {
+        type R = tokio::io::ReadHalf<Self>;
+        type W = tokio::io::WriteHalf<Self>;
+
+        fn halves(self) -> (Self::R, Self::W) {
+            tokio::io::split(self)
+        }
+
+        fn rejoin(r: Self::R, w: Self::W) -> Self {
+            r.unsplit(w)
+        }
+    };
 }
 
 /// SO_LINGER 0: closing the socket resets the connection.
@@ -485,12 +509,26 @@ fn linger_zero(s: &TcpStream) {
 }
 
 impl Reset for TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+
+    fn halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+
+    /// The halves are the same socket's: rejoining cannot fail.
+    fn rejoin(r: Self::R, w: Self::W) -> Self {
+        r.reunite(w).expect("halves of one socket")
+    }
+
     fn reset(self) {
         linger_zero(&self);
     }
 }
 
 impl Reset for tokio_rustls::server::TlsStream<TcpStream> {
+    split_halves!();
+
     fn reset(self) {
         linger_zero(self.get_ref().0);
     }
@@ -499,6 +537,8 @@ impl Reset for tokio_rustls::server::TlsStream<TcpStream> {
 /// The far end of a CONNECT tunnel: RST_STREAM with CONNECT_ERROR, as RFC 9113 §8.5
 /// answers a TCP reset.
 impl Reset for h2io::H2Io {
+    split_halves!();
+
     fn reset(self) {
         self.reset_connect_error();
     }
@@ -507,14 +547,16 @@ impl Reset for h2io::H2Io {
 /// The near end of a CONNECT tunnel: dropped before it ended, hyper resets the stream
 /// (CANCEL), which the far end reads as a failed read and answers with a reset.
 impl Reset for TokioIo<hyper::upgrade::Upgraded> {
+    split_halves!();
+
     fn reset(self) {}
 }
 
 /// Copies both ways until both are done: (bytes to the service, bytes to the caller).
 /// An end of one direction is passed on as a half-close; a read error (a reset) ends
-/// both, the other side reset too (a socket by SO_LINGER 0, a CONNECT stream by being
-/// dropped unended, which h2 answers with RST_STREAM); nothing moving for `idle` ends
-/// both.
+/// both, the other side reset too (a socket by SO_LINGER 0, the far end of a CONNECT
+/// stream by RST_STREAM(CONNECT_ERROR), the near end by being dropped unended); nothing
+/// moving for `idle` ends both.
 async fn splice<S, U>(
     caller: S,
     upstream: U,
@@ -527,10 +569,10 @@ where
 {
     let epoch = Instant::now();
     let moved = Arc::new(AtomicU64::new(0));
-    // split halves send nothing when dropped (a socket's owned write half would send a
-    // FIN ahead of the reset that answers a reset)
-    let (cr, mut cw) = tokio::io::split(caller);
-    let (ur, mut uw) = tokio::io::split(upstream);
+    // before a reset the halves are joined again (a socket's own write half, dropped,
+    // would send a FIN ahead of the reset)
+    let (cr, mut cw) = caller.halves();
+    let (ur, mut uw) = upstream.halves();
     let mut from_caller = Counted {
         inner: cr,
         bytes: 0,
@@ -590,8 +632,8 @@ where
     let (sent, received) = (from_caller.bytes, from_upstream.bytes);
     match ended {
         // the caller's side failed: the service is reset, and the other way round
-        Err(Side::Caller) => from_upstream.inner.unsplit(uw).reset(),
-        Err(Side::Upstream) => from_caller.inner.unsplit(cw).reset(),
+        Err(Side::Caller) => U::rejoin(from_upstream.inner, uw).reset(),
+        Err(Side::Upstream) => S::rejoin(from_caller.inner, cw).reset(),
         Ok(()) => {}
     }
     (sent, received)
