@@ -96,7 +96,7 @@ fn prepare(
                 t.files.clone(),
                 t.crl.clone(),
                 t.trust_domains.clone(),
-                &[b"h2", b"http/1.1", crate::federation::reverse::ALPN],
+                &[b"h2", b"http/1.1", crate::upstream::reverse::ALPN],
                 t.allow_tls12,
             )?),
             t.handshake_timeout,
@@ -588,7 +588,7 @@ fn keep_dialers(
             continue;
         };
         let mut cfg = (**tls).clone();
-        cfg.alpn_protocols = vec![crate::federation::reverse::ALPN.to_vec()];
+        cfg.alpn_protocols = vec![crate::upstream::reverse::ALPN.to_vec()];
         let key = (
             p.name.clone(),
             p.address.clone(),

@@ -184,7 +184,9 @@ async fn probe_reverse(config: Arc<Config>, peer: Peer, index: usize, fleet: Arc
         config.node.peer_ping_timeout,
     );
     loop {
-        match super::reverse::ping(&fleet.links, (&peer.name, &peer.identity), timeout).await {
+        match crate::upstream::reverse::ping(&fleet.links, (&peer.name, &peer.identity), timeout)
+            .await
+        {
             Ok(rtt) => {
                 state.sample_rtt(rtt);
                 if state.set_up(true) {

@@ -4,7 +4,6 @@
 //! are tried, and the retry budget. The control thread ([`control`]) keeps it current.
 
 pub mod control;
-pub mod reverse;
 
 use crate::config::{Config, Outlier};
 use crate::telemetry::{EndpointLabels, Metrics, PeerLabels};
@@ -81,7 +80,7 @@ pub struct Fleet {
     /// reverse).
     peer_keys: Vec<(String, String, String, bool, bool)>,
     /// The reverse links peers opened to this node (kept across reloads).
-    pub links: Arc<reverse::Links>,
+    pub links: Arc<crate::upstream::reverse::Links>,
     metrics: Arc<Metrics>,
 }
 

@@ -26,10 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// on. The connection window is as large as all streams' windows together, so a
 /// stream that stalls never holds back the others.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
-/// A peer node's stream window: its connections carry many callers' streams across
-/// regions, where a window must cover the round trip.
-pub const PEER_STREAM_WINDOW: u32 = 1024 * 1024;
 pub use crate::upstream::MAX_WINDOW;
+/// A peer node's stream window: its connections carry many callers' streams across
+/// regions, where a window must cover the round trip (the same both ways).
+pub use crate::upstream::PEER_STREAM_WINDOW;
 
 /// Decoded request headers allowed (SETTINGS_MAX_HEADER_LIST_SIZE).
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
@@ -395,7 +395,7 @@ fn spawn_stream(
     if matches!(parts.method, http::Method::CONNECT | http::Method::OPTIONS)
         && proxy::current(shared.ctx.clone()).from_peer
     {
-        if crate::federation::reverse::is_ping(&parts) {
+        if crate::upstream::reverse::is_ping(&parts) {
             // a peer probing the reverse link this node opened: answered at once, and
             // the link is not idle while it does
             drop(shared.ctx.activity.begin());

@@ -303,7 +303,7 @@ async fn serve(
                 return;
             };
             let h2 = session.alpn_protocol() == Some(b"h2");
-            let reverse = session.alpn_protocol() == Some(crate::federation::reverse::ALPN);
+            let reverse = session.alpn_protocol() == Some(crate::upstream::reverse::ALPN);
             acc.metrics
                 .tls_handshakes
                 .get_or_create(&crate::telemetry::ListenerLabels {
@@ -406,7 +406,7 @@ where
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
-    crate::federation::reverse::adopt(
+    crate::upstream::reverse::adopt(
         io,
         (&peer.name, &peer.identity),
         &w.fleet.links,
@@ -503,7 +503,7 @@ async fn dial(
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
-    if stream.get_ref().1.alpn_protocol() != Some(crate::federation::reverse::ALPN) {
+    if stream.get_ref().1.alpn_protocol() != Some(crate::upstream::reverse::ALPN) {
         return Err("the peer does not take reverse links on this port (ALPN)".into());
     }
     Ok((stream, remote))

@@ -188,7 +188,7 @@ pub async fn tunnel(
         // streams) and the splice's buffers count against the node's budget, not the
         // peer connection's, which its HTTP requests share
         let memory = crate::memory::Connection::new(ctx.worker.memory.clone(), u64::MAX, None);
-        let charge = SPLICE_BYTES + u64::from(crate::listen::h2conn::PEER_STREAM_WINDOW);
+        let charge = SPLICE_BYTES + u64::from(crate::upstream::PEER_STREAM_WINDOW);
         let mut admitted = admit(&ctx, name, memory, charge)?;
         // a peer always says how far the connection came; a value that cannot be read
         // counts as the farthest allowed
@@ -375,7 +375,7 @@ async fn connect_peer(
 async fn carry<S>(
     io: S,
     opened: Opened,
-    ctx: &ConnCtx,
+    ctx: &Arc<ConnCtx>,
     idx: usize,
     idle: Duration,
     drain: tokio::sync::watch::Receiver<bool>,
@@ -393,31 +393,78 @@ async fn carry<S>(
     let open = m.tcp_open.get_or_create(&labels).clone();
     open.inc();
     let started = Instant::now();
-    let (sent, received) = match opened {
+    let bytes = |direction| {
+        m.tcp_bytes
+            .get_or_create(&TcpBytesLabels {
+                listener: ctx.listener.to_string(),
+                service: service.name.clone(),
+                direction,
+            })
+            .clone()
+    };
+    let counters = (bytes("in"), bytes("out"));
+    let revoked = revoked(ctx.clone(), service.name.clone());
+    let ends = Ends {
+        idle,
+        drain,
+        revoked,
+    };
+    match opened {
         Opened::Local(s, _outstanding) => {
             let _ = s.set_nodelay(true);
-            splice(io, s, idle, drain).await
+            splice(io, s, counters, ends).await
         }
-        Opened::Peer(up, _outstanding) => splice(io, up, idle, drain).await,
+        Opened::Peer(up, _outstanding) => splice(io, up, counters, ends).await,
     };
     open.dec();
     m.tcp_duration
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
-    let bytes = |direction| TcpBytesLabels {
-        listener: ctx.listener.to_string(),
-        service: service.name.clone(),
-        direction,
-    };
-    m.tcp_bytes.get_or_create(&bytes("in")).inc_by(sent);
-    m.tcp_bytes.get_or_create(&bytes("out")).inc_by(received);
 }
 
-/// Counts what is read, and when anything last moved.
+/// Resolves once the rules now in force no longer admit the connection's identity to
+/// the service (a reload took its rule away): checked every second, on the
+/// connection's current view. Counted as `denied` and logged once.
+async fn revoked(ctx: Arc<ConnCtx>, service: String) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = crate::proxy::current(ctx.clone());
+        let w = &now.worker;
+        let admitted = w.table.by_name(&service).is_some_and(|i| {
+            w.config.services[i].protocol == crate::config::Protocol::Tcp
+                && now.grants.allows(i, CALL)
+        });
+        if !admitted {
+            refused(
+                &now,
+                &Reject::Denied {
+                    identity: now.identity.to_str().unwrap_or("?").to_owned(),
+                    service,
+                    call: "an open connection (the rules changed)".into(),
+                    node: w.config.node.name.clone(),
+                },
+            );
+            return;
+        }
+    }
+}
+
+/// What ends a splice besides its two sides: nothing moving for `idle`, the node
+/// draining, the rules no longer admitting it.
+struct Ends<F> {
+    idle: Duration,
+    drain: tokio::sync::watch::Receiver<bool>,
+    revoked: F,
+}
+
+/// Counts what is read as it is read (`fedport_tcp_bytes_total`), and when anything
+/// last moved.
 struct Counted<R> {
     inner: R,
-    bytes: u64,
-    /// Its read failed (a reset, or a TLS stream cut without close_notify).
+    bytes: prometheus_client::metrics::counter::Counter,
+    /// Its read failed (a reset).
     failed: bool,
     moved: Arc<AtomicU64>,
     epoch: Instant,
@@ -430,13 +477,22 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Err(_))) {
-            self.failed = true;
-        }
+        let r = match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            // a TLS caller that closes its socket without close_notify has ended its
+            // side (the bytes it sent all arrived; the protocol above frames its own
+            // messages), as most TLS proxies read it: an end, not a reset
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                self.failed = true;
+                Poll::Ready(Err(e))
+            }
+            r => r,
+        };
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            self.bytes += n;
+            self.bytes.inc_by(n);
             let now = self.epoch.elapsed().as_millis() as u64;
             self.moved.store(now, Ordering::Relaxed);
         }
@@ -552,21 +608,29 @@ impl Reset for TokioIo<hyper::upgrade::Upgraded> {
     fn reset(self) {}
 }
 
-/// Copies both ways until both are done: (bytes to the service, bytes to the caller).
+/// Copies both ways until both are done, counting the bytes each way as they move.
 /// An end of one direction is passed on as a half-close; a read error (a reset) ends
 /// both, the other side reset too (a socket by SO_LINGER 0, the far end of a CONNECT
 /// stream by RST_STREAM(CONNECT_ERROR), the near end by being dropped unended); nothing
 /// moving for `idle` ends both.
-async fn splice<S, U>(
+async fn splice<S, U, F>(
     caller: S,
     upstream: U,
-    idle: Duration,
-    mut drain: tokio::sync::watch::Receiver<bool>,
-) -> (u64, u64)
-where
+    (bytes_in, bytes_out): (
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::counter::Counter,
+    ),
+    ends: Ends<F>,
+) where
     S: AsyncRead + AsyncWrite + Reset + Unpin + Send,
     U: AsyncRead + AsyncWrite + Reset + Unpin + Send,
+    F: std::future::Future<Output = ()>,
 {
+    let Ends {
+        idle,
+        mut drain,
+        revoked,
+    } = ends;
     let epoch = Instant::now();
     let moved = Arc::new(AtomicU64::new(0));
     // before a reset the halves are joined again (a socket's own write half, dropped,
@@ -575,14 +639,14 @@ where
     let (ur, mut uw) = upstream.halves();
     let mut from_caller = Counted {
         inner: cr,
-        bytes: 0,
+        bytes: bytes_in,
         failed: false,
         moved: moved.clone(),
         epoch,
     };
     let mut from_upstream = Counted {
         inner: ur,
-        bytes: 0,
+        bytes: bytes_out,
         failed: false,
         moved: moved.clone(),
         epoch,
@@ -628,13 +692,12 @@ where
         r = both => r,
         () = watch => Ok(()),
         () = drained => Ok(()),
+        () = revoked => Ok(()),
     };
-    let (sent, received) = (from_caller.bytes, from_upstream.bytes);
     match ended {
         // the caller's side failed: the service is reset, and the other way round
         Err(Side::Caller) => U::rejoin(from_upstream.inner, uw).reset(),
         Err(Side::Upstream) => S::rejoin(from_caller.inner, cw).reset(),
         Ok(()) => {}
     }
-    (sent, received)
 }

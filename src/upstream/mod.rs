@@ -1,6 +1,9 @@
 //! Upstream connections of one worker: per endpoint a few multiplexed HTTP/2
 //! connections (or a pool of idle HTTP/1.1 ones), recycled after a bounded number of
-//! requests, and power-of-two-choices across a service's endpoints.
+//! requests, and power-of-two-choices across a service's endpoints; and the reverse
+//! links peers that can only dial out opened to this node (`reverse`).
+
+pub mod reverse;
 
 use crate::config::{Endpoint, Scheme};
 use bytes::Bytes;
@@ -130,7 +133,7 @@ pub struct Settings {
     /// A peer that dials this node (`[[peer]] reverse = true`, no address): requests go
     /// over the links it opened, found by its name, and no connection is dialled.
     /// (the links, the peer's name, its identity)
-    pub reverse: Option<(Arc<crate::federation::reverse::Links>, String, String)>,
+    pub reverse: Option<(Arc<crate::upstream::reverse::Links>, String, String)>,
 }
 
 /// The stream window for local endpoints (loopback: a small window covers the round
@@ -349,7 +352,7 @@ impl EndpointPool {
     /// back unsent (another target may take it).
     async fn send_reverse(
         &self,
-        links: &crate::federation::reverse::Links,
+        links: &crate::upstream::reverse::Links,
         (peer, identity): (&str, &str),
         req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Option<H1Return>), Failed> {

@@ -558,3 +558,46 @@ fn a_tunneled_connection_counts_its_window_against_the_memory_budget() {
     );
     assert!(a.metric(r#"fedport_rejections_total{listener="cache",reason="memory"}"#) >= 3.0);
 }
+
+/// The rules hold for connections already spliced, too: a reload that takes the rule
+/// away closes an open connection (counted as `denied`); its bytes are counted while it
+/// is open, not only at its end.
+#[test]
+fn a_reload_that_takes_the_rule_away_closes_open_connections() {
+    let pki = Pki::new();
+    let r = Redis::start();
+    let fp = Fedport::start(&config(&pki, &[r.port]));
+    let port = fp.port("cache-local");
+    let held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut held = std::io::BufReader::new(held);
+    use std::io::{BufRead, Write};
+    held.get_mut().write_all(b"PING\r\n").unwrap();
+    let mut line = String::new();
+    held.read_line(&mut line).unwrap();
+    assert_eq!(line, "+PONG\r\n");
+    // counted while the connection is still open
+    wait_until("bytes counted as they move", Duration::from_secs(3), || {
+        fp.metric(
+            r#"fedport_tcp_bytes_total{listener="cache-local",service="cache",direction="out"}"#,
+        ) >= 7.0
+    });
+    // the rule for `local` goes; alice's stays
+    let text = std::fs::read_to_string(&fp.config)
+        .unwrap()
+        .replace("[[allow]]\nfrom = \"local\"\nto = \"cache\"\n", "");
+    std::fs::write(&fp.config, text).unwrap();
+    fp.signal("HUP");
+    line.clear();
+    let n = held.read_line(&mut line).unwrap_or(0);
+    assert_eq!(n, 0, "the open connection was closed: {line:?}");
+    wait_until("counted", Duration::from_secs(3), || {
+        fp.metric(r#"fedport_rejections_total{listener="cache-local",reason="denied"}"#) >= 1.0
+    });
+    assert_eq!(
+        cli(&["-p", &port.to_string(), "PING"]),
+        "",
+        "and new ones are refused"
+    );
+}
