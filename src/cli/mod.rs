@@ -1,5 +1,6 @@
 //! The `fedport` command line: one file per subcommand, each returning an exit code.
 
+pub mod certs;
 pub mod check;
 pub mod run;
 pub mod sandbox;
@@ -25,6 +26,9 @@ pub enum Command {
     Check(check::CheckArgs),
     /// A federation on loopback in one command: CA, certificates, demo services, three nodes.
     Sandbox(sandbox::SandboxArgs),
+    /// Certificates: a federation CA, node and client certificates with SPIFFE IDs and
+    /// DNS/IP SANs, another organisation's CA; prints the config lines to paste.
+    Certs(certs::CertsArgs),
     /// A live view of a running node from its admin port: rates, errors, latency, spikes.
     Top(TopArgs),
     /// The port manifest: every port, protocol, TLS mode, allowlist, who may reach
@@ -197,6 +201,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Run(a) => run::run(&a),
         Command::Check(a) => Ok(check::check(&a)),
         Command::Sandbox(a) => sandbox::sandbox(&a),
+        Command::Certs(a) => certs::certs(&a),
         Command::Describe(a) => {
             let (cfg, _) = crate::config::load(&a.file)?;
             let m = crate::manifest::manifest(&cfg);

@@ -1,5 +1,6 @@
-//! A small certificate authority (rcgen) for the sandbox and the tests: a federation
-//! CA and node/client certificates with SPIFFE URI and DNS SANs.
+//! A small certificate authority (rcgen) for `fedport certs`, the sandbox and the
+//! tests: a federation CA (made, or loaded from its files) and node/client
+//! certificates with SPIFFE URI, DNS and IP SANs.
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
@@ -14,6 +15,10 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("cannot write {0}: {1}")]
     Write(PathBuf, std::io::Error),
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0} exists already; keep it, or remove it (or pass --force) to make a new one")]
+    Exists(PathBuf),
 }
 
 /// A federation CA held in memory.
@@ -66,6 +71,32 @@ impl Authority {
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(Self { cert, key })
+    }
+
+    /// A CA valid for `days` from now.
+    pub fn with_days(name: &str, days: i64) -> Result<Self, PkiError> {
+        let mut a = Self::new(name)?;
+        let mut params = CertificateParams::from_ca_cert_pem(&a.cert.pem())?;
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        a.cert = params.self_signed(&a.key)?;
+        Ok(a)
+    }
+
+    /// The CA of `dir/NAME.pem` and `dir/NAME.key`, to issue more certificates with: what
+    /// it issues chains to the certificate on disk (the same subject and key).
+    pub fn load(dir: &Path, name: &str) -> Result<Self, PkiError> {
+        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| PkiError::Read(p, e));
+        let cert = read(dir.join(format!("{name}.pem")))?;
+        let key = KeyPair::from_pem(&read(dir.join(format!("{name}.key")))?)?;
+        let cert = CertificateParams::from_ca_cert_pem(&cert)?.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// Writes the CA's key to `dir/NAME.key`, readable by its owner only.
+    pub fn write_key(&self, dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
+        let p = dir.join(format!("{name}.key"));
+        write_private(&p, &self.key.serialize_pem())?;
+        Ok(p)
     }
 
     pub fn cert_pem(&self) -> String {
@@ -147,7 +178,21 @@ impl Issued {
         let cert = dir.join(format!("{name}.pem"));
         let key = dir.join(format!("{name}.key"));
         std::fs::write(&cert, &self.cert_pem).map_err(|e| PkiError::Write(cert.clone(), e))?;
-        std::fs::write(&key, &self.key_pem).map_err(|e| PkiError::Write(key.clone(), e))?;
+        write_private(&key, &self.key_pem)?;
         Ok(IssuedFiles { cert, key })
     }
+}
+
+/// Writes a private key, readable by its owner only (0600).
+fn write_private(p: &Path, text: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(p);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| PkiError::Write(p.to_owned(), e))
 }

@@ -7,6 +7,7 @@ mod support;
 mod abuse;
 mod admission;
 mod audit;
+mod certs;
 mod check;
 mod drain;
 mod exchange;
