@@ -397,13 +397,28 @@ where
         w.config.node.peer_ping_interval,
         w.config.node.peer_ping_timeout,
     );
-    // a new generation (a reload, a rotation) lets the link go: the peer dials again and
-    // is verified and found under the configuration now in force
+    // a generation that changed the peer's entry or the trust material (CAs, CRLs) lets
+    // the link go: the peer dials again and is verified under the configuration now in
+    // force; any other (a registry change, this node's own certificate rotated) keeps it
     let current = ctx.current.clone();
-    let adopted_under = w.clone();
+    let (name, identity) = (peer.name.clone(), peer.identity.clone());
+    let trusted = trust_digest(&w.config);
+    let mut seen = w.clone();
     let changed = async move {
-        while current.is(&adopted_under) {
+        loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
+            if current.is(&seen) {
+                continue;
+            }
+            seen = current.worker();
+            let cfg = &seen.config;
+            let same_peer = cfg
+                .peers
+                .iter()
+                .any(|p| p.name == name && p.identity == identity && p.accepts_reverse());
+            if !same_peer || trust_digest(cfg) != trusted {
+                return;
+            }
         }
     };
     crate::upstream::reverse::adopt(
@@ -416,6 +431,29 @@ where
     )
     .await;
     drop(drain);
+}
+
+/// What the trust material of `cfg` reads now: its CA, CRL and trust domains' files.
+fn trust_digest(cfg: &crate::config::Config) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Some(t) = &cfg.tls {
+        let mut file = |p: &std::path::Path| std::fs::read(p).unwrap_or_default().hash(&mut h);
+        file(&t.files.ca);
+        if let Some(c) = &t.crl {
+            file(c);
+        }
+        for d in &t.trust_domains {
+            match &d.authorities {
+                crate::identity::bundle::Authorities::Pem(p)
+                | crate::identity::bundle::Authorities::Spiffe(p) => file(p),
+            }
+            if let Some(c) = &d.crl {
+                file(c);
+            }
+        }
+    }
+    h.finish()
 }
 
 /// Keeps a reverse link to `peer` up (this node is the site that dials out): dials

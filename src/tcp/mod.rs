@@ -135,6 +135,7 @@ pub async fn serve<S>(
         caller: None,
         deadline: tokio::time::Instant::now() + CONNECT_TIMEOUT,
         idle,
+        charge: SPLICE_BYTES,
     };
     let opened = match open(&ctx, admitted.service, &aim, &mut admitted.held).await {
         Ok(o) => o,
@@ -187,7 +188,10 @@ pub async fn tunnel(
         // what the stream may hold unread (the window this node grants a peer's
         // streams) and the splice's buffers count against the node's budget, not the
         // peer connection's, which its HTTP requests share
-        let memory = crate::memory::Connection::new(ctx.worker.memory.clone(), u64::MAX, None);
+        // each peer's tunnels at most a quarter of it, as one identity's calls are
+        let share = format!("tunnel:{}", ctx.identity.to_str().unwrap_or("?"));
+        let memory =
+            crate::memory::Connection::new(ctx.worker.memory.clone(), u64::MAX, Some(&share));
         let charge = SPLICE_BYTES + u64::from(crate::upstream::PEER_STREAM_WINDOW);
         let mut admitted = admit(&ctx, name, memory, charge)?;
         // a peer always says how far the connection came; a value that cannot be read
@@ -206,6 +210,7 @@ pub async fn tunnel(
             caller: h.get(&FED_CALLER).cloned(),
             deadline,
             idle,
+            charge,
         };
         let to = open(&ctx, admitted.service, &aim, &mut admitted.held).await?;
         Ok::<_, Reject>((admitted, to))
@@ -238,6 +243,8 @@ struct Aim {
     caller: Option<HeaderValue>,
     deadline: tokio::time::Instant,
     idle: Duration,
+    /// What the connection is charged before it goes anywhere.
+    charge: u64,
 }
 
 /// `fed-timeout` on a CONNECT: the milliseconds the near node gives the connection to
@@ -283,7 +290,7 @@ async fn open(
             }
             Target::Peer(p) => {
                 let window = u64::from(w.tunnel_pools[p].stream_window());
-                held.set(SPLICE_BYTES + window).map_err(Reject::Memory)?;
+                held.set(aim.charge + window).map_err(Reject::Memory)?;
                 match connect_peer(w, ctx, p, idx, aim).await {
                     Ok(o) => return Ok(o),
                     Err(Some(r)) => return Err(r),
@@ -426,16 +433,19 @@ async fn carry<S>(
 /// the service (a reload took its rule away): checked every second, on the
 /// connection's current view. Counted as `denied` and logged once.
 async fn revoked(ctx: Arc<ConnCtx>, service: String) {
+    let tunnel = ctx.from_peer;
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         let now = crate::proxy::current(ctx.clone());
         let w = &now.worker;
-        let admitted = w.table.by_name(&service).is_some_and(|i| {
-            w.config.services[i].protocol == crate::config::Protocol::Tcp
-                && now.grants.allows(i, CALL)
-        });
+        // a tunnel's far end: the node that opened it must still be a peer
+        let admitted = (!tunnel || now.from_peer)
+            && w.table.by_name(&service).is_some_and(|i| {
+                w.config.services[i].protocol == crate::config::Protocol::Tcp
+                    && now.grants.allows(i, CALL)
+            });
         if !admitted {
             refused(
                 &now,
@@ -478,12 +488,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            // a TLS caller that closes its socket without close_notify has ended its
-            // side (the bytes it sent all arrived; the protocol above frames its own
-            // messages), as most TLS proxies read it: an end, not a reset
-            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Poll::Ready(Ok(()))
-            }
             Poll::Ready(Err(e)) => {
                 self.failed = true;
                 Poll::Ready(Err(e))
@@ -582,8 +586,39 @@ impl Reset for TcpStream {
     }
 }
 
+/// A TLS caller's read half: a caller that closes its socket without close_notify has
+/// ended its side (the bytes it sent all arrived; the protocol above frames its own
+/// messages), as most TLS proxies read it: an end, not a reset. Only here: a peer
+/// link cut without close_notify fails its CONNECT streams, which are reset.
+pub struct EndAtEof<R>(R);
+
+impl<R: AsyncRead + Unpin> AsyncRead for EndAtEof<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.0).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Poll::Ready(Ok(()))
+            }
+            r => r,
+        }
+    }
+}
+
 impl Reset for tokio_rustls::server::TlsStream<TcpStream> {
-    split_halves!();
+    type R = EndAtEof<tokio::io::ReadHalf<Self>>;
+    type W = tokio::io::WriteHalf<Self>;
+
+    fn halves(self) -> (Self::R, Self::W) {
+        let (r, w) = tokio::io::split(self);
+        (EndAtEof(r), w)
+    }
+
+    fn rejoin(r: Self::R, w: Self::W) -> Self {
+        r.0.unsplit(w)
+    }
 
     fn reset(self) {
         linger_zero(self.get_ref().0);
@@ -692,12 +727,17 @@ async fn splice<S, U, F>(
         r = both => r,
         () = watch => Ok(()),
         () = drained => Ok(()),
-        () = revoked => Ok(()),
+        () = revoked => Err(None),
     };
     match ended {
         // the caller's side failed: the service is reset, and the other way round
-        Err(Side::Caller) => U::rejoin(from_upstream.inner, uw).reset(),
-        Err(Side::Upstream) => S::rejoin(from_caller.inner, cw).reset(),
+        Err(Some(Side::Caller)) => U::rejoin(from_upstream.inner, uw).reset(),
+        Err(Some(Side::Upstream)) => S::rejoin(from_caller.inner, cw).reset(),
+        // the rules no longer admit it: cut both ways, not ended as if complete
+        Err(None) => {
+            U::rejoin(from_upstream.inner, uw).reset();
+            S::rejoin(from_caller.inner, cw).reset();
+        }
         Ok(()) => {}
     }
 }

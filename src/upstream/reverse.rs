@@ -100,11 +100,11 @@ impl Links {
 
 /// Serves a link that peer `peer` opened to this node (TLS done, its certificate
 /// verified as carrying `identity`): this node is the HTTP/2 client on it, and its
-/// requests to the peer go over it until it ends, until the node drains, or until a new
-/// configuration generation (`changed` resolves) — a reload may have changed the peer or
-/// revoked its certificate, so the link is let go and the peer dials again, verified
-/// afresh. A link let go takes no new request and closes once those in flight are
-/// answered.
+/// requests to the peer go over it until it ends, until the node drains, or until
+/// `changed` resolves (a reload changed the peer's entry or the trust material, so the
+/// peer must dial again and be verified afresh). A link let go takes no new request,
+/// and closes once those in flight are answered, or after 10 s: the peer dials again
+/// only once its link has ended.
 pub async fn adopt<I>(
     io: I,
     (peer, identity): (&str, &str),
@@ -132,10 +132,12 @@ pub async fn adopt<I>(
         }
     };
     let Some(id) = links.add(peer, identity, sender) else {
-        tracing::warn!(
-            peer,
-            "reverse link refused: the peer has {MAX_LINKS} open already"
-        );
+        if crate::telemetry::log_due(crate::reason::Reason::Alpn) {
+            tracing::warn!(
+                peer,
+                "reverse link refused: the peer has {MAX_LINKS} open already"
+            );
+        }
         return;
     };
     tracing::info!(
@@ -143,16 +145,20 @@ pub async fn adopt<I>(
         "reverse link up: requests for the peer go over the link it opened"
     );
     tokio::pin!(conn);
-    tokio::select! {
+    let let_go = tokio::select! {
         r = &mut conn => {
             links.remove(peer, id);
             tracing::info!(peer, error = r.err().map(|e| e.to_string()), "reverse link ended");
             return;
         }
-        _ = drain.wait_for(|d| *d) => {}
-        () = changed => {
-            tracing::info!(peer, "configuration reloaded: the reverse link is let go, for the peer to dial again");
-        }
+        _ = drain.wait_for(|d| *d) => false,
+        () = changed => true,
+    };
+    if let_go {
+        tracing::info!(peer, "the peer's entry or the trust material changed: the reverse link is let go, for the peer to dial again");
+        links.remove(peer, id);
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        return;
     }
     // no new request takes it; with the last sender gone, hyper closes it once the
     // requests in flight are answered

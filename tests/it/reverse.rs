@@ -365,15 +365,23 @@ fn a_site_that_only_dials_out_is_reached_over_the_link_it_opened() {
         where_from_a(&na, &pki) == (200, "b".into())
     });
 
-    // a reload at a lets b's links go (a reload may have changed b's entry or revoked
-    // its certificate): b dials again, is verified afresh, and is reached again
+    // a reload that changes neither b's entry nor the trust material keeps b's links
+    a.signal("HUP");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!a.log_text().contains("the reverse link is let go"));
+    assert_eq!(where_from_a(&na, &pki), (200, "b".into()));
+    // one that changes the trust material (the CA file, here rewritten with a second
+    // copy of its certificate) lets them go: b dials again, is verified afresh, and is
+    // reached again
+    let ca = std::fs::read_to_string(&pki.ca).unwrap();
+    std::fs::write(&pki.ca, format!("{ca}{ca}")).unwrap();
     a.signal("HUP");
     wait_until("the links let go", Duration::from_secs(10), || {
         a.log_text().contains("the reverse link is let go")
     });
     wait_until(
         "b reached again after the reload",
-        Duration::from_secs(15),
+        Duration::from_secs(20),
         || where_from_a(&na, &pki) == (200, "b".into()),
     );
     drop(procs);
