@@ -3,7 +3,7 @@
 # real clients and peers (curl, openssl, h2load, nginx, haproxy) and Python grpcio.
 set -euo pipefail
 need=()
-for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2 promtool:prometheus tmux:tmux redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools; do
+for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2 promtool:prometheus tmux:tmux redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools logrotate:logrotate; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

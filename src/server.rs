@@ -32,6 +32,8 @@ pub enum ServerError {
     Worker(std::io::Error),
     #[error("a lock was poisoned")]
     Poisoned,
+    #[error("cannot open the access log {0}: {1}")]
+    AccessLog(std::path::PathBuf, std::io::Error),
 }
 
 /// What the admin port and the CLI see of a running node.
@@ -171,6 +173,17 @@ fn prepare(
             fleet,
             traffic,
             spans,
+            // the same file keeps its writer (and what it has queued) across a reload
+            access_file: match &config.node.access_log_file {
+                None => None,
+                Some(path) => match running.and_then(|r| r.access_file.clone()) {
+                    Some(f) if &f.path == path => Some(f),
+                    _ => Some(
+                        crate::telemetry::accesslog::AccessFile::start(path, metrics)
+                            .map_err(|e| ServerError::AccessLog(path.clone(), e))?,
+                    ),
+                },
+            },
         },
         tls,
         detector,
@@ -471,6 +484,22 @@ impl Server {
     }
 
     /// Starts draining: readiness false, sockets closed, connections told to finish.
+    /// Reopens `access_log_file` before its next line (SIGUSR1, after logrotate).
+    pub fn reopen_access_log(&self) -> bool {
+        let running = self.running.lock().ok();
+        match running
+            .as_ref()
+            .and_then(|r| r.as_ref())
+            .and_then(|r| r.0.access_file.as_ref())
+        {
+            Some(f) => {
+                f.reopen();
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn drain(&self) {
         self.state.set_ready(false);
         let _ = self.shutdown.send(true);

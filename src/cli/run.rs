@@ -75,10 +75,11 @@ where
         // and a SIGHUP before its handler exists would end the process
         use tokio::signal::unix::{signal, SignalKind};
         let listen = |kind| signal(kind).map_err(|e| CliError::Io("signal".into(), e));
-        let (mut term, mut int, mut hup) = (
+        let (mut term, mut int, mut hup, mut usr1) = (
             listen(SignalKind::terminate())?,
             listen(SignalKind::interrupt())?,
             listen(SignalKind::hangup())?,
+            listen(SignalKind::user_defined1())?,
         );
         // trust bundles: this node's served, other domains' fetched
         let mut exchange = crate::exchange::Exchange::default();
@@ -128,6 +129,11 @@ where
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+                _ = usr1.recv() => {
+                    if server.reopen_access_log() {
+                        tracing::info!("SIGUSR1: reopening the access log file");
+                    }
+                }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration and TLS material");
                     // asked for by hand: a refusal is reported again, even the same

@@ -109,6 +109,8 @@ pub struct Node {
     pub upstream_connections: usize,
     /// The share of requests with an access log line (0: none, 1: all).
     pub access_log: f64,
+    /// `access_log_file`: where the access log's lines go instead of the log.
+    pub access_log_file: Option<PathBuf>,
     /// What a call no rule allows gets, for services that do not say.
     pub authorization: Authorization,
     /// Per-request metrics are recorded (off only to measure what they cost).

@@ -106,6 +106,8 @@ pub struct RawNode {
     pub upstream_max_requests: Option<S<i64>>,
     /// One log line per request (target `fedport::access`); default false.
     pub access_log: Option<S<AccessLog>>,
+    /// The access log's lines go to this file, JSON lines; reopened on SIGUSR1.
+    pub access_log_file: Option<S<String>>,
     /// `"enforce"` (default): a call no rule allows is refused; `"audit"`: it is served,
     /// counted and logged as `would_deny`.
     pub authorization: Option<S<String>>,

@@ -93,6 +93,8 @@ pub struct AccessEntry {
     pub trace_id: String,
     /// No rule allows the call; audit mode served it.
     pub would_deny: bool,
+    /// `access_log_file`'s writer: the line goes there instead of the log.
+    pub file: Option<Arc<crate::telemetry::accesslog::AccessFile>>,
 }
 
 /// Counts a stream as active from its first moment: until dropped, or until the
@@ -159,6 +161,40 @@ impl Drop for Finish {
             span.finish(format!("fedport {service}"), self.is_error(), attrs);
         }
         if let Some((a, service)) = &self.access {
+            if let Some(file) = &a.file {
+                use serde_json::Value as V;
+                let fields: serde_json::Map<String, V> = [
+                    ("message", V::from("access")),
+                    ("listener", V::from(&*a.listener)),
+                    ("remote", V::from(a.remote.to_string())),
+                    ("identity", V::from(a.identity.to_str().unwrap_or("?"))),
+                    ("method", V::from(a.method.as_str())),
+                    ("path", V::from(a.path.as_str())),
+                    ("authority", V::from(a.authority.as_str())),
+                    ("fed_service", V::from(a.fed_service.as_str())),
+                    ("content_type", V::from(a.content_type.as_str())),
+                    ("service", V::from(service.as_str())),
+                    ("rpc", V::from(self.method.as_deref().unwrap_or(""))),
+                    ("status", V::from(self.http_status)),
+                    (
+                        "grpc_status",
+                        V::from(self.grpc_status.map_or("", GrpcStatus::number)),
+                    ),
+                    ("reason", V::from(self.reason.map_or("", Reason::as_str))),
+                    ("bytes_in", V::from(bytes_in)),
+                    ("bytes_out", V::from(self.response_bytes)),
+                    ("duration_ms", V::from(elapsed * 1000.0)),
+                    ("upstream", V::from(self.target.as_deref().unwrap_or(""))),
+                    ("request_id", V::from(a.request_id.to_str().unwrap_or("-"))),
+                    ("trace_id", V::from(a.trace_id.as_str())),
+                    ("would_deny", V::from(a.would_deny)),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+                file.write(crate::telemetry::accesslog::line(fields));
+                return;
+            }
             tracing::info!(
                 target: "fedport::access",
                 listener = &*a.listener,

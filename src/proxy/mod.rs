@@ -104,6 +104,8 @@ pub struct Worker {
     pub memory: Arc<crate::memory::Node>,
     /// Started streams reset, per caller identity, shared by every worker.
     pub resets: Arc<crate::limits::resets::Resets>,
+    /// Where access lines go when `access_log_file` is set.
+    pub access_file: Option<Arc<crate::telemetry::accesslog::AccessFile>>,
 }
 
 /// What every worker of a node shares: endpoint and peer health, the traffic counts
@@ -118,6 +120,8 @@ pub struct Shared {
     pub fleet: Arc<crate::federation::Fleet>,
     pub traffic: Arc<crate::telemetry::spike::Traffic>,
     pub spans: Option<crate::telemetry::otlp::Spans>,
+    /// `access_log_file`'s writer.
+    pub access_file: Option<Arc<crate::telemetry::accesslog::AccessFile>>,
 }
 
 /// Where one service's requests went, and its retries (counter handles resolved once).
@@ -141,6 +145,7 @@ impl Worker {
             fleet,
             traffic,
             spans,
+            access_file,
         }: Shared,
         peer_settings: &[upstream::Settings],
     ) -> Self {
@@ -286,6 +291,7 @@ impl Worker {
             limits,
             memory,
             resets,
+            access_file,
         }
     }
 

@@ -78,6 +78,7 @@ impl Exchange {
                 request_id: rid.clone(),
                 listener: conn.listener.clone(),
                 trace_id: hop.trace_id.clone(),
+                file: w.access_file.clone(),
                 would_deny: false,
             })
         });

@@ -11,6 +11,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+pub mod accesslog;
 pub mod audit;
 pub mod otlp;
 pub mod spike;
@@ -170,6 +171,9 @@ pub struct Metrics {
     pub registry_up: Gauge,
     /// Bytes fedport holds for callers (the node's memory budget).
     pub memory_held: Gauge,
+    /// `access_log_file`: lines written, and lines dropped with the queue full.
+    pub access_log_lines: Counter,
+    pub access_log_dropped: Counter,
     pub registry_members: Gauge,
     pub registry_updates: Counter,
     pub registry_errors: Counter,
@@ -377,6 +381,18 @@ impl Metrics {
             "Bytes held for callers: gRPC messages held whole for validation (also while inflated), JSON and small bodies buffered, request header lists of streams in progress",
             memory_held.clone(),
         );
+        let access_log_lines = Counter::default();
+        registry.register(
+            "access_log_lines",
+            "Lines written to access_log_file",
+            access_log_lines.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_lines_dropped",
+            "Access log lines dropped because the file's writer fell behind (a slow disk) and its queue was full",
+            access_log_dropped.clone(),
+        );
         let registry_up = Gauge::default();
         registry.register(
             "registry_up",
@@ -499,6 +515,8 @@ impl Metrics {
             })),
             ready,
             memory_held,
+            access_log_lines,
+            access_log_dropped,
             registry_up,
             registry_members,
             registry_updates,

@@ -5,6 +5,7 @@
 mod support;
 
 mod abuse;
+mod accesslog;
 mod admission;
 mod audit;
 mod certs;

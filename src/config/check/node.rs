@@ -274,6 +274,8 @@ impl Checker<'_> {
             upstream_max_requests,
             upstream_connections,
             access_log: match r.access_log.as_ref().map(|a| (a, *a.get_ref())) {
+                // a file for the access log is asked for: every request, unless a share
+                None if r.access_log_file.is_some() => 1.0,
                 None | Some((_, raw::AccessLog::All(false))) => 0.0,
                 Some((_, raw::AccessLog::All(true))) => 1.0,
                 Some((_, raw::AccessLog::Sample(x))) if (0.0..=1.0).contains(&x) => x,
@@ -286,6 +288,17 @@ impl Checker<'_> {
                     0.0
                 }
             },
+            access_log_file: r.access_log_file.as_ref().map(|p| {
+                let path = self.path(p.get_ref());
+                if !path.parent().is_some_and(Path::is_dir) {
+                    self.sink.error(
+                        span(p),
+                        format!("the directory of access_log_file {:?} does not exist", p.get_ref()),
+                        "create it, or name a file in a directory that exists (fedport makes the file, not its directory)",
+                    );
+                }
+                path
+            }),
             authorization: self
                 .authorization(r.authorization.as_ref())
                 .unwrap_or_default(),
