@@ -276,6 +276,8 @@ pub struct Endpoint {
     pub scheme: Scheme,
     pub host: String,
     pub port: u16,
+    /// The zone it is in; `None`: the node's own.
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +285,11 @@ pub struct Service {
     pub name: String,
     pub protocol: Protocol,
     pub endpoints: Vec<Endpoint>,
+    /// `locality_weights`: shares of the traffic by zone (empty: the node's zone first).
+    pub locality_weights: Vec<(String, u32)>,
+    /// `zone_spill_below`: the healthy share of the node's zone under which traffic
+    /// spills to the other zones.
+    pub zone_spill_below: f64,
     /// Fully qualified gRPC service names (`pkg.Service`) this service hosts.
     pub grpc_services: Vec<String>,
     pub formats: Vec<String>,

@@ -40,6 +40,37 @@ pub struct RawRegistry {
     pub etcd: S<RawEtcd>,
 }
 
+/// An endpoint: its URL, or its URL and the zone it is in.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawEndpoint {
+    Url(String),
+    Zoned(RawZoned),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawZoned {
+    pub url: String,
+    pub zone: Option<String>,
+}
+
+impl RawEndpoint {
+    pub fn url(&self) -> &str {
+        match self {
+            RawEndpoint::Url(u) => u,
+            RawEndpoint::Zoned(z) => &z.url,
+        }
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        match self {
+            RawEndpoint::Url(_) => None,
+            RawEndpoint::Zoned(z) => z.zone.as_deref(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEtcd {
@@ -278,7 +309,12 @@ pub struct RawService {
     /// `"enforce"` or `"audit"` for this service; default: the node's.
     pub authorization: Option<S<String>>,
     #[serde(default)]
-    pub endpoints: Vec<S<String>>,
+    pub endpoints: Vec<S<RawEndpoint>>,
+    /// Shares of the traffic by zone, e.g. `{ a = 80, b = 20 }`.
+    pub locality_weights: Option<S<std::collections::BTreeMap<String, S<i64>>>>,
+    /// The node's zone is preferred while at least this share of its endpoints there is
+    /// healthy; below it, traffic spills to the other zones. Default 0.7.
+    pub zone_spill_below: Option<S<f64>>,
     pub grpc_services: Option<Vec<S<String>>>,
     pub formats: Option<Vec<S<String>>>,
     pub schema: Option<S<RawSchema>>,

@@ -272,8 +272,10 @@ impl Fleet {
                 .position(|f| *f == p.name || *f == p.region)
                 .unwrap_or(usize::MAX);
             let remote = p.region != config.node.region;
+            // the node's zone first within its region
+            let other_zone = config.node.zone.is_none() || p.zone != config.node.zone;
             let rtt = self.peers[i].rtt().unwrap_or(Duration::MAX);
-            (listed, remote, rtt)
+            (listed, remote, other_zone, rtt)
         });
         order
     }

@@ -182,6 +182,7 @@ impl Worker {
                             format!("https://{}", p.address)
                         },
                         scheme: crate::config::Scheme::Https,
+                        zone: p.zone.clone(),
                         host: host.to_owned(),
                         port: port.parse().unwrap_or(0),
                     };

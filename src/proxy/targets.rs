@@ -1,6 +1,9 @@
 //! Stage 6, targets: where a request may go, best first, worked out only as far as it
 //! is needed — available local endpoints (power of two choices first), then peers in the
-//! fleet's order, never back to the node it came from. Loop prevention decides whether
+//! fleet's order, never back to the node it came from. With zones: the node's zone first
+//! (its endpoints, then its peers), then the rest of the region, then other regions,
+//! spilling to the other zones while fewer than `zone_spill_below` of the zone's
+//! endpoints are healthy; or, with `locality_weights`, a zone drawn by its weight. Loop prevention decides whether
 //! peers may be used at all, and a call only audit mode admits never goes to one.
 //! TCP connections (src/tcp) are aimed by the same order.
 
@@ -21,6 +24,10 @@ pub struct Targets<'a> {
     service: usize,
     locals: Vec<usize>,
     next_local: usize,
+    /// `locals[..first]` are tried before the peers of the node's zone, the rest after.
+    first: usize,
+    /// The peers of the node's zone (and region) go between the two.
+    zone_first: bool,
     /// Why peers may not be used (loop prevention), if they may not.
     no_peers: Option<&'static str>,
     peers: Option<Vec<usize>>,
@@ -77,10 +84,9 @@ impl<'a> Targets<'a> {
                 locals = (0..n).collect();
             }
         }
+        let (first, zone_first) = by_zone(cfg, service, &mut locals, n);
         // the first local endpoint by power of two choices; the others follow it
-        if let Some(k) = upstream::p2c(locals.len(), |k| {
-            w.upstreams[service][locals[k]].outstanding()
-        }) {
+        if let Some(k) = upstream::p2c(first, |k| w.upstreams[service][locals[k]].outstanding()) {
             locals.swap(0, k);
         }
         let caller = conn
@@ -98,6 +104,8 @@ impl<'a> Targets<'a> {
             service,
             locals,
             next_local: 0,
+            first,
+            zone_first,
             no_peers,
             peers: None,
             next_peer: 0,
@@ -111,6 +119,16 @@ impl<'a> Targets<'a> {
     }
 
     pub fn next_target(&mut self) -> Option<Target> {
+        if self.next_local < self.first {
+            self.next_local += 1;
+            return Some(Target::Local(self.locals[self.next_local - 1]));
+        }
+        if self.no_peers.is_none() && self.zone_first {
+            // the node's zone's peers, before the rest of the region's endpoints
+            if let Some(p) = self.peer(true) {
+                return Some(Target::Peer(p));
+            }
+        }
         if let Some(&e) = self.locals.get(self.next_local) {
             self.next_local += 1;
             return Some(Target::Local(e));
@@ -118,13 +136,91 @@ impl<'a> Targets<'a> {
         if self.no_peers.is_some() {
             return None;
         }
+        self.peer(false).map(Target::Peer)
+    }
+
+    /// The next peer in the fleet's order not yet given (of the node's zone only, with
+    /// `zone`).
+    fn peer(&mut self, zone: bool) -> Option<usize> {
         let w = self.w;
         let (service, exclude) = (self.service, self.exclude);
         let peers = self
             .peers
             .get_or_insert_with(|| w.fleet.peer_order(&w.config, service, &exclude));
-        let p = peers.get(self.next_peer).copied()?;
+        let p = *peers.get(self.next_peer)?;
+        if zone && !same_zone(&w.config, p) {
+            return None;
+        }
         self.next_peer += 1;
-        Some(Target::Peer(p))
+        Some(p)
     }
+}
+
+/// Whether peer `p` is in the node's zone (and region).
+fn same_zone(cfg: &crate::config::Config, p: usize) -> bool {
+    let (n, peer) = (&cfg.node, &cfg.peers[p]);
+    n.zone.is_some() && peer.zone == n.zone && peer.region == n.region
+}
+
+/// Orders `locals` (the available endpoints) by zone: those tried first come first, and
+/// their count is returned, with whether the node's zone's peers go between them and the
+/// rest. With `locality_weights`, a zone is drawn by its weight among those with an
+/// endpoint available (an endpoint without a zone is in the node's); else the node's
+/// zone comes first while at least `zone_spill_below` of its endpoints (of `n`) are
+/// available, and below that no zone does.
+fn by_zone(
+    cfg: &crate::config::Config,
+    service: usize,
+    locals: &mut [usize],
+    n: usize,
+) -> (usize, bool) {
+    let svc = &cfg.services[service];
+    let own = cfg.node.zone.as_deref();
+    if own.is_none() && svc.locality_weights.is_empty() {
+        return (locals.len(), false);
+    }
+    let zone_of = |e: usize| svc.endpoints[e].zone.as_deref().or(own);
+    let front = |locals: &mut [usize], zone: &str| {
+        // stable: the zone's endpoints first, in their order
+        locals.sort_by_key(|&e| zone_of(e) != Some(zone));
+        locals
+            .iter()
+            .take_while(|&&e| zone_of(e) == Some(zone))
+            .count()
+    };
+    if !svc.locality_weights.is_empty() {
+        let live: Vec<(&str, u32)> = svc
+            .locality_weights
+            .iter()
+            .filter(|(z, w)| *w > 0 && locals.iter().any(|&e| zone_of(e) == Some(z.as_str())))
+            .map(|(z, w)| (z.as_str(), *w))
+            .collect();
+        let total: u32 = live.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return (locals.len(), false);
+        }
+        let mut draw = fastrand::u32(..total);
+        let zone = live
+            .iter()
+            .find(|(_, w)| {
+                if draw < *w {
+                    return true;
+                }
+                draw -= w;
+                false
+            })
+            .map_or(live[0].0, |(z, _)| z);
+        return (front(locals, zone), false);
+    }
+    let Some(own) = own else {
+        return (locals.len(), false);
+    };
+    let in_zone = (0..n).filter(|&e| zone_of(e) == Some(own)).count();
+    let healthy = locals.iter().filter(|&&e| zone_of(e) == Some(own)).count();
+    if healthy == 0 || (healthy as f64) < svc.zone_spill_below * in_zone as f64 {
+        // too few of the zone's endpoints are healthy to carry its traffic: it spills
+        // over every zone's endpoints alike
+        return (locals.len(), false);
+    }
+    (front(locals, own), true)
 }

@@ -642,6 +642,7 @@ mod tests {
         EndpointPool::new(
             Endpoint {
                 url: format!("h2c://127.0.0.1:{port}"),
+                zone: None,
                 scheme: Scheme::H2c,
                 host: "127.0.0.1".into(),
                 port,

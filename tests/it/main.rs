@@ -36,3 +36,4 @@ mod structure;
 mod tcp;
 mod top;
 mod trust;
+mod zones;

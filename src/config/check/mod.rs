@@ -43,7 +43,13 @@ impl Checker<'_> {
             .flat_map(|a| a.get_ref().allow.iter().flatten())
             .filter_map(|c| self.cidr(c))
             .collect();
-        let services = self.services(&raw.service);
+        let node_zone = raw
+            .node
+            .get_ref()
+            .zone
+            .as_ref()
+            .map(|z| z.get_ref().as_str());
+        let services = self.services(&raw.service, node_zone);
         let service_names: HashMap<&str, ()> =
             services.iter().map(|s| (s.name.as_str(), ())).collect();
         let listeners = self.listeners(&raw.listener, &service_names, admin);

@@ -4,7 +4,12 @@
 use super::*;
 
 impl Checker<'_> {
-    pub(super) fn services(&mut self, raw: &[S<raw::RawService>]) -> Vec<Service> {
+    /// `node_zone`: the node's `zone`, where endpoints without one are.
+    pub(super) fn services(
+        &mut self,
+        raw: &[S<raw::RawService>],
+        node_zone: Option<&str>,
+    ) -> Vec<Service> {
         let mut out = Vec::new();
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut grpc_owner: BTreeMap<String, String> = BTreeMap::new();
@@ -182,7 +187,53 @@ impl Checker<'_> {
                 None => DEFAULT_UPSTREAM_CONNECTIONS,
             };
             let authorization = self.authorization(r.authorization.as_ref());
+            let mut locality_weights = Vec::new();
+            for (zone, w) in r.locality_weights.iter().flat_map(|m| m.get_ref()) {
+                match u32::try_from(*w.get_ref()) {
+                    Ok(n) if n <= 1_000_000 => locality_weights.push((zone.clone(), n)),
+                    _ => self.sink.error(
+                        span(w),
+                        format!("locality weight {} of zone {zone:?} is not a whole number from 0 to 1000000", w.get_ref()),
+                        "weights are shares: locality_weights = { a = 80, b = 20 }",
+                    ),
+                }
+            }
+            if let Some(lw) = &r.locality_weights {
+                if !locality_weights.is_empty() && locality_weights.iter().all(|(_, w)| *w == 0) {
+                    self.sink.error(
+                        span(lw),
+                        "every locality weight is 0: no zone would take traffic",
+                        "give at least one zone a weight above 0",
+                    );
+                }
+                for (zone, _) in &locality_weights {
+                    let known = endpoints
+                        .iter()
+                        .any(|e| e.zone.as_deref().unwrap_or(node_zone.unwrap_or("")) == zone);
+                    if !known {
+                        self.sink.warn(
+                            span(lw),
+                            format!("no endpoint of service {:?} is in zone {zone:?}", r.name.get_ref()),
+                            "give its endpoints zones: endpoints = [{ url = \"http://…\", zone = \"b\" }] (one without a zone is in the node's)",
+                        );
+                    }
+                }
+            }
+            let zone_spill_below = match &r.zone_spill_below {
+                None => 0.7,
+                Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref(),
+                Some(v) => {
+                    self.sink.error(
+                        span(v),
+                        "zone_spill_below is a share from 0 to 1",
+                        "e.g. zone_spill_below = 0.7: below 70% of the zone's endpoints healthy, traffic spills to the other zones",
+                    );
+                    0.7
+                }
+            };
             out.push(Service {
+                locality_weights,
+                zone_spill_below,
                 authorization,
                 forwarded_headers: r.forwarded_headers.unwrap_or(false),
                 max_connections,
@@ -337,8 +388,8 @@ impl Checker<'_> {
         names
     }
 
-    pub(super) fn endpoint(&mut self, e: &S<String>) -> Option<Endpoint> {
-        let text = e.get_ref();
+    pub(super) fn endpoint(&mut self, e: &S<raw::RawEndpoint>) -> Option<Endpoint> {
+        let text = &e.get_ref().url().to_owned();
         let hint =
             "write scheme://host:port with scheme http (HTTP/1.1), h2c (HTTP/2 cleartext), https, or tcp (a TCP service's)";
         let Some((scheme, rest)) = text.split_once("://") else {
@@ -388,6 +439,7 @@ impl Checker<'_> {
         };
         Some(Endpoint {
             url: text.clone(),
+            zone: e.get_ref().zone().map(str::to_owned),
             scheme,
             host: auth
                 .host()
