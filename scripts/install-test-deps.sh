@@ -3,7 +3,7 @@
 # real clients and peers (curl, openssl, h2load, nginx, haproxy) and Python grpcio.
 set -euo pipefail
 need=()
-for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2 promtool:prometheus tmux:tmux redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools logrotate:logrotate; do
+for pair in curl:curl openssl:openssl h2load:nghttp2-client nginx:nginx haproxy:haproxy protoc:protobuf-compiler nft:nftables ip:iproute2 promtool:prometheus tmux:tmux redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools logrotate:logrotate systemd-analyze:systemd adduser:adduser dpkg-deb:dpkg; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -40,4 +40,9 @@ fi
 if ! "$py" -c 'import spiffe, jwt, cryptography' >/dev/null 2>&1; then
   echo "install-test-deps: pip install spiffe"
   "$py" -m pip install -q --disable-pip-version-check 'spiffe>=0.3,<0.4'
+fi
+# the Debian package is built by cargo-deb (tests/it/package.rs)
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "install-test-deps: cargo install cargo-deb"
+  cargo install -q --locked cargo-deb
 fi

@@ -2,6 +2,7 @@
 
 pub mod certs;
 pub mod check;
+pub mod notify;
 pub mod run;
 pub mod sandbox;
 

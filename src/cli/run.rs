@@ -96,6 +96,7 @@ where
             tracing::info!(listener = %name, %addr, "listening");
         }
         tracing::info!(node = %cfg.node.name, workers = cfg.node.workers, admin = ?admin, "fedport ready");
+        super::notify::notify("READY=1\nSTATUS=serving");
         // the config and certificate files are watched by polling: cheap, and it
         // survives editors' rename-and-replace and mounted-secret symlink swaps alike
         let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -127,8 +128,16 @@ where
         }
         loop {
             tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
-                _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining");
+                    super::notify::notify("STOPPING=1\nSTATUS=draining");
+                    break
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: draining");
+                    super::notify::notify("STOPPING=1\nSTATUS=draining");
+                    break
+                }
                 _ = usr1.recv() => {
                     if server.reopen_access_log() {
                         tracing::info!("SIGUSR1: reopening the access log file");
@@ -136,6 +145,7 @@ where
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration and TLS material");
+                    super::notify::reloading();
                     // asked for by hand: a refusal is reported again, even the same
                     watch.refused = None;
                     let reloaded = reload(&server, &cfg.path, &mut watch, &members.borrow());
@@ -145,6 +155,8 @@ where
                         follow(&mut exchange, &server);
                     }
                     server.reload_tls(true, !rebuilt);
+                    // the file refused or taken, the node serves: ready again
+                    super::notify::notify("READY=1\nSTATUS=serving");
                 }
                 r = members.changed(), if registry_on => {
                     if r.is_err() {
