@@ -209,6 +209,12 @@ pub struct Server {
     running: Mutex<Option<Running>>,
     /// Sockets bound by the caller, by listener name: taken instead of binding.
     given: Mutex<HashMap<String, std::net::TcpListener>>,
+    /// Sockets the process before this one handed over (SIGUSR2), by listener name:
+    /// taken by the listener of that name and address instead of binding.
+    inherited: Mutex<HashMap<String, Vec<std::net::TcpListener>>>,
+    /// A copy of every listening socket the workers accept on, by listener name: what a
+    /// binary upgrade hands the next process.
+    listening: Mutex<HashMap<String, Vec<std::net::TcpListener>>>,
 }
 
 type Running = (
@@ -285,6 +291,8 @@ impl Server {
             metrics,
             running: Mutex::new(None),
             given: Mutex::new(given),
+            inherited: Mutex::new(crate::cli::upgrade::inherited()),
+            listening: Mutex::new(HashMap::new()),
         };
         match nofile {
             Ok(n) => {
@@ -356,6 +364,22 @@ impl Server {
             }
             let given = self.given.lock().ok().and_then(|mut g| g.remove(&l.name));
             let is_given = given.is_some();
+            // handed over by the process before this one: every socket of the listener,
+            // so that no connection waiting in one's queue is lost
+            let mut handed: Vec<std::net::TcpListener> = self
+                .inherited
+                .lock()
+                .ok()
+                .and_then(|mut h| h.remove(&l.name))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| {
+                    s.local_addr().is_ok_and(|a| {
+                        a.ip() == l.bind.ip() && (l.bind.port() == 0 || a.port() == l.bind.port())
+                    })
+                })
+                .collect();
+            let given = given.or_else(|| handed.pop());
             let first = match given {
                 Some(s) => {
                     s.set_nonblocking(true)
@@ -370,7 +394,11 @@ impl Server {
             bound.push((l.name.clone(), addr));
             for mine in per_worker.iter_mut().skip(1) {
                 // a given socket is shared (it may not allow SO_REUSEPORT beside it)
-                let s = if is_given {
+                let s = if let Some(h) = handed.pop() {
+                    h.set_nonblocking(true)
+                        .map_err(|e| ListenError::Bind(l.name.clone(), addr, e))?;
+                    h
+                } else if is_given {
                     first
                         .try_clone()
                         .map_err(|e| ListenError::Bind(l.name.clone(), addr, e))?
@@ -379,7 +407,22 @@ impl Server {
                 };
                 mine.insert(l.name.clone(), s);
             }
+            if !handed.is_empty() {
+                // more than this node has workers: each goes on in a worker beside its own
+                tracing::warn!(listener = %l.name, extra = handed.len(), "more sockets were handed over than there are workers; the extra ones are closed");
+            }
             per_worker[0].insert(l.name.clone(), first);
+            let copies: Vec<std::net::TcpListener> = per_worker
+                .iter()
+                .filter_map(|m| m.get(&l.name).and_then(|s| s.try_clone().ok()))
+                .collect();
+            if let Ok(mut k) = self.listening.lock() {
+                k.insert(l.name.clone(), copies);
+            }
+        }
+        if let Ok(mut k) = self.listening.lock() {
+            // a removed listener's sockets close with its accept loops
+            k.retain(|name, _| config.listeners.iter().any(|l| &l.name == name));
         }
         let opens: Vec<Arc<AtomicUsize>> = {
             let mut o = self.opens.lock().map_err(|_| ServerError::Poisoned)?;
@@ -484,6 +527,24 @@ impl Server {
     }
 
     /// Starts draining: readiness false, sockets closed, connections told to finish.
+    /// Every listening socket, by listener name (for a binary upgrade to hand over).
+    pub fn listening(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        self.listening
+            .lock()
+            .map(|k| {
+                k.iter()
+                    .flat_map(|(n, v)| v.iter().map(move |s| (n.clone(), s.as_raw_fd())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A socket the process before this one handed over for `name` (the admin port).
+    pub fn take_inherited(&self, name: &str) -> Option<std::net::TcpListener> {
+        self.inherited.lock().ok()?.get_mut(name)?.pop()
+    }
+
     /// Reopens `access_log_file` before its next line (SIGUSR1, after logrotate).
     pub fn reopen_access_log(&self) -> bool {
         let running = self.running.lock().ok();

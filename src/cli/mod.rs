@@ -5,6 +5,7 @@ pub mod check;
 pub mod notify;
 pub mod run;
 pub mod sandbox;
+pub mod upgrade;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -149,6 +150,8 @@ pub enum CliError {
     Etcd(#[from] crate::sandbox::EtcdError),
     #[error(transparent)]
     Firewall(#[from] crate::firewall::FirewallError),
+    #[error(transparent)]
+    Upgrade(#[from] upgrade::UpgradeError),
 }
 
 fn bench(a: BenchArgs) -> Result<i32, CliError> {

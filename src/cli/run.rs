@@ -51,6 +51,9 @@ pub fn serve<F>(cfg: Arc<Config>, on_ready: F) -> Result<(), CliError>
 where
     F: FnOnce(&[(String, SocketAddr)], Option<SocketAddr>) -> Result<(), CliError>,
 {
+    // the binary and arguments a SIGUSR2 upgrade starts again, read before the file
+    // may be replaced
+    let started = super::upgrade::Started::now();
     let metrics = Metrics::new(&cfg.node.name, &cfg.hash);
     let server = Server::start(cfg.clone(), metrics)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -58,16 +61,22 @@ where
         .build()
         .map_err(|e| CliError::Io("runtime".into(), e))?;
     rt.block_on(async move {
-        let admin = match cfg.admin {
+        let io = |addr: SocketAddr| move |e| CliError::Io(format!("admin bind {addr}"), e);
+        // the admin port, and a copy of its socket for an upgrade to hand over
+        let (admin, admin_copy) = match cfg.admin {
             Some(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| CliError::Io(format!("admin bind {addr}"), e))?;
+                let l = match server.take_inherited("admin") {
+                    Some(s) => s,
+                    None => std::net::TcpListener::bind(addr).map_err(io(addr))?,
+                };
+                l.set_nonblocking(true).map_err(io(addr))?;
+                let copy = l.try_clone().ok();
+                let l = tokio::net::TcpListener::from_std(l).map_err(io(addr))?;
                 let bound = l.local_addr().ok();
                 tokio::spawn(crate::admin::serve(l, server.state.clone()));
-                bound
+                (bound, copy)
             }
-            None => None,
+            None => (None, None),
         };
         // every signal is listened for before the node says it is ready, and by one
         // stream kept for the whole loop: a stream made anew per loop turn (as
@@ -75,11 +84,12 @@ where
         // and a SIGHUP before its handler exists would end the process
         use tokio::signal::unix::{signal, SignalKind};
         let listen = |kind| signal(kind).map_err(|e| CliError::Io("signal".into(), e));
-        let (mut term, mut int, mut hup, mut usr1) = (
+        let (mut term, mut int, mut hup, mut usr1, mut usr2) = (
             listen(SignalKind::terminate())?,
             listen(SignalKind::interrupt())?,
             listen(SignalKind::hangup())?,
             listen(SignalKind::user_defined1())?,
+            listen(SignalKind::user_defined2())?,
         );
         // trust bundles: this node's served, other domains' fetched
         let mut exchange = crate::exchange::Exchange::default();
@@ -96,7 +106,14 @@ where
             tracing::info!(listener = %name, %addr, "listening");
         }
         tracing::info!(node = %cfg.node.name, workers = cfg.node.workers, admin = ?admin, "fedport ready");
-        super::notify::notify("READY=1\nSTATUS=serving");
+        if super::upgrade::is_upgrade() {
+            // started by an upgrade: the process before says so to systemd, with this
+            // process's pid, once it lets go
+            super::upgrade::tell_parent_ready();
+        } else {
+            super::notify::notify("READY=1\nSTATUS=serving");
+        }
+        let mut upgrading: Option<super::upgrade::Readiness> = None;
         // the config and certificate files are watched by polling: cheap, and it
         // survives editors' rename-and-replace and mounted-secret symlink swaps alike
         let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -137,6 +154,33 @@ where
                     tracing::info!("SIGINT: draining");
                     super::notify::notify("STOPPING=1\nSTATUS=draining");
                     break
+                }
+                _ = usr2.recv() => {
+                    if upgrading.is_some() {
+                        tracing::warn!("SIGUSR2: an upgrade is under way already");
+                        continue;
+                    }
+                    let mut sockets = server.listening();
+                    if let Some(a) = &admin_copy {
+                        use std::os::fd::AsRawFd;
+                        sockets.push(("admin".to_owned(), a.as_raw_fd()));
+                    }
+                    tracing::info!(exe = %started_exe(&started), sockets = sockets.len(), "SIGUSR2: starting the new binary, handing it every listening socket");
+                    match super::upgrade::spawn(&started, &sockets) {
+                        Ok(p) => upgrading = Some(Box::pin(p.ready())),
+                        Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),
+                    }
+                }
+                r = async { upgrading.as_mut().expect("guarded by is_some").await }, if upgrading.is_some() => {
+                    upgrading = None;
+                    match r {
+                        Ok(pid) => {
+                            tracing::info!(new_pid = pid, "upgrade: the new process is ready; this one stops accepting and drains");
+                            super::notify::notify(&format!("MAINPID={pid}\nSTATUS=handed over to pid {pid}"));
+                            break;
+                        }
+                        Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),
+                    }
                 }
                 _ = usr1.recv() => {
                     if server.reopen_access_log() {
@@ -201,6 +245,10 @@ where
         tracing::info!("drained; bye");
         Ok(())
     })
+}
+
+fn started_exe(s: &super::upgrade::Started) -> String {
+    s.exe().display().to_string()
 }
 
 /// Notices that the config file changed, once it has stayed the same for 500 ms (an

@@ -38,4 +38,5 @@ mod systemd;
 mod tcp;
 mod top;
 mod trust;
+mod upgrade;
 mod zones;

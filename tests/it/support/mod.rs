@@ -158,6 +158,8 @@ pub struct Fedport {
     pub config: PathBuf,
     /// The network namespace it runs in, if not the test's own.
     pub netns: Option<String>,
+    /// Its ready file (rewritten by the process an upgrade starts).
+    ready: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -230,6 +232,7 @@ impl Fedport {
             log,
             config: cfg.clone(),
             netns: netns.map(str::to_owned),
+            ready: ready.clone(),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -256,6 +259,22 @@ impl Fedport {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    pub fn ready_file(&self) -> &Path {
+        &self.ready
+    }
+
+    /// Waits for the process to exit, at most `within`: its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {

@@ -1,0 +1,187 @@
+//! Upgrading the binary under load (SIGUSR2): h2load keeps a steady load on the node
+//! while 1,000 connections are opened and closed one after the other, and the upgrade
+//! happens in the middle. First with a "new binary" that exits at once: nothing fails,
+//! the old process serves on and logs why. Then with the real one: nothing fails, no
+//! connection is refused or reset, the new process took over every socket (the admin
+//! port and the ready file too) and the old one exited 0 — one process at the end.
+
+use crate::support::upstream::{self, Proto};
+use crate::support::{Fedport, Pki};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// h2load through the local listener (h2c) for `secs`: (succeeded, failed, errored).
+fn h2load(port: u16, secs: u64) -> std::thread::JoinHandle<(u64, u64, u64)> {
+    std::thread::spawn(move || {
+        let out = Command::new("h2load")
+            .args([
+                "-D",
+                &secs.to_string(),
+                "-c",
+                "4",
+                "-m",
+                "4",
+                "-H",
+                "fed-service: up",
+            ])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+            .expect("h2load (scripts/install-test-deps.sh)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("requests:"))
+            .unwrap_or_else(|| panic!("h2load said: {text}"))
+            .to_owned();
+        let n = |what: &str| -> u64 {
+            line.split(',')
+                .find(|p| p.trim().ends_with(what))
+                .and_then(|p| p.split_whitespace().find_map(|w| w.parse().ok()))
+                .unwrap_or(u64::MAX)
+        };
+        (n("succeeded"), n("failed"), n("errored"))
+    })
+}
+
+/// 1,000 connections one after the other, each one HTTP/1.1 request: how many failed
+/// (refused, reset, or not answered 200), and the first failure.
+fn churn(port: u16) -> std::thread::JoinHandle<(u64, String)> {
+    std::thread::spawn(move || {
+        let script = format!(
+            "import socket\nfails = 0\nfirst = ''\nfor i in range(1000):\n    try:\n        s = socket.create_connection(('127.0.0.1', {port}), timeout=10)\n        s.sendall(b'GET / HTTP/1.1\\r\\nhost: x\\r\\nfed-service: up\\r\\nconnection: close\\r\\n\\r\\n')\n        b = b''\n        while True:\n            d = s.recv(65536)\n            if not d: break\n            b += d\n        s.close()\n        if not b.startswith(b'HTTP/1.1 200'):\n            fails += 1\n            first = first or repr(b[:80])\n    except OSError as e:\n        fails += 1\n        first = first or repr(e)\nprint(fails, first)"
+        );
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (n, first) = text.split_once(' ').unwrap_or((&text, ""));
+        (n.parse().unwrap_or(u64::MAX), first.to_owned())
+    })
+}
+
+/// The inodes of the sockets listening on `port` (/proc/net/tcp): the same inodes
+/// before and after an upgrade are the same sockets, handed over, not bound again.
+fn listening(port: u16) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f[3] == "0A" {
+                out.insert(f[9].parse().unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn ready_pid(fp: &Fedport) -> u32 {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fp.ready_file()).unwrap()).unwrap();
+    v["pid"].as_u64().unwrap() as u32
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// Replaces the file at `path` (as a package upgrade does: a new file, renamed over).
+fn replace(path: &std::path::Path, with: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, with).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("fedport");
+    let real = std::fs::read(crate::support::bin()).unwrap();
+    replace(&exe, &real);
+    let mut fp = Fedport::start_by(
+        Command::new(&exe),
+        &crate::support::node_config(
+            &pki,
+            &format!(
+                "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+                up.url(Proto::H2c)
+            ),
+        ),
+    );
+    let port = fp.port("local");
+    let old = fp.pid();
+    let sockets = (listening(port), listening(fp.port("internal")));
+    assert_eq!(sockets.0.len(), 2, "one socket per worker: {:?}", sockets.0);
+
+    // a "new binary" that exits at once: nothing fails, the old process serves on
+    replace(&exe, b"#!/bin/sh\nexit 3\n");
+    let (load, conns) = (h2load(port, 4), churn(port));
+    std::thread::sleep(Duration::from_secs(1));
+    fp.signal("USR2");
+    let (ok, failed, errored) = load.join().unwrap();
+    let (churn_failed, first) = conns.join().unwrap();
+    assert!(ok > 100, "{ok} succeeded");
+    assert_eq!((failed, errored), (0, 0), "h2load: none failed or errored");
+    assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
+    assert!(fp
+        .log_text()
+        .contains("upgrade failed; this process serves on"));
+    assert!(fp.log_text().contains("exit status: 3"), "says why");
+    assert!(alive(old) && ready_pid(&fp) == old);
+
+    // the real one: it takes every socket over, and the old process drains and exits 0
+    replace(&exe, &real);
+    let (load, conns) = (h2load(port, 5), churn(port));
+    std::thread::sleep(Duration::from_secs(1));
+    fp.signal("USR2");
+    let (ok, failed, errored) = load.join().unwrap();
+    let (churn_failed, first) = conns.join().unwrap();
+    assert!(ok > 100, "{ok} succeeded");
+    assert_eq!((failed, errored), (0, 0), "h2load: none failed or errored");
+    assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
+    let status = fp.wait_exit(Duration::from_secs(40));
+    assert_eq!(status, Some(0), "the old process drained and exited 0");
+    let new = ready_pid(&fp);
+    assert_ne!(new, old, "the ready file is the new process's");
+    assert_eq!(
+        (listening(port), listening(fp.port("internal"))),
+        sockets,
+        "the very sockets the old process listened on, handed over: none bound anew"
+    );
+    assert!(alive(new));
+    // the same ports: the local listener and the admin port answer from the new process
+    let (code, _, _) = crate::support::curl(&[
+        "-H",
+        "fed-service: up",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    assert_eq!(code, 200);
+    let ready = fp.admin_get("/readyz");
+    assert!(ready.contains("ready"), "{ready}");
+    let _ = Command::new("kill")
+        .arg(new.to_string())
+        .stdout(Stdio::null())
+        .status();
+    for _ in 0..100 {
+        if !alive(new) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive(new), "the new process stops on SIGTERM");
+}
