@@ -43,6 +43,8 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
         ("inventory@us-a", demo::Kind::Json),
         ("pricing@us-a", demo::Kind::Json),
         ("kv@us-a", demo::Kind::Kv),
+        ("catalog@eu-1a", demo::Kind::Json),
+        ("catalog@eu-1b", demo::Kind::Json),
     ];
     let mut instances = Vec::new();
     let mut listeners = Vec::new();
@@ -58,6 +60,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
         inventory: [instances[1].addr, instances[2].addr, instances[3].addr],
         pricing: instances[4].addr,
         kv: instances[5].addr,
+        catalog: [instances[6].addr, instances[7].addr],
         control: control.local_addr().map_err(io)?,
     };
     let all = Arc::new(instances);

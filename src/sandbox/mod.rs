@@ -31,6 +31,8 @@ pub struct Demos {
     pub pricing: SocketAddr,
     /// The key-value store on us-a (a TCP service).
     pub kv: SocketAddr,
+    /// The catalog on eu-a: one instance in zone eu-1a, one in eu-1b.
+    pub catalog: [SocketAddr; 2],
     /// The sandbox's control port (stop and start instances).
     pub control: SocketAddr,
 }
@@ -80,6 +82,9 @@ pub fn free_port() -> std::io::Result<u16> {
 /// The three nodes: two in region eu, one in region us.
 pub const NODES: [(&str, &str); 3] = [("eu-a", "eu"), ("eu-b", "eu"), ("us-a", "us")];
 
+/// The nodes' zones: eu-a and eu-b in two zones of region eu.
+pub const ZONES: [&str; 3] = ["eu-1a", "eu-1b", "us-1a"];
+
 /// Writes the CA, the nodes' and a demo client's certificates, the demo proto and one
 /// config per node into `dir`. `ports` are the nodes' internal ports. With `registry`
 /// (an etcd client URL) the nodes list no `[[peer]]`s: they find each other through etcd.
@@ -118,9 +123,9 @@ pub fn write(
         }
         let (name, region) = NODES[i];
         format!(
-            "[[peer]]\nname     = \"{name}\"\nregion   = \"{region}\"\naddress  = \"127.0.0.1:{}\"\n\
+            "[[peer]]\nname     = \"{name}\"\nregion   = \"{region}\"\nzone     = \"{}\"\naddress  = \"127.0.0.1:{}\"\n\
              identity = \"spiffe://{DOMAIN}/node/{name}\"\nservices = [{services}]\n\n",
-            ports[i]
+            ZONES[i], ports[i]
         )
     };
     // eu-b is a site that can only dial out: it opens the link to eu-a, and eu-a sends
@@ -134,8 +139,9 @@ pub fn write(
                 "# no address: it dials this node\n".to_owned()
             };
             return format!(
-                "[[peer]]\nname     = \"{name}\"\nregion   = \"{region}\"\n{address}\
-                 identity = \"spiffe://{DOMAIN}/node/{name}\"\nreverse  = true\nservices = [{services}]\n\n"
+                "[[peer]]\nname     = \"{name}\"\nregion   = \"{region}\"\nzone     = \"{}\"\n{address}\
+                 identity = \"spiffe://{DOMAIN}/node/{name}\"\nreverse  = true\nservices = [{services}]\n\n",
+                ZONES[i]
             );
         }
         peer(i, services)
@@ -187,6 +193,14 @@ role    = "local"
 bind    = "127.0.0.1:0"
 service = "kv"
 
+# zones: the catalog has an instance in this node's zone (eu-1a) and one in eu-1b;
+# four calls in five go to eu-1a
+[[service]]
+name      = "catalog"
+protocol  = "http"
+endpoints = [{{ url = "http://{cat_a}", zone = "eu-1a" }}, {{ url = "http://{cat_b}", zone = "eu-1b" }}]
+locality_weights = {{ "eu-1a" = 80, "eu-1b" = 20 }}
+
 {peers}{rules}[[allow]]
 from = "local"
 to   = "inventory"
@@ -197,6 +211,8 @@ from = "local"
 to   = "kv"
 "#,
             echo = demos.echo,
+            cat_a = demos.catalog[0],
+            cat_b = demos.catalog[1],
             inv = inventory(demos.inventory[0]),
             peers = reverse(1, false, "\"inventory\"")
                 + &peer(2, "\"inventory\", \"pricing\", \"kv\""),
@@ -245,6 +261,7 @@ to   = "kv"
 [node]
 name = "{name}"
 region = "{region}"
+zone = "{zone}"
 workers = 1
 peer_ping_interval = "500ms"
 
@@ -273,6 +290,7 @@ allow = ["127.0.0.0/8"]
                 partner = PARTNER,
                 partner_ca = partner_ca.display(),
                 port = ports[i],
+                zone = ZONES[i],
             ),
         )?;
         nodes.push((name.to_string(), region.to_string(), config, ports[i]));
@@ -374,6 +392,9 @@ pub fn instructions(
         "  # and nothing else: 403 with a JSON reason
   curl {partner} https://localhost:{p}/v1/prices -H 'fed-service: pricing'
 "
+    ));
+    s.push_str(&format!(
+        "  # zones: of 200 catalog calls, about 160 go to the instance in eu-a's own zone (locality_weights 80/20)\n  for i in $(seq 200); do curl {cert} -s https://localhost:{p}/v1/items -H 'fed-service: catalog'; echo; done | grep -o 'catalog@eu-1[ab]' | sort | uniq -c\n"
     ));
     if let Some(kv) = kv {
         s.push_str(&format!(

@@ -139,6 +139,30 @@ fn sandbox(args: &[&str]) {
         "{}: {body}",
         partner[1]
     );
+    // zones, as printed: 200 catalog calls split about 80/20 between the instance in
+    // eu-a's zone and the other
+    let zones = lines
+        .iter()
+        .find(|l| l.starts_with("  for i in") && l.contains("catalog"))
+        .expect("the zones command");
+    let out = Command::new("bash")
+        .args(["-c", zones.trim()])
+        .output()
+        .unwrap();
+    let counts = String::from_utf8_lossy(&out.stdout).into_owned();
+    let count = |who: &str| -> u32 {
+        counts
+            .lines()
+            .find(|l| l.ends_with(who))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (a, b) = (count("catalog@eu-1a"), count("catalog@eu-1b"));
+    assert_eq!(a + b, 200, "{counts}");
+    assert!(
+        (140..=180).contains(&a),
+        "about 160 of 200 in eu-a's zone: {counts}"
+    );
     // the TCP service, as printed: redis-cli on eu-a's local port reaches the key-value
     // store on us-a, carried over the peer link
     let bash = |cmd: &str| {
