@@ -209,22 +209,7 @@ async fn connect(
     peer: &Peer,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<(h2::PingPong, h2::client::SendRequest<Bytes>), String> {
-    let tcp = tokio::net::TcpStream::connect(peer.address.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    let host = peer
-        .address
-        .rsplit_once(':')
-        .map_or(peer.address.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(tls.clone())
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (stream, _) = crate::upstream::dial_peer(&peer.address, tls.clone()).await?;
     let (send, mut conn) = h2::client::handshake(stream)
         .await
         .map_err(|e| e.to_string())?;

@@ -524,23 +524,7 @@ async fn dial(
     peer: &crate::config::Peer,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, SocketAddr), String> {
-    let tcp = TcpStream::connect(peer.address.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    let remote = tcp.peer_addr().map_err(|e| e.to_string())?;
-    let host = peer
-        .address
-        .rsplit_once(':')
-        .map_or(peer.address.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (stream, remote) = crate::upstream::dial_peer(&peer.address, tls).await?;
     if stream.get_ref().1.alpn_protocol() != Some(crate::upstream::reverse::ALPN) {
         return Err("the peer does not take reverse links on this port (ALPN)".into());
     }

@@ -20,6 +20,19 @@ pub(super) struct Journey {
     pub timeout: Duration,
 }
 
+/// `fed-hops` as a peer sent it: a value that cannot be read counts as the farthest
+/// allowed (`max_hops`), never as a fresh request.
+pub fn hops_of(h: &HeaderMap, max_hops: u8) -> u8 {
+    match h.get(&FED_HOPS) {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u8>().ok())
+            .unwrap_or(max_hops),
+    }
+}
+
 pub(super) fn prepare(
     h: &mut HeaderMap,
     w: &Worker,
@@ -29,16 +42,8 @@ pub(super) fn prepare(
 ) -> Result<Journey, Reject> {
     let service = route.service;
     let (origin, hops, caller) = if conn.from_peer {
-        // a peer always says how far the request came; a value that cannot be read
-        // counts as the farthest allowed, never as a fresh request
-        let hops = match h.get(&FED_HOPS) {
-            None => 0,
-            Some(v) => v
-                .to_str()
-                .ok()
-                .and_then(|s| s.parse::<u8>().ok())
-                .unwrap_or(w.config.node.max_hops),
-        };
+        // a peer always says how far the request came
+        let hops = hops_of(h, w.config.node.max_hops);
         (
             h.get(&FED_ORIGIN).cloned(),
             hops,

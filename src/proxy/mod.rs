@@ -21,7 +21,7 @@ pub mod body;
 pub mod deadline;
 mod dispatch;
 mod hygiene;
-mod journey;
+pub mod journey;
 mod outcome;
 mod plan;
 pub mod replay;

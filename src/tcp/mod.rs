@@ -194,16 +194,8 @@ pub async fn tunnel(
             crate::memory::Connection::new(ctx.worker.memory.clone(), u64::MAX, Some(&share));
         let charge = SPLICE_BYTES + u64::from(crate::upstream::PEER_STREAM_WINDOW);
         let mut admitted = admit(&ctx, name, memory, charge)?;
-        // a peer always says how far the connection came; a value that cannot be read
-        // counts as the farthest allowed
-        let hops = match h.get(&FED_HOPS) {
-            None => 0,
-            Some(v) => v
-                .to_str()
-                .ok()
-                .and_then(|s| s.parse::<u8>().ok())
-                .unwrap_or(ctx.worker.config.node.max_hops),
-        };
+        // a peer always says how far the connection came
+        let hops = crate::proxy::journey::hops_of(h, ctx.worker.config.node.max_hops);
         let aim = Aim {
             origin: h.get(&FED_ORIGIN).cloned(),
             hops,

@@ -216,6 +216,37 @@ impl Drop for Outstanding {
     }
 }
 
+/// TCP (no Nagle) and TLS to a peer's `host:port` with `tls` (which verifies the
+/// peer's identity): the stream, and the address connected to.
+pub async fn dial_peer(
+    address: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        std::net::SocketAddr,
+    ),
+    String,
+> {
+    let tcp = TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let remote = tcp.peer_addr().map_err(|e| e.to_string())?;
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((stream, remote))
+}
+
 /// No cap on HTTP/1.1 sockets (peers, health checks).
 pub const UNCAPPED: usize = tokio::sync::Semaphore::MAX_PERMITS;
 

@@ -26,26 +26,7 @@ fn node(pki: &Pki, up: &str, log: &Path) -> Fedport {
 
 /// `fedport bench` through the node: `n` GETs at `rate` a second, started now.
 fn load(fp: &Fedport, pki: &Pki, n: u64, rate: Option<u64>) -> std::process::Child {
-    let url = format!("https://127.0.0.1:{}/", fp.port("internal"));
-    let mut c = Command::new(crate::support::bin());
-    c.args([
-        "bench",
-        &url,
-        "-c",
-        "2",
-        "-m",
-        "4",
-        "--json",
-        "-H",
-        "fed-service: up",
-    ])
-    .args(["-n", &n.to_string()])
-    .arg("--cert")
-    .arg(&pki.client.cert)
-    .arg("--key")
-    .arg(&pki.client.key)
-    .arg("--ca")
-    .arg(&pki.ca);
+    let mut c = crate::support::bench_up(fp, pki, n, (2, 4));
     if let Some(r) = rate {
         c.args(["--rate", &r.to_string()]);
     }

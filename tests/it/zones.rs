@@ -4,7 +4,7 @@
 
 use crate::support::upstream::{self, Proto, Upstream};
 use crate::support::{wait_until, Fedport, Pki};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 fn zoned(ups: &[(&Upstream, &str)]) -> String {
@@ -15,26 +15,7 @@ fn zoned(ups: &[(&Upstream, &str)]) -> String {
 }
 
 fn bench(fp: &Fedport, pki: &Pki, n: u64) -> serde_json::Value {
-    let url = format!("https://127.0.0.1:{}/", fp.port("internal"));
-    let out = Command::new(crate::support::bin())
-        .args([
-            "bench",
-            &url,
-            "-c",
-            "4",
-            "-m",
-            "8",
-            "--json",
-            "-H",
-            "fed-service: up",
-        ])
-        .args(["-n", &n.to_string()])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca)
+    let out = crate::support::bench_up(fp, pki, n, (4, 8))
         .stderr(Stdio::inherit())
         .output()
         .unwrap();

@@ -546,6 +546,24 @@ impl PyClient {
     }
 }
 
+/// `fedport bench` of `n` GETs to service `up` through the node's internal port with
+/// the test client's certificate, `conns` connections of `streams` streams, JSON out;
+/// more arguments (a rate) may follow.
+pub fn bench_up(fp: &Fedport, pki: &Pki, n: u64, (conns, streams): (u32, u32)) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("bench")
+        .arg(format!("https://127.0.0.1:{}/", fp.port("internal")))
+        .args(["-c", &conns.to_string(), "-m", &streams.to_string()])
+        .args(["--json", "-H", "fed-service: up", "-n", &n.to_string()])
+        .arg("--cert")
+        .arg(&pki.client.cert)
+        .arg("--key")
+        .arg(&pki.client.key)
+        .arg("--ca")
+        .arg(&pki.ca);
+    c
+}
+
 /// Waits until `f` is true, polling; panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
