@@ -353,6 +353,8 @@ impl Server {
         let mut per_worker: Vec<HashMap<String, std::net::TcpListener>> =
             (0..workers).map(|_| HashMap::new()).collect();
         let mut bound = Vec::new();
+        // copies of the sockets made here, kept for an upgrade once all of them were made
+        let mut copies: HashMap<String, Vec<std::net::TcpListener>> = HashMap::new();
         for l in &config.listeners {
             let same = old.and_then(|o| o.listeners.iter().find(|x| x.name == l.name));
             let kept = same
@@ -412,17 +414,13 @@ impl Server {
                 tracing::warn!(listener = %l.name, extra = handed.len(), "more sockets were handed over than there are workers; the extra ones are closed");
             }
             per_worker[0].insert(l.name.clone(), first);
-            let copies: Vec<std::net::TcpListener> = per_worker
-                .iter()
-                .filter_map(|m| m.get(&l.name).and_then(|s| s.try_clone().ok()))
-                .collect();
-            if let Ok(mut k) = self.listening.lock() {
-                k.insert(l.name.clone(), copies);
-            }
-        }
-        if let Ok(mut k) = self.listening.lock() {
-            // a removed listener's sockets close with its accept loops
-            k.retain(|name, _| config.listeners.iter().any(|l| &l.name == name));
+            copies.insert(
+                l.name.clone(),
+                per_worker
+                    .iter()
+                    .filter_map(|m| m.get(&l.name).and_then(|s| s.try_clone().ok()))
+                    .collect(),
+            );
         }
         let opens: Vec<Arc<AtomicUsize>> = {
             let mut o = self.opens.lock().map_err(|_| ServerError::Poisoned)?;
@@ -442,6 +440,17 @@ impl Server {
                 opens: opens.clone(),
                 sockets,
             });
+        }
+        // the workers have the new sockets: their copies are kept from now
+        if let Ok(mut k) = self.listening.lock() {
+            // a removed listener's sockets close with its accept loops
+            k.retain(|name, _| config.listeners.iter().any(|l| &l.name == name));
+            k.extend(copies);
+        }
+        if let Ok(mut h) = self.inherited.lock() {
+            // sockets handed over for listeners this config does not have are closed,
+            // so that their ports refuse rather than queue what nobody accepts
+            h.retain(|name, _| name == "admin" || name == "bundle_endpoint");
         }
         // the old control thread (health checks, PINGs, spike detection) gives way
         let (stop, rx) = watch::channel(false);
@@ -563,6 +572,14 @@ impl Server {
 
     pub fn drain(&self) {
         self.state.set_ready(false);
+        // the copies kept for an upgrade go too: a draining node's ports refuse at once
+        // (after a handover the new process holds its own)
+        if let Ok(mut k) = self.listening.lock() {
+            k.clear();
+        }
+        if let Ok(mut h) = self.inherited.lock() {
+            h.clear();
+        }
         let _ = self.shutdown.send(true);
     }
 

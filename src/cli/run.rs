@@ -63,6 +63,7 @@ where
     rt.block_on(async move {
         let io = |addr: SocketAddr| move |e| CliError::Io(format!("admin bind {addr}"), e);
         // the admin port, and a copy of its socket for an upgrade to hand over
+        let mut admin_task = None;
         let (admin, admin_copy) = match cfg.admin {
             Some(addr) => {
                 let l = match server.take_inherited("admin") {
@@ -73,7 +74,7 @@ where
                 let copy = l.try_clone().ok();
                 let l = tokio::net::TcpListener::from_std(l).map_err(io(addr))?;
                 let bound = l.local_addr().ok();
-                tokio::spawn(crate::admin::serve(l, server.state.clone()));
+                admin_task = Some(tokio::spawn(crate::admin::serve(l, server.state.clone())));
                 (bound, copy)
             }
             None => (None, None),
@@ -93,6 +94,9 @@ where
         );
         // trust bundles: this node's served, other domains' fetched
         let mut exchange = crate::exchange::Exchange::default();
+        if let Some(s) = server.take_inherited("bundle_endpoint") {
+            exchange.inherit(s);
+        }
         exchange
             .apply(&cfg, &server.state.bundles, &server.state.metrics)
             .map_err(|e| CliError::Io("bundle endpoint".into(), e))?;
@@ -165,6 +169,9 @@ where
                         use std::os::fd::AsRawFd;
                         sockets.push(("admin".to_owned(), a.as_raw_fd()));
                     }
+                    if let Some(fd) = exchange.socket() {
+                        sockets.push(("bundle_endpoint".to_owned(), fd));
+                    }
                     tracing::info!(exe = %started_exe(&started), sockets = sockets.len(), "SIGUSR2: starting the new binary, handing it every listening socket");
                     match super::upgrade::spawn(&started, &sockets) {
                         Ok(p) => upgrading = Some(Box::pin(p.ready())),
@@ -177,6 +184,11 @@ where
                         Ok(pid) => {
                             tracing::info!(new_pid = pid, "upgrade: the new process is ready; this one stops accepting and drains");
                             super::notify::notify(&format!("MAINPID={pid}\nSTATUS=handed over to pid {pid}"));
+                            // the admin port is the new process's alone: a probe of it
+                            // never meets this draining one
+                            if let Some(t) = admin_task.take() {
+                                t.abort();
+                            }
                             break;
                         }
                         Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),

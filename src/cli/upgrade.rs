@@ -44,23 +44,49 @@ impl Started {
     }
 }
 
-/// The sockets the process before this one handed over, by name; taken from the
-/// environment once.
+/// What the process before this one left in the environment: the handed sockets'
+/// names and descriptors, and the readiness pipe.
+static HANDED: std::sync::OnceLock<(Option<String>, Option<RawFd>)> = std::sync::OnceLock::new();
+
+/// Takes the upgrade's variables out of the environment. Called first thing in `main`,
+/// while the process has one thread (removing a variable is sound only then), so that
+/// nothing this process starts later inherits them.
+pub fn capture_env() {
+    let spec = std::env::var_os(INHERIT).map(|v| v.to_string_lossy().into_owned());
+    let pipe = std::env::var_os(PIPE).and_then(|v| v.to_string_lossy().parse::<RawFd>().ok());
+    // SAFETY: main has started no thread yet
+    unsafe {
+        std::env::remove_var(INHERIT);
+        std::env::remove_var(PIPE);
+    }
+    let _ = HANDED.set((spec, pipe));
+}
+
+/// The sockets the process before this one handed over, by name.
 pub fn inherited() -> HashMap<String, Vec<std::net::TcpListener>> {
     let mut out: HashMap<String, Vec<std::net::TcpListener>> = HashMap::new();
-    let Some(spec) = std::env::var_os(INHERIT) else {
+    let Some(spec) = HANDED.get().and_then(|(s, _)| s.clone()) else {
         return out;
     };
-    // SAFETY: read once, at start, before any thread of ours reads the environment
-    unsafe { std::env::remove_var(INHERIT) };
-    for part in spec.to_string_lossy().split(';') {
+    for part in spec.split(';') {
         let Some((name, fds)) = part.split_once('=') else {
             continue;
         };
         for fd in fds.split(',').filter_map(|f| f.parse::<RawFd>().ok()) {
-            // a descriptor the parent left open for this process, a listening socket
-            let ok = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
-            if !ok {
+            // a descriptor the parent left open for this process: a listening socket
+            let mut listening: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes an int into `listening` and its size into `len`
+            let ok = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut listening as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            } == 0;
+            if !ok || listening == 0 {
                 continue;
             }
             // SAFETY: the parent passed it for this process to own, and nothing else
@@ -77,17 +103,19 @@ pub fn inherited() -> HashMap<String, Vec<std::net::TcpListener>> {
 /// Whether this process was started by an upgrade (it tells its parent, not systemd,
 /// that it is ready).
 pub fn is_upgrade() -> bool {
-    std::env::var_os(PIPE).is_some()
+    HANDED.get().is_some_and(|(_, p)| p.is_some())
 }
 
 /// Tells the process that started this one that it is ready (once).
 pub fn tell_parent_ready() {
-    let Some(fd) = std::env::var_os(PIPE).and_then(|v| v.to_string_lossy().parse::<RawFd>().ok())
-    else {
+    static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(fd) = HANDED.get().and_then(|(_, p)| *p) else {
         return;
     };
-    // SAFETY: read once; the descriptor is the pipe's write end the parent left for us
-    unsafe { std::env::remove_var(PIPE) };
+    if TOLD.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    // SAFETY: the pipe's write end the parent left for this process, used once
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     use std::io::Write;
     let _ = f.write_all(b"ready\n");
@@ -97,10 +125,21 @@ pub fn tell_parent_ready() {
 pub type Readiness =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, UpgradeError>> + Send>>;
 
-/// A new process started, not yet ready.
+/// A new process started, not yet ready. Dropped before it was ready (the old process
+/// drains meanwhile), it is stopped.
 pub struct Pending {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     ready: tokio::net::unix::pipe::Receiver,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            // reaped off the caller's thread: it is gone at once after SIGKILL
+            std::thread::spawn(move || c.wait());
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +204,10 @@ pub fn spawn(started: &Started, sockets: &[(String, RawFd)]) -> Result<Pending, 
     drop(write);
     let ready =
         tokio::net::unix::pipe::Receiver::from_owned_fd(read).map_err(UpgradeError::Pipe)?;
-    Ok(Pending { child, ready })
+    Ok(Pending {
+        child: Some(child),
+        ready,
+    })
 }
 
 impl Pending {
@@ -189,21 +231,34 @@ impl Pending {
         })
         .await;
         match read {
-            Ok(true) => Ok(self.child.id()),
+            Ok(true) => {
+                // it serves: it is no child of this process's to stop any more (reaped
+                // here if it ends first; reparented when this process exits)
+                let mut c = self.child.take().expect("taken once");
+                let pid = c.id();
+                std::thread::spawn(move || c.wait());
+                Ok(pid)
+            }
             Ok(false) => {
-                // the pipe closed unsaid: the process ended (or is ending)
-                let status = tokio::task::spawn_blocking(move || self.child.wait())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map_or("no status".into(), |s| s.to_string());
+                // the pipe closed unsaid: the process ended, or is ending; it is given a
+                // moment to say its status, then stopped
+                let mut c = self.child.take().expect("taken once");
+                let status = tokio::task::spawn_blocking(move || {
+                    for _ in 0..50 {
+                        if let Ok(Some(st)) = c.try_wait() {
+                            return st.to_string();
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let _ = c.kill();
+                    c.wait().map_or("no status".into(), |s| s.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| "no status".into());
                 Err(UpgradeError::Exited(status))
             }
-            Err(_) => {
-                let _ = self.child.kill();
-                let _ = tokio::task::spawn_blocking(move || self.child.wait()).await;
-                Err(UpgradeError::Slow(READY_WITHIN.as_secs()))
-            }
+            // dropped: stopped
+            Err(_) => Err(UpgradeError::Slow(READY_WITHIN.as_secs())),
         }
     }
 }

@@ -82,6 +82,8 @@ impl Status {
 pub struct Exchange {
     fetchers: fetch::Fetchers,
     served: Option<Served>,
+    /// The bundle endpoint's socket as the process before this one handed it over.
+    inherited: Option<std::net::TcpListener>,
 }
 
 struct Served {
@@ -126,7 +128,16 @@ impl Exchange {
         let socket = match &self.served {
             Some(s) if s.cfg.bind == want.bind => s.socket.try_clone()?,
             _ => {
-                let s = std::net::TcpListener::bind(want.bind)?;
+                let handed = self.inherited.take().filter(|s| {
+                    s.local_addr().is_ok_and(|a| {
+                        a.ip() == want.bind.ip()
+                            && (want.bind.port() == 0 || a.port() == want.bind.port())
+                    })
+                });
+                let s = match handed {
+                    Some(s) => s,
+                    None => std::net::TcpListener::bind(want.bind)?,
+                };
                 s.set_nonblocking(true)?;
                 s
             }
@@ -146,6 +157,18 @@ impl Exchange {
             task,
         });
         Ok(())
+    }
+
+    /// Takes the bundle endpoint's socket the process before this one handed over: the
+    /// next [`Exchange::apply`] serves on it instead of binding.
+    pub fn inherit(&mut self, socket: std::net::TcpListener) {
+        self.inherited = Some(socket);
+    }
+
+    /// The bundle endpoint's socket, for a binary upgrade to hand over.
+    pub fn socket(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.served.as_ref().map(|s| s.socket.as_raw_fd())
     }
 
     /// The bound address of the bundle endpoint, when one is served.

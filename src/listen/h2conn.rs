@@ -220,7 +220,8 @@ where
                 Err(e) => return super::refusal(&e),
             },
             _ = trip.notify.notified() => return None,
-            _ = signal.wait_for(|s| *s) => return None,
+            // a connection accepted before the node began to drain is served still: it
+            // is told GOAWAY once its handshake is done, not cut in the middle of it
             _ = tick.tick() => trip.check_slow(),
         }
     };

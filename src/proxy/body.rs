@@ -170,9 +170,10 @@ impl Drop for Finish {
                     ("identity", V::from(a.identity.to_str().unwrap_or("?"))),
                     ("method", V::from(a.method.as_str())),
                     ("path", V::from(a.path.as_str())),
-                    ("authority", V::from(a.authority.as_str())),
-                    ("fed_service", V::from(a.fed_service.as_str())),
-                    ("content_type", V::from(a.content_type.as_str())),
+                    // as the caller sent them, quoted as the JSON log writes them
+                    ("authority", V::from(format!("{:?}", a.authority))),
+                    ("fed_service", V::from(format!("{:?}", a.fed_service))),
+                    ("content_type", V::from(format!("{:?}", a.content_type))),
                     ("service", V::from(service.as_str())),
                     ("rpc", V::from(self.method.as_deref().unwrap_or(""))),
                     ("status", V::from(self.http_status)),

@@ -189,11 +189,20 @@ fn by_zone(
             .count()
     };
     if !svc.locality_weights.is_empty() {
+        // a zone's weight counts for the share of its endpoints available (a zone with
+        // one of ten up takes a tenth of its weight), as Envoy's locality weights do
         let live: Vec<(&str, u32)> = svc
             .locality_weights
             .iter()
-            .filter(|(z, w)| *w > 0 && locals.iter().any(|&e| zone_of(e) == Some(z.as_str())))
-            .map(|(z, w)| (z.as_str(), *w))
+            .filter_map(|(z, w)| {
+                let all = (0..n).filter(|&e| zone_of(e) == Some(z.as_str())).count() as u64;
+                let up = locals
+                    .iter()
+                    .filter(|&&e| zone_of(e) == Some(z.as_str()))
+                    .count() as u64;
+                let w = (u64::from(*w) * up).checked_div(all)? as u32;
+                (w > 0).then_some((z.as_str(), w))
+            })
             .collect();
         let total: u32 = live.iter().map(|(_, w)| w).sum();
         if total == 0 {

@@ -66,8 +66,24 @@ fn the_package_installs_checks_and_purges_cleanly() {
                 "fed.example",
             ])
             .current_dir("/etc/fedport"));
-        let checked =
-            run(Command::new("/usr/bin/fedport").args(["check", "/etc/fedport/fedport.toml"]));
+        // as the README goes on: the node's user reads its key, the CA's key leaves
+        run(Command::new("bash")
+            .args([
+                "-ec",
+                "chgrp fedport certs/*.key && chmod 0640 certs/*.key && mv certs/federation-ca.key \"$1\"",
+                "-",
+            ])
+            .arg(dir.path())
+            .current_dir("/etc/fedport"));
+        // as the unit runs it: user fedport reads the config, its files and its key
+        let checked = run(Command::new("runuser").args([
+            "-u",
+            "fedport",
+            "--",
+            "/usr/bin/fedport",
+            "check",
+            "/etc/fedport/fedport.toml",
+        ]));
         assert!(checked.contains("fedport.toml: ok"), "{checked}");
         let out = Command::new("systemd-analyze")
             .args(["verify", "/lib/systemd/system/fedport.service"])

@@ -3,7 +3,7 @@
 //! happens in the middle. First with a "new binary" that exits at once: nothing fails,
 //! the old process serves on and logs why. Then with the real one: nothing fails, no
 //! connection is refused or reset, the new process took over every socket (the admin
-//! port and the ready file too) and the old one exited 0 — one process at the end.
+//! and bundle endpoint ports too, and the ready file) and the old one exited 0 — one process at the end.
 
 use crate::support::upstream::{self, Proto};
 use crate::support::{Fedport, Pki};
@@ -15,12 +15,13 @@ fn h2load(port: u16, secs: u64) -> std::thread::JoinHandle<(u64, u64, u64)> {
     std::thread::spawn(move || {
         let out = Command::new("h2load")
             .args([
+                "--h1",
                 "-D",
                 &secs.to_string(),
                 "-c",
                 "4",
                 "-m",
-                "4",
+                "1",
                 "-H",
                 "fed-service: up",
             ])
@@ -39,6 +40,12 @@ fn h2load(port: u16, secs: u64) -> std::thread::JoinHandle<(u64, u64, u64)> {
                 .and_then(|p| p.split_whitespace().find_map(|w| w.parse().ok()))
                 .unwrap_or(u64::MAX)
         };
+        if n("failed") > 0 || n("errored") > 0 {
+            eprintln!(
+                "h2load said:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         (n("succeeded"), n("failed"), n("errored"))
     })
 }
@@ -118,14 +125,20 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
         &crate::support::node_config(
             &pki,
             &format!(
-                "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+                "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n\
+                 [bundle_endpoint]\nbind = \"127.0.0.1:0\"\n",
                 up.url(Proto::H2c)
             ),
         ),
     );
     let port = fp.port("local");
     let old = fp.pid();
-    let sockets = (listening(port), listening(fp.port("internal")));
+    let sockets = (
+        listening(port),
+        listening(fp.port("internal")),
+        listening(fp.port("bundle_endpoint")),
+        listening(fp.admin.unwrap().port()),
+    );
     assert_eq!(sockets.0.len(), 2, "one socket per worker: {:?}", sockets.0);
 
     // a "new binary" that exits at once: nothing fails, the old process serves on
@@ -151,6 +164,9 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
     fp.signal("USR2");
     let (ok, failed, errored) = load.join().unwrap();
     let (churn_failed, first) = conns.join().unwrap();
+    if failed > 0 {
+        eprintln!("LOG:\n{}", fp.log_text());
+    }
     assert!(ok > 100, "{ok} succeeded");
     assert_eq!((failed, errored), (0, 0), "h2load: none failed or errored");
     assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
@@ -159,7 +175,12 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
     let new = ready_pid(&fp);
     assert_ne!(new, old, "the ready file is the new process's");
     assert_eq!(
-        (listening(port), listening(fp.port("internal"))),
+        (
+            listening(port),
+            listening(fp.port("internal")),
+            listening(fp.port("bundle_endpoint")),
+            listening(fp.admin.unwrap().port()),
+        ),
         sockets,
         "the very sockets the old process listened on, handed over: none bound anew"
     );
