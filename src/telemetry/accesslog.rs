@@ -1,5 +1,6 @@
 //! The access log as a file of its own (`[node] access_log_file`): JSON lines, shaped
-//! as the JSON log's access lines, written by a thread of its own from a bounded queue,
+//! as the JSON log's access lines, written by a thread of its own from a bounded queue
+//! (16,384 lines, 16 MiB),
 //! so that a slow disk never holds a request up: past the queue a line is dropped and
 //! counted (`fedport_access_log_lines_dropped_total`). SIGUSR1 reopens the file (after
 //! logrotate renamed it): every line queued before is written to the old file or the
@@ -14,14 +15,18 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Lines queued for the writer at most (at about 500 bytes a line, 8 MiB).
+/// Lines queued for the writer at most, and their bytes at most (a line may be long:
+/// what the caller sent, up to its header list's limit).
 const QUEUE: usize = 16 * 1024;
+const QUEUE_BYTES: usize = 16 << 20;
 
 pub struct AccessFile {
     pub path: PathBuf,
     tx: SyncSender<String>,
     reopen: Arc<AtomicBool>,
     dropped: Counter,
+    /// Bytes of the lines queued now.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn open(path: &Path) -> std::io::Result<std::fs::File> {
@@ -37,27 +42,37 @@ impl AccessFile {
         let file = open(path)?;
         let (tx, rx) = sync_channel(QUEUE);
         let reopen = Arc::new(AtomicBool::new(false));
-        let (p, flag, written) = (
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (p, flag, written, q) = (
             path.to_owned(),
             reopen.clone(),
             metrics.access_log_lines.clone(),
+            queued.clone(),
         );
         std::thread::Builder::new()
             .name("fedport-access-log".into())
-            .spawn(move || write_lines(rx, file, &p, &flag, &written))?;
+            .spawn(move || write_lines(rx, file, &p, &flag, (&written, &q)))?;
         Ok(Arc::new(Self {
             path: path.to_owned(),
             tx,
             reopen,
             dropped: metrics.access_log_dropped.clone(),
+            queued,
         }))
     }
 
     /// Queues a line; never waits: with the queue full the line is dropped and counted.
     pub fn write(&self, line: String) {
+        let n = line.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.dropped.inc();
+            return;
+        }
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(n, Ordering::Relaxed);
                 self.dropped.inc();
             }
         }
@@ -76,7 +91,7 @@ fn write_lines(
     file: std::fs::File,
     path: &Path,
     reopen: &AtomicBool,
-    written: &Counter,
+    (written, queued): (&Counter, &std::sync::atomic::AtomicUsize),
 ) {
     let mut out = std::io::BufWriter::with_capacity(64 << 10, file);
     loop {
@@ -101,6 +116,7 @@ fn write_lines(
             let Some(mut line) = next.take() else {
                 break;
             };
+            queued.fetch_sub(line.len(), Ordering::Relaxed);
             line.push('\n');
             if out.write_all(line.as_bytes()).is_ok() {
                 written.inc();
