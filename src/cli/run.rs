@@ -118,6 +118,7 @@ where
             super::notify::notify("READY=1\nSTATUS=serving");
         }
         let mut upgrading: Option<super::upgrade::Readiness> = None;
+        let mut handed_over = false;
         // the config and certificate files are watched by polling: cheap, and it
         // survives editors' rename-and-replace and mounted-secret symlink swaps alike
         let mut poll = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -189,6 +190,7 @@ where
                             if let Some(t) = admin_task.take() {
                                 t.abort();
                             }
+                            handed_over = true;
                             break;
                         }
                         Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),
@@ -247,10 +249,17 @@ where
             }
         }
         // leave the registry first, so that the other nodes stop sending new work
-        // here now rather than when the lease runs out; then drain what is in flight
+        // here now rather than when the lease runs out; then drain what is in flight.
+        // Handed over, the lease is left to run out instead: the new process puts the
+        // same key under a lease of its own, and revoking this one first would take the
+        // node out of the federation in between
         if let Some(task) = registry_task {
-            let _ = registry_stop.send(true);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+            if handed_over {
+                task.abort();
+            } else {
+                let _ = registry_stop.send(true);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+            }
         }
         server.drain();
         let _ = tokio::task::spawn_blocking(move || server.join()).await;
