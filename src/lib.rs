@@ -37,6 +37,7 @@ pub mod exchange;
 pub mod federation;
 pub mod firewall;
 pub mod grammar;
+pub mod handover;
 pub mod headers;
 pub mod identity;
 pub mod limits;

@@ -11,7 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     // a binary upgrade's handed sockets and pipe, out of the environment before any
     // thread starts
-    fedport::cli::upgrade::capture_env();
+    fedport::handover::capture_env();
     let cli = fedport::cli::Cli::parse();
     fedport::telemetry::init_logging_as(cli.log_format.as_deref());
     let code = fedport::cli::dispatch(cli)?;

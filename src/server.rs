@@ -291,7 +291,7 @@ impl Server {
             metrics,
             running: Mutex::new(None),
             given: Mutex::new(given),
-            inherited: Mutex::new(crate::cli::upgrade::inherited()),
+            inherited: Mutex::new(crate::handover::inherited()),
             listening: Mutex::new(HashMap::new()),
         };
         match nofile {

@@ -5,7 +5,6 @@ pub mod check;
 pub mod notify;
 pub mod run;
 pub mod sandbox;
-pub mod upgrade;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -151,7 +150,7 @@ pub enum CliError {
     #[error(transparent)]
     Firewall(#[from] crate::firewall::FirewallError),
     #[error(transparent)]
-    Upgrade(#[from] upgrade::UpgradeError),
+    Upgrade(#[from] crate::handover::UpgradeError),
 }
 
 fn bench(a: BenchArgs) -> Result<i32, CliError> {

@@ -53,7 +53,7 @@ where
 {
     // the binary and arguments a SIGUSR2 upgrade starts again, read before the file
     // may be replaced
-    let started = super::upgrade::Started::now();
+    let started = crate::handover::Started::now();
     let metrics = Metrics::new(&cfg.node.name, &cfg.hash);
     let server = Server::start(cfg.clone(), metrics)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -110,14 +110,14 @@ where
             tracing::info!(listener = %name, %addr, "listening");
         }
         tracing::info!(node = %cfg.node.name, workers = cfg.node.workers, admin = ?admin, "fedport ready");
-        if super::upgrade::is_upgrade() {
+        if crate::handover::is_upgrade() {
             // started by an upgrade: the process before says so to systemd, with this
             // process's pid, once it lets go
-            super::upgrade::tell_parent_ready();
+            crate::handover::tell_parent_ready();
         } else {
             super::notify::notify("READY=1\nSTATUS=serving");
         }
-        let mut upgrading: Option<super::upgrade::Readiness> = None;
+        let mut upgrading: Option<crate::handover::Readiness> = None;
         let mut handed_over = false;
         // the config and certificate files are watched by polling: cheap, and it
         // survives editors' rename-and-replace and mounted-secret symlink swaps alike
@@ -174,7 +174,7 @@ where
                         sockets.push(("bundle_endpoint".to_owned(), fd));
                     }
                     tracing::info!(exe = %started_exe(&started), sockets = sockets.len(), "SIGUSR2: starting the new binary, handing it every listening socket");
-                    match super::upgrade::spawn(&started, &sockets) {
+                    match crate::handover::spawn(&started, &sockets) {
                         Ok(p) => upgrading = Some(Box::pin(p.ready())),
                         Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),
                     }
@@ -268,7 +268,7 @@ where
     })
 }
 
-fn started_exe(s: &super::upgrade::Started) -> String {
+fn started_exe(s: &crate::handover::Started) -> String {
     s.exe().display().to_string()
 }
 
