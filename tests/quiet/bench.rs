@@ -122,5 +122,7 @@ fn bench_agrees_with_h2load_through_a_node() {
     eprintln!("fedport bench {rps:.0} req/s, h2load {theirs:.0} req/s");
     assert_eq!(ours["errors"], 0, "{ours}");
     let ratio = rps / theirs;
-    assert!((0.8..=1.25).contains(&ratio), "bench/h2load = {ratio:.2}");
+    // two load generators on a shared 2-core machine: agreement within a third (a
+    // ratio of two rates measured in the same run, never a speed of its own)
+    assert!((0.7..=1.4).contains(&ratio), "bench/h2load = {ratio:.2}");
 }
