@@ -100,14 +100,26 @@ fn rotated(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
-#[test]
-fn rotated_by_logrotate_create_no_line_is_lost_or_doubled() {
+/// A node whose access lines go to `DIR/access.log`, with its service's upstream.
+fn logging_node() -> (
+    Pki,
+    upstream::Upstream,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Fedport,
+) {
     let pki = Pki::new();
     let up = upstream::start(Proto::H2c);
     let dir = pki.path().join("logs");
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
     let fp = node(&pki, &up.url(Proto::H2c), &log);
+    (pki, up, dir, log, fp)
+}
+
+#[test]
+fn rotated_by_logrotate_create_no_line_is_lost_or_doubled() {
+    let (pki, _up, dir, log, fp) = logging_node();
     let conf = format!(
         "{} {{\n  rotate 5\n  create 0640\n  missingok\n  postrotate\n    kill -USR1 {}\n  endscript\n}}\n",
         log.display(),
@@ -151,12 +163,7 @@ fn rotated_by_logrotate_create_no_line_is_lost_or_doubled() {
 
 #[test]
 fn rotated_by_logrotate_copytruncate_no_hole_and_no_line_doubled() {
-    let pki = Pki::new();
-    let up = upstream::start(Proto::H2c);
-    let dir = pki.path().join("logs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("access.log");
-    let fp = node(&pki, &up.url(Proto::H2c), &log);
+    let (pki, _up, dir, log, fp) = logging_node();
     let conf = format!(
         "{} {{\n  rotate 5\n  copytruncate\n  missingok\n}}\n",
         log.display()
