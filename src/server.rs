@@ -191,12 +191,24 @@ fn prepare(
     })
 }
 
+/// Drains a node at once from outside the thread that waits in [`Server::join`]: a
+/// handed-over node told SIGTERM while its busy connections serve on.
+pub struct Ender(watch::Sender<bool>);
+
+impl Ender {
+    pub fn drain(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
 /// A started node.
 pub struct Server {
     pub state: Arc<State>,
     /// Each listener's name and bound address (the real port when the config said 0).
     bound: Mutex<Vec<(String, SocketAddr)>>,
     shutdown: watch::Sender<bool>,
+    /// Starting (bound, not accepting), serving, or handed over to the next process.
+    phase: watch::Sender<listen::Phase>,
     threads: Vec<JoinHandle<()>>,
     tls: ArcSwap<Option<Arc<identity::rotate::Rotating>>>,
     workers: Vec<mpsc::UnboundedSender<Generation>>,
@@ -260,6 +272,7 @@ impl Server {
             ready: AtomicBool::new(false),
         });
         let (shutdown, _) = watch::channel(false);
+        let (phase, _) = watch::channel(listen::Phase::Starting);
         let mut threads = Vec::new();
         let mut workers = Vec::new();
         let mut here = None;
@@ -267,13 +280,14 @@ impl Server {
             let (tx, rx) = mpsc::unbounded_channel();
             let metrics = metrics.clone();
             let stop = shutdown.subscribe();
+            let seen = phase.subscribe();
             if w == 0 && inline {
-                here = Some(Box::pin(worker_main(metrics, rx, stop)) as WorkerMain);
+                here = Some(Box::pin(worker_main(metrics, rx, stop, seen)) as WorkerMain);
                 workers.push(tx);
                 continue;
             }
             let t = runtime_thread(format!("fedport-w{w}"), move || {
-                worker_main(metrics, rx, stop)
+                worker_main(metrics, rx, stop, seen)
             })
             .map_err(ServerError::Worker)?;
             threads.push(t);
@@ -283,6 +297,7 @@ impl Server {
             state,
             bound: Mutex::new(Vec::new()),
             shutdown,
+            phase,
             threads,
             tls: ArcSwap::new(Arc::new(None)),
             workers,
@@ -570,6 +585,39 @@ impl Server {
         }
     }
 
+    /// Starts accepting on every listener (until now connections wait in the kernel's
+    /// queue) and says the node is ready.
+    pub fn open(&self) {
+        self.phase.send_if_modified(|p| {
+            let was = *p == listen::Phase::Starting;
+            if was {
+                *p = listen::Phase::Serving;
+            }
+            was
+        });
+        self.state.set_ready(true);
+    }
+
+    /// After a binary upgrade's new process is ready: this one stops accepting (the
+    /// new one accepts on the same sockets) and lets its connections end as they go
+    /// idle; busy ones serve on for up to `upgrade_drain_timeout`, then drain as on
+    /// SIGTERM. The workers end by themselves; [`Ender::drain`] drains at once.
+    pub fn hand_over(&self) {
+        self.state.set_ready(false);
+        if let Ok(mut k) = self.listening.lock() {
+            k.clear();
+        }
+        if let Ok(mut h) = self.inherited.lock() {
+            h.clear();
+        }
+        let _ = self.phase.send(listen::Phase::HandedOver);
+    }
+
+    /// What drains the node while another thread waits in [`Server::join`].
+    pub fn ender(&self) -> Ender {
+        Ender(self.shutdown.clone())
+    }
+
     pub fn drain(&self) {
         self.state.set_ready(false);
         // the copies kept for an upgrade go too: a draining node's ports refuse at once
@@ -608,7 +656,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let server = Server::start_with(config, metrics, listeners)?;
-    server.state.set_ready(true);
+    server.open();
     shutdown.await;
     server.drain();
     let _ = tokio::task::spawn_blocking(move || server.join()).await;
@@ -632,7 +680,7 @@ pub async fn run_here(
             "a node run here needs at least one worker",
         )));
     };
-    server.state.set_ready(true);
+    server.open();
     let ended = tokio::select! {
         _ = shutdown => false,
         _ = &mut worker => true,
@@ -676,7 +724,7 @@ fn keep_dialers(
     config: &Config,
     peer_settings: &[upstream::Settings],
     loops: &HashMap<String, Loop>,
-    live: &Arc<()>,
+    (live, phase): (&Arc<()>, &watch::Receiver<listen::Phase>),
 ) {
     let listener = config
         .listeners
@@ -717,6 +765,7 @@ fn keep_dialers(
             l.accepting.clone(),
             listen::Drain {
                 signal,
+                phase: phase.clone(),
                 live: live.clone(),
             },
         ));
@@ -744,17 +793,21 @@ async fn worker_main(
     metrics: Arc<Metrics>,
     mut generations: mpsc::UnboundedReceiver<Generation>,
     mut shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<listen::Phase>,
 ) {
     let live = Arc::new(());
     let mut loops: HashMap<String, Loop> = HashMap::new();
     let mut dialers: HashMap<DialerKey, Dialer> = HashMap::new();
     let mut drain = std::time::Duration::from_secs(30);
+    let mut handover = std::time::Duration::from_secs(60);
     loop {
         let g = tokio::select! {
             g = generations.recv() => match g { Some(g) => g, None => break },
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = phase.wait_for(|p| *p == listen::Phase::HandedOver) => break,
         };
         drain = g.config.node.drain_timeout;
+        handover = g.config.node.upgrade_drain_timeout;
         let Generation {
             config,
             settings,
@@ -819,6 +872,7 @@ async fn worker_main(
                         accepting.clone(),
                         listen::Drain {
                             signal,
+                            phase: phase.clone(),
                             live: live.clone(),
                         },
                     ));
@@ -834,7 +888,13 @@ async fn worker_main(
                 }
             }
         }
-        keep_dialers(&mut dialers, &config, &peer_settings, &loops, &live);
+        keep_dialers(
+            &mut dialers,
+            &config,
+            &peer_settings,
+            &loops,
+            (&live, &phase),
+        );
         // listeners no longer configured stop accepting; their connections drain
         let gone: Vec<String> = loops
             .keys()
@@ -848,6 +908,30 @@ async fn worker_main(
             }
         }
     }
+    // every connection task holds a clone of `live`: wait for them to end
+    let all_done = |live: &Arc<()>| {
+        let live = live.clone();
+        async move {
+            while Arc::strong_count(&live) > 2 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    if *phase.borrow() == listen::Phase::HandedOver && !*shutdown.borrow() {
+        // the accept loops and dialers have stopped by themselves, and connections end
+        // as they go idle; until the busy ones end too, the upgrade's drain time passes,
+        // or the node is told to drain now
+        let settled = tokio::select! {
+            r = tokio::time::timeout(handover, all_done(&live)) => r.is_ok(),
+            _ = shutdown.wait_for(|s| *s) => false,
+        };
+        if !settled {
+            tracing::info!(
+                open = Arc::strong_count(&live).saturating_sub(1),
+                "upgrade: connections still open are told to finish (GOAWAY, or close)"
+            );
+        }
+    }
     for l in loops.values() {
         let _ = l.stop.send(true);
     }
@@ -857,13 +941,7 @@ async fn worker_main(
     for (_, l) in loops {
         let _ = l.task.await;
     }
-    // every connection task holds a clone of `live`: wait for them to end
-    let all_done = async {
-        while Arc::strong_count(&live) > 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    if tokio::time::timeout(drain, all_done).await.is_err() {
+    if tokio::time::timeout(drain, all_done(&live)).await.is_err() {
         tracing::warn!(
             timeout_ms = drain.as_millis() as u64,
             "drain timeout passed; closing the remaining connections"

@@ -63,7 +63,7 @@ where
     rt.block_on(async move {
         let io = |addr: SocketAddr| move |e| CliError::Io(format!("admin bind {addr}"), e);
         // the admin port, and a copy of its socket for an upgrade to hand over
-        let mut admin_task = None;
+        let mut admin_port = None;
         let (admin, admin_copy) = match cfg.admin {
             Some(addr) => {
                 let l = match server.take_inherited("admin") {
@@ -74,7 +74,7 @@ where
                 let copy = l.try_clone().ok();
                 let l = tokio::net::TcpListener::from_std(l).map_err(io(addr))?;
                 let bound = l.local_addr().ok();
-                admin_task = Some(tokio::spawn(crate::admin::serve(l, server.state.clone())));
+                admin_port = Some(l);
                 (bound, copy)
             }
             None => (None, None),
@@ -104,8 +104,13 @@ where
         if let Some(a) = exchange.bound() {
             bound.push(("bundle_endpoint".to_owned(), a));
         }
-        server.state.set_ready(true);
         on_ready(&bound, admin)?;
+        // nothing fallible is left: accept (connections that came meanwhile waited in
+        // the kernel's queue), then say so
+        server.open();
+        // the admin port too: a probe never meets a new binary that is not ready yet
+        let mut admin_task =
+            admin_port.map(|l| tokio::spawn(crate::admin::serve(l, server.state.clone())));
         for (name, addr) in &server.bound() {
             tracing::info!(listener = %name, %addr, "listening");
         }
@@ -261,8 +266,28 @@ where
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
             }
         }
-        server.drain();
-        let _ = tokio::task::spawn_blocking(move || server.join()).await;
+        let ender = server.ender();
+        if handed_over {
+            // connections end as they go idle, busy ones serve on for up to
+            // upgrade_drain_timeout; SIGTERM or SIGINT meanwhile drains them at once
+            server.hand_over();
+        } else {
+            server.drain();
+        }
+        let mut joined = tokio::task::spawn_blocking(move || server.join());
+        loop {
+            tokio::select! {
+                _ = &mut joined => break,
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining the connections still open");
+                    ender.drain();
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: draining the connections still open");
+                    ender.drain();
+                }
+            }
+        }
         tracing::info!("drained; bye");
         Ok(())
     })

@@ -106,7 +106,7 @@ pub fn sandbox(a: &SandboxArgs) -> Result<i32, CliError> {
         let cfg = Arc::new(cfg);
         let metrics = crate::telemetry::Metrics::new(&cfg.node.name, &cfg.hash);
         let server = crate::server::Server::start(cfg, metrics)?;
-        server.state.set_ready(true);
+        server.open();
         others.push(server);
     }
     let (cfg, _) = crate::config::load(&layout.nodes[0].2)?;

@@ -105,6 +105,9 @@ pub struct Node {
     pub zone: Option<String>,
     pub workers: usize,
     pub drain_timeout: Duration,
+    /// After a binary upgrade, how long the old process serves connections that stay
+    /// busy (idle ones move at once) before draining them.
+    pub upgrade_drain_timeout: Duration,
     pub upstream_max_requests: u64,
     pub upstream_connections: usize,
     /// The share of requests with an access log line (0: none, 1: all).

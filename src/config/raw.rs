@@ -133,6 +133,9 @@ pub struct RawNode {
     pub workers: Option<S<i64>>,
     /// How long in-flight requests may take to finish after SIGTERM; default 30s.
     pub drain_timeout: Option<S<String>>,
+    /// After a binary upgrade, how long busy connections may stay with the old process
+    /// before they are drained as on SIGTERM; default 60s.
+    pub upgrade_drain_timeout: Option<S<String>>,
     /// Upstream connections are replaced after this many requests; default 100000.
     pub upstream_max_requests: Option<S<i64>>,
     /// One log line per request (target `fedport::access`); default false.

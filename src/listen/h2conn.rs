@@ -242,6 +242,8 @@ where
     let mut last_ping = Instant::now();
     let mut closing = false;
     let mut refused = None;
+    let mut phase = drain.phase.clone();
+    let mut settling: Option<tokio::time::Interval> = None;
     loop {
         tokio::select! {
             // the streams that arrive are started here, without a turn of this loop each
@@ -260,6 +262,19 @@ where
             _ = signal.wait_for(|s| *s), if !closing => {
                 closing = true;
                 conn.graceful_shutdown();
+            }
+            _ = phase.wait_for(|p| *p == super::Phase::HandedOver), if settling.is_none() && !closing => {
+                settling = Some(tokio::time::interval(super::SETTLE / 4));
+            }
+            // handed over: told GOAWAY once no stream has been open for SETTLE. A busy
+            // connection serves on (a client that cannot move its requests elsewhere
+            // after GOAWAY, such as h2load, loses none) until it ends or the upgrade's
+            // drain time passes
+            _ = async { settling.as_mut().expect("guarded by is_some").tick().await }, if settling.is_some() && !closing => {
+                if activity.idle_for() >= super::SETTLE {
+                    closing = true;
+                    conn.graceful_shutdown();
+                }
             }
             pong = poll_fn(|cx| match pings.as_mut() {
                 Some(p) => p.poll_pong(cx),

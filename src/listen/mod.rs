@@ -99,14 +99,20 @@ pub fn http_builder(header_timeout: Duration) -> hyper::server::conn::http1::Bui
     b
 }
 
-/// Accepts until `shutdown` turns true; then the socket is closed (new connections
-/// are refused) and open connections are left to the graceful watcher.
+/// Accepts once the node is ready, until `shutdown` turns true or the node hands its
+/// sockets over; then this copy of the socket is closed (new connections are refused,
+/// unless another process holds it too) and open connections are left to the graceful
+/// watcher.
 pub async fn accept_loop(
     listener: TcpListener,
     current: Arc<arc_swap::ArcSwap<Accepting>>,
     drain: Drain,
 ) {
     let mut shutdown = drain.signal.clone();
+    let mut phase = drain.phase.clone();
+    if !drain.opened().await {
+        return;
+    }
     // A scan must not flood the log: one line per source address per interval.
     let mut last_logged: std::collections::HashMap<std::net::IpAddr, std::time::Instant> =
         std::collections::HashMap::new();
@@ -114,6 +120,8 @@ pub async fn accept_loop(
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => break,
+            // handed over: the next process accepts on the same socket
+            _ = phase.wait_for(|p| *p == Phase::HandedOver) => break,
         };
         // the configuration generation in force when the connection arrived
         let acc = current.load_full();
@@ -469,8 +477,13 @@ pub async fn dial_reverse(
 ) {
     let mut stop = drain.signal.clone();
     let mut backoff = Duration::from_millis(100);
+    // not before the node is ready, and not again once it has handed over (the next
+    // process dials its own)
+    if !drain.opened().await {
+        return;
+    }
     loop {
-        if *stop.borrow() {
+        if *stop.borrow() || drain.handed_over() {
             return;
         }
         let acc = current.load_full();
@@ -657,6 +670,8 @@ where
     let mut closing = false;
     let mut refused = None;
     let (mut moved, mut still_since) = (trip.moved(), std::time::Instant::now());
+    let mut phase = drain.phase.clone();
+    let mut settling: Option<tokio::time::Interval> = None;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -669,6 +684,18 @@ where
             _ = signal.wait_for(|s| *s), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            _ = phase.wait_for(|p| *p == Phase::HandedOver), if settling.is_none() && !closing => {
+                settling = Some(tokio::time::interval(SETTLE / 4));
+            }
+            // handed over: a request in flight is answered with `Connection: close`, a
+            // connection idle for SETTLE is closed; a client is never cut mid-request
+            // nor while it may be sending its next one
+            _ = async { settling.as_mut().expect("guarded by is_some").tick().await }, if settling.is_some() && !closing => {
+                if activity.in_flight() || activity.idle_for() >= SETTLE {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             _ = tick.tick() => {
                 if !closing && activity.idle_for() >= idle {
@@ -733,10 +760,50 @@ fn log_cut(listener: &str, remote: SocketAddr, why: Reason) {
     tracing::warn!(listener, %remote, reason = why.as_str(), "connection cut for abuse (counted in fedport_rejections_total; logged at most every 10s per reason)");
 }
 
-/// What a connection task holds while it lives: the drain signal, and a share of the
-/// worker's count of live connections (the drain waits for it to reach zero).
+/// What a connection task holds while it lives: the drain signal, the node's phase,
+/// and a share of the worker's count of live connections (the drain waits for it to
+/// reach zero).
 #[derive(Clone)]
 pub struct Drain {
+    /// True: end now (GOAWAY, or close once the request in flight is answered).
     pub signal: watch::Receiver<bool>,
+    pub phase: watch::Receiver<Phase>,
     pub live: Arc<()>,
+}
+
+/// Where the node is in its life, as its accept loops and connections see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Sockets are bound, nothing is accepted yet: connections wait in the kernel's
+    /// queue until the node is ready (a new binary of an upgrade that fails before it
+    /// is ready has taken no connection with it).
+    Starting,
+    Serving,
+    /// A binary upgrade handed every socket to the next process: accept no more, and
+    /// end each connection once it has carried nothing for [`SETTLE`]; busy ones serve
+    /// on until they end or the upgrade's drain time passes (then `signal`).
+    HandedOver,
+}
+
+/// How long a connection of a handed-over node has carried nothing before it is told
+/// to go (GOAWAY, or closed): long enough that a client between two requests is not
+/// cut, short enough that an idle pool moves to the new process soon.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+impl Drain {
+    /// Waits until the node is past starting; false if it never will be (it is
+    /// stopping, or handed over).
+    pub async fn opened(&self) -> bool {
+        let mut phase = self.phase.clone();
+        let mut signal = self.signal.clone();
+        tokio::select! {
+            p = phase.wait_for(|p| *p != Phase::Starting) => p.is_ok_and(|p| *p == Phase::Serving),
+            _ = signal.wait_for(|s| *s) => false,
+        }
+    }
+
+    /// Whether the node has handed its sockets over.
+    pub fn handed_over(&self) -> bool {
+        *self.phase.borrow() == Phase::HandedOver
+    }
 }

@@ -1,6 +1,6 @@
-//! Upgrading the binary under load (SIGUSR2): h2load keeps a steady load on the node
-//! while 1,000 connections are opened and closed one after the other, and the upgrade
-//! happens in the middle. First with a "new binary" that exits at once: nothing fails,
+//! Upgrading the binary under load (SIGUSR2): h2load keeps a steady load on the node,
+//! over HTTP/2 and HTTP/1.1 at once, while 1,000 connections are opened and closed one
+//! after the other, and the upgrade happens in the middle. First with a "new binary" that exits at once: nothing fails,
 //! the old process serves on and logs why. Then with the real one: nothing fails, no
 //! connection is refused or reset, the new process took over every socket (the admin
 //! and bundle endpoint ports too, and the ready file) and the old one exited 0 — one process at the end.
@@ -10,21 +10,21 @@ use crate::support::{Fedport, Pki};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// h2load through the local listener (h2c) for `secs`: (succeeded, failed, errored).
-fn h2load(port: u16, secs: u64) -> std::thread::JoinHandle<(u64, u64, u64)> {
+/// h2load through the local listener for `secs`, HTTP/2 (h2c, 4 connections of 8
+/// streams) or HTTP/1.1 (4 connections): (succeeded, failed, errored). h2load cannot
+/// move a request to a new connection after GOAWAY (it counts the requests it had left
+/// as failed), so under HTTP/2 it passes only if the old process serves its busy
+/// connections on rather than telling them to go.
+fn h2load(port: u16, secs: u64, h1: bool) -> std::thread::JoinHandle<(u64, u64, u64)> {
     std::thread::spawn(move || {
-        let out = Command::new("h2load")
-            .args([
-                "--h1",
-                "-D",
-                &secs.to_string(),
-                "-c",
-                "4",
-                "-m",
-                "1",
-                "-H",
-                "fed-service: up",
-            ])
+        let mut cmd = Command::new("h2load");
+        if h1 {
+            cmd.args(["--h1", "-m", "1"]);
+        } else {
+            cmd.args(["-m", "8"]);
+        }
+        let out = cmd
+            .args(["-D", &secs.to_string(), "-c", "4", "-H", "fed-service: up"])
             .arg(format!("http://127.0.0.1:{port}/"))
             .output()
             .expect("h2load (scripts/install-test-deps.sh)");
@@ -90,6 +90,32 @@ fn listening(port: u16) -> std::collections::BTreeSet<u64> {
     out
 }
 
+/// One HTTP/2 connection used every `every` seconds, `count` times at most, until
+/// GOAWAY or `secs` (tests/py/h2_steady.py): what it saw.
+fn steady(
+    port: u16,
+    every: f64,
+    count: u32,
+    secs: u64,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    std::thread::spawn(move || {
+        let out = Command::new("python3")
+            .arg(crate::support::py("h2_steady.py"))
+            .args(["--port", &port.to_string(), "--service", "up"])
+            .args(["--every", &every.to_string(), "--count", &count.to_string()])
+            .args(["--for", &secs.to_string()])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "h2_steady.py said: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    })
+}
+
 fn ready_pid(fp: &Fedport) -> u32 {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fp.ready_file()).unwrap()).unwrap();
@@ -143,13 +169,19 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
 
     // a "new binary" that exits at once: nothing fails, the old process serves on
     replace(&exe, b"#!/bin/sh\nexit 3\n");
-    let (load, conns) = (h2load(port, 4), churn(port));
+    let (h2, h1, conns) = (h2load(port, 4, false), h2load(port, 4, true), churn(port));
     std::thread::sleep(Duration::from_secs(1));
     fp.signal("USR2");
-    let (ok, failed, errored) = load.join().unwrap();
+    for (load, what) in [(h2, "HTTP/2"), (h1, "HTTP/1.1")] {
+        let (ok, failed, errored) = load.join().unwrap();
+        assert!(ok > 100, "{what}: {ok} succeeded");
+        assert_eq!(
+            (failed, errored),
+            (0, 0),
+            "h2load {what}: none failed or errored"
+        );
+    }
     let (churn_failed, first) = conns.join().unwrap();
-    assert!(ok > 100, "{ok} succeeded");
-    assert_eq!((failed, errored), (0, 0), "h2load: none failed or errored");
     assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
     assert!(fp
         .log_text()
@@ -158,18 +190,36 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
     assert!(alive(old) && ready_pid(&fp) == old);
 
     // the real one: it takes every socket over, and the old process drains and exits 0
+    // besides the load: a connection that made one call and idles, which is told to go
+    // (GOAWAY, no error) soon after the handover rather than kept by the old process
     replace(&exe, &real);
-    let (load, conns) = (h2load(port, 5), churn(port));
+    let idle = steady(port, 0.1, 1, 20);
+    let (h2, h1, conns) = (h2load(port, 5, false), h2load(port, 5, true), churn(port));
     std::thread::sleep(Duration::from_secs(1));
     fp.signal("USR2");
-    let (ok, failed, errored) = load.join().unwrap();
-    let (churn_failed, first) = conns.join().unwrap();
-    if failed > 0 {
-        eprintln!("LOG:\n{}", fp.log_text());
+    for (load, what) in [(h2, "HTTP/2"), (h1, "HTTP/1.1")] {
+        let (ok, failed, errored) = load.join().unwrap();
+        if failed > 0 {
+            eprintln!("LOG:\n{}", fp.log_text());
+        }
+        assert!(ok > 100, "{what}: {ok} succeeded");
+        assert_eq!(
+            (failed, errored),
+            (0, 0),
+            "h2load {what}: none failed or errored"
+        );
     }
-    assert!(ok > 100, "{ok} succeeded");
-    assert_eq!((failed, errored), (0, 0), "h2load: none failed or errored");
+    let (churn_failed, first) = conns.join().unwrap();
     assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
+    let idle = idle.join().unwrap();
+    assert_eq!(idle["ok"], 1, "{idle}");
+    assert_eq!(
+        idle["goaway"], 0,
+        "the idle connection was told GOAWAY(NO_ERROR): {idle}"
+    );
+    assert_eq!(idle["unanswered"], 0, "{idle}");
+    // its busy connections ended with the load, so the old process is gone well before
+    // upgrade_drain_timeout (60 s)
     let status = fp.wait_exit(Duration::from_secs(40));
     assert_eq!(status, Some(0), "the old process drained and exited 0");
     let new = ready_pid(&fp);
@@ -205,4 +255,65 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!alive(new), "the new process stops on SIGTERM");
+}
+
+/// A connection that stays busy after an upgrade is served by the old process only
+/// until `upgrade_drain_timeout`; then it is told GOAWAY (no error), nothing it asked is
+/// reset or refused, and the old process exits 0 though the client would go on.
+#[test]
+fn a_connection_busy_past_the_upgrade_drain_time_is_told_to_go() {
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let config = crate::support::node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"up\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+    )
+    .replace(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"10s\"\nupgrade_drain_timeout = \"2s\"",
+    );
+    let mut fp = Fedport::start(&config);
+    let port = fp.port("local");
+    let old = fp.pid();
+    // a request every 0.2 s: never idle for the second that sends an idle one away
+    let busy = steady(port, 0.2, u32::MAX, 40);
+    std::thread::sleep(Duration::from_secs(1));
+    fp.signal("USR2");
+    let seen = busy.join().unwrap();
+    assert_eq!(
+        seen["goaway"], 0,
+        "told GOAWAY(NO_ERROR) once the drain time passed, not kept for the client's 40 s: {seen}"
+    );
+    assert!(
+        seen["ok"].as_u64().unwrap() >= 10,
+        "served by the old process after the handover (about 5 calls came before it): {seen}"
+    );
+    assert_eq!(
+        (&seen["bad"], &seen["reset"]),
+        (&0.into(), &0.into()),
+        "{seen}"
+    );
+    assert_eq!(
+        fp.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "the old process exited 0"
+    );
+    let new = ready_pid(&fp);
+    assert_ne!(new, old);
+    let (code, _, _) = crate::support::curl(&[
+        "-H",
+        "fed-service: up",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    assert_eq!(code, 200, "the new process serves");
+    let _ = Command::new("kill").arg(new.to_string()).status();
+    for _ in 0..100 {
+        if !alive(new) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

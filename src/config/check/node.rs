@@ -204,6 +204,8 @@ impl Checker<'_> {
                 .unwrap_or(1),
         };
         let drain_timeout = self.duration(r.drain_timeout.as_ref(), Duration::from_secs(30));
+        let upgrade_drain_timeout =
+            self.duration(r.upgrade_drain_timeout.as_ref(), Duration::from_secs(60));
         let upstream_max_requests = match &r.upstream_max_requests {
             Some(v) if *v.get_ref() < 1 => {
                 self.sink.error(
@@ -271,6 +273,7 @@ impl Checker<'_> {
             zone: r.zone.as_ref().map(|z| z.get_ref().clone()),
             workers,
             drain_timeout,
+            upgrade_drain_timeout,
             upstream_max_requests,
             upstream_connections,
             access_log: match r.access_log.as_ref().map(|a| (a, *a.get_ref())) {
