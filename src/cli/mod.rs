@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod check;
 pub mod notify;
+pub mod reload;
 pub mod run;
 pub mod sandbox;
 
@@ -25,6 +26,10 @@ pub enum Command {
     Run(run::RunArgs),
     /// Check a config file; print every problem as file:line:col with a hint.
     Check(check::CheckArgs),
+    /// Check the file, send the node SIGHUP, and wait until it has applied the file
+    /// (exit 0) or refused it (exit 1; 2 when the file does not check): the unit's
+    /// ExecReload.
+    Reload(reload::ReloadArgs),
     /// A federation on loopback in one command: CA, certificates, demo services, three nodes.
     Sandbox(sandbox::SandboxArgs),
     /// Certificates: a federation CA, node and client certificates with SPIFFE IDs and
@@ -203,6 +208,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, CliError> {
     match cli.command {
         Command::Run(a) => run::run(&a),
         Command::Check(a) => Ok(check::check(&a)),
+        Command::Reload(a) => reload::reload(&a),
         Command::Sandbox(a) => sandbox::sandbox(&a),
         Command::Certs(a) => certs::certs(&a),
         Command::Describe(a) => {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopError {
-    #[error("cannot read http://{0}/metrics: {1}")]
-    Scrape(SocketAddr, std::io::Error),
+    #[error("cannot read http://{0}{1}: {2}")]
+    Scrape(SocketAddr, &'static str, std::io::Error),
     #[error("terminal: {0}")]
     Terminal(std::io::Error),
 }
@@ -79,12 +79,17 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
 
 /// Fetches `/metrics` from an admin port.
 pub fn scrape(admin: SocketAddr) -> Result<String, TopError> {
-    let err = |e| TopError::Scrape(admin, e);
+    fetch(admin, "/metrics")
+}
+
+/// Fetches one admin path's body.
+pub fn fetch(admin: SocketAddr, path: &'static str) -> Result<String, TopError> {
+    let err = |e| TopError::Scrape(admin, path, e);
     let mut s =
         std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2)).map_err(err)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(err)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: fedport\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: fedport\r\n\r\n").as_bytes())
         .map_err(err)?;
     let mut body = String::new();
     s.read_to_string(&mut body).map_err(err)?;

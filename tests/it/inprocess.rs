@@ -173,3 +173,76 @@ async fn a_five_minute_deadline_passes_on_the_paused_clock() {
     stop.send(()).unwrap();
     node.await.unwrap().unwrap();
 }
+
+/// A node accepts nothing until it is open (`Server::open`, once it is ready): a
+/// connection that arrives before waits in the socket's queue. A node that stops
+/// without opening (a new binary of an upgrade that fails before it is ready) takes
+/// no connection with it: the one queued is still there for whoever else holds the
+/// socket (the old process), and is answered by it.
+#[test]
+fn a_node_accepts_nothing_before_it_is_open_and_a_queued_connection_outlives_it() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let up = upstream::start(Proto::H2c);
+    let text = node_config(
+        &pki,
+        &format!(
+            "[[service]]\nname = \"svc\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
+            up.url(Proto::H2c)
+        ),
+    );
+    let path = pki.path().join("fedport.toml");
+    std::fs::write(&path, &text).unwrap();
+    let (cfg, _) = fedport::config::compile(&path, &text).unwrap();
+    let cfg = Arc::new(cfg);
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    // the other holder of the socket (as the old process of an upgrade is)
+    let other = socket.try_clone().unwrap();
+    let start = |s: std::net::TcpListener| {
+        fedport::server::Server::start_with(
+            cfg.clone(),
+            fedport::telemetry::Metrics::new("test-a", "h"),
+            HashMap::from([("local".to_owned(), s)]),
+        )
+        .unwrap()
+    };
+
+    let failing = start(socket);
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .write_all(b"GET /q HTTP/1.1\r\nhost: x\r\nfed-service: svc\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(800)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = client.read(&mut buf);
+    assert!(
+        early.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "not accepted (nor answered, nor reset) before the node is open: {early:?}"
+    );
+    assert!(!failing.state.is_ready());
+    // it stops without ever opening
+    failing.drain();
+    failing.join();
+
+    let serving = start(other);
+    serving.open();
+    assert!(serving.state.is_ready());
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "the queued connection was answered by the node that holds the socket still: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    serving.drain();
+    serving.join();
+}
