@@ -48,7 +48,20 @@ pub struct State {
     pub bundles: Arc<crate::exchange::Status>,
     /// The file-descriptor limits, once raised at start.
     pub nofile: std::sync::OnceLock<crate::limits::nofile::Nofile>,
+    /// The last reload SIGHUP asked for, for `fedport reload` to read on `/config`.
+    pub hup: Mutex<HupReload>,
     ready: AtomicBool,
+}
+
+/// How the last SIGHUP reload went: its number since start, the configuration's
+/// outcome (`ok`, `error`), the TLS material's (`ok`, `error`, `unchanged`), and the
+/// hash of the configuration running after it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct HupReload {
+    pub seq: u64,
+    pub config: &'static str,
+    pub tls: &'static str,
+    pub hash: String,
 }
 
 impl State {
@@ -196,6 +209,7 @@ fn prepare(
 pub struct Ender(watch::Sender<bool>);
 
 impl Ender {
+    /// Starts draining: readiness false, sockets closed, connections told to finish.
     pub fn drain(&self) {
         let _ = self.0.send(true);
     }
@@ -269,6 +283,7 @@ impl Server {
             registry: std::sync::OnceLock::new(),
             bundles: Arc::default(),
             nofile: std::sync::OnceLock::new(),
+            hup: Mutex::default(),
             ready: AtomicBool::new(false),
         });
         let (shutdown, _) = watch::channel(false);
@@ -515,11 +530,14 @@ impl Server {
     /// running configuration's generation (as a reload does), so that new connections
     /// out present the new certificate too. A SIGHUP that has just reloaded the
     /// configuration has rebuilt them already and passes `false`.
-    pub fn reload_tls(&self, force: bool, clients: bool) {
+    /// Says how it went: `ok`, `error`, or `unchanged` (also without TLS).
+    pub fn reload_tls(&self, force: bool, clients: bool) -> &'static str {
         let tls = self.tls.load_full();
-        let Some(tls) = tls.as_ref() else { return };
+        let Some(tls) = tls.as_ref() else {
+            return "unchanged";
+        };
         let result = match tls.reload(force) {
-            Ok(identity::rotate::Reloaded::Unchanged) => return,
+            Ok(identity::rotate::Reloaded::Unchanged) => return "unchanged",
             Ok(identity::rotate::Reloaded::Swapped) if clients => {
                 match self.reload(self.state.config.load_full()) {
                     Ok(()) => {
@@ -548,9 +566,9 @@ impl Server {
                 result: result.to_owned(),
             })
             .inc();
+        result
     }
 
-    /// Starts draining: readiness false, sockets closed, connections told to finish.
     /// Every listening socket, by listener name (for a binary upgrade to hand over).
     pub fn listening(&self) -> Vec<(String, std::os::fd::RawFd)> {
         use std::os::fd::AsRawFd;
@@ -618,6 +636,7 @@ impl Server {
         Ender(self.shutdown.clone())
     }
 
+    /// Starts draining: readiness false, sockets closed, connections told to finish.
     pub fn drain(&self) {
         self.state.set_ready(false);
         // the copies kept for an upgrade go too: a draining node's ports refuse at once

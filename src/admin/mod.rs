@@ -108,6 +108,10 @@ fn answer(req: &Request<Incoming>, st: &State) -> Response<Full<Bytes>> {
             let mut body = serde_json::to_value(crate::manifest::manifest(&c))
                 .unwrap_or_default();
             body["hash"] = c.hash.clone().into();
+            // the last SIGHUP reload, for `fedport reload` to wait on
+            if let Ok(h) = st.hup.lock() {
+                body["reload"] = serde_json::to_value(&*h).unwrap_or_default();
+            }
             body["path"] = c.path.display().to_string().into();
             body["tls"] = match &c.tls {
                 Some(t) => serde_json::json!({

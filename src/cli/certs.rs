@@ -163,6 +163,15 @@ fn tls_lines(files: &crate::identity::pki::IssuedFiles, ca: &Path) -> String {
 pub fn certs(a: &CertsArgs) -> Result<i32, CliError> {
     match &a.what {
         What::Init { node, common, sans } => {
+            // everything that could refuse the node's certificate is asked first, so
+            // that a refusal leaves no CA behind for the next try to trip over
+            if !name_ok(node) {
+                return Err(bad(&format!("name {node:?}")));
+            }
+            if !domain_ok(&common.trust_domain) {
+                return Err(bad(&format!("trust domain {:?}", common.trust_domain)));
+            }
+            fresh(&common.dir, node, common.force)?;
             fresh(&common.dir, &common.ca, common.force)?;
             let ca = Authority::with_days("fedport federation CA", 3650)?;
             let ca_pem = ca.write_ca(&common.dir, &common.ca)?;

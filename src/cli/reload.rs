@@ -2,8 +2,10 @@
 //! unit's `ExecReload=` (so that `systemctl reload` returns once the node has applied
 //! the file or refused it, and fails when it refused it). The file is checked first: a
 //! file that does not check is refused here with `file:line:col` and the node is not
-//! signalled. Otherwise the node is sent SIGHUP, and its admin port is watched until its
-//! count of reloads moves; the reload took if the node then runs this file's hash.
+//! signalled. Otherwise the node is sent SIGHUP, and its admin port (`/config`, whose
+//! `reload` numbers each SIGHUP reload and says how it went) is watched until this one
+//! is done; it took if the configuration and TLS material did and the node runs this
+//! file's hash.
 
 use super::CliError;
 use crate::config::{self, LoadError};
@@ -17,7 +19,7 @@ pub struct ReloadArgs {
     #[arg(short, long)]
     pub config: PathBuf,
     /// The node's process (under systemd: `$MAINPID`).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub pid: i32,
     /// The node's admin port; default: the file's `[admin] bind`. Without one the
     /// node is signalled and the outcome is not waited for.
@@ -28,19 +30,19 @@ pub struct ReloadArgs {
     pub timeout_s: u64,
 }
 
-/// The node's count of reloads (both outcomes), from its metrics.
-fn reloads(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("fedport_config_reloads_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn running_hash(admin: SocketAddr) -> Result<String, CliError> {
+/// The node's last SIGHUP reload, from `/config`: (number, config outcome, TLS
+/// outcome, hash running after it).
+fn last_reload(admin: SocketAddr) -> Result<(u64, String, String, String), CliError> {
     let body = crate::top::fetch(admin, "/config").map_err(CliError::Top)?;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    Ok(v["hash"].as_str().unwrap_or_default().to_owned())
+    let r = &v["reload"];
+    let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+    Ok((
+        r["seq"].as_u64().unwrap_or(0),
+        text("config"),
+        text("tls"),
+        text("hash"),
+    ))
 }
 
 pub fn reload(a: &ReloadArgs) -> Result<i32, CliError> {
@@ -58,31 +60,33 @@ pub fn reload(a: &ReloadArgs) -> Result<i32, CliError> {
         Err(e) => return Err(e.into()),
     };
     let admin = a.admin.or(cfg.admin);
-    let before = match admin {
-        Some(addr) => Some(reloads(&crate::top::scrape(addr).map_err(CliError::Top)?)),
-        None => None,
-    };
-    // SAFETY: kill(2) with a pid and a signal number; no memory is shared
+    // what the node said of its last SIGHUP before this one; without it (no admin port,
+    // or one that does not answer) the node is signalled all the same, unconfirmed
+    let before = admin.and_then(|addr| last_reload(addr).ok().map(|r| (addr, r.0)));
+    // SAFETY: kill(2) with a pid (at least 1: never a process group) and a signal number
     if unsafe { libc::kill(a.pid, libc::SIGHUP) } != 0 {
         return Err(CliError::Io(
             format!("signal pid {}", a.pid),
             std::io::Error::last_os_error(),
         ));
     }
-    let (Some(addr), Some(before)) = (admin, before) else {
-        println!(
-            "{}: checked; SIGHUP sent to {} (no admin port: its outcome is in the node's log)",
+    let Some((addr, seq)) = before else {
+        eprintln!(
+            "{}: checked; SIGHUP sent to {}, its outcome unconfirmed (no admin port answered: it is in the node's log)",
             a.config.display(),
             a.pid
         );
         return Ok(0);
     };
+    // this SIGHUP's outcome: the node numbers each, so that a reload its file watcher
+    // made meanwhile is not taken for it
     let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = crate::top::scrape(addr).map(|m| reloads(&m));
-        if now.is_ok_and(|n| n > before) {
-            break;
+    let (config, tls, hash) = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Ok((n, config, tls, hash)) = last_reload(addr) {
+            if n > seq {
+                break (config, tls, hash);
+            }
         }
         if Instant::now() >= deadline {
             eprintln!(
@@ -93,32 +97,18 @@ pub fn reload(a: &ReloadArgs) -> Result<i32, CliError> {
             );
             return Ok(1);
         }
-    }
-    let hash = running_hash(addr)?;
-    if hash == cfg.hash {
+    };
+    if config == "ok" && tls != "error" && hash == cfg.hash {
         println!(
-            "{}: reloaded; the node runs it (hash {hash})",
+            "{}: reloaded; the node runs it (hash {hash}; TLS material {tls})",
             a.config.display()
         );
         Ok(0)
     } else {
         eprintln!(
-            "{}: the node refused it (why is in its log and in fedport_config_reloads_total{{result=\"error\"}}); it serves on with hash {hash}",
+            "{}: the node refused it (configuration {config}, TLS material {tls}; why is in its log); it serves on with hash {hash}",
             a.config.display()
         );
         Ok(1)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reloads_are_counted_over_both_outcomes() {
-        let m = "# TYPE fedport_config_reloads counter\n\
-                 fedport_config_reloads_total{node=\"a\",result=\"ok\"} 3\n\
-                 fedport_config_reloads_total{node=\"a\",result=\"error\"} 2\n\
-                 fedport_config_reloads_created{node=\"a\",result=\"ok\"} 1.7e9\n\
-                 fedport_tls_reloads_total{node=\"a\",result=\"ok\"} 9\n";
-        assert_eq!(super::reloads(m), 5.0);
     }
 }

@@ -55,12 +55,26 @@ where
     // may be replaced
     let started = crate::handover::Started::now();
     let metrics = Metrics::new(&cfg.node.name, &cfg.hash);
-    let server = Server::start(cfg.clone(), metrics)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Io("runtime".into(), e))?;
     rt.block_on(async move {
+        // every signal is listened for first, before anything that takes time, and by
+        // one stream kept for the whole loop: a SIGHUP, SIGUSR1 (logrotate) or SIGUSR2
+        // whose handler did not exist yet would end the process, and a stream made
+        // anew per loop turn (as `tokio::signal::ctrl_c()` is) misses a signal that
+        // lands between turns
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind| signal(kind).map_err(|e| CliError::Io("signal".into(), e));
+        let (mut term, mut int, mut hup, mut usr1, mut usr2) = (
+            listen(SignalKind::terminate())?,
+            listen(SignalKind::interrupt())?,
+            listen(SignalKind::hangup())?,
+            listen(SignalKind::user_defined1())?,
+            listen(SignalKind::user_defined2())?,
+        );
+        let server = Server::start(cfg.clone(), metrics)?;
         let io = |addr: SocketAddr| move |e| CliError::Io(format!("admin bind {addr}"), e);
         // the admin port, and a copy of its socket for an upgrade to hand over
         let mut admin_port = None;
@@ -79,19 +93,6 @@ where
             }
             None => (None, None),
         };
-        // every signal is listened for before the node says it is ready, and by one
-        // stream kept for the whole loop: a stream made anew per loop turn (as
-        // `tokio::signal::ctrl_c()` is) misses a signal that lands between turns,
-        // and a SIGHUP before its handler exists would end the process
-        use tokio::signal::unix::{signal, SignalKind};
-        let listen = |kind| signal(kind).map_err(|e| CliError::Io("signal".into(), e));
-        let (mut term, mut int, mut hup, mut usr1, mut usr2) = (
-            listen(SignalKind::terminate())?,
-            listen(SignalKind::interrupt())?,
-            listen(SignalKind::hangup())?,
-            listen(SignalKind::user_defined1())?,
-            listen(SignalKind::user_defined2())?,
-        );
         // trust bundles: this node's served, other domains' fetched
         let mut exchange = crate::exchange::Exchange::default();
         if let Some(s) = server.take_inherited("bundle_endpoint") {
@@ -217,7 +218,13 @@ where
                         file_cfg = c;
                         follow(&mut exchange, &server);
                     }
-                    server.reload_tls(true, !rebuilt);
+                    let tls = server.reload_tls(true, !rebuilt);
+                    if let Ok(mut h) = server.state.hup.lock() {
+                        h.seq += 1;
+                        h.config = if rebuilt { "ok" } else { "error" };
+                        h.tls = tls;
+                        h.hash = file_cfg.hash.clone();
+                    }
                     // the file refused or taken, the node serves: ready again
                     super::notify::notify("READY=1\nSTATUS=serving");
                 }

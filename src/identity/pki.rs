@@ -19,6 +19,10 @@ pub enum PkiError {
     Read(PathBuf, std::io::Error),
     #[error("{0} exists already; keep it, or remove it (or pass --force) to make a new one")]
     Exists(PathBuf),
+    #[error("{0} is not the key of {1}: what it issued would not chain to that certificate")]
+    Mismatch(PathBuf, PathBuf),
+    #[error("{0} is not a PEM certificate")]
+    NotCertificate(PathBuf),
 }
 
 /// A federation CA held in memory.
@@ -85,9 +89,26 @@ impl Authority {
     /// The CA of `dir/NAME.pem` and `dir/NAME.key`, to issue more certificates with: what
     /// it issues chains to the certificate on disk (the same subject and key).
     pub fn load(dir: &Path, name: &str) -> Result<Self, PkiError> {
-        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| PkiError::Read(p, e));
-        let cert = read(dir.join(format!("{name}.pem")))?;
-        let key = KeyPair::from_pem(&read(dir.join(format!("{name}.key")))?)?;
+        let read =
+            |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| PkiError::Read(p.clone(), e));
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        let cert = read(&cert_path)?;
+        let key = KeyPair::from_pem(&read(&key_path)?)?;
+        // the certificate on disk must carry this key: one re-signed with another key
+        // would name the same CA, and nothing it issued would verify
+        let on_disk = x509_parser::pem::parse_x509_pem(cert.as_bytes())
+            .ok()
+            .and_then(|(_, pem)| {
+                let (_, c) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
+                Some(c.tbs_certificate.subject_pki.raw.to_vec())
+            })
+            .ok_or_else(|| PkiError::NotCertificate(cert_path.clone()))?;
+        if on_disk != key.public_key_der() {
+            return Err(PkiError::Mismatch(key_path, cert_path));
+        }
         let cert = CertificateParams::from_ca_cert_pem(&cert)?.self_signed(&key)?;
         Ok(Self { cert, key })
     }

@@ -244,6 +244,7 @@ where
     let mut refused = None;
     let mut phase = drain.phase.clone();
     let mut settling: Option<tokio::time::Interval> = None;
+    let mut handed_at = Instant::now();
     loop {
         tokio::select! {
             // the streams that arrive are started here, without a turn of this loop each
@@ -265,13 +266,17 @@ where
             }
             _ = phase.wait_for(|p| *p == super::Phase::HandedOver), if settling.is_none() && !closing => {
                 settling = Some(tokio::time::interval(super::SETTLE / 4));
+                handed_at = Instant::now();
             }
             // handed over: told GOAWAY once no stream has been open for SETTLE. A busy
             // connection serves on (a client that cannot move its requests elsewhere
             // after GOAWAY, such as h2load, loses none) until it ends or the upgrade's
-            // drain time passes
+            // drain time passes. A peer node's (a link of either direction) is told
+            // SETTLE after the handover, busy or not: fedport resends what GOAWAY left
+            // unprocessed, and the new process has had that long to dial its own links
             _ = async { settling.as_mut().expect("guarded by is_some").tick().await }, if settling.is_some() && !closing => {
-                if activity.idle_for() >= super::SETTLE {
+                let peer_moves = shared.ctx.from_peer && handed_at.elapsed() >= super::SETTLE;
+                if peer_moves || activity.idle_for() >= super::SETTLE {
                     closing = true;
                     conn.graceful_shutdown();
                 }

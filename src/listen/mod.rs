@@ -412,7 +412,7 @@ where
     let (name, identity) = (peer.name.clone(), peer.identity.clone());
     let trusted = trust_digest(&w.config);
     let mut seen = w.clone();
-    let changed = async move {
+    let reconfigured = async move {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if current.is(&seen) {
@@ -427,6 +427,19 @@ where
             if !same_peer || trust_digest(cfg) != trusted {
                 return;
             }
+        }
+    };
+    // handed over (an upgrade): let go a moment later, so that the peer dials again
+    // and lands on the new process, rather than keep its link here until the
+    // upgrade's drain time while the new process has none
+    let mut phase = drain.phase.clone();
+    let changed = async move {
+        tokio::select! {
+            () = reconfigured => "the peer's entry or the trust material changed",
+            _ = async {
+                let _ = phase.wait_for(|p| *p == Phase::HandedOver).await;
+                tokio::time::sleep(SETTLE).await;
+            } => "this process handed its sockets to the next one (an upgrade)",
         }
     };
     crate::upstream::reverse::adopt(
@@ -688,11 +701,13 @@ where
             _ = phase.wait_for(|p| *p == Phase::HandedOver), if settling.is_none() && !closing => {
                 settling = Some(tokio::time::interval(SETTLE / 4));
             }
-            // handed over: a request in flight is answered with `Connection: close`, a
-            // connection idle for SETTLE is closed; a client is never cut mid-request
-            // nor while it may be sending its next one
+            // handed over: a request in flight is answered with `Connection: close`. An
+            // idle connection is not closed here: a request of the client's may be on
+            // its way, and would meet a reset. It closes at its idle timeout, or with
+            // the upgrade's drain time, or (most often) with the answer to its next
+            // request
             _ = async { settling.as_mut().expect("guarded by is_some").tick().await }, if settling.is_some() && !closing => {
-                if activity.in_flight() || activity.idle_for() >= SETTLE {
+                if activity.in_flight() {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }

@@ -101,8 +101,9 @@ impl Links {
 /// Serves a link that peer `peer` opened to this node (TLS done, its certificate
 /// verified as carrying `identity`): this node is the HTTP/2 client on it, and its
 /// requests to the peer go over it until it ends, until the node drains, or until
-/// `changed` resolves (a reload changed the peer's entry or the trust material, so the
-/// peer must dial again and be verified afresh). A link let go takes no new request,
+/// `changed` resolves with why (a reload changed the peer's entry or the trust
+/// material, so the peer must dial again and be verified afresh; or this process handed
+/// its sockets to a new binary, which the peer must dial instead). A link let go takes no new request,
 /// and closes once those in flight are answered, or after 10 s: the peer dials again
 /// only once its link has ended.
 pub async fn adopt<I>(
@@ -111,7 +112,7 @@ pub async fn adopt<I>(
     links: &Links,
     keepalive: (Duration, Duration),
     mut drain: tokio::sync::watch::Receiver<bool>,
-    changed: impl std::future::Future<Output = ()>,
+    changed: impl std::future::Future<Output = &'static str>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -151,11 +152,15 @@ pub async fn adopt<I>(
             tracing::info!(peer, error = r.err().map(|e| e.to_string()), "reverse link ended");
             return;
         }
-        _ = drain.wait_for(|d| *d) => false,
-        () = changed => true,
+        _ = drain.wait_for(|d| *d) => None,
+        why = changed => Some(why),
     };
-    if let_go {
-        tracing::info!(peer, "the peer's entry or the trust material changed: the reverse link is let go, for the peer to dial again");
+    if let Some(why) = let_go {
+        tracing::info!(
+            peer,
+            why,
+            "the reverse link is let go, for the peer to dial again"
+        );
         links.remove(peer, id);
         let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
         return;

@@ -134,4 +134,37 @@ fn the_readmes_first_steps_work_from_an_empty_directory() {
         std::fs::read(certs.join("federation-ca.pem")).unwrap(),
         before
     );
+    // a CA key that is not the CA certificate's is refused before anything is issued
+    let ca_key = std::fs::read(certs.join("federation-ca.key")).unwrap();
+    std::fs::copy(
+        certs.join("partner-ca.key"),
+        certs.join("federation-ca.key"),
+    )
+    .unwrap();
+    let mixed = Command::new(crate::support::bin())
+        .args(["certs", "client", "bob"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!mixed.status.success());
+    assert!(
+        String::from_utf8_lossy(&mixed.stderr).contains("is not the key of"),
+        "{}",
+        String::from_utf8_lossy(&mixed.stderr)
+    );
+    assert!(!certs.join("bob.pem").exists(), "nothing issued");
+    std::fs::write(certs.join("federation-ca.key"), ca_key).unwrap();
+    // an init the node's certificate would refuse leaves no CA behind
+    let empty = tempfile::tempdir().unwrap();
+    let bad = Command::new(crate::support::bin())
+        .args(["certs", "init", "--node", "no/such name"])
+        .current_dir(empty.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        !empty.path().join("certs/federation-ca.pem").exists()
+            && !empty.path().join("certs/federation-ca.key").exists(),
+        "no CA left behind"
+    );
 }

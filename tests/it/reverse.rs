@@ -183,7 +183,7 @@ fn a_site_that_only_dials_out_is_reached_over_the_link_it_opened() {
     let web = |ep: &str| {
         format!("[[service]]\nname = \"web\"\nprotocol = \"http\"\nendpoints = [{ep}]\n")
     };
-    let a = Fedport::start_in(
+    let mut a = Fedport::start_in(
         Some(&na.0),
         &node(
             &pki,
@@ -215,7 +215,7 @@ fn a_site_that_only_dials_out_is_reached_over_the_link_it_opened() {
             web("\"http://127.0.0.1:8080\"")
         ),
     );
-    let b = Fedport::start_in(Some(&nb.0), &b_config);
+    let mut b = Fedport::start_in(Some(&nb.0), &b_config);
     let _c = Fedport::start_in(
         Some(&nc.0),
         &node(
@@ -384,5 +384,38 @@ fn a_site_that_only_dials_out_is_reached_over_the_link_it_opened() {
         Duration::from_secs(20),
         || where_from_a(&na, &pki) == (200, "b".into()),
     );
+
+    // an upgrade of either end moves the link to the new process: the old one lets it
+    // go a moment after the handover (rather than keep it for upgrade_drain_timeout,
+    // 60 s, while the new one has none), exits 0, and b is reached again
+    let ready_pid = |fp: &Fedport| -> u32 {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fp.ready_file()).unwrap()).unwrap();
+        v["pid"].as_u64().unwrap() as u32
+    };
+    let mut news = Vec::new();
+    for (fp, who) in [
+        (&mut a, "a, which takes b's links"),
+        (&mut b, "b, which dials them"),
+    ] {
+        let old = fp.pid();
+        fp.signal("USR2");
+        assert_eq!(
+            fp.wait_exit(Duration::from_secs(20)),
+            Some(0),
+            "the old process of {who} let its links go and exited"
+        );
+        let new = ready_pid(fp);
+        assert_ne!(new, old);
+        news.push(new);
+        wait_until(
+            &format!("b reached again after upgrading {who}"),
+            Duration::from_secs(20),
+            || where_from_a(&na, &pki) == (200, "b".into()),
+        );
+    }
+    for pid in news {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    }
     drop(procs);
 }
