@@ -10,8 +10,8 @@ use crate::support::{curl, node_config, Pki};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_held_in_process_serves_on_the_socket_it_was_given_and_stops() {
+/// A node's configuration with one service `svc` on a service of the test's.
+fn svc_node() -> (Pki, upstream::Upstream, fedport::config::Config) {
     let pki = Pki::new();
     let up = upstream::start(Proto::H2c);
     let text = node_config(
@@ -24,6 +24,12 @@ async fn a_node_held_in_process_serves_on_the_socket_it_was_given_and_stops() {
     let path = pki.path().join("fedport.toml");
     std::fs::write(&path, &text).unwrap();
     let (cfg, _) = fedport::config::compile(&path, &text).unwrap();
+    (pki, up, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_held_in_process_serves_on_the_socket_it_was_given_and_stops() {
+    let (pki, up, cfg) = svc_node();
     // bound by the test, not by the node: port 0, known before the node starts
     let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = socket.local_addr().unwrap().port();
@@ -182,18 +188,7 @@ async fn a_five_minute_deadline_passes_on_the_paused_clock() {
 #[test]
 fn a_node_accepts_nothing_before_it_is_open_and_a_queued_connection_outlives_it() {
     use std::io::{Read, Write};
-    let pki = Pki::new();
-    let up = upstream::start(Proto::H2c);
-    let text = node_config(
-        &pki,
-        &format!(
-            "[[service]]\nname = \"svc\"\nprotocol = \"http\"\nendpoints = [\"{}\"]\n",
-            up.url(Proto::H2c)
-        ),
-    );
-    let path = pki.path().join("fedport.toml");
-    std::fs::write(&path, &text).unwrap();
-    let (cfg, _) = fedport::config::compile(&path, &text).unwrap();
+    let (_pki, _up, cfg) = svc_node();
     let cfg = Arc::new(cfg);
     let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = socket.local_addr().unwrap().port();

@@ -116,6 +116,47 @@ fn steady(
     })
 }
 
+/// SIGUSR2 a second into `secs` of h2load's load (HTTP/2 and HTTP/1.1 at once) and
+/// 1,000 connections one after the other: none may fail.
+fn upgrade_under_load(fp: &Fedport, secs: u64) {
+    let port = fp.port("local");
+    let (h2, h1, conns) = (
+        h2load(port, secs, false),
+        h2load(port, secs, true),
+        churn(port),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    fp.signal("USR2");
+    for (load, what) in [(h2, "HTTP/2"), (h1, "HTTP/1.1")] {
+        let (ok, failed, errored) = load.join().unwrap();
+        if failed > 0 {
+            eprintln!("LOG:\n{}", fp.log_text());
+        }
+        assert!(ok > 100, "{what}: {ok} succeeded");
+        assert_eq!(
+            (failed, errored),
+            (0, 0),
+            "h2load {what}: none failed or errored"
+        );
+    }
+    let (churn_failed, first) = conns.join().unwrap();
+    assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
+}
+
+/// SIGTERM to a process an upgrade started (no child of the test's), and its end.
+fn stop(pid: u32) {
+    let _ = Command::new("kill")
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .status();
+    for _ in 0..100 {
+        if !alive(pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn ready_pid(fp: &Fedport) -> u32 {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fp.ready_file()).unwrap()).unwrap();
@@ -169,20 +210,7 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
 
     // a "new binary" that exits at once: nothing fails, the old process serves on
     replace(&exe, b"#!/bin/sh\nexit 3\n");
-    let (h2, h1, conns) = (h2load(port, 4, false), h2load(port, 4, true), churn(port));
-    std::thread::sleep(Duration::from_secs(1));
-    fp.signal("USR2");
-    for (load, what) in [(h2, "HTTP/2"), (h1, "HTTP/1.1")] {
-        let (ok, failed, errored) = load.join().unwrap();
-        assert!(ok > 100, "{what}: {ok} succeeded");
-        assert_eq!(
-            (failed, errored),
-            (0, 0),
-            "h2load {what}: none failed or errored"
-        );
-    }
-    let (churn_failed, first) = conns.join().unwrap();
-    assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
+    upgrade_under_load(&fp, 4);
     assert!(fp
         .log_text()
         .contains("upgrade failed; this process serves on"));
@@ -194,23 +222,7 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
     // (GOAWAY, no error) soon after the handover rather than kept by the old process
     replace(&exe, &real);
     let idle = steady(port, 0.1, 1, 20);
-    let (h2, h1, conns) = (h2load(port, 5, false), h2load(port, 5, true), churn(port));
-    std::thread::sleep(Duration::from_secs(1));
-    fp.signal("USR2");
-    for (load, what) in [(h2, "HTTP/2"), (h1, "HTTP/1.1")] {
-        let (ok, failed, errored) = load.join().unwrap();
-        if failed > 0 {
-            eprintln!("LOG:\n{}", fp.log_text());
-        }
-        assert!(ok > 100, "{what}: {ok} succeeded");
-        assert_eq!(
-            (failed, errored),
-            (0, 0),
-            "h2load {what}: none failed or errored"
-        );
-    }
-    let (churn_failed, first) = conns.join().unwrap();
-    assert_eq!(churn_failed, 0, "no connection refused or reset: {first}");
+    upgrade_under_load(&fp, 5);
     let idle = idle.join().unwrap();
     assert_eq!(idle["ok"], 1, "{idle}");
     assert_eq!(
@@ -244,16 +256,7 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
     assert_eq!(code, 200);
     let ready = fp.admin_get("/readyz");
     assert!(ready.contains("ready"), "{ready}");
-    let _ = Command::new("kill")
-        .arg(new.to_string())
-        .stdout(Stdio::null())
-        .status();
-    for _ in 0..100 {
-        if !alive(new) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    stop(new);
     assert!(!alive(new), "the new process stops on SIGTERM");
 }
 
@@ -309,11 +312,5 @@ fn a_connection_busy_past_the_upgrade_drain_time_is_told_to_go() {
         &format!("http://127.0.0.1:{port}/"),
     ]);
     assert_eq!(code, 200, "the new process serves");
-    let _ = Command::new("kill").arg(new.to_string()).status();
-    for _ in 0..100 {
-        if !alive(new) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    stop(new);
 }
