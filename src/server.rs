@@ -54,13 +54,14 @@ pub struct State {
 }
 
 /// How the last SIGHUP reload went: its number since start, the configuration's
-/// outcome (`ok`, `error`), the TLS material's (`ok`, `error`, `unchanged`), and the
-/// hash of the configuration running after it.
+/// outcome (`ok`, `error`), the TLS material's (`ok`, `error`, `unchanged`), the hash
+/// of the file text it read, and that of the configuration running after it.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct HupReload {
     pub seq: u64,
     pub config: &'static str,
     pub tls: &'static str,
+    pub attempted: String,
     pub hash: String,
 }
 

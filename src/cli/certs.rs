@@ -33,8 +33,8 @@ pub enum What {
         /// The trust domain this CA vouches for, when it is another organisation's.
         #[arg(long)]
         for_domain: Option<String>,
-        /// Days it is valid.
-        #[arg(long, default_value_t = 3650)]
+        /// Days it is valid (at most a hundred years).
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(i64).range(1..=36_500))]
         days: i64,
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
@@ -71,8 +71,8 @@ pub struct Common {
     /// Where the files go (and the CA is).
     #[arg(long, default_value = "certs")]
     pub dir: PathBuf,
-    /// Days the certificate is valid.
-    #[arg(long, default_value_t = 90)]
+    /// Days the certificate is valid (at most a hundred years).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(i64).range(1..=36_500))]
     pub days: i64,
     /// Replace files that exist.
     #[arg(long)]
@@ -138,16 +138,31 @@ fn leaf(
     }
     let ca = Authority::load(&c.dir, &c.ca)?;
     fresh(&c.dir, name, c.force)?;
+    let (issued, id) = issue(&ca, kind, name, c, sans)?;
+    Ok((issued.write(&c.dir, name)?, id))
+}
+
+/// The certificate of `kind/name`, issued by `ca`, in memory: its PEM texts and its
+/// SPIFFE ID.
+fn issue(
+    ca: &Authority,
+    kind: &str,
+    name: &str,
+    c: &Common,
+    sans: &Sans,
+) -> Result<(crate::identity::pki::Issued, String), CliError> {
+    // clap keeps it within a hundred years: no overflow
+    let days = time::Duration::days(c.days);
     let id = format!("spiffe://{}/{kind}/{name}", c.trust_domain);
     let issued = ca.issue(&LeafSpec {
         common_name: name.to_owned(),
         spiffe: Some(id.clone()),
         dns: sans.dns.clone(),
         ips: sans.ip.clone(),
-        valid: Some((time::Duration::hours(-1), time::Duration::days(c.days))),
+        valid: Some((time::Duration::hours(-1), days)),
         serial: None,
     })?;
-    Ok((issued.write(&c.dir, name)?, id))
+    Ok((issued, id))
 }
 
 /// The `[tls]` lines for a node's files.
@@ -174,9 +189,11 @@ pub fn certs(a: &CertsArgs) -> Result<i32, CliError> {
             fresh(&common.dir, node, common.force)?;
             fresh(&common.dir, &common.ca, common.force)?;
             let ca = Authority::with_days("fedport federation CA", 3650)?;
+            // the node's certificate is made before anything is written
+            let (issued, id) = issue(&ca, "node", node, common, sans)?;
             let ca_pem = ca.write_ca(&common.dir, &common.ca)?;
             ca.write_key(&common.dir, &common.ca)?;
-            let (files, id) = leaf("node", node, common, sans)?;
+            let files = issued.write(&common.dir, node)?;
             println!(
                 "# the federation CA: {} (its key beside it: keep it off the nodes)\n# node {node}: {id}\n{}",
                 ca_pem.display(),

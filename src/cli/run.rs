@@ -219,10 +219,18 @@ where
                         follow(&mut exchange, &server);
                     }
                     let tls = server.reload_tls(true, !rebuilt);
+                    // the text this pass read: a `fedport reload` whose SIGHUP merged
+                    // into one already being handled waits for the pass that read its
+                    let attempted = match (&watch.refused, rebuilt) {
+                        (_, true) => watch.applied.clone(),
+                        (Some((h, _, _)), false) => h.clone(),
+                        (None, false) => String::new(),
+                    };
                     if let Ok(mut h) = server.state.hup.lock() {
                         h.seq += 1;
                         h.config = if rebuilt { "ok" } else { "error" };
                         h.tls = tls;
+                        h.attempted = attempted;
                         h.hash = file_cfg.hash.clone();
                     }
                     // the file refused or taken, the node serves: ready again

@@ -275,7 +275,8 @@ where
             // SETTLE after the handover, busy or not: fedport resends what GOAWAY left
             // unprocessed, and the new process has had that long to dial its own links
             _ = async { settling.as_mut().expect("guarded by is_some").tick().await }, if settling.is_some() && !closing => {
-                let peer_moves = shared.ctx.from_peer && handed_at.elapsed() >= super::SETTLE;
+                let peer_moves = handed_at.elapsed() >= super::SETTLE
+                    && proxy::current(shared.ctx.clone()).from_peer;
                 if peer_moves || activity.idle_for() >= super::SETTLE {
                     closing = true;
                     conn.graceful_shutdown();

@@ -666,12 +666,28 @@ where
     // Boxed: the request's state machine is several KiB, and hyper moves the future it
     // runs (into the connection, and out again for the output); a box moves as a
     // pointer. Measured: memmove fell from 23% of fedport's CPU (docs/performance.md).
+    // after a handover every answer says `Connection: close`, so that the client's next
+    // request goes to the new process (the phase only moves on to HandedOver once the
+    // connection is served: `has_changed` is an atomic load, no lock, per request)
+    let mut handed = drain.phase.clone();
+    let handed_at_start = *handed.borrow_and_update() == Phase::HandedOver;
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        Box::pin(proxy::handle(
+        let close = handed_at_start || handed.has_changed().unwrap_or(true);
+        let answer = Box::pin(proxy::handle(
             req.map(crate::caller::CallerBody::H1),
             ctx.clone(),
             None,
-        ))
+        ));
+        async move {
+            let mut answer = answer.await;
+            if close {
+                if let Ok(r) = &mut answer {
+                    r.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+            }
+            answer
+        }
     });
     let conn = acc.builder.serve_connection(io, svc);
     tokio::pin!(conn);
@@ -701,13 +717,12 @@ where
             _ = phase.wait_for(|p| *p == Phase::HandedOver), if settling.is_none() && !closing => {
                 settling = Some(tokio::time::interval(SETTLE / 4));
             }
-            // handed over: a request in flight is answered with `Connection: close`. An
-            // idle connection is not closed here: a request of the client's may be on
-            // its way, and would meet a reset. It closes at its idle timeout, or with
-            // the upgrade's drain time, or (most often) with the answer to its next
-            // request
+            // handed over: a request in flight is answered with `Connection: close`
+            // (and so is every request after: `svc` above), and a connection idle for
+            // SETTLE is closed, as a keep-alive timeout would (RFC 9112 §9.3.1: the
+            // client retries on another connection)
             _ = async { settling.as_mut().expect("guarded by is_some").tick().await }, if settling.is_some() && !closing => {
-                if activity.in_flight() {
+                if activity.in_flight() || activity.idle_for() >= SETTLE {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }

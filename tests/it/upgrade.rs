@@ -262,7 +262,8 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
 
 /// A connection that stays busy after an upgrade is served by the old process only
 /// until `upgrade_drain_timeout`; then it is told GOAWAY (no error), nothing it asked is
-/// reset or refused, and the old process exits 0 though the client would go on.
+/// reset or refused, and the old process exits 0 though the client would go on. A busy
+/// HTTP/1.1 keep-alive connection is told `Connection: close` in an answer.
 #[test]
 fn a_connection_busy_past_the_upgrade_drain_time_is_told_to_go() {
     let pki = Pki::new();
@@ -283,8 +284,27 @@ fn a_connection_busy_past_the_upgrade_drain_time_is_told_to_go() {
     let old = fp.pid();
     // a request every 0.2 s: never idle for the second that sends an idle one away
     let busy = steady(port, 0.2, u32::MAX, 40);
+    // and an HTTP/1.1 keep-alive connection used as often: told `Connection: close` in
+    // an answer after the handover, every request answered 200, none cut
+    let h1 = std::thread::spawn(move || {
+        let script = format!(
+            "import socket, time\ns = socket.create_connection(('127.0.0.1', {port}), timeout=10)\nf = s.makefile('rb')\nok = 0\nclosed = False\nt0 = time.monotonic()\nwhile time.monotonic() - t0 < 30 and not closed:\n    s.sendall(b'GET / HTTP/1.1\\r\\nhost: x\\r\\nfed-service: up\\r\\n\\r\\n')\n    status = f.readline()\n    if not status.startswith(b'HTTP/1.1 200'):\n        print('bad', ok, repr(status)); raise SystemExit\n    n = 0\n    while True:\n        h = f.readline()\n        if h in (b'\\r\\n', b''): break\n        k, _, v = h.decode().partition(':')\n        if k.lower() == 'content-length': n = int(v)\n        if k.lower() == 'connection' and 'close' in v.lower(): closed = True\n    f.read(n)\n    ok += 1\n    time.sleep(0.2)\nprint('closed' if closed else 'open', ok)"
+        );
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            + &String::from_utf8_lossy(&out.stderr)
+    });
     std::thread::sleep(Duration::from_secs(1));
     fp.signal("USR2");
+    let h1 = h1.join().unwrap();
+    assert!(
+        h1.starts_with("closed "),
+        "told Connection: close in a 200: {h1}"
+    );
+
     let seen = busy.join().unwrap();
     assert_eq!(
         seen["goaway"], 0,
