@@ -210,7 +210,8 @@ fn prepare(
 pub struct Ender(watch::Sender<bool>);
 
 impl Ender {
-    /// Starts draining: readiness false, sockets closed, connections told to finish.
+    /// Tells every worker to drain now, as SIGTERM does: GOAWAY, or close once the
+    /// request in flight is answered, within `drain_timeout`.
     pub fn drain(&self) {
         let _ = self.0.send(true);
     }
@@ -530,8 +531,8 @@ impl Server {
     /// the generation's pools and probes: with `clients`, a swap also rebuilds the
     /// running configuration's generation (as a reload does), so that new connections
     /// out present the new certificate too. A SIGHUP that has just reloaded the
-    /// configuration has rebuilt them already and passes `false`.
-    /// Says how it went: `ok`, `error`, or `unchanged` (also without TLS).
+    /// configuration has rebuilt them already and passes `false`. Says how it went:
+    /// `ok`, `error`, or `unchanged` (also when the node has no TLS).
     pub fn reload_tls(&self, force: bool, clients: bool) -> &'static str {
         let tls = self.tls.load_full();
         let Some(tls) = tls.as_ref() else {

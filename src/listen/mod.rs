@@ -663,16 +663,16 @@ where
     let io = TokioIo::new(io);
     let activity = ctx.activity.clone();
     let remote = ctx.remote;
-    // Boxed: the request's state machine is several KiB, and hyper moves the future it
-    // runs (into the connection, and out again for the output); a box moves as a
-    // pointer. Measured: memmove fell from 23% of fedport's CPU (docs/performance.md).
-    // after a handover every answer says `Connection: close`, so that the client's next
-    // request goes to the new process (the phase only moves on to HandedOver once the
-    // connection is served: `has_changed` is an atomic load, no lock, per request)
+    // After a handover every answer says `Connection: close`, so that the client's next
+    // request goes to the new process. The phase moves only on to HandedOver once the
+    // connection is served: `has_changed` is an atomic load, no lock, per request.
     let mut handed = drain.phase.clone();
     let handed_at_start = *handed.borrow_and_update() == Phase::HandedOver;
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let close = handed_at_start || handed.has_changed().unwrap_or(true);
+        // Boxed: the request's state machine is several KiB, and hyper moves the future
+        // it runs (into the connection, and out again for the output); a box moves as a
+        // pointer. Measured: memmove fell from 23% of fedport's CPU (docs/performance.md).
         let answer = Box::pin(proxy::handle(
             req.map(crate::caller::CallerBody::H1),
             ctx.clone(),
