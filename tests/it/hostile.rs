@@ -635,10 +635,20 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     );
     // the allowance is the caller's, not the connection's: a new connection for each
     // burst is cut as soon as it spends what is left
+    // an identity of its own that first cancels 20 calls on one connection (not cut:
+    // under the allowance), just before, so that they are in the 10 s window however
+    // long the attacks above took
+    let burst = &pki.client_cert("burst");
+    let v = abuse_as(
+        &pki,
+        port,
+        burst,
+        "started_rst",
+        &["--count", "20", "--path", "/slow?ms=3000", "--wait", "1"],
+    );
+    assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
     let before = up.hits();
     let mut cuts = 0;
-    // the identity of the first calls above, with their 20 resets counted
-    let burst = &pki.client;
     for _ in 0..8 {
         let v = abuse_as(
             &pki,
