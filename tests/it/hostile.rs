@@ -749,12 +749,16 @@ fn an_http1_endpoint_gets_no_more_sockets_than_its_cap() {
         "calls that got a socket in time were served: {codes}"
     );
     assert!(busy > 0, "{codes}");
+    // the cap is on sockets open at once; over the run a socket whose answer came too
+    // late for its call's deadline is closed (an HTTP/1.1 answer cut short cannot be
+    // reused) and another opened in its place, at most one per call refused
+    let peak = up.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(peak <= 4, "the service saw {peak} connections at once");
     assert!(
-        up.conns.load(std::sync::atomic::Ordering::SeqCst) <= 4,
-        "the service saw {} connections",
+        up.conns.load(std::sync::atomic::Ordering::SeqCst) <= 4 + failed,
+        "the service saw {} connections over the run",
         up.conns.load(std::sync::atomic::Ordering::SeqCst)
     );
-    assert!(up.peak.load(std::sync::atomic::Ordering::SeqCst) <= 4);
     // refused as overloaded while waiting for a socket; a call that got one too late
     // for its deadline is a 504
     wait_until("the refusals counted", Duration::from_secs(3), || {
