@@ -655,7 +655,8 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
             port,
             burst,
             "started_rst",
-            &["--count", "10", "--path", "/slow?ms=3000", "--wait", "1"],
+            // a connection that is cut closes at once; one that is not waits this long
+            &["--count", "10", "--path", "/slow?ms=3000", "--wait", "0.5"],
         );
         if v["goaway"]["debug"] == "h2_rapid_reset" {
             cuts += 1;
@@ -668,12 +669,30 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
         "{reached} started-then-cancelled calls over 8 connections"
     );
     // past its allowance, the caller's next connection is cut before its streams start:
-    // a burst sent in one go reaches the service hardly at all
+    // a burst sent in one go reaches the service hardly at all. An identity of its own
+    // spends the whole allowance on one connection just before (not cut: 40 is not
+    // past 40), so that it is spent whatever the 10 s window did to the count above
+    let spent = &pki.client_cert("spent");
+    let v = abuse_as(
+        &pki,
+        port,
+        spent,
+        "started_rst",
+        &[
+            "--count",
+            &max_streams.to_string(),
+            "--path",
+            "/slow?ms=3000",
+            "--wait",
+            "1",
+        ],
+    );
+    assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
     let before = up.hits();
     let v = abuse_as(
         &pki,
         port,
-        burst,
+        spent,
         "started_rst",
         &["--count", "30", "--path", "/slow?ms=3000", "--wait", "1"],
     );

@@ -272,11 +272,15 @@ fn two_organisations_federate_each_with_its_own_ca() {
     // own: a refuses the forged node before that node sees a's certificate)
     let _forged = Fedport::start(&cfg_forged.replace(&trust_domain("fed.test", &pki.ca), ""));
     let a = Fedport::start(&a_cfg);
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    // a peer is taken as up until a's first probe of it fails
+    crate::support::wait_until(
+        "a's probe refuses the forged node",
+        std::time::Duration::from_secs(10),
+        || a.metric(r#"fedport_peer_up{peer="b"}"#) == 0.0,
+    );
     let (code, v) = federation::get(&pki, pa, "far", &[]);
     assert_eq!(code, 503, "{v}");
     assert_eq!(up.hits(), 1, "nothing reached the forged node's service");
-    assert_eq!(a.metric(r#"fedport_peer_up{peer="b"}"#), 0.0);
     let log = a.log_text();
     assert!(
         log.contains("invalid peer certificate: UnknownIssuer"),
