@@ -6,6 +6,7 @@ use crate::support::upstream::{self, Proto};
 use crate::support::{free_port, Fedport, Pki};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -319,15 +320,20 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{pa}").parse().unwrap();
     let samples = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
-    let run_for = Duration::from_millis(3600);
+    // the load runs until traffic is seen back on the restarted endpoint, 3.6 s at least
+    let stop = Arc::new(AtomicBool::new(false));
     let mut loops = Vec::new();
     for worker in 0..8 {
         let mut s = crate::support::h2_connect::<Full<Bytes>>(&pki, addr).await;
         let samples = samples.clone();
+        let stop = stop.clone();
         loops.push(tokio::spawn(async move {
             let mut n = 0u64;
-            // bounded: by time, and at most 2,000 requests per loop
-            while t0.elapsed() < run_for && n < 2000 {
+            // bounded: by the stop, 30 s, and at most 2,000 requests per loop
+            while !stop.load(Ordering::Relaxed)
+                && t0.elapsed() < Duration::from_secs(30)
+                && n < 2000
+            {
                 n += 1;
                 let idempotent = worker % 2 == 0;
                 let req = http::Request::builder()
@@ -379,6 +385,25 @@ async fn traffic_fails_over_to_the_other_region_and_back() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     tokio::task::block_in_place(|| local.restart());
     let restarted_at = t0.elapsed();
+    // the health checks put the endpoint back, and traffic reaches it again
+    tokio::task::block_in_place(|| {
+        crate::support::wait_until("endpoint back", Duration::from_secs(10), || {
+            available() == Some(true)
+        });
+        crate::support::wait_until("traffic back", Duration::from_secs(10), || {
+            samples
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s.at > restarted_at && !s.via_peer && s.status == 200)
+        });
+    });
+    // and for at least as long as it always ran
+    let ran = t0.elapsed();
+    if ran < Duration::from_millis(3600) {
+        tokio::time::sleep(Duration::from_millis(3600) - ran).await;
+    }
+    stop.store(true, Ordering::Relaxed);
     for l in loops {
         l.await.unwrap();
     }

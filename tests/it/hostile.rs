@@ -633,32 +633,25 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
         fp.metric(r#"fedport_rejections_total{listener="internal",reason="denied"}"#) > 0.0,
         "the padding was denied, too"
     );
+    // `count` calls started on one new connection of `who` and cancelled; a connection
+    // that is cut closes at once, one that is not is watched for `wait` seconds
+    let cancel = |who: &IssuedFiles, count: usize, wait: &str| {
+        let count = count.to_string();
+        let args = ["--count", &count, "--path", "/slow?ms=3000", "--wait", wait];
+        abuse_as(&pki, port, who, "started_rst", &args)
+    };
     // the allowance is the caller's, not the connection's: a new connection for each
     // burst is cut as soon as it spends what is left
     // an identity of its own that first cancels 20 calls on one connection (not cut:
     // under the allowance), just before, so that they are in the 10 s window however
     // long the attacks above took
     let burst = &pki.client_cert("burst");
-    let v = abuse_as(
-        &pki,
-        port,
-        burst,
-        "started_rst",
-        &["--count", "20", "--path", "/slow?ms=3000", "--wait", "1"],
-    );
+    let v = cancel(burst, 20, "1");
     assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
     let before = up.hits();
     let mut cuts = 0;
     for _ in 0..8 {
-        let v = abuse_as(
-            &pki,
-            port,
-            burst,
-            "started_rst",
-            // a connection that is cut closes at once; one that is not waits this long
-            &["--count", "10", "--path", "/slow?ms=3000", "--wait", "0.5"],
-        );
-        if v["goaway"]["debug"] == "h2_rapid_reset" {
+        if cancel(burst, 10, "0.5")["goaway"]["debug"] == "h2_rapid_reset" {
             cuts += 1;
         }
     }
@@ -673,29 +666,10 @@ fn resets_of_started_calls_are_bounded_by_what_could_be_in_flight() {
     // spends the whole allowance on one connection just before (not cut: 40 is not
     // past 40), so that it is spent whatever the 10 s window did to the count above
     let spent = &pki.client_cert("spent");
-    let v = abuse_as(
-        &pki,
-        port,
-        spent,
-        "started_rst",
-        &[
-            "--count",
-            &max_streams.to_string(),
-            "--path",
-            "/slow?ms=3000",
-            "--wait",
-            "1",
-        ],
-    );
+    let v = cancel(spent, max_streams, "1");
     assert!(v["goaway"].is_null() && v["closed"] == false, "{v}");
     let before = up.hits();
-    let v = abuse_as(
-        &pki,
-        port,
-        spent,
-        "started_rst",
-        &["--count", "30", "--path", "/slow?ms=3000", "--wait", "1"],
-    );
+    let v = cancel(spent, 30, "1");
     assert_eq!(v["goaway"]["debug"], "h2_rapid_reset", "{v}");
     let reached = up.hits() - before;
     assert!(
