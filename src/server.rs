@@ -810,6 +810,36 @@ fn keep_dialers(
     });
 }
 
+/// Keeps this worker's connections to the peers that are up open, every
+/// `peer_ping_interval`, until the next generation replaces this one: requests moved to
+/// a peer find a connection ready (see [`upstream::EndpointPool::warm`]). Stops once
+/// the node drains or hands over, so a process draining after an upgrade dials no peer.
+async fn keep_peers_warm(
+    w: Arc<Worker>,
+    shutdown: watch::Receiver<bool>,
+    phase: watch::Receiver<listen::Phase>,
+) {
+    loop {
+        if *shutdown.borrow() || *phase.borrow() == listen::Phase::HandedOver {
+            return;
+        }
+        // each peer on its own: one that takes its connect timeout delays no other
+        let mut round = tokio::task::JoinSet::new();
+        for (i, pool) in w.peer_pools.iter().enumerate() {
+            if w.fleet.peers.get(i).is_some_and(|p| p.is_up()) {
+                let pool = pool.clone();
+                round.spawn(async move {
+                    if let Err(e) = pool.warm().await {
+                        tracing::debug!(peer = %pool.label, error = %e, "could not open a connection ahead of requests");
+                    }
+                });
+            }
+        }
+        while round.join_next().await.is_some() {}
+        tokio::time::sleep(w.config.node.peer_ping_interval).await;
+    }
+}
+
 async fn worker_main(
     metrics: Arc<Metrics>,
     mut generations: mpsc::UnboundedReceiver<Generation>,
@@ -821,6 +851,7 @@ async fn worker_main(
     let mut dialers: HashMap<DialerKey, Dialer> = HashMap::new();
     let mut drain = std::time::Duration::from_secs(30);
     let mut handover = std::time::Duration::from_secs(60);
+    let mut warming: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let g = tokio::select! {
             g = generations.recv() => match g { Some(g) => g, None => break },
@@ -845,6 +876,15 @@ async fn worker_main(
             shared,
             &peer_settings,
         ));
+        // the generation before stops warming: its pools take no new request
+        let warm = tokio::spawn(keep_peers_warm(
+            worker.clone(),
+            shutdown.clone(),
+            phase.clone(),
+        ));
+        if let Some(before) = warming.replace(warm) {
+            before.abort();
+        }
         for (index, spec) in config.listeners.iter().enumerate() {
             let labels = crate::telemetry::ListenerLabels {
                 listener: spec.name.clone(),

@@ -310,8 +310,10 @@ pub(super) async fn dispatch(
             had_from = now;
         }
         let left = now.map(|n| aim.deadline.saturating_duration_since(n));
+        // the request's whole time is what it did not get an answer within, however
+        // it went on the attempts before
         if left.is_some_and(|l| l.is_zero()) {
-            return Err(Reject::Timeout(service.name.clone(), 0));
+            return Err(Reject::Timeout(service.name.clone(), aim.timeout_ms));
         }
         aim_at(
             &mut req,

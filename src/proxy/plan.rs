@@ -229,7 +229,7 @@ pub(super) async fn take(
     // is sent (a service that cannot answer in no time is no failing endpoint, and a
     // caller timing its body to the deadline must not get endpoints ejected)
     if replay.is_some() && !matches!(take, Take::IfWhole) && Instant::now() >= deadline {
-        return Err(Reject::Timeout(service.name.clone(), 0));
+        return Err(timed_out());
     }
     Ok(Outgoing {
         replay,

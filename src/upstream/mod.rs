@@ -1,8 +1,10 @@
 //! Upstream connections of one worker: per endpoint a few multiplexed HTTP/2
 //! connections (or a pool of idle HTTP/1.1 ones), recycled after a bounded number of
 //! requests, and power-of-two-choices across a service's endpoints; and the reverse
-//! links peers that can only dial out opened to this node (`reverse`).
+//! links peers that can only dial out opened to this node (`reverse`); when an HTTP/2
+//! connection counts as gone (`liveness`).
 
+pub mod liveness;
 pub mod reverse;
 
 use crate::config::{Endpoint, Scheme};
@@ -122,8 +124,9 @@ pub struct Settings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Where connection attempts are counted (`fedport_upstream_connects_total`).
     pub metrics: Option<Arc<crate::telemetry::Metrics>>,
-    /// HTTP/2 keepalive PING interval and timeout: a connection whose PING goes
-    /// unanswered is closed. Peers use the node's `peer_ping_*`; default 20 s / 10 s.
+    /// HTTP/2 keepalive PING interval and timeout: a connection that receives nothing
+    /// for both together, not even the PING's answer, is closed ([`liveness`]). Peers
+    /// use the node's `peer_ping_*`; default 20 s / 10 s.
     pub keepalive: (Duration, Duration),
     /// The HTTP/2 stream window fedport grants the other end: what one answer may have
     /// sent that its caller has not read yet. The connection window is the largest
@@ -511,6 +514,43 @@ impl EndpointPool {
         }
     }
 
+    /// Opens the HTTP/2 connections the next requests would otherwise open, in each
+    /// slot with none live (or one due for recycling): a peer's pool is kept warm, so
+    /// that the first requests a failover or a reload moves to the peer do not wait for
+    /// TCP and TLS handshakes across a long or lossy link (a SYN lost there costs a
+    /// second). Nothing for a peer that dials this node, or an endpoint that answers in
+    /// HTTP/1.1.
+    pub async fn warm(&self) -> Result<(), UpstreamError> {
+        if self.settings.reverse.is_some() || !self.speaks_h2() {
+            return Ok(());
+        }
+        for slot in &self.slots {
+            if self.is_warm(slot) {
+                continue;
+            }
+            let _connecting = slot.connecting.lock().await;
+            if self.is_warm(slot) {
+                continue;
+            }
+            match Box::pin(self.connect(None)).await? {
+                Sender::H2(s) => {
+                    if let Ok(mut st) = slot.state.lock() {
+                        *st = Some((s, 0));
+                    }
+                }
+                Sender::H1(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn is_warm(&self, slot: &H2Slot) -> bool {
+        slot.state.lock().is_ok_and(|st| {
+            st.as_ref()
+                .is_some_and(|(s, n)| !s.is_closed() && *n < self.settings.max_requests)
+        })
+    }
+
     /// A live sender from the slot, counting the request; recycles a connection that
     /// has carried `max_requests` (long-lived connections were seen to stall).
     fn take_from(&self, slot: &H2Slot) -> Option<http2::SendRequest<ProxyBody>> {
@@ -595,11 +635,11 @@ where
     let (s, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(settings.keepalive.0)
-        .keep_alive_timeout(settings.keepalive.1)
+        .keep_alive_timeout(liveness::PING_TIMEOUT_UNUSED)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(settings.stream_window)
         .initial_connection_window_size(MAX_WINDOW)
-        .handshake(TokioIo::new(io))
+        .handshake(TokioIo::new(liveness::Watched::new(io, settings.keepalive)))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {

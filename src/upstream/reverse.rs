@@ -7,7 +7,8 @@
 //! everything for that peer over the links the peer opened ([`Links`], which the peer's
 //! pool in every worker draws from). Its health is probed on the link itself: a
 //! request answered at once by the far node ([`FED_PING`]) gives the round-trip time,
-//! and HTTP/2 keepalive PINGs close a link that stops answering.
+//! and a link that receives nothing for the keepalive PING's interval and timeout
+//! together is closed ([`super::liveness`]).
 
 use crate::upstream::ProxyBody;
 use hyper::client::conn::http2;
@@ -119,11 +120,11 @@ pub async fn adopt<I>(
     let shaken = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(keepalive.0)
-        .keep_alive_timeout(keepalive.1)
+        .keep_alive_timeout(super::liveness::PING_TIMEOUT_UNUSED)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(crate::upstream::PEER_STREAM_WINDOW)
         .initial_connection_window_size(crate::upstream::MAX_WINDOW)
-        .handshake(TokioIo::new(io))
+        .handshake(TokioIo::new(super::liveness::Watched::new(io, keepalive)))
         .await;
     let (sender, conn) = match shaken {
         Ok(s) => s,

@@ -132,8 +132,22 @@ fn a_call_crosses_regions_with_the_federation_headers() {
             && a.metric(r#"fedport_peer_up{peer="c"}"#) == 1.0
             && a.metric(r#"fedport_peer_rtt_seconds{peer="c"}"#) > 0.0
     });
+    // a peer that is up has its connections open before any request needs them: each
+    // of a's 2 workers opens its 2 (upstream_connections), and the first call across
+    // the regions opens none, so it pays no handshake across the long link
+    let connects = r#"fedport_upstream_connects_total{service="peer:c",result="ok"}"#;
+    crate::support::wait_until(
+        "a's connections to c opened ahead",
+        Duration::from_secs(10),
+        || a.metric(connects) == 4.0,
+    );
     let (code, v) = get(&pki, pa, "far", &[]);
     assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        a.metric(connects),
+        4.0,
+        "the call rode a connection already open"
+    );
     assert_eq!(header(&v, "fed-peer"), "spiffe://fed.test/node/a", "{v}");
     assert_eq!(header(&v, "fed-origin"), "a", "{v}");
     assert_eq!(header(&v, "fed-hops"), "1", "{v}");

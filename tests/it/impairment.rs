@@ -256,6 +256,16 @@ fn regions_on_an_impaired_network() {
         "{r:?}"
     );
 
+    // a's connections to b, which no request has needed yet, are open ahead of the
+    // failover (its 2 upstream_connections; opened again if the lossy link cost one),
+    // so the first requests moved to b pay no handshake across the impaired link, where
+    // a SYN lost costs a second
+    crate::support::wait_until(
+        "a's connections to b opened ahead",
+        Duration::from_secs(20),
+        || a.metric(r#"fedport_upstream_connects_total{service="peer:b",result="ok"}"#) >= 2.0,
+    );
+
     // blackhole c: no byte passes, nothing closes; its PINGs go unanswered
     relay_control(&ctl_c, 5, 1, true);
     let t = Instant::now();
@@ -272,6 +282,9 @@ fn regions_on_an_impaired_network() {
         .iter()
         .filter(|(code, at, _)| *code != 200 || at != "b")
         .collect();
+    if !failed.is_empty() {
+        eprintln!("a's log:\n{}", a.log_text());
+    }
     assert!(
         failed.is_empty(),
         "under 40 ms delay and 2% loss: {failed:?}"

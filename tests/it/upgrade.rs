@@ -221,7 +221,27 @@ fn sigusr2_upgrades_the_binary_under_load_and_drops_nothing() {
     // besides the load: a connection that made one call and idles, which is told to go
     // (GOAWAY, no error) soon after the handover rather than kept by the old process
     replace(&exe, &real);
+    // its call answered by the old process before the upgrade begins: a python that
+    // starts slowly (a loaded machine) would otherwise connect after the handover, to
+    // the new process, which has no reason to send it away
+    let served = || {
+        fp.admin_get("/metrics")
+            .lines()
+            .filter(|l| {
+                l.starts_with("fedport_requests_total{")
+                    && l.contains("listener=\"local\"")
+                    && l.contains("service=\"up\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = served();
     let idle = steady(port, 0.1, 1, 20);
+    crate::support::wait_until(
+        "the idle connection's call",
+        Duration::from_secs(20),
+        || served() > before,
+    );
     upgrade_under_load(&fp, 5);
     let idle = idle.join().unwrap();
     assert_eq!(idle["ok"], 1, "{idle}");
