@@ -317,6 +317,11 @@ fn a_connection_busy_past_the_upgrade_drain_time_is_told_to_go() {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
             + &String::from_utf8_lossy(&out.stderr)
     });
+    // both connections open on the old process before the upgrade (a python slow to
+    // start would otherwise connect to the new one), then about 5 calls each
+    crate::support::wait_until("both clients connected", Duration::from_secs(20), || {
+        fp.metric(r#"fedport_connections_active{listener="local"}"#) == 2.0
+    });
     std::thread::sleep(Duration::from_secs(1));
     fp.signal("USR2");
     let h1 = h1.join().unwrap();
