@@ -810,33 +810,56 @@ fn keep_dialers(
     });
 }
 
-/// Keeps this worker's connections to the peers that are up open, every
-/// `peer_ping_interval`, until the next generation replaces this one: requests moved to
-/// a peer find a connection ready (see [`upstream::EndpointPool::warm`]). Stops once
-/// the node drains or hands over, so a process draining after an upgrade dials no peer.
+/// Keeps this worker's connections open to the peers that are up and offer a service,
+/// until the next generation replaces this one: requests moved to a peer find a
+/// connection ready (see [`upstream::EndpointPool::warm`]). Each peer on its own, every
+/// `peer_ping_interval` (jittered); a peer whose connections fail, or die before the
+/// next look, is looked at half as often each time, down to every 30 s, so one that
+/// takes connections and drops them sees no storm. Stops once the node drains or
+/// hands over, so a process draining after an upgrade dials no peer.
 async fn keep_peers_warm(
     w: Arc<Worker>,
-    shutdown: watch::Receiver<bool>,
-    phase: watch::Receiver<listen::Phase>,
+    mut shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<listen::Phase>,
 ) {
-    loop {
-        if *shutdown.borrow() || *phase.borrow() == listen::Phase::HandedOver {
-            return;
+    const SLOWEST: std::time::Duration = std::time::Duration::from_secs(30);
+    let every = w.config.node.peer_ping_interval;
+    let mut peers = tokio::task::JoinSet::new();
+    for (i, pool) in w.peer_pools.iter().enumerate() {
+        let (Some(peer), Some(state)) = (w.config.peers.get(i), w.fleet.peers.get(i)) else {
+            continue;
+        };
+        // a registry member that hosts none of this node's services is sent nothing
+        if peer.services.is_empty() {
+            continue;
         }
-        // each peer on its own: one that takes its connect timeout delays no other
-        let mut round = tokio::task::JoinSet::new();
-        for (i, pool) in w.peer_pools.iter().enumerate() {
-            if w.fleet.peers.get(i).is_some_and(|p| p.is_up()) {
-                let pool = pool.clone();
-                round.spawn(async move {
-                    if let Err(e) = pool.warm().await {
-                        tracing::debug!(peer = %pool.label, error = %e, "could not open a connection ahead of requests");
+        let (pool, state) = (pool.clone(), state.clone());
+        peers.spawn(async move {
+            let (mut wait, mut reopened) = (every, false);
+            loop {
+                if state.is_up() {
+                    match pool.warm().await {
+                        Ok(0) => (wait, reopened) = (every, false),
+                        Ok(_) => {
+                            if reopened {
+                                wait = (wait * 2).min(SLOWEST);
+                            }
+                            reopened = true;
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %pool.label, error = %e, "could not open a connection ahead of requests");
+                            wait = (wait * 2).min(SLOWEST);
+                        }
                     }
-                });
+                }
+                tokio::time::sleep(wait.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
             }
-        }
-        while round.join_next().await.is_some() {}
-        tokio::time::sleep(w.config.node.peer_ping_interval).await;
+        });
+    }
+    // the peers' tasks end with this one (the set aborts them when dropped)
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => {}
+        _ = phase.wait_for(|p| *p == listen::Phase::HandedOver) => {}
     }
 }
 
@@ -851,7 +874,7 @@ async fn worker_main(
     let mut dialers: HashMap<DialerKey, Dialer> = HashMap::new();
     let mut drain = std::time::Duration::from_secs(30);
     let mut handover = std::time::Duration::from_secs(60);
-    let mut warming: Option<tokio::task::JoinHandle<()>> = None;
+    let mut warming: Option<(tokio::task::JoinHandle<()>, Arc<Worker>)> = None;
     loop {
         let g = tokio::select! {
             g = generations.recv() => match g { Some(g) => g, None => break },
@@ -876,14 +899,18 @@ async fn worker_main(
             shared,
             &peer_settings,
         ));
-        // the generation before stops warming: its pools take no new request
+        // the generation before stops warming and lets its peer connections go: its
+        // pools take no new request
         let warm = tokio::spawn(keep_peers_warm(
             worker.clone(),
             shutdown.clone(),
             phase.clone(),
         ));
-        if let Some(before) = warming.replace(warm) {
-            before.abort();
+        if let Some((task, before)) = warming.replace((warm, worker.clone())) {
+            task.abort();
+            for pool in &before.peer_pools {
+                pool.let_go();
+            }
         }
         for (index, spec) in config.listeners.iter().enumerate() {
             let labels = crate::telemetry::ListenerLabels {
@@ -968,6 +995,9 @@ async fn worker_main(
                 let _ = l.stop.send(true);
             }
         }
+    }
+    if let Some((task, _)) = warming.take() {
+        task.abort();
     }
     // every connection task holds a clone of `live`: wait for them to end
     let all_done = |live: &Arc<()>| {

@@ -150,18 +150,26 @@ async fn probe_peer(
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        let (mut ended, mut answered) = (false, false);
         loop {
             let start = Instant::now();
             match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
                 Ok(Ok(_)) => {
+                    // answered: the backoff starts afresh (not at the connect, so that
+                    // a peer that takes connections and drops them is dialled less and
+                    // less often, not as fast as it answers)
+                    backoff = Duration::from_millis(100);
+                    answered = true;
                     state.sample_rtt(start.elapsed());
                     if state.set_up(true) {
                         tracing::info!(peer = %peer.name, rtt_ms = start.elapsed().as_secs_f64() * 1e3, "peer up");
                     }
                 }
-                // the connection ended (an idle timeout, a restart): dial again now
-                Ok(Err(_)) => break,
+                // the connection ended (an idle timeout, a restart): dial again soon
+                Ok(Err(_)) => {
+                    ended = true;
+                    break;
+                }
                 Err(_) => {
                     if state.set_up(false) {
                         tracing::warn!(peer = %peer.name, timeout_ms = timeout.as_millis() as u64, "peer down: PING not answered; traffic moves away");
@@ -170,6 +178,15 @@ async fn probe_peer(
                 }
             }
             tokio::time::sleep(interval).await;
+        }
+        if ended {
+            // one that ended before answering a PING: the peer is not up, whatever its
+            // TLS said
+            if !answered && state.set_up(false) {
+                tracing::warn!(peer = %peer.name, "peer closed the connection before answering a PING: traffic avoids it");
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -240,10 +240,6 @@ where
     let mut pings = conn.ping_pong();
     let mut ping_sent: Option<Instant> = None;
     let mut last_ping = Instant::now();
-    // when the connection last received: the PING's timeout runs from the later of the
-    // PING and that, so an answer held up behind a retransmission while frames still
-    // arrive does not end it (Envoy's `connection_keepalive` does likewise)
-    let (mut received, mut received_at) = (trip.received(), Instant::now());
     let mut closing = false;
     let mut refused = None;
     let mut phase = drain.phase.clone();
@@ -303,15 +299,10 @@ where
                     acc.metrics.reject(&acc.name, Reason::IdleTimeout);
                     conn.graceful_shutdown();
                 }
-                // keepalive: a connection whose PING goes unanswered, and which
-                // receives nothing else meanwhile, is gone
-                let now = trip.received();
-                if now != received {
-                    (received, received_at) = (now, Instant::now());
-                }
+                // keepalive: a connection whose PING goes unanswered is gone
                 match ping_sent {
-                    Some(t) if t.max(received_at).elapsed() > keepalive.1 => {
-                        tracing::debug!(listener = &*acc.name, "keepalive PING unanswered and nothing received; closing");
+                    Some(t) if t.elapsed() > keepalive.1 => {
+                        tracing::debug!(listener = &*acc.name, "keepalive PING unanswered; closing");
                         break;
                     }
                     None if last_ping.elapsed() >= keepalive.0 => {

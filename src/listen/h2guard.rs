@@ -84,9 +84,6 @@ pub struct Trip {
     /// Bumped whenever bytes pass either way: an HTTP/1.1 connection with a request in
     /// flight and nothing moving is a stalled stream.
     moved: AtomicU64,
-    /// Bumped whenever bytes are read: a connection that receives is alive, whether or
-    /// not its PING's answer is through yet.
-    received: AtomicU64,
 }
 
 impl Trip {
@@ -112,11 +109,6 @@ impl Trip {
     /// The count of reads and writes that moved bytes.
     pub fn moved(&self) -> u64 {
         self.moved.load(Ordering::Relaxed)
-    }
-
-    /// The count of reads that brought bytes.
-    pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
     }
 
     /// Called by the connection's timer: cuts a header block (or preface) left open
@@ -264,7 +256,6 @@ impl<T: Io> Guarded<T> {
             open_since: AtomicU64::new(1),
             limits,
             moved: AtomicU64::new(0),
-            received: AtomicU64::new(0),
         });
         Self {
             io: Some(io),
@@ -535,7 +526,6 @@ impl<T: Io> AsyncRead for Guarded<T> {
             }
             if buf.filled().len() > before {
                 this.trip.moved.fetch_add(1, Ordering::Relaxed);
-                this.trip.received.fetch_add(1, Ordering::Relaxed);
             }
             if this.trip.reason().is_none() {
                 let keep = this.inspect(&buf.filled()[before..]);

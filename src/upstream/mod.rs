@@ -1,10 +1,8 @@
 //! Upstream connections of one worker: per endpoint a few multiplexed HTTP/2
 //! connections (or a pool of idle HTTP/1.1 ones), recycled after a bounded number of
 //! requests, and power-of-two-choices across a service's endpoints; and the reverse
-//! links peers that can only dial out opened to this node (`reverse`); when an HTTP/2
-//! connection counts as gone (`liveness`).
+//! links peers that can only dial out opened to this node (`reverse`).
 
-pub mod liveness;
 pub mod reverse;
 
 use crate::config::{Endpoint, Scheme};
@@ -124,9 +122,8 @@ pub struct Settings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Where connection attempts are counted (`fedport_upstream_connects_total`).
     pub metrics: Option<Arc<crate::telemetry::Metrics>>,
-    /// HTTP/2 keepalive PING interval and timeout: a connection that receives nothing
-    /// for both together, not even the PING's answer, is closed ([`liveness`]). Peers
-    /// use the node's `peer_ping_*`; default 20 s / 10 s.
+    /// HTTP/2 keepalive PING interval and timeout: a connection whose PING goes
+    /// unanswered is closed. Peers use the node's `peer_ping_*`; default 20 s / 10 s.
     pub keepalive: (Duration, Duration),
     /// The HTTP/2 stream window fedport grants the other end: what one answer may have
     /// sent that its caller has not read yet. The connection window is the largest
@@ -518,37 +515,55 @@ impl EndpointPool {
     /// slot with none live (or one due for recycling): a peer's pool is kept warm, so
     /// that the first requests a failover or a reload moves to the peer do not wait for
     /// TCP and TLS handshakes across a long or lossy link (a SYN lost there costs a
-    /// second). Nothing for a peer that dials this node, or an endpoint that answers in
-    /// HTTP/1.1.
-    pub async fn warm(&self) -> Result<(), UpstreamError> {
+    /// second). How many it opened. Nothing for a peer that dials this node, or an
+    /// endpoint that answers in HTTP/1.1.
+    ///
+    /// It connects outside the slot's lock: a request that needs the slot meanwhile
+    /// connects on its own rather than wait behind this attempt (and its timeout, were
+    /// it to fail); should both connect, one of the two connections is let go.
+    pub async fn warm(&self) -> Result<usize, UpstreamError> {
         if self.settings.reverse.is_some() || !self.speaks_h2() {
-            return Ok(());
+            return Ok(0);
         }
+        let mut opened = 0;
         for slot in &self.slots {
-            if self.is_warm(slot) {
-                continue;
-            }
-            let _connecting = slot.connecting.lock().await;
             if self.is_warm(slot) {
                 continue;
             }
             match Box::pin(self.connect(None)).await? {
                 Sender::H2(s) => {
                     if let Ok(mut st) = slot.state.lock() {
-                        *st = Some((s, 0));
+                        if !st.as_ref().is_some_and(|c| self.live(c)) {
+                            *st = Some((s, 0));
+                            opened += 1;
+                        }
                     }
                 }
-                Sender::H1(_) => return Ok(()),
+                Sender::H1(_) => break,
             }
         }
-        Ok(())
+        Ok(opened)
+    }
+
+    /// Lets go of the HTTP/2 connections the slots hold: each closes once the requests
+    /// in flight on it are done. For a generation a reload replaced, whose pools take no
+    /// new request.
+    pub fn let_go(&self) {
+        for slot in &self.slots {
+            if let Ok(mut st) = slot.state.lock() {
+                *st = None;
+            }
+        }
+    }
+
+    fn live(&self, (s, n): &(http2::SendRequest<ProxyBody>, u64)) -> bool {
+        !s.is_closed() && *n < self.settings.max_requests
     }
 
     fn is_warm(&self, slot: &H2Slot) -> bool {
-        slot.state.lock().is_ok_and(|st| {
-            st.as_ref()
-                .is_some_and(|(s, n)| !s.is_closed() && *n < self.settings.max_requests)
-        })
+        slot.state
+            .lock()
+            .is_ok_and(|st| st.as_ref().is_some_and(|c| self.live(c)))
     }
 
     /// A live sender from the slot, counting the request; recycles a connection that
@@ -635,11 +650,11 @@ where
     let (s, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(settings.keepalive.0)
-        .keep_alive_timeout(liveness::PING_TIMEOUT_UNUSED)
+        .keep_alive_timeout(settings.keepalive.1)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(settings.stream_window)
         .initial_connection_window_size(MAX_WINDOW)
-        .handshake(TokioIo::new(liveness::Watched::new(io, settings.keepalive)))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {

@@ -7,8 +7,7 @@
 //! everything for that peer over the links the peer opened ([`Links`], which the peer's
 //! pool in every worker draws from). Its health is probed on the link itself: a
 //! request answered at once by the far node ([`FED_PING`]) gives the round-trip time,
-//! and a link that receives nothing for the keepalive PING's interval and timeout
-//! together is closed ([`super::liveness`]).
+//! and HTTP/2 keepalive PINGs close a link that stops answering.
 
 use crate::upstream::ProxyBody;
 use hyper::client::conn::http2;
@@ -120,11 +119,11 @@ pub async fn adopt<I>(
     let shaken = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(keepalive.0)
-        .keep_alive_timeout(super::liveness::PING_TIMEOUT_UNUSED)
+        .keep_alive_timeout(keepalive.1)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(crate::upstream::PEER_STREAM_WINDOW)
         .initial_connection_window_size(crate::upstream::MAX_WINDOW)
-        .handshake(TokioIo::new(super::liveness::Watched::new(io, keepalive)))
+        .handshake(TokioIo::new(io))
         .await;
     let (sender, conn) = match shaken {
         Ok(s) => s,

@@ -878,3 +878,73 @@ fn no_forgery(v: &serde_json::Value, what: &str, also: fn(&str) -> bool) {
         );
     }
 }
+
+/// A peer that completes TLS and drops every connection at once (a node wedged in its
+/// start, or something else on its port): it is marked down, since no PING was ever
+/// answered, and dialled on a backoff, by the probe and by the connections kept warm
+/// for requests, rather than as fast as it takes connections.
+#[test]
+fn a_peer_that_takes_connections_and_drops_them_is_dialled_on_a_backoff() {
+    let pki = Pki::new();
+    let z = pki.node_cert("z");
+    let script = format!(
+        "import socket, ssl, sys\n\
+         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+         ctx.load_cert_chain({:?}, {:?})\n\
+         ctx.set_alpn_protocols(['h2'])\n\
+         s = socket.create_server(('127.0.0.1', 0))\n\
+         print(s.getsockname()[1], flush=True)\n\
+         while True:\n    c, _ = s.accept()\n    try:\n        ctx.wrap_socket(c, server_side=True).close()\n        print('tls', flush=True)\n    except Exception:\n        c.close()\n",
+        z.cert.display().to_string(),
+        z.key.display().to_string()
+    );
+    // killed however the test ends
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(server.0.stdout.take().unwrap()));
+    let port: u16 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for _ in lines.map_while(Result::ok) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let a = Fedport::start(&node_config(
+        &pki,
+        "a",
+        "eu-1",
+        free_port(),
+        &format!(
+            "{}{}",
+            http_service("far", &[], ""),
+            peer("z", "us-1", port, &["far"])
+        ),
+    ));
+    crate::support::wait_until("z marked down", Duration::from_secs(5), || {
+        a.metric(r#"fedport_peer_up{peer="z"}"#) == 0.0
+    });
+    let from = accepted.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(6));
+    let dialled = accepted.load(Ordering::Relaxed) - from;
+    drop(server);
+    eprintln!("a peer that drops every connection: dialled {dialled} times in 6 s");
+    // the probe's backoff doubles from 100 ms to 5 s (about 7 dials in 6 s); a loop as
+    // fast as TLS goes would make hundreds
+    assert!(dialled <= 15, "{dialled} connections in 6 s");
+    assert!(dialled >= 1, "the probe still dials");
+    assert_eq!(a.metric(r#"fedport_peer_up{peer="z"}"#), 0.0);
+}
