@@ -139,13 +139,14 @@ fn a_call_crosses_regions_with_the_federation_headers() {
     crate::support::wait_until(
         "a's connections to c opened ahead",
         Duration::from_secs(10),
-        || a.metric(connects) == 4.0,
+        || a.metric(connects) >= 4.0,
     );
+    let before = a.metric(connects);
     let (code, v) = get(&pki, pa, "far", &[]);
     assert_eq!(code, 200, "{v}");
     assert_eq!(
         a.metric(connects),
-        4.0,
+        before,
         "the call rode a connection already open"
     );
     assert_eq!(header(&v, "fed-peer"), "spiffe://fed.test/node/a", "{v}");
