@@ -852,7 +852,7 @@ async fn keep_peers_warm(
                         }
                     }
                 }
-                tokio::time::sleep(wait.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
+                tokio::time::sleep(crate::federation::control::jitter(wait)).await;
             }
         });
     }

@@ -108,7 +108,7 @@ pub fn spawn(
 }
 
 /// `d` give or take 20%, so that checks and reconnects do not march in step.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + fastrand::f64() * 0.4)
 }
 

@@ -570,10 +570,10 @@ impl EndpointPool {
     /// has carried `max_requests` (long-lived connections were seen to stall).
     fn take_from(&self, slot: &H2Slot) -> Option<http2::SendRequest<ProxyBody>> {
         let mut st = slot.state.lock().ok()?;
-        if let Some((s, n)) = st.as_mut() {
-            if !s.is_closed() && *n < self.settings.max_requests {
-                *n += 1;
-                return Some(s.clone());
+        if let Some(c) = st.as_mut() {
+            if self.live(c) {
+                c.1 += 1;
+                return Some(c.0.clone());
             }
             *st = None;
         }
