@@ -837,7 +837,11 @@ async fn keep_peers_warm(
         peers.spawn(async move {
             let (mut wait, mut reopened) = (every, false);
             loop {
-                if state.is_up() {
+                // a peer down is looked at every interval, so that it is warmed
+                // within one once it is back up, not after the backoff
+                if !state.is_up() {
+                    (wait, reopened) = (every, false);
+                } else {
                     match pool.warm().await {
                         Ok(0) => (wait, reopened) = (every, false),
                         Ok(_) => {

@@ -128,6 +128,8 @@ async fn probe_peer(
         config.node.peer_ping_timeout,
     );
     let mut backoff = Duration::from_millis(100);
+    // connections in a row that ended before answering a PING
+    let mut dropped = 0u32;
     loop {
         let conn =
             tokio::time::timeout(timeout.max(Duration::from_secs(1)), connect(&peer, &tls)).await;
@@ -159,7 +161,7 @@ async fn probe_peer(
                     // a peer that takes connections and drops them is dialled less and
                     // less often, not as fast as it answers)
                     backoff = Duration::from_millis(100);
-                    answered = true;
+                    (answered, dropped) = (true, 0);
                     state.sample_rtt(start.elapsed());
                     if state.set_up(true) {
                         tracing::info!(peer = %peer.name, rtt_ms = start.elapsed().as_secs_f64() * 1e3, "peer up");
@@ -180,9 +182,12 @@ async fn probe_peer(
             tokio::time::sleep(interval).await;
         }
         if ended {
-            // one that ended before answering a PING: the peer is not up, whatever its
-            // TLS said
-            if !answered && state.set_up(false) {
+            // two in a row that ended before answering a PING: the peer is not up,
+            // whatever its TLS said (one may be a restarting node's last)
+            if !answered {
+                dropped += 1;
+            }
+            if dropped >= 2 && state.set_up(false) {
                 tracing::warn!(peer = %peer.name, "peer closed the connection before answering a PING: traffic avoids it");
             }
             tokio::time::sleep(jitter(backoff)).await;
